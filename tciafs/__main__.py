@@ -1,0 +1,5 @@
+import sys
+
+from tciafs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,546 @@
+"""Instance bytes on disk: a bounded, persistent, crash-safe cache.
+
+Invariants (the tests check each one):
+- Bound: the bytes of cached files, of downloads in progress and of the SQLite files
+  under the cache directory never exceed `max_bytes`. Space is reserved before each
+  chunk is written, and eviction happens right there, never by polling.
+- Eviction: least recently used whole instances. Never an open instance, never a
+  pinned one. Instances of a series that is being fetched or read go last, and only
+  when that series alone does not fit (a series larger than the cache still reads,
+  one instance at a time). When nothing can go, the read fails with CacheFull.
+- Visibility: a file enters the index only after its bytes are complete, checked
+  (Content-Length, or the ZIP entry's CRC-32, plus a DICOM header naming the
+  expected SOPInstanceUID), fsynced and renamed into place. The MD5 list of a
+  series fetch then confirms it; a mismatch removes the file.
+- Crash: downloads live in tmp/ until renamed. At start tmp/ is emptied, files
+  without an index row are deleted and rows without a (whole) file are forgotten.
+- Sizes: the exact size of every instance ever fetched stays in the index, even
+  after its bytes are evicted, so listings keep reporting exact sizes.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import trio
+
+from tciafs.catalog import open_db
+from tciafs.client import ClientError, NbiaClient, NotFound
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances(
+    sop TEXT PRIMARY KEY,
+    series TEXT NOT NULL,
+    collection TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    md5 TEXT NOT NULL,
+    verified INTEGER NOT NULL DEFAULT 0,
+    present INTEGER NOT NULL DEFAULT 1,
+    last_access REAL NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series);
+CREATE TABLE IF NOT EXISTS series(
+    uid TEXT PRIMARY KEY,
+    collection TEXT NOT NULL,
+    complete INTEGER NOT NULL DEFAULT 0,
+    pinned INTEGER NOT NULL DEFAULT 0,
+    fetched REAL);
+"""
+
+
+class CacheFull(Exception):
+    """Nothing more can be evicted to make room."""
+
+
+class FetchFailed(Exception):
+    """The bytes could not be fetched or did not check out."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    sop: str
+    series: str
+    size: int
+    path: Path
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_fetched: int = 0
+    single_fetches: int = 0
+    series_fetches: int = 0
+    evictions: int = 0
+    md5_mismatches: int = 0
+
+
+class Cache:
+    def __init__(self, root: Path, max_bytes: int, client: NbiaClient | None = None, *,
+                 prefetch: bool = True, series_parallel: int = 4,
+                 hedge_delay: float = 0.5, attempts: int = 3) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.client = client
+        self.prefetch = prefetch
+        self.hedge_delay = hedge_delay
+        self.attempts = attempts
+        self.stats = CacheStats()
+        self.on_size_learned: Callable[[str, int], None] | None = None
+        for sub in ("objects", "tmp"):
+            (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)
+        self.db = open_db(root / "index.sqlite")
+        self.db.executescript(_SCHEMA)
+        self._lru: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._series_of: dict[str, str] = {}
+        self._pinned: set[str] = set()
+        self._sizes: dict[str, int] = {}
+        self._file_bytes = 0  # cached files plus reservations of downloads in progress
+        self._open: collections.Counter[str] = collections.Counter()
+        self._busy_series: collections.Counter[str] = collections.Counter()
+        self._fetching: dict[str, trio.Event] = {}
+        self._published: dict[str, trio.Event] = {}
+        self._series_tasks: dict[str, trio.Event] = {}
+        self._series_limiter = trio.CapacityLimiter(series_parallel)
+        self._nursery: trio.Nursery | None = None
+        self.in_flight: dict[str, list[int]] = {}  # series → [bytes so far, instances so far]
+        self._reconcile()
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def _reconcile(self) -> None:
+        shutil.rmtree(self.root / "tmp", ignore_errors=True)
+        (self.root / "tmp").mkdir(mode=0o700)
+        rows = self.db.execute(
+            "SELECT sop, series, size, pinned FROM instances WHERE present=1 "
+            "ORDER BY last_access").fetchall()
+        on_disk = {p.name: p for p in (self.root / "objects").glob("*/*")}
+        gone = []
+        for sop, series, size, pinned in rows:
+            path = on_disk.pop(_object_name(sop), None)
+            if path is None or path.stat().st_size != size:
+                gone.append(sop)
+                if path is not None:
+                    path.unlink()
+                continue
+            self._add_present(sop, series, size, bool(pinned))
+        for orphan in on_disk.values():
+            orphan.unlink()
+        if gone:
+            log.warning("cache: %d indexed files were missing or partial; forgotten", len(gone))
+            self.db.executemany("UPDATE instances SET present=0 WHERE sop=?",
+                                [(s,) for s in gone])
+        for sop, size in self.db.execute("SELECT sop, size FROM instances"):
+            self._sizes[sop] = size
+
+    def _add_present(self, sop: str, series: str, size: int, pinned: bool) -> None:
+        self._lru[sop] = size
+        self._series_of[sop] = series
+        self._file_bytes += size
+        if pinned:
+            self._pinned.add(sop)
+
+    # -- accounting ----------------------------------------------------------------------
+
+    def _meta_bytes(self) -> int:
+        total = 0
+        for path in self.root.glob("*.sqlite*"):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
+
+    @property
+    def used_bytes(self) -> int:
+        return self._file_bytes + self._meta_bytes()
+
+    @property
+    def entries(self) -> int:
+        return len(self._lru)
+
+    def _reserve(self, nbytes: int, series: str) -> None:
+        """Claim room for `nbytes` more, evicting as needed; raise CacheFull if impossible."""
+        need = self._file_bytes + nbytes + self._meta_bytes() - self.max_bytes
+        if need > 0:
+            self._evict(need, series)
+        self._file_bytes += nbytes
+
+    def _unreserve(self, nbytes: int) -> None:
+        self._file_bytes -= nbytes
+
+    def _evict(self, need: int, series: str) -> None:
+        for allow_busy in (False, True):
+            for sop in list(self._lru):
+                if need <= 0:
+                    return
+                if not self._evictable(sop, allow_busy):
+                    continue
+                need -= self._lru[sop]
+                self._drop(sop)
+        if need > 0:
+            raise CacheFull(f"cache full: {self.max_bytes} bytes bound, nothing evictable "
+                            f"(open or pinned files hold it) while reading series {series}")
+
+    def _evictable(self, sop: str, allow_busy: bool) -> bool:
+        if self._open[sop] or sop in self._pinned:
+            return False
+        return allow_busy or not self._busy_series[self._series_of.get(sop, "")]
+
+    def _drop(self, sop: str) -> None:
+        size = self._lru.pop(sop)
+        self._series_of.pop(sop, None)
+        self._file_bytes -= size
+        self.stats.evictions += 1
+        self._object_path(sop).unlink(missing_ok=True)
+        self.db.execute("UPDATE instances SET present=0 WHERE sop=?", (sop,))
+
+    # -- queries -------------------------------------------------------------------------
+
+    def known_size(self, sop: str) -> int | None:
+        return self._sizes.get(sop)
+
+    def is_cached(self, sop: str) -> bool:
+        return sop in self._lru
+
+    def cached_count(self, series: str) -> int:
+        return self.db.execute("SELECT count(*) FROM instances WHERE series=? AND present=1",
+                               (series,)).fetchone()[0]
+
+    def md5_of(self, sop: str) -> str | None:
+        row = self.db.execute("SELECT md5 FROM instances WHERE sop=? AND verified=1",
+                              (sop,)).fetchone()
+        return row[0] if row else None
+
+    def series_complete(self, series: str) -> bool:
+        row = self.db.execute("SELECT complete FROM series WHERE uid=?", (series,)).fetchone()
+        return bool(row and row[0])
+
+    def _object_path(self, sop: str) -> Path:
+        name = _object_name(sop)
+        return self.root / "objects" / name[:2] / name
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the background series fetches; runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def acquire(self, collection: str, series: str, sop: str,
+                      series_bytes: int | None = None) -> Entry:
+        """Make the instance's bytes available and hold them until release()."""
+        self._open[sop] += 1
+        self._busy_series[series] += 1
+        try:
+            await self._ensure_present(collection, series, sop, series_bytes)
+        except BaseException:
+            self._release_counts(sop, series)
+            raise
+        self._touch(sop)
+        return Entry(sop, series, self._lru[sop], self._object_path(sop))
+
+    def release(self, entry: Entry) -> None:
+        self._release_counts(entry.sop, entry.series)
+
+    def _release_counts(self, sop: str, series: str) -> None:
+        self._open[sop] -= 1
+        if self._open[sop] <= 0:
+            del self._open[sop]
+        self._busy_series[series] -= 1
+        if self._busy_series[series] <= 0:
+            del self._busy_series[series]
+
+    def _touch(self, sop: str) -> None:
+        self._lru.move_to_end(sop)
+        self.db.execute("UPDATE instances SET last_access=? WHERE sop=?", (time.time(), sop))
+
+    async def _ensure_present(self, collection: str, series: str, sop: str,
+                              series_bytes: int | None) -> None:
+        if sop in self._lru:
+            self.stats.hits += 1
+            return
+        self.stats.misses += 1
+        if self._wants_prefetch(series, series_bytes):
+            self.start_series_fetch(collection, series)
+        if series in self._series_tasks:
+            with trio.move_on_after(self.hedge_delay):
+                await self._published_event(sop).wait()
+        while sop not in self._lru:
+            pending = self._fetching.get(sop)
+            if pending is not None:
+                await pending.wait()
+                continue
+            await self._fetch_single(collection, series, sop)
+
+    def _wants_prefetch(self, series: str, series_bytes: int | None) -> bool:
+        if not self.prefetch or self.client is None or self._nursery is None:
+            return False
+        if series_bytes is not None and series_bytes > self.max_bytes // 2:
+            return False  # it would evict itself: read it instance by instance
+        return not self.series_complete(series)
+
+    def _published_event(self, sop: str) -> trio.Event:
+        event = self._published.get(sop)
+        if event is None:
+            event = self._published[sop] = trio.Event()
+        return event
+
+    async def _fetch_single(self, collection: str, series: str, sop: str) -> None:
+        assert self.client is not None
+        done = self._fetching[sop] = trio.Event()
+        try:
+            await self._with_attempts(f"instance {sop}", self._download_single,
+                                      collection, series, sop)
+        finally:
+            del self._fetching[sop]
+            done.set()
+
+    async def _with_attempts(self, what: str, func, *args) -> None:  # noqa: ANN001
+        for attempt in range(1, self.attempts + 1):
+            try:
+                await func(*args)
+                return
+            except (CacheFull, NotFound):
+                raise
+            except (ClientError, FetchFailed) as exc:
+                if attempt == self.attempts:
+                    raise FetchFailed(f"{what}: {exc}") from exc
+                log.info("retrying %s after: %s", what, exc)
+                await trio.sleep(min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.0))
+
+    async def _download_single(self, collection: str, series: str, sop: str) -> None:
+        assert self.client is not None
+        async with (self.client.open_instance(collection, series, sop) as stream,
+                    self._tmpfile(series) as tmp):
+            async for chunk in stream.chunks():
+                await tmp.write(chunk)
+            if stream.size is not None and tmp.size != stream.size:
+                raise FetchFailed(f"got {tmp.size} of {stream.size} bytes")
+            await self._publish(tmp, collection, series, expect_sop=sop)
+        self.stats.single_fetches += 1
+
+    @asynccontextmanager
+    async def _tmpfile(self, series: str) -> AsyncIterator[_TmpFile]:
+        tmp = _TmpFile(self, series)
+        try:
+            yield tmp
+        finally:
+            tmp.discard()
+
+    async def _publish(self, tmp: _TmpFile, collection: str, series: str, *,
+                       expect_sop: str | None = None, verified_md5: str | None = None) -> str:
+        """Check, fsync and rename a finished download into place; return its SOP UID."""
+        sop = await trio.to_thread.run_sync(_finish_file, tmp.fd, tmp.path)
+        tmp.close()
+        if expect_sop is not None and sop != expect_sop:
+            raise FetchFailed(f"server sent instance {sop!r} when asked for {expect_sop!r}")
+        md5 = tmp.md5.hexdigest()
+        if sop in self._lru:  # another path delivered it first
+            return sop
+        final = self._object_path(sop)
+        final.parent.mkdir(exist_ok=True, mode=0o700)
+        os.rename(tmp.path, final)
+        tmp.adopted()
+        self._series_of[sop] = series
+        self._lru[sop] = tmp.size
+        self._sizes[sop] = tmp.size
+        self.db.execute(
+            "INSERT OR REPLACE INTO instances(sop, series, collection, size, md5, verified, "
+            "present, last_access, pinned) VALUES (?, ?, ?, ?, ?, ?, 1, ?, "
+            "(SELECT pinned FROM series WHERE uid=?))",
+            (sop, series, collection, tmp.size, md5, int(verified_md5 == md5), time.time(),
+             series))
+        if self.db.execute("SELECT pinned FROM instances WHERE sop=?", (sop,)).fetchone()[0]:
+            self._pinned.add(sop)
+        self.stats.bytes_fetched += tmp.size
+        event = self._published.pop(sop, None)
+        if event is not None:
+            event.set()
+        if self.on_size_learned is not None:
+            self.on_size_learned(sop, tmp.size)
+        return sop
+
+    # -- series prefetch -----------------------------------------------------------------
+
+    def start_series_fetch(self, collection: str, series: str) -> trio.Event:
+        """Fetch a whole series in the background (once); returns its completion event."""
+        event = self._series_tasks.get(series)
+        if event is None:
+            event = self._series_tasks[series] = trio.Event()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._series_task, collection, series, event)
+        return event
+
+    async def fetch_series(self, collection: str, series: str) -> None:
+        """Fetch a whole series and wait for it (prefetch and pin commands)."""
+        if self.series_complete(series):
+            return
+        await self.start_series_fetch(collection, series).wait()
+        if not self.series_complete(series):
+            raise FetchFailed(f"series {series} could not be fetched; see the log")
+
+    async def _series_task(self, collection: str, series: str, done: trio.Event) -> None:
+        self._busy_series[series] += 1
+        try:
+            async with self._series_limiter:
+                await self._with_attempts(f"series {series}", self._download_series,
+                                          collection, series)
+        except (ClientError, FetchFailed, CacheFull) as exc:
+            log.error("series fetch failed: %s", exc)
+        finally:
+            self._busy_series[series] -= 1
+            if self._busy_series[series] <= 0:
+                del self._busy_series[series]
+            self.in_flight.pop(series, None)
+            del self._series_tasks[series]
+            done.set()
+
+    async def _download_series(self, collection: str, series: str) -> None:
+        assert self.client is not None
+        progress = self.in_flight[series] = [0, 0]
+        names: dict[str, tuple[str, str]] = {}  # entry name → (sop, md5)
+        async with self.client.open_series(collection, series) as stream:
+            async for member in stream.members():
+                async with self._tmpfile(series) as tmp:
+                    async for chunk in member.chunks():
+                        await tmp.write(chunk)
+                        progress[0] += len(chunk)
+                    sop = await self._publish(tmp, collection, series)
+                    names[member.name] = (sop, tmp.md5.hexdigest())
+                    progress[1] += 1
+            expected = stream.md5s
+        self.stats.series_fetches += 1
+        self._confirm_md5s(series, names, expected)
+        self.db.execute("INSERT INTO series(uid, collection, complete, fetched) VALUES "
+                        "(?, ?, 1, ?) ON CONFLICT(uid) DO UPDATE SET complete=1, fetched=?",
+                        (series, collection, time.time(), time.time()))
+
+    def _confirm_md5s(self, series: str, names: dict[str, tuple[str, str]],
+                      expected: dict[str, str]) -> None:
+        if not expected:
+            return
+        bad = []
+        for name, (sop, got) in names.items():
+            want = expected.get(name)
+            stored = self.db.execute("SELECT md5 FROM instances WHERE sop=?", (sop,)).fetchone()
+            if want is not None and want == got and stored and stored[0] == got:
+                self.db.execute("UPDATE instances SET verified=1 WHERE sop=?", (sop,))
+            else:
+                bad.append(sop)
+        if bad:
+            self.stats.md5_mismatches += len(bad)
+            for sop in bad:
+                if sop in self._lru and not self._open[sop]:
+                    self._drop(sop)
+            raise FetchFailed(f"{len(bad)} files of series {series} failed the MD5 check")
+
+    # -- commands ------------------------------------------------------------------------
+
+    def pin_series(self, series: str, collection: str, pinned: bool = True) -> None:
+        self.db.execute("INSERT INTO series(uid, collection, pinned) VALUES (?, ?, ?) "
+                        "ON CONFLICT(uid) DO UPDATE SET pinned=?",
+                        (series, collection, int(pinned), int(pinned)))
+        self.db.execute("UPDATE instances SET pinned=? WHERE series=?", (int(pinned), series))
+        for sop, in self.db.execute("SELECT sop FROM instances WHERE series=?", (series,)):
+            (self._pinned.add if pinned else self._pinned.discard)(sop)
+
+    def clear(self, series: str | None = None) -> int:
+        """Drop cached bytes (of one series, or all) that nobody holds open; return count."""
+        victims = [s for s in list(self._lru)
+                   if (series is None or self._series_of.get(s) == series)
+                   and not self._open[s] and s not in self._pinned]
+        for sop in victims:
+            self._drop(sop)
+        self.db.execute("UPDATE series SET complete=0 WHERE ? IS NULL OR uid=?",
+                        (series, series))
+        return len(victims)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class _TmpFile:
+    """A download in progress: reserved byte by byte, hashed as it is written."""
+
+    def __init__(self, cache: Cache, series: str) -> None:
+        self.cache = cache
+        self.series = series
+        self.path = cache.root / "tmp" / f"{os.getpid()}-{random.getrandbits(64):016x}"
+        self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.size = 0
+        self.md5 = hashlib.md5()
+        self._kept = False
+
+    async def write(self, chunk: bytes) -> None:
+        self.cache._reserve(len(chunk), self.series)
+        self.size += len(chunk)
+        try:
+            _write_all(self.fd, chunk)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            # The disk filled for reasons outside the cache: make room once, then retry.
+            self.cache._evict(max(len(chunk), self.cache.max_bytes // 20), self.series)
+            try:
+                _write_all(self.fd, chunk)
+            except OSError as again:
+                raise CacheFull(f"disk full while caching series {self.series}") from again
+        self.md5.update(chunk)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def adopted(self) -> None:
+        self._kept = True
+
+    def discard(self) -> None:
+        self.close()
+        if not self._kept:
+            self.cache._unreserve(self.size)
+            self.path.unlink(missing_ok=True)
+
+
+def _write_all(fd: int | None, data: bytes) -> None:
+    assert fd is not None
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _finish_file(fd: int | None, path: Path) -> str:
+    """fsync the file and read the SOP Instance UID from its DICOM header."""
+    assert fd is not None
+    os.fsync(fd)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["SOPInstanceUID"])
+        sop = ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
+    except Exception as exc:  # pydicom raises many kinds for a body that is not DICOM
+        raise FetchFailed(f"not a DICOM file: {exc}") from exc
+    if not sop:
+        raise FetchFailed("DICOM file without a SOPInstanceUID")
+    return str(sop)
+
+
+def _object_name(sop: str) -> str:
+    # Hashing keeps any UID the server sends ('/', '..', 1,000 bytes) a safe file name.
+    return hashlib.sha256(sop.encode()).hexdigest()[:40]

@@ -1,0 +1,186 @@
+"""The persisted catalog: every directory entry the archive has shown us, in SQLite.
+
+Row ids are the inode numbers, so they stay stable across remounts. A directory's
+`listed` time says when its children were fetched; NULL means never. The catalog
+holds names and metadata only, never image bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT_INODE = 1
+SCHEMA_VERSION = 1
+
+
+class Kind(enum.IntEnum):
+    ROOT = 0
+    COLLECTION = 1
+    PATIENT = 2
+    STUDY = 3
+    SERIES = 4
+    INSTANCE = 5
+
+    @property
+    def is_dir(self) -> bool:
+        return self is not Kind.INSTANCE
+
+
+@dataclass(slots=True)
+class Node:
+    ino: int
+    parent: int
+    name: str
+    kind: Kind
+    ident: str  # the archive's own identifier: collection name, patient id or a UID
+    collection: str = ""
+    series_uid: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    listed: float | None = None
+
+
+@dataclass(slots=True)
+class NewChild:
+    """A child as a listing produced it, before it has an inode."""
+
+    name: str
+    kind: Kind
+    ident: str
+    collection: str = ""
+    series_uid: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes(
+    ino INTEGER PRIMARY KEY,
+    parent INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    ident TEXT NOT NULL,
+    collection TEXT NOT NULL DEFAULT '',
+    series_uid TEXT NOT NULL DEFAULT '',
+    meta TEXT NOT NULL DEFAULT '{}',
+    listed REAL,
+    UNIQUE(parent, name));
+CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    """A private SQLite file in WAL mode; synchronous=NORMAL is crash-safe under WAL."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
+class Catalog:
+    def __init__(self, path: Path, source: str) -> None:
+        self.path = path
+        self.db = open_db(path)
+        self.db.executescript(_SCHEMA)
+        self._check_source(source)
+        self.db.execute(
+            "INSERT OR IGNORE INTO nodes(ino, parent, name, kind, ident) VALUES (?, ?, '', ?, '')",
+            (ROOT_INODE, ROOT_INODE, int(Kind.ROOT)))
+
+    def _check_source(self, source: str) -> None:
+        """A catalog belongs to one server and user; another source starts it afresh."""
+        row = self.db.execute("SELECT value FROM settings WHERE key='source'").fetchone()
+        if row is not None and row[0] != source:
+            self.db.execute("DELETE FROM nodes")
+        self.db.execute("INSERT OR REPLACE INTO settings VALUES ('source', ?)", (source,))
+        self.db.execute("INSERT OR REPLACE INTO settings VALUES ('schema', ?)",
+                        (str(SCHEMA_VERSION),))
+
+    def close(self) -> None:
+        self.db.close()
+
+    def get(self, ino: int) -> Node | None:
+        row = self.db.execute(
+            "SELECT ino, parent, name, kind, ident, collection, series_uid, meta, listed "
+            "FROM nodes WHERE ino=?", (ino,)).fetchone()
+        return _node(row) if row else None
+
+    def children(self, parent: int) -> list[Node]:
+        rows = self.db.execute(
+            "SELECT ino, parent, name, kind, ident, collection, series_uid, meta, listed "
+            "FROM nodes WHERE parent=? AND ino != ? ORDER BY ino", (parent, ROOT_INODE))
+        return [_node(r) for r in rows]
+
+    def replace_children(self, parent: int, children: Sequence[NewChild],
+                         listed: float | None = None) -> None:
+        """Make `children` the listing of `parent`, keeping the inodes of names that stay."""
+        listed = time.time() if listed is None else listed
+        with self._transaction():
+            old = dict(self.db.execute(
+                "SELECT name, ino FROM nodes WHERE parent=? AND ino != ?", (parent, ROOT_INODE)))
+            for child in children:
+                self._upsert(parent, child, old.pop(child.name, None))
+            for ino in old.values():
+                self._delete_subtree(ino)
+            self.db.execute("UPDATE nodes SET listed=? WHERE ino=?", (listed, parent))
+
+    def ensure_child(self, parent: int, child: NewChild) -> int:
+        row = self.db.execute("SELECT ino FROM nodes WHERE parent=? AND name=?",
+                              (parent, child.name)).fetchone()
+        return self._upsert(parent, child, row[0] if row else None)
+
+    def mark_listed(self, inos: Iterable[int], listed: float) -> None:
+        self.db.executemany("UPDATE nodes SET listed=? WHERE ino=?",
+                            [(listed, ino) for ino in inos])
+
+    def count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM nodes").fetchone()[0]
+
+    def _upsert(self, parent: int, child: NewChild, ino: int | None) -> int:
+        meta = json.dumps(child.meta, separators=(",", ":"), default=str)
+        if ino is None:
+            cur = self.db.execute(
+                "INSERT INTO nodes(parent, name, kind, ident, collection, series_uid, meta) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (parent, child.name, int(child.kind), child.ident, child.collection,
+                 child.series_uid, meta))
+            return int(cur.lastrowid)
+        self.db.execute(
+            "UPDATE nodes SET kind=?, ident=?, collection=?, series_uid=?, meta=? WHERE ino=?",
+            (int(child.kind), child.ident, child.collection, child.series_uid, meta, ino))
+        return ino
+
+    def _delete_subtree(self, ino: int) -> None:
+        self.db.execute(
+            "WITH RECURSIVE sub(i) AS (SELECT ? UNION ALL "
+            "SELECT n.ino FROM nodes n JOIN sub ON n.parent = sub.i WHERE n.ino != n.parent) "
+            "DELETE FROM nodes WHERE ino IN (SELECT i FROM sub)", (ino,))
+
+    def _transaction(self) -> _Tx:
+        return _Tx(self.db)
+
+
+class _Tx:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _node(row: tuple) -> Node:
+    ino, parent, name, kind, ident, collection, series_uid, meta, listed = row
+    return Node(ino, parent, name, Kind(kind), ident, collection, series_uid,
+                json.loads(meta), listed)

@@ -1,0 +1,120 @@
+"""The `tciafs` command: mount, umount, emulator, cache."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tciafs import __version__, paths
+
+
+def _add_mount(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("mount", help="mount TCIA (or the demo archive) read-only",
+                       description="Mount TCIA as /<Collection>/<PatientID>/<StudyInstanceUID>/"
+                                   "<SeriesInstanceUID>/<SOPInstanceUID>.dcm")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--server", default=None,
+                   help="root URL of the NBIA service (default: the public TCIA service)")
+    p.add_argument("--nlst-server", default=None,
+                   help="root URL of the NLST server (default: the public NLST host)")
+    p.add_argument("--api", choices=["v4", "v2", "v1", "legacy"], default="v4",
+                   help="API generation to speak (default v4)")
+    p.add_argument("--demo", action="store_true",
+                   help="start the bundled emulator with the demo archive and mount that")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where cached files live (default $XDG_CACHE_HOME/tciafs)")
+    p.add_argument("--cache-size", type=paths.parse_size, default=None,
+                   help="hard bound on the cache, e.g. 500M or 50G "
+                        "(default: 10 GiB or 10%% of the cache disk, whichever is smaller)")
+    p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="fetch only the instances that are opened, never whole series")
+    p.add_argument("--listing-ttl", type=float, default=6 * 3600, metavar="SECONDS",
+                   help="how long a directory listing is trusted before it is asked "
+                        "again (default 21600)")
+    p.add_argument("--max-connections", type=int, default=8,
+                   help="concurrent requests to the service (default 8)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="network timeout of one request (default 30)")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground and log to stderr")
+    p.add_argument("--debug", action="store_true", help="log every request with its timing")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _add_umount(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("umount", help="unmount a tciafs mount")
+    p.add_argument("mountpoint", type=Path)
+
+
+def _add_emulator(sub: argparse._SubParsersAction) -> None:
+    from tciafs.emulator import cli as emulator_cli
+
+    p = sub.add_parser("emulator", help="run the NBIA emulator (an HTTP server) on loopback")
+    emulator_cli.add_arguments(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tciafs", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tciafs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_mount(sub)
+    _add_umount(sub)
+    _add_emulator(sub)
+    return parser
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr)
+    # httpx logs every request at INFO: our client logs what matters itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def _mount_options(args: argparse.Namespace):  # noqa: ANN202
+    from tciafs.mount import DEFAULT_NLST_SERVER, DEFAULT_SERVER, MountOptions
+
+    return MountOptions(
+        mountpoint=args.mountpoint.absolute(),
+        server=args.server or DEFAULT_SERVER,
+        nlst_server=args.nlst_server or (None if args.server else DEFAULT_NLST_SERVER),
+        api=args.api, demo=args.demo,
+        cache_dir=(args.cache_dir or paths.cache_home()).absolute(),
+        cache_size=args.cache_size, prefetch=args.prefetch, listing_ttl=args.listing_ttl,
+        max_connections=args.max_connections, timeout=args.timeout, debug=args.debug)
+
+
+def _cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
+    from tciafs import mount
+
+    opts = _mount_options(args)
+    try:
+        if args.foreground:
+            setup_logging(args.debug)
+            return mount.run_foreground(opts, args.ready_fd)
+        return mount.spawn_daemon(argv, opts)
+    except mount.MountError as exc:
+        print(f"tciafs: {exc}", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    os.umask(0o077)  # everything tciafs writes is private to the user
+    if args.command == "mount":
+        return _cmd_mount(args, argv)
+    if args.command == "umount":
+        from tciafs.mount import unmount
+
+        return unmount(args.mountpoint)
+    if args.command == "emulator":
+        from tciafs.emulator import cli as emulator_cli
+
+        return emulator_cli.run(args)
+    return 2

@@ -1,0 +1,229 @@
+"""The pyfuse3 adapter: thin handlers that ask the tree and the cache, and map errors.
+
+Only pyfuse3.FUSEError leaves a handler; anything else would end the mount. Sizes
+follow one policy: an instance never fetched reports st_size 0 with an attribute
+timeout of 0, so the kernel asks again; open() fetches the bytes, after which
+getattr, fstat, lseek and read all agree on the exact size, which is then kept
+(and persisted by the cache) for good.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import functools
+import logging
+import os
+import stat
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from tciafs.cache import Cache, CacheFull, Entry, FetchFailed
+from tciafs.catalog import Kind, Node
+from tciafs.client import ClientError, NotFound
+from tciafs.tree import ListingUnavailable, Tree
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+KNOWN_TTL = 3600.0  # archive entries are immutable once listed
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+_FALLBACK_TIME = dt.datetime(2000, 1, 1, tzinfo=dt.UTC).timestamp()
+
+
+def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Translate every failure into an errno; a bug becomes EIO and one traceback."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except NotFound as exc:
+            log.info("%s: not found: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except CacheFull as exc:
+            log.error("%s", exc)
+            raise pyfuse3.FUSEError(errno.ENOSPC) from None
+        except (ClientError, FetchFailed, ListingUnavailable, trio.TooSlowError) as exc:
+            log.error("%s failed: %s", handler.__name__, exc or type(exc).__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except NotADirectoryError:
+            raise pyfuse3.FUSEError(errno.ENOTDIR) from None
+        except Exception:
+            log.exception("unexpected error in %s", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass
+class OpenFile:
+    fd: int
+    entry: Entry
+
+
+class Operations(pyfuse3.Operations):
+    enable_writeback_cache = False  # short reads must be able to correct i_size
+
+    def __init__(self, tree: Tree, cache: Cache, *, open_timeout: float = 900.0) -> None:
+        super().__init__()
+        self.tree = tree
+        self.cache = cache
+        self.open_timeout = open_timeout
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.lookups: Counter[int] = Counter()
+        self._files: dict[int, OpenFile] = {}
+        self._next_fh = 1
+
+    # -- attributes ----------------------------------------------------------------------
+
+    def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.ino
+        attr.st_uid, attr.st_gid = self.uid, self.gid
+        dated = node if node.kind.is_dir else self.tree.node(node.parent) or node
+        stamp = int(_node_time(dated) * 1e9)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = stamp
+        attr.entry_timeout = KNOWN_TTL
+        if node.kind.is_dir:
+            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_nlink = 2
+            attr.st_size = 0
+            attr.attr_timeout = KNOWN_TTL
+            return attr
+        size = self.cache.known_size(node.ident)
+        attr.st_mode = stat.S_IFREG | 0o444
+        attr.st_nlink = 1
+        attr.st_size = size or 0
+        attr.st_blocks = -(-(size or 0) // 512)
+        attr.st_blksize = 128 * 1024
+        attr.attr_timeout = KNOWN_TTL if size is not None else 0
+        return attr
+
+    def _node(self, ino: int) -> Node:
+        node = self.tree.node(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self.attributes(self._node(inode))
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
+                     ) -> pyfuse3.EntryAttributes:
+        text = os.fsdecode(name)
+        parent = self._node(parent_inode)
+        if text == ".":
+            node = parent
+        elif text == "..":
+            node = self._node(parent.parent)
+        else:
+            node = await self.tree.lookup(parent_inode, text) if parent.kind.is_dir else None
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        self.lookups[node.ino] += 1
+        return self.attributes(node)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.lookups[ino] -= count
+            if self.lookups[ino] <= 0:
+                del self.lookups[ino]
+
+    # -- directories ---------------------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        if not self._node(inode).kind.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        children = await self.tree.children(fh)
+        for index in range(start_id, len(children)):
+            child = children[index]
+            if not pyfuse3.readdir_reply(token, os.fsencode(child.name),
+                                         self.attributes(child), index + 1):
+                return
+            self.lookups[child.ino] += 1
+
+    # -- files ---------------------------------------------------------------------------
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self._node(inode)
+        if node.kind is not Kind.INSTANCE:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        with trio.fail_after(self.open_timeout):
+            entry = await self.cache.acquire(node.collection, node.series_uid, node.ident,
+                                             self._series_bytes(node))
+        try:
+            fd = os.open(entry.path, os.O_RDONLY)
+        except OSError:
+            self.cache.release(entry)
+            raise
+        fh = self._next_fh
+        self._next_fh += 1
+        self._files[fh] = OpenFile(fd, entry)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _series_bytes(self, node: Node) -> int | None:
+        series = self.tree.node(node.parent)
+        return series.meta.get("file_size") if series is not None else None
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self._files[fh].fd, size, off)
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        handle = self._files.pop(fh)
+        os.close(handle.fd)
+        self.cache.release(handle.entry)
+
+    @fuse_errors
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        block = 4096
+        data.f_bsize = data.f_frsize = block
+        data.f_blocks = self.cache.max_bytes // block
+        data.f_bfree = data.f_bavail = max(0, self.cache.max_bytes - self.cache.used_bytes
+                                           ) // block
+        data.f_files = self.tree.catalog.count()
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    # -- a read-only tree ----------------------------------------------------------------
+
+    async def _read_only(self, *_: Any, **__: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
+    create = write = setxattr = removexattr = _read_only
+
+
+def _node_time(node: Node) -> float:
+    """A stable timestamp (the release date) so that rsync and make see no change."""
+    released = node.meta.get("date_released")
+    if isinstance(released, str):
+        try:
+            return dt.datetime.fromisoformat(released).replace(tzinfo=dt.UTC).timestamp()
+        except ValueError:
+            pass
+    return _FALLBACK_TIME

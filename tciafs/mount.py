@@ -1,0 +1,289 @@
+"""Mount lifecycle: checks, the daemon's trio main, readiness, signals and unmount."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from tciafs import paths
+from tciafs.cache import Cache
+from tciafs.catalog import Catalog
+from tciafs.client import NbiaClient
+from tciafs.fs import Operations
+from tciafs.tree import Tree
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVER = "https://services.cancerimagingarchive.net"
+DEFAULT_NLST_SERVER = "https://nlst.cancerimagingarchive.net"
+
+
+class MountError(Exception):
+    """A mount that cannot start; the message is the one line the user sees."""
+
+
+@dataclass
+class MountOptions:
+    mountpoint: Path
+    server: str = DEFAULT_SERVER
+    nlst_server: str | None = DEFAULT_NLST_SERVER
+    api: str = "v4"
+    demo: bool = False
+    cache_dir: Path = field(default_factory=paths.cache_home)
+    cache_size: int | None = None
+    prefetch: bool = True
+    listing_ttl: float = 6 * 3600
+    max_connections: int = 8
+    timeout: float = 30.0
+    debug: bool = False
+
+
+def default_cache_size(cache_dir: Path) -> int:
+    """10 GiB or 10% of the cache disk, whichever is smaller."""
+    probe = cache_dir
+    while not probe.exists():
+        probe = probe.parent
+    total = shutil.disk_usage(probe).total
+    return min(10 << 30, total // 10)
+
+
+# -- checks before mounting ----------------------------------------------------------------
+
+def clear_stale_mount(mountpoint: Path) -> bool:
+    """Unmount what a killed daemon left behind ('Transport endpoint is not connected')."""
+    try:
+        os.stat(mountpoint)
+        return False
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return False
+    log.warning("clearing a stale mount at %s left by a daemon that died", mountpoint)
+    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return True
+
+
+def preflight(mountpoint: Path) -> None:
+    clear_stale_mount(mountpoint)
+    if not mountpoint.exists():
+        raise MountError(f"mountpoint {mountpoint} does not exist (create it with mkdir)")
+    if not mountpoint.is_dir():
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point (tciafs umount {mountpoint})")
+    if any(mountpoint.iterdir()):
+        raise MountError(f"mountpoint {mountpoint} is not empty")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
+    if shutil.which("fusermount3") is None:
+        raise MountError("fusermount3 is missing: install the fuse3 package")
+
+
+@contextlib.contextmanager
+def locked_cache_dir(cache_dir: Path) -> Iterator[None]:
+    """One daemon per cache directory: two would each believe they own the bound."""
+    paths.private_dir(cache_dir)
+    fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MountError(f"cache directory {cache_dir} is used by another tciafs mount; "
+                         "give this one its own --cache-dir") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+# -- the demo server ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def demo_emulator() -> Iterator[tuple[str, str]]:
+    """Run the bundled emulator with the demo archive for as long as the mount lives."""
+    data_dir = paths.data_home() / "emulator" / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tciafs.emulator", "--host", "127.0.0.1", "--port", "0",
+         "--nlst-port", "0", "--profile", "demo", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        url, nlst_url = proc.stdout.readline().strip(), proc.stdout.readline().strip()
+        if not url.startswith("http"):
+            raise MountError("the demo emulator did not start; see the log")
+        yield url, nlst_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# -- the daemon ----------------------------------------------------------------------------
+
+def run_foreground(opts: MountOptions, ready_fd: int | None = None) -> int:
+    """Mount and serve until unmounted or signalled. Reports readiness on `ready_fd`."""
+    try:
+        preflight(opts.mountpoint)
+        with locked_cache_dir(opts.cache_dir), contextlib.ExitStack() as stack:
+            if opts.demo:
+                opts.server, opts.nlst_server = stack.enter_context(demo_emulator())
+            trio.run(_serve, opts, ready_fd)
+        return 0
+    except MountError as exc:
+        _report(ready_fd, f"error: {exc}")
+        log.error("%s", exc)
+        return 1
+
+
+def _report(ready_fd: int | None, message: str) -> None:
+    if ready_fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(ready_fd, message.encode() + b"\n")
+        os.close(ready_fd)
+
+
+def _source_key(opts: MountOptions) -> str:
+    return "demo" if opts.demo else f"{opts.server}|{opts.nlst_server}"
+
+
+async def _serve(opts: MountOptions, ready_fd: int | None) -> None:
+    client = NbiaClient(opts.server, api=opts.api, nlst_server=opts.nlst_server,
+                        max_connections=opts.max_connections, timeout=opts.timeout)
+    async with client:
+        try:
+            await client.start()
+        except Exception as exc:  # the client's errors carry the one-line reason
+            raise MountError(f"cannot reach {opts.server}: {exc}") from exc
+        digest = hashlib.sha256(_source_key(opts).encode()).hexdigest()[:12]
+        catalog = Catalog(opts.cache_dir / f"catalog-{digest}.sqlite", _source_key(opts))
+        size = opts.cache_size or default_cache_size(opts.cache_dir)
+        cache = Cache(opts.cache_dir, size, client, prefetch=opts.prefetch)
+        tree = Tree(client, catalog, listing_ttl=opts.listing_ttl)
+        ops = Operations(tree, cache)
+        try:
+            await _run_fuse(ops, opts, ready_fd)
+        finally:
+            cache.close()
+            catalog.close()
+
+
+async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None) -> None:
+    fuse_options = set(pyfuse3.default_options)
+    fuse_options |= {"fsname=tciafs", "subtype=tciafs", "ro", "noatime"}
+    if opts.debug:
+        fuse_options.add("debug")
+    try:
+        pyfuse3.init(ops, str(opts.mountpoint), fuse_options)
+    except RuntimeError as exc:
+        raise MountError(f"cannot mount {opts.mountpoint}: {exc}") from exc
+    unmounted = False
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ops.cache.run)
+            nursery.start_soon(_watch_signals)
+            nursery.start_soon(_announce_ready, opts.mountpoint, ready_fd)
+            await pyfuse3.main()
+            unmounted = True
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=not unmounted)
+        log.info("unmounted %s", opts.mountpoint)
+
+
+async def _watch_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+async def _announce_ready(mountpoint: Path, ready_fd: int | None) -> None:
+    # The stat is answered by our own loop, so success proves the mount serves.
+    await trio.to_thread.run_sync(os.stat, mountpoint)
+    log.info("mounted %s", mountpoint)
+    _report(ready_fd, "ready")
+    notify_systemd("READY=1")
+
+
+def notify_systemd(message: str) -> None:
+    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET."""
+    import socket
+
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+
+
+# -- starting in the background ------------------------------------------------------------
+
+def spawn_daemon(argv: list[str], opts: MountOptions, timeout: float = 300.0) -> int:
+    """Start the daemon detached and return once the mount answers (or failed)."""
+    preflight(opts.mountpoint)
+    log_path = log_file_for(opts.mountpoint)
+    read_fd, write_fd = os.pipe()
+    with open(log_path, "ab", buffering=0) as logf:
+        os.chmod(log_path, 0o600)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tciafs", *argv, "--foreground", "--ready-fd", str(write_fd)],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(write_fd,),
+            start_new_session=True)
+    os.close(write_fd)
+    message = _read_ready(read_fd, proc, timeout)
+    if message == "ready":
+        return 0
+    print(f"tciafs: {message.removeprefix('error: ')} (log: {log_path})", file=sys.stderr)
+    return 1
+
+
+def _read_ready(read_fd: int, proc: subprocess.Popen, timeout: float) -> str:
+    import select
+
+    with os.fdopen(read_fd, "rb") as pipe:
+        ready, _, _ = select.select([pipe], [], [], timeout)
+        line = pipe.readline().decode().strip() if ready else ""
+    if line:
+        return line
+    if proc.poll() is None:
+        proc.terminate()
+        return f"error: the mount did not become ready within {timeout:.0f} s"
+    return f"error: the daemon exited with status {proc.returncode} before mounting"
+
+
+def log_file_for(mountpoint: Path) -> Path:
+    name = str(mountpoint.resolve()).strip("/").replace("/", "-") or "root"
+    return paths.private_dir(paths.state_home()) / f"mount-{name}.log"
+
+
+def unmount(mountpoint: Path) -> int:
+    if not os.path.ismount(mountpoint) and not clear_stale_mount(mountpoint):
+        print(f"tciafs: {mountpoint} is not mounted", file=sys.stderr)
+        return 1
+    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        print(f"tciafs: {result.stderr.strip()}", file=sys.stderr)
+        return 1
+    return 0

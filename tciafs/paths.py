@@ -1,0 +1,57 @@
+"""Where tciafs keeps its files: XDG directories, private to the user."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    value = os.environ.get(var)
+    return Path(value) if value else Path.home() / fallback
+
+
+def cache_home() -> Path:
+    return _xdg("XDG_CACHE_HOME", ".cache") / "tciafs"
+
+
+def config_home() -> Path:
+    return _xdg("XDG_CONFIG_HOME", ".config") / "tciafs"
+
+
+def state_home() -> Path:
+    return _xdg("XDG_STATE_HOME", ".local/state") / "tciafs"
+
+
+def data_home() -> Path:
+    return _xdg("XDG_DATA_HOME", ".local/share") / "tciafs"
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` (and parents) readable by the owner only."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def parse_size(text: str) -> int:
+    """'50G', '500M', '10GiB', '2T', '123456' → bytes (K/M/G/T are binary multiples)."""
+    units = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num = t.rstrip("KMGT")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (try 500M, 50G or 2T)") from None
+    if unit not in units or value <= 0:
+        raise ValueError(f"not a size: {text!r} (try 500M, 50G or 2T)")
+    return int(value * units[unit])
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,238 @@
+"""The archive model: Collection → Patient → Study → Series → Instance, as directories.
+
+The tree turns the client's records into named nodes with stable inodes (via the
+catalog) and answers listings and lookups. It never downloads image bytes.
+
+Requests per directory, by level:
+- root: getCollectionValues (merged over the main and NLST servers);
+- collection: getPatient;
+- patient: getSeries for that patient, which also fills its studies and series, so
+  study directories cost nothing; for a collection of at most `bulk_patients`
+  patients one getSeries per collection fills every patient at once instead;
+- series: getSOPInstanceUIDs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import cachetools
+import trio
+
+from tciafs import names
+from tciafs.catalog import ROOT_INODE, Catalog, Kind, NewChild, Node
+from tciafs.client import ClientError, NbiaClient, NotFound, Series
+
+log = logging.getLogger(__name__)
+
+INSTANCE_SUFFIX = ".dcm"
+
+
+class ListingUnavailable(Exception):
+    """The server could not be asked and nothing usable is stored."""
+
+
+class Tree:
+    def __init__(self, client: NbiaClient, catalog: Catalog, *, listing_ttl: float = 6 * 3600,
+                 bulk_patients: int = 500, memory_entries: int = 4096) -> None:
+        self.client = client
+        self.catalog = catalog
+        self.listing_ttl = listing_ttl
+        self.bulk_patients = bulk_patients
+        # Hot listings stay in memory; the catalog keeps all of them across mounts.
+        self._listings: cachetools.TTLCache[int, dict[str, Node]] = cachetools.TTLCache(
+            maxsize=memory_entries, ttl=min(listing_ttl, 600))
+        self._nodes: cachetools.LRUCache[int, Node] = cachetools.LRUCache(maxsize=200_000)
+        self._inflight: dict[int, trio.Event] = {}
+        self.requests_saved = 0
+
+    # -- reading -------------------------------------------------------------------------
+
+    def node(self, ino: int) -> Node | None:
+        node = self._nodes.get(ino)
+        if node is None:
+            node = self.catalog.get(ino)
+            if node is not None:
+                self._nodes[ino] = node
+        return node
+
+    async def children(self, ino: int) -> list[Node]:
+        return list((await self._listing(ino)).values())
+
+    async def lookup(self, parent: int, name: str) -> Node | None:
+        if names.is_junk(name):
+            return None
+        return (await self._listing(parent)).get(name)
+
+    async def _listing(self, ino: int) -> dict[str, Node]:
+        cached = self._listings.get(ino)
+        if cached is not None:
+            return cached
+        while ino in self._inflight:  # single flight: one request per directory at a time
+            await self._inflight[ino].wait()
+            cached = self._listings.get(ino)
+            if cached is not None:
+                return cached
+        done = self._inflight[ino] = trio.Event()
+        try:
+            listing = await self._load(ino)
+        finally:
+            del self._inflight[ino]
+            done.set()
+        self._listings[ino] = listing
+        return listing
+
+    async def _load(self, ino: int) -> dict[str, Node]:
+        node = self.node(ino)
+        if node is None or not node.kind.is_dir:
+            raise NotADirectoryError(ino)
+        if node.listed is not None and time.time() - node.listed < self.listing_ttl:
+            return self._stored(ino)
+        try:
+            await self._fetch(node)
+        except NotFound:
+            self.catalog.replace_children(ino, [])
+        except ClientError as exc:
+            if node.listed is None:
+                raise ListingUnavailable(str(exc)) from exc
+            log.warning("serving the stored listing of %s: %s", self.path(node), exc)
+        self._forget_cached(ino)
+        return self._stored(ino)
+
+    def _stored(self, ino: int) -> dict[str, Node]:
+        listing = {}
+        for child in self.catalog.children(ino):
+            self._nodes[child.ino] = child
+            listing[child.name] = child
+        return listing
+
+    def _forget_cached(self, ino: int) -> None:
+        self._nodes.pop(ino, None)
+
+    def path(self, node: Node) -> str:
+        parts = []
+        while node.ino != ROOT_INODE:
+            parts.append(node.name)
+            parent = self.node(node.parent)
+            if parent is None:
+                break
+            node = parent
+        return "/" + "/".join(reversed(parts))
+
+    # -- fetching ------------------------------------------------------------------------
+
+    async def _fetch(self, node: Node) -> None:
+        match node.kind:
+            case Kind.ROOT:
+                await self._fetch_root(node)
+            case Kind.COLLECTION:
+                await self._fetch_collection(node)
+            case Kind.PATIENT | Kind.STUDY:
+                await self._fetch_patient(node if node.kind is Kind.PATIENT
+                                          else self.node(node.parent))
+            case Kind.SERIES:
+                await self._fetch_series(node)
+
+    async def _fetch_root(self, root: Node) -> None:
+        collections = await self._nonempty(self.client.collections)
+        children = [NewChild(names.encode(c.name), Kind.COLLECTION, c.name, c.name,
+                             meta={"host": c.host}) for c in collections]
+        self.catalog.replace_children(root.ino, _unique(children, "collection"))
+
+    async def _fetch_collection(self, coll: Node) -> None:
+        patients = await self._nonempty(self.client.patients, coll.ident)
+        children = [NewChild(names.encode(p.patient_id), Kind.PATIENT, p.patient_id,
+                             coll.ident, meta=_record_meta(p)) for p in patients]
+        self.catalog.replace_children(coll.ino, _unique(children, "patient"))
+
+    async def _fetch_patient(self, patient: Node | None) -> None:
+        if patient is None:
+            return
+        siblings = self.catalog.children(patient.parent)
+        if len(siblings) <= self.bulk_patients:
+            series = await self._nonempty(self.client.series, patient.collection)
+            targets = siblings
+        else:
+            series = await self._nonempty(self.client.series, patient.collection,
+                                          patient.ident)
+            targets = [patient]
+        by_patient: dict[str, list[Series]] = defaultdict(list)
+        for s in series:
+            by_patient[s.patient_id.upper()].append(s)
+        listed = time.time()
+        for target in targets:
+            self._store_patient(target, by_patient.get(target.ident.upper(), []), listed)
+            self._listings.pop(target.ino, None)
+        self.requests_saved += len(targets) - 1
+
+    def _store_patient(self, patient: Node, series: Sequence[Series], listed: float) -> None:
+        studies: dict[str, list[Series]] = defaultdict(list)
+        for s in series:
+            studies[s.study_uid].append(s)
+        children = [NewChild(names.encode(uid), Kind.STUDY, uid, patient.collection,
+                             meta=_study_meta(rows[0])) for uid, rows in studies.items()]
+        self.catalog.replace_children(patient.ino, _unique(children, "study"), listed)
+        for study in self.catalog.children(patient.ino):
+            rows = studies.get(study.ident, [])
+            kids = [NewChild(names.encode(s.series_uid), Kind.SERIES, s.series_uid,
+                             patient.collection, s.series_uid, _record_meta(s)) for s in rows]
+            self.catalog.replace_children(study.ino, _unique(kids, "series"), listed)
+            self._listings.pop(study.ino, None)
+
+    async def _fetch_series(self, series: Node) -> None:
+        uids = await self._nonempty(self.client.instance_uids, series.collection, series.ident)
+        children = [NewChild(names.encode(uid) + INSTANCE_SUFFIX, Kind.INSTANCE, uid,
+                             series.collection, series.ident) for uid in uids]
+        self.catalog.replace_children(series.ino, _unique(children, "instance"))
+
+    async def _nonempty(self, fetch: Any, *args: str) -> list:
+        """Ask once more after a token refresh before believing an empty answer.
+
+        The real service answers several listings with an empty 200 when the token
+        has expired; an empty directory must never be cached for that reason.
+        """
+        rows = await fetch(*args)
+        if not rows and self.client.has_token:
+            await self.client.ensure_fresh_token(force=True)
+            rows = await fetch(*args)
+        return rows
+
+    # -- invalidation --------------------------------------------------------------------
+
+    def forget_listing(self, ino: int) -> None:
+        """Drop a listing from memory and mark it stale, so the next access refetches."""
+        self._listings.pop(ino, None)
+        self.catalog.mark_listed([ino], 0.0)
+        self._nodes.pop(ino, None)
+
+
+def _unique(children: list[NewChild], what: str) -> list[NewChild]:
+    """Keep the first of entries that share a name (the server sometimes repeats rows)."""
+    seen: dict[str, NewChild] = {}
+    for child in children:
+        if child.name in seen:
+            log.warning("server listed %s %r twice; keeping the first", what, child.ident)
+            continue
+        seen[child.name] = child
+    return list(seen.values())
+
+
+def _plain(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, dt.date) else value
+
+
+def _record_meta(record: Any) -> dict[str, Any]:
+    return {k: _plain(v) for k, v in dataclasses.asdict(record).items() if v is not None}
+
+
+def _study_meta(series: Series) -> dict[str, Any]:
+    return {k: _plain(v) for k, v in {
+        "collection": series.collection, "patient_id": series.patient_id,
+        "study_uid": series.study_uid, "study_date": series.study_date,
+        "study_description": series.study_description}.items() if v is not None}

@@ -1,0 +1,45 @@
+from pathlib import Path
+
+from tciafs.catalog import ROOT_INODE, Catalog, Kind, NewChild
+
+
+def _kids(*idents: str) -> list[NewChild]:
+    return [NewChild(i, Kind.COLLECTION, i, i) for i in idents]
+
+
+def test_inodes_are_stable_across_reopen_and_relisting(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.sqlite", "src")
+    cat.replace_children(ROOT_INODE, _kids("A", "B"))
+    before = {n.name: n.ino for n in cat.children(ROOT_INODE)}
+    cat.replace_children(ROOT_INODE, _kids("B", "A", "C"))
+    after = {n.name: n.ino for n in cat.children(ROOT_INODE)}
+    assert after["A"] == before["A"] and after["B"] == before["B"]
+    cat.close()
+    again = Catalog(tmp_path / "c.sqlite", "src")
+    assert {n.name: n.ino for n in again.children(ROOT_INODE)} == after
+    assert again.get(ROOT_INODE).listed is not None
+
+
+def test_vanished_entries_take_their_subtree_with_them(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.sqlite", "src")
+    cat.replace_children(ROOT_INODE, _kids("A", "B"))
+    a = next(n for n in cat.children(ROOT_INODE) if n.name == "A")
+    cat.replace_children(a.ino, [NewChild("p", Kind.PATIENT, "p", "A")])
+    cat.replace_children(ROOT_INODE, _kids("B"))
+    assert [n.name for n in cat.children(ROOT_INODE)] == ["B"]
+    assert cat.count() == 2  # root and B
+
+
+def test_another_source_starts_afresh(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.sqlite", "one")
+    cat.replace_children(ROOT_INODE, _kids("A"))
+    cat.close()
+    other = Catalog(tmp_path / "c.sqlite", "two")
+    assert other.children(ROOT_INODE) == []
+    assert other.get(ROOT_INODE).kind is Kind.ROOT
+
+
+def test_catalog_file_is_private(tmp_path: Path) -> None:
+    Catalog(tmp_path / "sub" / "c.sqlite", "src")
+    assert (tmp_path / "sub" / "c.sqlite").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "sub").stat().st_mode & 0o077 == 0
