@@ -1,0 +1,67 @@
+"""Real mounts for tests: the daemon as a subprocess, always unmounted afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+FUSE_USABLE = os.path.exists("/dev/fuse") and bool(
+    subprocess.run(["which", "fusermount3"], capture_output=True).returncode == 0)
+
+needs_fuse = pytest.mark.skipif(not FUSE_USABLE, reason="needs /dev/fuse and fusermount3")
+
+
+def lazy_unmount(mountpoint: Path) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+
+
+@contextlib.contextmanager
+def mounted(emulator, mountpoint: Path, cache_dir: Path, *extra: str,
+            timeout: float = 60.0) -> Iterator[subprocess.Popen]:
+    """Run `tciafs mount -f` against the emulator until the block ends."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "tciafs", "mount", str(mountpoint), "-f",
+           "--server", emulator.url, "--cache-dir", str(cache_dir), *extra]
+    if emulator.nlst_url:
+        cmd += ["--nlst-server", emulator.nlst_url]
+    log_path = cache_dir.parent / f"{mountpoint.name}-daemon.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not os.path.ismount(mountpoint):
+            if proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {proc.returncode}:\n{log_path.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mount not ready:\n{log_path.read_text()}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if os.path.ismount(mountpoint):
+            subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        lazy_unmount(mountpoint)
+
+
+def stats(url: str) -> dict:
+    return httpx.get(f"{url}/_emulator/stats", timeout=10).json()
+
+
+def reset_stats(url: str) -> None:
+    httpx.post(f"{url}/_emulator/reset", timeout=10).raise_for_status()
+
+
+def set_faults(url: str, **faults: object) -> None:
+    httpx.post(f"{url}/_emulator/faults", json=faults, timeout=10).raise_for_status()

@@ -1,0 +1,191 @@
+"""Real FUSE mounts against the emulator on loopback, exercised with real tools."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+
+from mountutil import mounted, needs_fuse, reset_stats, set_faults, stats
+
+pytestmark = [needs_fuse, pytest.mark.mount]
+
+V4 = "/nbia-api/services/v4"
+
+
+def _get(url: str, endpoint: str, **params: str) -> httpx.Response:
+    r = httpx.get(f"{url}{V4}/{endpoint}", params=params, timeout=60)
+    r.raise_for_status()
+    return r
+
+
+def _series_zip(url: str, series_uid: str) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The service's own bytes of a series (by SOP UID) and its MD5 list (by SOP UID)."""
+    body = _get(url, "getImage", SeriesInstanceUID=series_uid, IncludeMD5="Yes").content
+    files, md5_by_name = {}, {}
+    with zipfile.ZipFile(io.BytesIO(body)) as zf:
+        for name in zf.namelist():
+            data = zf.read(name)
+            if name == "md5hashes.csv":
+                rows = data.decode().strip().splitlines()[1:]
+                md5_by_name = dict(r.split(",") for r in rows)
+            elif name.endswith(".dcm"):
+                files[name] = data
+    by_sop = {}
+    md5s = {}
+    for name, data in files.items():
+        sop = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
+        by_sop[sop] = data
+        md5s[sop] = md5_by_name[name]
+    return by_sop, md5s
+
+
+def _series_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("*/*/*/*") if p.is_dir())
+
+
+def _first_ct_series(root: Path) -> Path:
+    for d in _series_dirs(root):
+        files = list(d.glob("*.dcm"))
+        if len(files) >= 8:
+            ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+            if ds.Modality == "CT":
+                return d
+    raise AssertionError("no CT series in the demo archive")
+
+
+def _count(url: str, *endpoints: str) -> int:
+    counts = stats(url)["endpoints"]
+    return sum(v for k, v in counts.items() if k.split("/")[-1] in endpoints)
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def test_listing_downloads_no_image(emulator, tmp_path: Path, cache_dir: Path) -> None:
+    reset_stats(emulator.url)
+    with mounted(emulator, tmp_path / "mnt", cache_dir):
+        listing = subprocess.run(["ls", "-laR", str(tmp_path / "mnt")], capture_output=True,
+                                 text=True, check=True).stdout
+        found = subprocess.run(["find", str(tmp_path / "mnt"), "-name", "*.dcm"],
+                               capture_output=True, text=True, check=True).stdout.split()
+        subprocess.run(["du", "-s", str(tmp_path / "mnt")], check=True, capture_output=True)
+        assert len(found) > 50
+        assert "LUNG%2F003" in listing  # '/' in a patient ID, escaped
+        assert "%2Ehidden" in listing or "%2E" in listing  # a leading dot stays visible
+        assert "Pétra" in listing
+        assert "NLST" in listing  # the NLST server's collection in the same tree
+        assert _count(emulator.url, "getImage", "getSingleImage", "getImageWithMD5Hash") == 0
+    # A remount lists everything from the persisted catalog: no request at all.
+    reset_stats(emulator.url)
+    with mounted(emulator, tmp_path / "mnt", cache_dir):
+        again = subprocess.run(["find", str(tmp_path / "mnt"), "-name", "*.dcm"],
+                               capture_output=True, text=True, check=True).stdout.split()
+        assert sorted(again) == sorted(found)
+        listing_calls = _count(emulator.url, "getCollectionValues", "getPatient", "getSeries",
+                               "getSOPInstanceUIDs", "getPatientStudy")
+        assert listing_calls == 0
+
+
+def test_reads_are_exact_cold_and_warm(emulator, tmp_path: Path, cache_dir: Path) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(emulator, mnt, cache_dir):
+        series = _first_ct_series(mnt)
+        truth, md5s = _series_zip(emulator.url, series.name)
+        first = next(iter(sorted(series.glob("*.dcm"))))
+        with open(first, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            assert f.seek(0, os.SEEK_END) == size
+            f.seek(0)
+            data = f.read()
+        sop = first.name.removesuffix(".dcm")
+        assert data == truth[sop] and size == len(truth[sop])
+        assert first.stat().st_size == size
+        # cp -r and rsync -a of the whole series: byte-identical, MD5s as the service says.
+        shutil.copytree(series, tmp_path / "cp")
+        subprocess.run(["rsync", "-a", f"{series}/", str(tmp_path / "rsync")], check=True)
+        for copy in (tmp_path / "cp", tmp_path / "rsync"):
+            got = {p.name.removesuffix(".dcm"): p.read_bytes() for p in copy.glob("*.dcm")}
+            assert got.keys() == truth.keys()
+            for sop_uid, blob in got.items():
+                assert blob == truth[sop_uid]
+                assert hashlib.md5(blob).hexdigest() == md5s[sop_uid]
+        ls = subprocess.run(["ls", "-l", str(series)], capture_output=True, text=True).stdout
+        assert " 0 " not in ls  # every size is known after the copy
+    reset_stats(emulator.url)
+    with mounted(emulator, mnt, cache_dir):
+        again = {p.name.removesuffix(".dcm"): p.read_bytes() for p in series.glob("*.dcm")}
+        assert again == truth
+        assert _count(emulator.url, "getImage", "getSingleImage", "getImageWithMD5Hash") == 0
+
+
+def test_real_dicom_tools(emulator, tmp_path: Path, cache_dir: Path) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(emulator, mnt, cache_dir):
+        series = _first_ct_series(mnt)
+        files = sorted(series.glob("*.dcm"))
+        ds = pydicom.dcmread(files[0])
+        assert ds.pixel_array.shape == (ds.Rows, ds.Columns)
+        assert len({pydicom.dcmread(f).SOPInstanceUID for f in files}) == len(files)
+        dump = subprocess.run(["dcmdump", str(files[0])], capture_output=True, text=True)
+        assert dump.returncode == 0 and "SOPInstanceUID" in dump.stdout
+        out_mount, out_local = tmp_path / "nii-mount", tmp_path / "nii-local"
+        out_mount.mkdir()
+        out_local.mkdir()
+        shutil.copytree(series, tmp_path / "local")
+        for src, out in ((series, out_mount), (tmp_path / "local", out_local)):
+            subprocess.run(["dcm2niix", "-z", "n", "-f", "vol", "-o", str(out), str(src)],
+                           check=True, capture_output=True)
+        nii_mount, nii_local = sorted(out_mount.glob("*.nii")), sorted(out_local.glob("*.nii"))
+        assert len(nii_mount) == 1 and len(nii_local) == 1
+        assert nii_mount[0].read_bytes() == nii_local[0].read_bytes()
+
+
+def test_read_only_and_bad_names(emulator, tmp_path: Path, cache_dir: Path) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(emulator, mnt, cache_dir):
+        collection = sorted(mnt.iterdir())[0]
+        some_file = next(iter(_series_dirs(mnt)[0].glob("*.dcm")))
+        for action in (lambda: (collection / "new").mkdir(),
+                       lambda: (mnt / "x.txt").write_bytes(b"x"),
+                       lambda: open(some_file, "r+b"),
+                       lambda: some_file.unlink(),
+                       lambda: some_file.rename(mnt / "moved"),
+                       lambda: os.chmod(some_file, 0o777)):
+            with pytest.raises(OSError) as err:
+                action()
+            assert err.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+        for bad in ("no-such", ".Trash-1000", "..%2F", "a" * 300):
+            with pytest.raises(OSError) as err:
+                os.stat(collection / bad)
+            assert err.value.errno in (errno.ENOENT, errno.ENAMETOOLONG)
+        with open(some_file, "rb") as f:
+            f.seek(10 << 20)
+            assert f.read(100) == b""  # past EOF: empty, not an error
+
+
+def test_failing_server_gives_eio_promptly(emulator, tmp_path: Path, cache_dir: Path) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(emulator, mnt, cache_dir, "--no-prefetch", "--timeout", "5"):
+        series = _series_dirs(mnt)[-1]
+        files = sorted(series.glob("*.dcm"))
+        try:
+            set_faults(emulator.url, p503=1.0, endpoints=["getSingleImage"])
+            with pytest.raises(OSError) as err:
+                files[0].read_bytes()
+            assert err.value.errno == errno.EIO
+            set_faults(emulator.url, p503=0.5, endpoints=["getSingleImage"], seed=7)
+            assert files[1].read_bytes()[128:132] == b"DICM"  # retried until it worked
+        finally:
+            set_faults(emulator.url)
