@@ -142,6 +142,18 @@ class Catalog:
         self.db.executemany("UPDATE nodes SET listed=? WHERE ino=?",
                             [(listed, ino) for ino in inos])
 
+    def collection_facts(self, collection: str) -> dict[str, Any]:
+        """The collection row's metadata merged with the first series row's license/DOI."""
+        facts: dict[str, Any] = {}
+        for kind in (Kind.COLLECTION, Kind.SERIES):
+            row = self.db.execute("SELECT meta FROM nodes WHERE collection=? AND kind=? LIMIT 1",
+                                  (collection, int(kind))).fetchone()
+            if row:
+                meta = json.loads(row[0])
+                facts.update({k: meta[k] for k in ("host", "license_name", "license_uri",
+                                                   "data_description_uri") if k in meta})
+        return facts
+
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM nodes").fetchone()[0]
 

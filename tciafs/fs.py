@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import functools
+import json
 import logging
 import os
 import stat
@@ -23,6 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from tciafs import xattrs
 from tciafs.cache import Cache, CacheFull, Entry, FetchFailed
 from tciafs.catalog import Kind, Node
 from tciafs.client import ClientError, NotFound
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
+STATUS_XATTR = "user.tciafs.status"
 KNOWN_TTL = 3600.0  # archive entries are immutable once listed
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _FALLBACK_TIME = dt.datetime(2000, 1, 1, tzinfo=dt.UTC).timestamp()
@@ -74,8 +77,10 @@ class OpenFile:
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = False  # short reads must be able to correct i_size
 
-    def __init__(self, tree: Tree, cache: Cache, *, open_timeout: float = 900.0) -> None:
+    def __init__(self, tree: Tree, cache: Cache, *, open_timeout: float = 900.0,
+                 status: Callable[[], dict[str, Any]] | None = None) -> None:
         super().__init__()
+        self.status = status
         self.tree = tree
         self.cache = cache
         self.open_timeout = open_timeout
@@ -208,6 +213,27 @@ class Operations(pyfuse3.Operations):
         data.f_ffree = data.f_favail = 0
         data.f_namemax = 255
         return data
+
+    # -- extended attributes ---------------------------------------------------------------
+
+    def _xattrs(self, inode: int) -> dict[str, str]:
+        node = self._node(inode)
+        attrs = xattrs.attributes(node, self.tree, self.cache)
+        if node.kind is Kind.ROOT and self.status is not None:
+            attrs[STATUS_XATTR] = json.dumps(self.status(), separators=(",", ":"))
+        return attrs
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        value = self._xattrs(inode).get(os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value.encode()
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        # The status document is large and live: it is read by name, never listed.
+        return [k.encode() for k in self._xattrs(inode) if k != STATUS_XATTR]
 
     # -- a read-only tree ----------------------------------------------------------------
 

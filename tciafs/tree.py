@@ -50,6 +50,7 @@ class Tree:
             maxsize=memory_entries, ttl=min(listing_ttl, 600))
         self._nodes: cachetools.LRUCache[int, Node] = cachetools.LRUCache(maxsize=200_000)
         self._inflight: dict[int, trio.Event] = {}
+        self._facts: dict[str, dict[str, Any]] = {}
         self.requests_saved = 0
 
     # -- reading -------------------------------------------------------------------------
@@ -202,6 +203,23 @@ class Tree:
             await self.client.ensure_fresh_token(force=True)
             rows = await fetch(*args)
         return rows
+
+    # -- facts for attributes and sidecars -----------------------------------------------
+
+    def collection_facts(self, collection: str) -> dict[str, Any]:
+        """License, DOI and server of a collection, from any series already listed."""
+        facts = self._facts.get(collection)
+        if facts is None:
+            facts = self.catalog.collection_facts(collection)
+            if "license_name" in facts:  # complete: worth remembering
+                self._facts[collection] = facts
+        return facts
+
+    def listed_count(self, ino: int) -> int | None:
+        node = self.node(ino)
+        if node is None or node.listed is None:
+            return None
+        return len(self.catalog.children(ino))
 
     # -- invalidation --------------------------------------------------------------------
 
