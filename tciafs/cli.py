@@ -56,6 +56,13 @@ def _add_emulator(sub: argparse._SubParsersAction) -> None:
     emulator_cli.add_arguments(p)
 
 
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="show what running mounts are doing")
+    p.add_argument("mountpoint", type=Path, nargs="?",
+                   help="a tciafs mount (default: every tciafs mount)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tciafs", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tciafs {__version__}")
@@ -63,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mount(sub)
     _add_umount(sub)
     _add_emulator(sub)
+    _add_status(sub)
     return parser
 
 
@@ -113,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         from tciafs.mount import unmount
 
         return unmount(args.mountpoint)
+    if args.command == "status":
+        from tciafs import status
+
+        return status.run(args.mountpoint, args.json)
     if args.command == "emulator":
         from tciafs.emulator import cli as emulator_cli
 

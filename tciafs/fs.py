@@ -28,6 +28,7 @@ from tciafs import xattrs
 from tciafs.cache import Cache, CacheFull, Entry, FetchFailed
 from tciafs.catalog import Kind, Node
 from tciafs.client import ClientError, NotFound
+from tciafs.status import STATUS_XATTR
 from tciafs.tree import ListingUnavailable, Tree
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-STATUS_XATTR = "user.tciafs.status"
 KNOWN_TTL = 3600.0  # archive entries are immutable once listed
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _FALLBACK_TIME = dt.datetime(2000, 1, 1, tzinfo=dt.UTC).timestamp()

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from tciafs import paths
+from tciafs import paths, status
 from tciafs.cache import Cache
 from tciafs.catalog import Catalog
 from tciafs.client import NbiaClient
@@ -176,7 +177,9 @@ async def _serve(opts: MountOptions, ready_fd: int | None) -> None:
         size = opts.cache_size or default_cache_size(opts.cache_dir)
         cache = Cache(opts.cache_dir, size, client, prefetch=opts.prefetch)
         tree = Tree(client, catalog, listing_ttl=opts.listing_ttl)
-        ops = Operations(tree, cache)
+        started = time.time()
+        ops = Operations(tree, cache, status=lambda: status.snapshot(
+            server=opts.server, api=opts.api, started=started, client=client, cache=cache))
         try:
             await _run_fuse(ops, opts, ready_fd)
         finally:

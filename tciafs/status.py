@@ -1,0 +1,101 @@
+"""`tciafs status`: what a running mount is doing, read through an xattr on its root.
+
+The daemon answers `user.tciafs.status` on the mount root with a JSON document, so
+no network port or socket is needed (S3QL does the same with a control file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tciafs.paths import format_size
+
+STATUS_XATTR = "user.tciafs.status"
+
+
+def mounted_tciafs() -> list[Path]:
+    """Mount points of tciafs filesystems, from /proc/self/mounts."""
+    found = []
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "fuse.tciafs":
+                found.append(Path(fields[1].replace("\\040", " ")))
+    return found
+
+
+def read_status(mountpoint: Path) -> dict[str, Any]:
+    raw = os.getxattr(mountpoint, STATUS_XATTR)
+    return json.loads(raw)
+
+
+def render(mountpoint: Path, doc: dict[str, Any]) -> str:
+    cache = doc["cache"]
+    lines = [
+        f"{mountpoint}: {doc['server']} (api {doc['api']}), up {_duration(doc['uptime'])}",
+        f"  cache    {format_size(cache['used'])} of {format_size(cache['bound'])} "
+        f"({cache['entries']} files), hit ratio {cache['hit_ratio']:.0%}, "
+        f"{format_size(cache['bytes_fetched'])} fetched",
+    ]
+    requests = doc.get("requests", {})
+    total = sum(requests.get("by_endpoint", {}).values())
+    lines.append(f"  requests {total} total, {requests.get('errors', 0)} errors, "
+                 f"{requests.get('retries', 0)} retries")
+    for endpoint, count in sorted(requests.get("by_endpoint", {}).items()):
+        lines.append(f"    {endpoint:<28} {count}")
+    flights = doc.get("in_flight", {})
+    lines.append(f"  downloads in flight: {len(flights)}")
+    for series, progress in flights.items():
+        lines.append(f"    {series}  {format_size(progress['bytes'])}, "
+                     f"{progress['instances']} files")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def run(mountpoint: Path | None, as_json: bool) -> int:
+    targets = [mountpoint] if mountpoint else mounted_tciafs()
+    if not targets:
+        print("tciafs: no tciafs mount found", file=sys.stderr)
+        return 1
+    docs = {}
+    for target in targets:
+        try:
+            docs[str(target)] = read_status(target)
+        except OSError as exc:
+            print(f"tciafs: {target}: not a running tciafs mount ({exc.strerror})",
+                  file=sys.stderr)
+            return 1
+    if as_json:
+        print(json.dumps(docs if mountpoint is None else docs[str(mountpoint)], indent=2))
+    else:
+        print("\n".join(render(Path(k), v) for k, v in docs.items()))
+    return 0
+
+
+def snapshot(*, server: str, api: str, started: float, client: Any, cache: Any) -> dict:
+    """The status document the daemon serves."""
+    s = cache.stats
+    looked = s.hits + s.misses
+    return {
+        "pid": os.getpid(), "server": server, "api": api, "uptime": time.time() - started,
+        "requests": client.stats.as_dict(),
+        "cache": {"used": cache.used_bytes, "bound": cache.max_bytes, "entries": cache.entries,
+                  "hits": s.hits, "misses": s.misses,
+                  "hit_ratio": s.hits / looked if looked else 0.0,
+                  "bytes_fetched": s.bytes_fetched, "single_fetches": s.single_fetches,
+                  "series_fetches": s.series_fetches, "evictions": s.evictions,
+                  "md5_mismatches": s.md5_mismatches},
+        "in_flight": {k: {"bytes": v[0], "instances": v[1]}
+                      for k, v in cache.in_flight.items()},
+    }
