@@ -221,6 +221,11 @@ class Cache:
         return self.db.execute("SELECT count(*) FROM instances WHERE series=? AND present=1",
                                (series,)).fetchone()[0]
 
+    def cached_bytes(self, series: str) -> int:
+        row = self.db.execute("SELECT sum(size) FROM instances WHERE series=? AND present=1",
+                              (series,)).fetchone()
+        return row[0] or 0
+
     def md5_of(self, sop: str) -> str | None:
         row = self.db.execute("SELECT md5 FROM instances WHERE sop=? AND verified=1",
                               (sop,)).fetchone()

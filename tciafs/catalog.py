@@ -154,6 +154,13 @@ class Catalog:
                                                    "data_description_uri") if k in meta})
         return facts
 
+    def find_uid(self, uid: str) -> Node | None:
+        row = self.db.execute(
+            "SELECT ino, parent, name, kind, ident, collection, series_uid, meta, listed "
+            "FROM nodes WHERE ident=? AND kind IN (?, ?) LIMIT 1",
+            (uid, int(Kind.STUDY), int(Kind.SERIES))).fetchone()
+        return _node(row) if row else None
+
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM nodes").fetchone()[0]
 

@@ -26,8 +26,9 @@ import trio
 
 from tciafs import xattrs
 from tciafs.cache import Cache, CacheFull, Entry, FetchFailed
-from tciafs.catalog import Kind, Node
+from tciafs.catalog import ROOT_INODE, Kind, Node
 from tciafs.client import ClientError, NotFound
+from tciafs.control import CONTROL_NAME, Control, TargetError
 from tciafs.status import STATUS_XATTR
 from tciafs.tree import ListingUnavailable, Tree
 
@@ -36,7 +37,9 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-KNOWN_TTL = 3600.0  # archive entries are immutable once listed
+KNOWN_TTL = 3600.0
+CONTROL_INODE = 1 << 62  # far above any SQLite row id the catalog will hand out
+COMMAND_PREFIX = "user.tciafs."  # archive entries are immutable once listed
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _FALLBACK_TIME = dt.datetime(2000, 1, 1, tzinfo=dt.UTC).timestamp()
 
@@ -78,9 +81,11 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False  # short reads must be able to correct i_size
 
     def __init__(self, tree: Tree, cache: Cache, *, open_timeout: float = 900.0,
-                 status: Callable[[], dict[str, Any]] | None = None) -> None:
+                 status: Callable[[], dict[str, Any]] | None = None,
+                 control: Control | None = None) -> None:
         super().__init__()
         self.status = status
+        self.control = control
         self.tree = tree
         self.cache = cache
         self.open_timeout = open_timeout
@@ -121,14 +126,27 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
 
+    def control_attributes(self) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = CONTROL_INODE
+        attr.st_mode = stat.S_IFREG | 0o600  # owner-writable so setxattr reaches us
+        attr.st_nlink = 1
+        attr.st_uid, attr.st_gid = self.uid, self.gid
+        attr.attr_timeout = attr.entry_timeout = KNOWN_TTL
+        return attr
+
     @fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if inode == CONTROL_INODE:
+            return self.control_attributes()
         return self.attributes(self._node(inode))
 
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
                      ) -> pyfuse3.EntryAttributes:
         text = os.fsdecode(name)
+        if parent_inode == ROOT_INODE and text == CONTROL_NAME and self.control is not None:
+            return self.control_attributes()
         parent = self._node(parent_inode)
         if text == ".":
             node = parent
@@ -217,7 +235,7 @@ class Operations(pyfuse3.Operations):
     # -- extended attributes ---------------------------------------------------------------
 
     def _xattrs(self, inode: int) -> dict[str, str]:
-        node = self._node(inode)
+        node = self._node(ROOT_INODE if inode == CONTROL_INODE else inode)
         attrs = xattrs.attributes(node, self.tree, self.cache)
         if node.kind is Kind.ROOT and self.status is not None:
             attrs[STATUS_XATTR] = json.dumps(self.status(), separators=(",", ":"))
@@ -235,13 +253,27 @@ class Operations(pyfuse3.Operations):
         # The status document is large and live: it is read by name, never listed.
         return [k.encode() for k in self._xattrs(inode) if k != STATUS_XATTR]
 
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
+        key = os.fsdecode(name)
+        if inode != CONTROL_INODE or self.control is None or not key.startswith(COMMAND_PREFIX):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        command = key.removeprefix(COMMAND_PREFIX)
+        try:
+            await self.control.run(command, os.fsdecode(value))
+        except ValueError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        except TargetError as exc:
+            log.info("control: %s", exc)
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
     # -- a read-only tree ----------------------------------------------------------------
 
     async def _read_only(self, *_: Any, **__: Any) -> Any:
         raise pyfuse3.FUSEError(errno.EROFS)
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
-    create = write = setxattr = removexattr = _read_only
+    create = write = removexattr = _read_only
 
 
 def _node_time(node: Node) -> float:

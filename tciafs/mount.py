@@ -24,6 +24,7 @@ from tciafs import paths, status
 from tciafs.cache import Cache
 from tciafs.catalog import Catalog
 from tciafs.client import NbiaClient
+from tciafs.control import Control
 from tciafs.fs import Operations
 from tciafs.tree import Tree
 
@@ -178,8 +179,15 @@ async def _serve(opts: MountOptions, ready_fd: int | None) -> None:
         cache = Cache(opts.cache_dir, size, client, prefetch=opts.prefetch)
         tree = Tree(client, catalog, listing_ttl=opts.listing_ttl)
         started = time.time()
-        ops = Operations(tree, cache, status=lambda: status.snapshot(
-            server=opts.server, api=opts.api, started=started, client=client, cache=cache))
+        control = Control(tree, cache)
+
+        def snapshot() -> dict:
+            doc = status.snapshot(server=opts.server, api=opts.api, started=started,
+                                  client=client, cache=cache)
+            doc["jobs"] = control.progress()
+            return doc
+
+        ops = Operations(tree, cache, status=snapshot, control=control)
         try:
             await _run_fuse(ops, opts, ready_fd)
         finally:

@@ -1,0 +1,111 @@
+"""Commands a running mount accepts through its control file.
+
+`tciafs cache prefetch|pin|unpin|clear` write an xattr on the hidden control file
+`.__tciafs__` at the mount root (owner-writable, so the kernel lets the call through
+on an otherwise read-only tree). The value names the target: a path relative to the
+mount root, or a bare Study/Series UID. Prefetch jobs run in the background; their
+progress is part of the status document.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from tciafs.cache import Cache
+from tciafs.catalog import ROOT_INODE, Kind, Node
+from tciafs.tree import Tree
+
+log = logging.getLogger(__name__)
+
+CONTROL_NAME = ".__tciafs__"
+COMMANDS = ("prefetch", "pin", "unpin", "clear")
+
+
+class TargetError(Exception):
+    """The target names nothing in the archive."""
+
+
+@dataclass
+class Job:
+    target: str
+    series: list[Node]
+    started: float = field(default_factory=time.time)
+    total_bytes: int = 0
+
+
+class Control:
+    def __init__(self, tree: Tree, cache: Cache) -> None:
+        self.tree = tree
+        self.cache = cache
+        self.jobs: dict[int, Job] = {}
+        self._ids = itertools.count(1)
+
+    async def run(self, command: str, target: str) -> int:
+        """Carry out a command; returns the job id for prefetch/pin, else 0."""
+        if command not in COMMANDS:
+            raise ValueError(command)
+        node = await self.resolve(target)
+        series = await self.series_under(node)
+        if command == "clear":
+            for s in series:
+                self.cache.clear(s.ident)
+            return 0
+        if command in ("pin", "unpin"):
+            for s in series:
+                self.cache.pin_series(s.ident, s.collection, command == "pin")
+            if command == "unpin":
+                return 0
+        return self._start_job(target, series)
+
+    def _start_job(self, target: str, series: list[Node]) -> int:
+        job = Job(target, series, total_bytes=sum(s.meta.get("file_size") or 0 for s in series))
+        job_id = next(self._ids)
+        self.jobs[job_id] = job
+        for s in series:
+            if not self.cache.series_complete(s.ident):
+                self.cache.start_series_fetch(s.collection, s.ident)
+        log.info("prefetch job %d: %d series under %s", job_id, len(series), target)
+        return job_id
+
+    async def resolve(self, target: str) -> Node:
+        target = target.strip()
+        if "/" not in target and target.count(".") >= 3:
+            node = self.tree.catalog.find_uid(target)
+            if node is None:
+                raise TargetError(f"no listed study or series has UID {target} "
+                                  "(list its patient directory first, or give a path)")
+            return node
+        node = self.tree.node(ROOT_INODE)
+        for part in (p for p in target.split("/") if p and p != "."):
+            assert node is not None
+            child = await self.tree.lookup(node.ino, part)
+            if child is None:
+                raise TargetError(f"no such entry: {target}")
+            node = child
+        assert node is not None
+        return node
+
+    async def series_under(self, node: Node) -> list[Node]:
+        if node.kind is Kind.SERIES:
+            return [node]
+        if node.kind is Kind.INSTANCE:
+            parent = self.tree.node(node.parent)
+            return [parent] if parent is not None else []
+        found = []
+        for child in await self.tree.children(node.ino):
+            found.extend(await self.series_under(child))
+        return found
+
+    def progress(self) -> dict[str, dict]:
+        out = {}
+        for job_id, job in self.jobs.items():
+            done = sum(self.cache.series_complete(s.ident) for s in job.series)
+            have = sum(self.cache.cached_bytes(s.ident) for s in job.series)
+            out[str(job_id)] = {"target": job.target, "series": len(job.series),
+                                "series_done": done, "bytes": have,
+                                "total_bytes": job.total_bytes,
+                                "elapsed": time.time() - job.started}
+        return out
