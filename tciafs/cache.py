@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS instances(
     last_access REAL NOT NULL,
     pinned INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series);
+CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS series(
     uid TEXT PRIMARY KEY,
     collection TEXT NOT NULL,
@@ -107,6 +108,10 @@ class Cache:
         os.chmod(root, 0o700)
         self.db = open_db(root / "index.sqlite")
         self.db.executescript(_SCHEMA)
+        self.db.execute("INSERT OR REPLACE INTO settings VALUES ('bound', ?)", (str(max_bytes),))
+        counters = dict(self.db.execute("SELECT key, value FROM settings"))
+        self.stats.hits = int(counters.get("hits", 0))
+        self.stats.misses = int(counters.get("misses", 0))
         self._lru: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._series_of: dict[str, str] = {}
         self._pinned: set[str] = set()
@@ -236,8 +241,7 @@ class Cache:
         return bool(row and row[0])
 
     def _object_path(self, sop: str) -> Path:
-        name = _object_name(sop)
-        return self.root / "objects" / name[:2] / name
+        return object_path(self.root, sop)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -477,7 +481,12 @@ class Cache:
                         (series, series))
         return len(victims)
 
+    def save_counters(self) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)",
+                            [("hits", str(self.stats.hits)), ("misses", str(self.stats.misses))])
+
     def close(self) -> None:
+        self.save_counters()
         self.db.close()
 
 
@@ -544,6 +553,11 @@ def _finish_file(fd: int | None, path: Path) -> str:
     if not sop:
         raise FetchFailed("DICOM file without a SOPInstanceUID")
     return str(sop)
+
+
+def object_path(root: Path, sop: str) -> Path:
+    name = _object_name(sop)
+    return root / "objects" / name[:2] / name
 
 
 def _object_name(sop: str) -> str:

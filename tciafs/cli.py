@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from tciafs import __version__, paths
+from tciafs import __version__, cachecmd, paths
 
 
 def _add_mount(sub: argparse._SubParsersAction) -> None:
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_umount(sub)
     _add_emulator(sub)
     _add_status(sub)
+    cachecmd.add_arguments(sub)
     return parser
 
 
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         from tciafs.mount import unmount
 
         return unmount(args.mountpoint)
+    if args.command == "cache":
+        return cachecmd.run(args)
     if args.command == "status":
         from tciafs import status
 

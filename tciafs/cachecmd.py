@@ -1,0 +1,242 @@
+"""`tciafs cache ...`: look at and steer the disk cache.
+
+stats and verify read the cache directory itself (SQLite readers never block the
+daemon). prefetch, pin, unpin and clear go through a running mount's control file;
+clear also works on an unmounted cache directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+from tciafs import paths, status
+from tciafs.control import CONTROL_NAME
+
+
+def add_arguments(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="inspect and steer the disk cache")
+    csub = p.add_subparsers(dest="cache_command", required=True)
+    for name, text in (("stats", "size, bound, entries, hit ratio, largest series"),
+                       ("verify", "re-check every cached file against its MD5")):
+        c = csub.add_parser(name, help=text)
+        c.add_argument("--cache-dir", type=Path, default=None)
+        c.add_argument("--json", action="store_true")
+    for name, text in (("prefetch", "fetch collections, patients, studies or series now"),
+                       ("pin", "fetch and keep: pinned data is never evicted"),
+                       ("unpin", "let pinned data be evicted again"),
+                       ("clear", "drop cached bytes (everything, or under PATH)")):
+        c = csub.add_parser(name, help=text)
+        c.add_argument("paths", nargs="*" if name == "clear" else "+", metavar="PATH",
+                       help="a path on a mount, or a bare Study/Series UID")
+        c.add_argument("--mount", type=Path, default=None,
+                       help="the mount that bare UIDs refer to (default: the only one)")
+        if name == "clear":
+            c.add_argument("--cache-dir", type=Path, default=None)
+        if name in ("prefetch", "pin"):
+            c.add_argument("--no-wait", dest="wait", action="store_false",
+                           help="start the fetch and return")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _COMMANDS[args.cache_command](args)
+    except CommandError as exc:
+        print(f"tciafs: {exc}", file=sys.stderr)
+        return 1
+
+
+class CommandError(Exception):
+    pass
+
+
+# -- offline views -------------------------------------------------------------------------
+
+def _index(cache_dir: Path | None) -> sqlite3.Connection:
+    root = (cache_dir or paths.cache_home())
+    path = root / "index.sqlite"
+    if not path.exists():
+        raise CommandError(f"no cache at {root}")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def _dir_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _stats(args: argparse.Namespace) -> int:
+    root = args.cache_dir or paths.cache_home()
+    db = _index(root)
+    entries, stored = db.execute(
+        "SELECT count(*), coalesce(sum(size), 0) FROM instances WHERE present=1").fetchone()
+    pinned = db.execute("SELECT count(*) FROM instances WHERE present=1 AND pinned=1"
+                        ).fetchone()[0]
+    settings = dict(db.execute("SELECT key, value FROM settings")) if _has_table(
+        db, "settings") else {}
+    largest = db.execute(
+        "SELECT series, collection, count(*), sum(size) FROM instances WHERE present=1 "
+        "GROUP BY series ORDER BY sum(size) DESC LIMIT 5").fetchall()
+    doc = {"cache_dir": str(root), "used": _dir_bytes(root), "files_bytes": stored,
+           "bound": int(settings["bound"]) if "bound" in settings else None,
+           "entries": entries, "pinned": pinned,
+           "hits": int(settings.get("hits", 0)), "misses": int(settings.get("misses", 0)),
+           "largest_series": [{"series": s, "collection": c, "files": n, "bytes": b}
+                              for s, c, n, b in largest]}
+    looked = doc["hits"] + doc["misses"]
+    doc["hit_ratio"] = doc["hits"] / looked if looked else 0.0
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    bound = paths.format_size(doc["bound"]) if doc["bound"] else "unknown"
+    print(f"cache {root}\n  used     {paths.format_size(doc['used'])} of {bound}\n"
+          f"  entries  {entries} files ({pinned} pinned)\n"
+          f"  hits     {doc['hits']} of {looked} opens ({doc['hit_ratio']:.0%})")
+    if largest:
+        print("  largest series:")
+        for row in doc["largest_series"]:
+            print(f"    {paths.format_size(row['bytes']):>10}  {row['files']:>5} files  "
+                  f"{row['collection']}  {row['series']}")
+    return 0
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE name=?", (name,)).fetchone() is not None
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from tciafs.cache import object_path
+
+    root = args.cache_dir or paths.cache_home()
+    db = _index(root)
+    bad, checked, unconfirmed = [], 0, 0
+    for sop, size, md5, verified in db.execute(
+            "SELECT sop, size, md5, verified FROM instances WHERE present=1"):
+        path = object_path(root, sop)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            bad.append((sop, "missing"))
+            continue
+        checked += 1
+        unconfirmed += not verified
+        if len(data) != size:
+            bad.append((sop, f"size {len(data)} != {size}"))
+        elif hashlib.md5(data).hexdigest() != md5:
+            bad.append((sop, "MD5 mismatch"))
+    doc = {"checked": checked, "bad": [{"sop": s, "problem": p} for s, p in bad],
+           "not_confirmed_by_server_md5": unconfirmed}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"checked {checked} files: {len(bad)} bad, {unconfirmed} not yet confirmed "
+              "by a server MD5 list")
+        for sop, problem in bad:
+            print(f"  {sop}: {problem}")
+    return 1 if bad else 0
+
+
+# -- through a mount -----------------------------------------------------------------------
+
+def _mount_of(path: Path) -> Path | None:
+    path = path.absolute()
+    for mnt in status.mounted_tciafs():
+        if path == mnt or mnt in path.parents:
+            return mnt
+    return None
+
+
+def _targets(args: argparse.Namespace) -> list[tuple[Path, str]]:
+    out = []
+    for raw in args.paths:
+        path = Path(raw)
+        mnt = _mount_of(path) if ("/" in raw or path.exists()) else None
+        if mnt is not None:
+            out.append((mnt, str(path.absolute().relative_to(mnt)) or "."))
+            continue
+        mounts = [args.mount] if args.mount else status.mounted_tciafs()
+        if len(mounts) != 1:
+            raise CommandError(f"{raw}: not a path on a tciafs mount; name the mount "
+                               "with --mount for a bare UID")
+        out.append((mounts[0], raw))
+    return out
+
+
+def _send(mnt: Path, command: str, target: str) -> None:
+    try:
+        os.setxattr(mnt / CONTROL_NAME, f"user.tciafs.{command}", target.encode())
+    except OSError as exc:
+        raise CommandError(f"{target}: {command} failed: {exc.strerror}") from None
+
+
+def _steer(args: argparse.Namespace) -> int:
+    command = args.cache_command
+    if command == "clear" and not args.paths:
+        return _clear_all(args)
+    targets = _targets(args)
+    for mnt, target in targets:
+        _send(mnt, command, target)
+    if command in ("prefetch", "pin") and args.wait:
+        for mnt, target in targets:
+            _follow(mnt, target)
+    return 0
+
+
+def _clear_all(args: argparse.Namespace) -> int:
+    mounts = status.mounted_tciafs()
+    if mounts:
+        for mnt in mounts:
+            _send(mnt, "clear", ".")
+        return 0
+    from tciafs.cache import Cache
+    from tciafs.mount import MountError, locked_cache_dir
+
+    root = args.cache_dir or paths.cache_home()
+    bound = dict(_index(root).execute("SELECT key, value FROM settings")).get("bound")
+    try:
+        with locked_cache_dir(root):
+            cache = Cache(root, max_bytes=int(bound) if bound else 1 << 62)
+            print(f"dropped {cache.clear()} files")
+            cache.close()
+    except MountError as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
+def _follow(mnt: Path, target: str) -> None:
+    """Draw a progress bar for the newest job on `target` until it finishes."""
+    start = time.monotonic()
+    while True:
+        jobs = status.read_status(mnt).get("jobs", {})
+        mine = [j for _, j in sorted(jobs.items(), key=lambda kv: int(kv[0]))
+                if j["target"] == target]
+        if not mine:
+            raise CommandError(f"{target}: the mount shows no such job")
+        job = mine[-1]
+        _draw(job, time.monotonic() - start)
+        if job["series_done"] >= job["series"]:
+            print(file=sys.stderr)
+            return
+        time.sleep(0.5)
+
+
+def _draw(job: dict, elapsed: float) -> None:
+    total, have = job["total_bytes"] or 1, job["bytes"]
+    frac = min(1.0, have / total)
+    rate = have / elapsed if elapsed > 0 else 0.0
+    eta = (total - have) / rate if rate > 0 else float("inf")
+    bar = "#" * int(frac * 30)
+    eta_text = f"{eta:.0f}s" if eta != float("inf") else "?"
+    sys.stderr.write(f"\r[{bar:<30}] {paths.format_size(have)} / {paths.format_size(total)}"
+                     f"  {paths.format_size(rate)}/s  ETA {eta_text}  "
+                     f"({job['series_done']}/{job['series']} series)")
+    sys.stderr.flush()
+
+
+_COMMANDS = {"stats": _stats, "verify": _verify, "prefetch": _steer, "pin": _steer,
+             "unpin": _steer, "clear": _steer}
