@@ -1,0 +1,262 @@
+"""Fault injection and request statistics, shared by the main and the NLST server.
+
+Fault configuration (``--faults JSON`` at start, ``POST /_emulator/faults`` at run time,
+``GET /_emulator/faults`` to read it back).  A POST *replaces* the configuration: keys
+it leaves out take their defaults, so ``{}`` clears every fault (and the latency and
+bandwidth given on the command line).  With ``"merge": true`` the given keys are merged
+into the current configuration instead::
+
+    {
+      "latency_ms": 0,            # added to every request (not filtered by "endpoints")
+      "bandwidth": 0,             # bytes/s cap on each response body, 0 = unlimited
+      "p429": 0.0, "retry_after": 1,           # 429 Too Many Requests + Retry-After: N
+      "p500": 0.0, "p502": 0.0, "p503": 0.0, "p504": 0.0,
+      "preset": 0.0,              # reset the connection (RST) part-way through the body
+      "ptruncate": 0.0,           # status 200, then end the body early (no final chunk,
+                                  # so a ZIP has no central directory) and close
+      "first_byte_delay_ms": 0,   # sleep before the status line ...
+      "pslow": 1.0,               # ... on this fraction of requests
+      "endpoints": null,          # list of names the faults above apply to, e.g.
+                                  # ["getImage", "v4/getSingleImage"]; null = every one
+      "seed": null                # re-seeds the random generator when given
+    }
+
+Each eligible request rolls once for a status fault (p429 + p5xx must not exceed 1),
+once for a body fault (preset + ptruncate must not exceed 1) and once for the slow first
+byte.  A cut happens at a random point of the body; it always falls before the last
+body byte, and for an empty body it closes the connection before the status line.
+
+Statistics (``GET /_emulator/stats``; ``POST /_emulator/reset`` clears them)::
+
+    {
+      "since": 1735000000.0,      # Unix time of the last reset
+      "requests_total": 7,
+      "requests": {"getImage": 2, "getSeries": 1, "token": 1, ...},
+      "endpoints": {"v4/getImage": 1, "v1/getImage": 1, "v2/getSeries": 1,
+                    "oauth/token": 1, ...},
+      "status": {"200": 6, "429": 1},
+      "bytes_sent": 123456,       # response body bytes actually written
+      "faults": {"429": 1, "500": 0, "502": 0, "503": 0, "504": 0,
+                 "reset": 0, "truncate": 0, "slow_first_byte": 0},
+      "servers": {"main": {same keys but "since"}, "nlst": {...}}
+    }
+
+``requests`` counts by bare endpoint name ("getImage"), ``endpoints`` by the name under
+its API ("v1/…", "v2/…", "v4/…", "root/…" for /nbia-api/services/<name>,
+"legacy-v3/…", "legacy-v4/…"), so each sums to ``requests_total``.  The token endpoint
+is "token" / "oauth/token", logout "logout" / "oauth/logout", any other path "unknown" /
+"unknown/unknown".  The ``endpoints`` fault filter accepts either form.  The /_emulator
+paths are neither counted nor faulted.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields, replace
+
+STATUS_FAULTS = (429, 500, 502, 503, 504)
+FAULT_KINDS = ("429", "500", "502", "503", "504", "reset", "truncate", "slow_first_byte")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    latency_ms: float = 0.0
+    bandwidth: int = 0
+    p429: float = 0.0
+    retry_after: int = 1
+    p500: float = 0.0
+    p502: float = 0.0
+    p503: float = 0.0
+    p504: float = 0.0
+    preset: float = 0.0
+    ptruncate: float = 0.0
+    first_byte_delay_ms: float = 0.0
+    pslow: float = 1.0
+    endpoints: tuple[str, ...] | None = None
+    seed: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["endpoints"] = None if self.endpoints is None else list(self.endpoints)
+        return data
+
+
+_PROBABILITIES = ("p429", "p500", "p502", "p503", "p504", "preset", "ptruncate", "pslow")
+_NON_NEGATIVE = ("latency_ms", "bandwidth", "retry_after", "first_byte_delay_ms")
+
+
+def parse_config(patch: dict[str, object], base: FaultConfig) -> FaultConfig:
+    """Validate ``patch`` and merge it into ``base`` (raises ValueError on bad input)."""
+    if not isinstance(patch, dict):
+        raise ValueError("fault configuration must be a JSON object")
+    patch = dict(patch)
+    if not patch.pop("merge", False):
+        base = FaultConfig()
+    known = {f.name for f in fields(FaultConfig)}
+    unknown = sorted(set(patch) - known)
+    if unknown:
+        raise ValueError(f"unknown fault keys: {unknown}; known: {sorted(known)}")
+    values: dict[str, object] = {}
+    for key, value in patch.items():
+        values[key] = _coerce(key, value)
+    config = replace(base, **values)  # type: ignore[arg-type]
+    if sum(getattr(config, f"p{s}") for s in STATUS_FAULTS) > 1.0 + 1e-9:
+        raise ValueError("p429 + p500 + p502 + p503 + p504 must not exceed 1")
+    if config.preset + config.ptruncate > 1.0 + 1e-9:
+        raise ValueError("preset + ptruncate must not exceed 1")
+    return config
+
+
+def _coerce(key: str, value: object) -> object:
+    if key == "endpoints":
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("endpoints must be a list of endpoint names or null")
+        return tuple(value)
+    if key == "seed":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError("seed must be an integer or null")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key} must be a number")
+    if key in _PROBABILITIES and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{key} must be between 0 and 1")
+    if key in _NON_NEGATIVE and value < 0:
+        raise ValueError(f"{key} must not be negative")
+    return int(value) if key in ("bandwidth", "retry_after") else float(value)
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """What to do to one request, decided when it arrives."""
+
+    latency: float = 0.0  # seconds
+    bandwidth: int = 0
+    status: int | None = None
+    retry_after: int = 1
+    cut: str | None = None  # "reset" | "truncate"
+    cut_fraction: float = 0.5
+    first_byte_delay: float = 0.0  # seconds
+
+
+class Faults:
+    def __init__(self, config: FaultConfig | None = None) -> None:
+        self._lock = threading.Lock()
+        self._config = config or FaultConfig()
+        self._rng = random.Random(self._config.seed)
+
+    @property
+    def config(self) -> FaultConfig:
+        with self._lock:
+            return self._config
+
+    def update(self, patch: dict[str, object]) -> FaultConfig:
+        with self._lock:
+            self._config = parse_config(patch, self._config)
+            if "seed" in patch:
+                self._rng = random.Random(self._config.seed)
+            return self._config
+
+    def plan(self, names: list[str]) -> FaultPlan:
+        with self._lock:
+            config = self._config
+            rolls = [self._rng.random() for _ in range(4)]
+        base = FaultPlan(latency=config.latency_ms / 1000, bandwidth=config.bandwidth,
+                         retry_after=config.retry_after)
+        if config.endpoints is not None and not set(names) & set(config.endpoints):
+            return base
+        status = _pick_status(config, rolls[0])
+        # An injected error page is the fault; it is not cut as well.
+        cut = None if status is not None else _pick_cut(config, rolls[1])
+        return replace(base, status=status, cut=cut, cut_fraction=0.1 + 0.8 * rolls[3],
+                       first_byte_delay=(config.first_byte_delay_ms / 1000
+                                         if rolls[2] < config.pslow else 0.0))
+
+
+def _pick_status(config: FaultConfig, roll: float) -> int | None:
+    edge = 0.0
+    for status in STATUS_FAULTS:
+        edge += getattr(config, f"p{status}")
+        if roll < edge:
+            return status
+    return None
+
+
+def _pick_cut(config: FaultConfig, roll: float) -> str | None:
+    if roll < config.preset:
+        return "reset"
+    if roll < config.preset + config.ptruncate:
+        return "truncate"
+    return None
+
+
+class _Counts:
+    def __init__(self) -> None:
+        self.requests: Counter[str] = Counter()
+        self.endpoints: Counter[str] = Counter()
+        self.status: Counter[str] = Counter()
+        self.faults: Counter[str] = Counter({kind: 0 for kind in FAULT_KINDS})
+        self.total = 0
+        self.bytes_sent = 0
+
+    def to_json(self) -> dict[str, object]:
+        return {"requests_total": self.total, "requests": dict(self.requests),
+                "endpoints": dict(self.endpoints), "status": dict(self.status),
+                "bytes_sent": self.bytes_sent, "faults": dict(self.faults)}
+
+
+class Stats:
+    """Thread-safe counters, kept per server ("main", "nlst") and summed on read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._servers: dict[str, _Counts] = {}
+        self._since = time.time()
+
+    def _counts(self, server: str) -> _Counts:
+        return self._servers.setdefault(server, _Counts())
+
+    def register(self, server: str) -> None:
+        with self._lock:
+            self._counts(server)
+
+    def request(self, server: str, name: str, qualified: str) -> None:
+        with self._lock:
+            counts = self._counts(server)
+            counts.total += 1
+            counts.requests[name] += 1
+            counts.endpoints[qualified] += 1
+
+    def status(self, server: str, status: int) -> None:
+        with self._lock:
+            self._counts(server).status[str(status)] += 1
+
+    def sent(self, server: str, nbytes: int) -> None:
+        with self._lock:
+            self._counts(server).bytes_sent += nbytes
+
+    def fault(self, server: str, kind: str) -> None:
+        with self._lock:
+            self._counts(server).faults[kind] += 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self._servers = {name: _Counts() for name in self._servers}
+            self._since = time.time()
+
+    def snapshot(self) -> dict[str, object]:
+        with self._lock:
+            total = _Counts()
+            for counts in self._servers.values():
+                total.total += counts.total
+                total.bytes_sent += counts.bytes_sent
+                total.requests.update(counts.requests)
+                total.endpoints.update(counts.endpoints)
+                total.status.update(counts.status)
+                total.faults.update(counts.faults)
+            return {"since": self._since, **total.to_json(),
+                    "servers": {name: c.to_json() for name, c in self._servers.items()}}
