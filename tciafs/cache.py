@@ -328,7 +328,11 @@ class Cache:
                 return
             except (CacheFull, NotFound):
                 raise
-            except (ClientError, FetchFailed) as exc:
+            except ClientError as exc:
+                # The client already retried with back-off: failing again here would
+                # only multiply the wait before the reader gets its EIO.
+                raise FetchFailed(f"{what}: {exc}") from exc
+            except FetchFailed as exc:
                 if attempt == self.attempts:
                     raise FetchFailed(f"{what}: {exc}") from exc
                 log.info("retrying %s after: %s", what, exc)

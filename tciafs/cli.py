@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from tciafs import __version__, cachecmd, paths
+from tciafs import __version__, cachecmd, config, paths
 
 
 def _add_mount(sub: argparse._SubParsersAction) -> None:
@@ -29,8 +29,9 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-size", type=paths.parse_size, default=None,
                    help="hard bound on the cache, e.g. 500M or 50G "
                         "(default: 10 GiB or 10%% of the cache disk, whichever is smaller)")
-    p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
-                   help="fetch only the instances that are opened, never whole series")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="fetch a whole series in the background when one of its files is "
+                        "opened (default on; --no-prefetch fetches only opened files)")
     p.add_argument("--listing-ttl", type=float, default=6 * 3600, metavar="SECONDS",
                    help="how long a directory listing is trusted before it is asked "
                         "again (default 21600)")
@@ -40,7 +41,10 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
                    help="network timeout of one request (default 30)")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground and log to stderr")
-    p.add_argument("--debug", action="store_true", help="log every request with its timing")
+    p.add_argument("--debug", action=argparse.BooleanOptionalAction, default=False,
+                   help="log every request with its timing")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="settings file (default $XDG_CONFIG_HOME/tciafs/config.toml)")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -114,7 +118,7 @@ def _cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = config.parse_args(build_parser(), argv)
     os.umask(0o077)  # everything tciafs writes is private to the user
     if args.command == "mount":
         return _cmd_mount(args, argv)

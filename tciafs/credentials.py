@@ -68,8 +68,10 @@ def find(env: Mapping[str, str], credentials_file: Path | None = None) -> Login 
     if credentials_file is not None:
         return read_file(credentials_file, str(credentials_file))
     directory = env.get("CREDENTIALS_DIRECTORY")
-    if directory and (Path(directory) / SYSTEMD_CREDENTIAL).exists():
-        return read_file(Path(directory) / SYSTEMD_CREDENTIAL, "systemd credential")
+    cred = Path(directory) / SYSTEMD_CREDENTIAL if directory else None
+    # The units fall back to SetCredential=...:{} so that guests can start them too.
+    if cred is not None and cred.exists() and cred.read_text().strip() not in ("", "{}"):
+        return read_file(cred, "systemd credential")
     if stored_path().exists():
         return read_file(stored_path(), "stored login")
     return None

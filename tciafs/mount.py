@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -79,12 +80,26 @@ def clear_stale_mount(mountpoint: Path) -> bool:
     return True
 
 
+def top_fstype(mountpoint: Path) -> str | None:
+    """The type of the uppermost filesystem mounted at `mountpoint`, if any."""
+    target, found = os.fsencode(mountpoint.absolute()), None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            path = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4])
+            if path == target:
+                found = fields[fields.index(b"-") + 1].decode()
+    return found
+
+
 def preflight(mountpoint: Path) -> None:
     clear_stale_mount(mountpoint)
     if not mountpoint.exists():
         raise MountError(f"mountpoint {mountpoint} does not exist (create it with mkdir)")
     if not mountpoint.is_dir():
         raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if top_fstype(mountpoint) == "autofs":
+        return  # systemd's automount point: listing it would wait for this very mount
     if os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point (tciafs umount {mountpoint})")
     if any(mountpoint.iterdir()):

@@ -27,7 +27,7 @@ import trio
 
 from tciafs import names
 from tciafs.catalog import ROOT_INODE, Catalog, Kind, NewChild, Node
-from tciafs.client import ClientError, NbiaClient, NotFound, Series
+from tciafs.client import ClientError, Collection, NbiaClient, NotFound, Series
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ class Tree:
         self._inflight: dict[int, trio.Event] = {}
         self._facts: dict[str, dict[str, Any]] = {}
         self.requests_saved = 0
+        # Route NLST collections from what a previous mount stored, without a listing.
+        client.remember_hosts([Collection(n.ident, n.meta.get("host", "main"))
+                               for n in catalog.children(ROOT_INODE)])
 
     # -- reading -------------------------------------------------------------------------
 
@@ -193,14 +196,16 @@ class Tree:
         self.catalog.replace_children(series.ino, _unique(children, "instance"))
 
     async def _nonempty(self, fetch: Any, *args: str) -> list:
-        """Ask once more after a token refresh before believing an empty answer.
+        """Ask once more after a token renewal before believing an empty answer.
 
         The real service answers several listings with an empty 200 when the token
-        has expired; an empty directory must never be cached for that reason.
+        has expired; an empty directory must never be stored for that reason. The
+        client already re-asks answers that came back on an old token; this covers a
+        token whose renewal is overdue or failed.
         """
         rows = await fetch(*args)
-        if not rows and self.client.has_token:
-            await self.client.ensure_fresh_token(force=True)
+        if not rows and self.client.token_may_be_stale():
+            await self.client.ensure_fresh_token()
             rows = await fetch(*args)
         return rows
 

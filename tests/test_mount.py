@@ -64,8 +64,7 @@ def _first_ct_series(root: Path) -> Path:
 
 
 def _count(url: str, *endpoints: str) -> int:
-    counts = stats(url)["endpoints"]
-    return sum(v for k, v in counts.items() if k.split("/")[-1] in endpoints)
+    return sum(v for k, v in stats(url)["requests"].items() if k in endpoints)
 
 
 @pytest.fixture

@@ -1,0 +1,167 @@
+"""Handler-level tests: the real Operations, tree, cache and client against the emulator,
+with no mount. pyfuse3.readdir_reply needs a kernel request, so it is replaced by a
+collector; everything else is the code that runs under a real mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+
+from mountutil import reset_stats, set_faults, stats
+from tciafs.cache import Cache
+from tciafs.catalog import ROOT_INODE, Catalog, Kind
+from tciafs.client import NbiaClient
+from tciafs.fs import Operations
+from tciafs.tree import Tree
+
+
+def _count(url: str, *endpoints: str) -> int:
+    return sum(v for k, v in stats(url)["requests"].items() if k in endpoints)
+
+
+IMAGE_ENDPOINTS = ("getImage", "getSingleImage", "getImageWithMD5Hash")
+
+
+class Harness:
+    def __init__(self, ops: Operations, nursery: trio.Nursery) -> None:
+        self.ops = ops
+        self.nursery = nursery
+
+    async def readdir(self, ino: int) -> list[tuple[str, pyfuse3.EntryAttributes]]:
+        fh = await self.ops.opendir(ino, None)
+        out: list[tuple[str, pyfuse3.EntryAttributes]] = []
+        await self.ops.readdir(fh, 0, out)
+        return out
+
+    async def walk(self, ino: int = ROOT_INODE, depth: int = 5) -> list:
+        found = []
+        for name, attr in await self.readdir(ino):
+            found.append((name, attr))
+            if depth > 1 and attr.st_mode & 0o040000:
+                found.extend(await self.walk(attr.st_ino, depth - 1))
+        return found
+
+    async def series(self) -> list[pyfuse3.EntryAttributes]:
+        return [a for _, a in await self.walk(depth=4)
+                if self.ops.tree.node(a.st_ino).kind is Kind.SERIES]
+
+
+@pytest.fixture(autouse=True)
+def _collect_readdir(monkeypatch: pytest.MonkeyPatch) -> None:
+    def reply(token: list, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        token.append((os.fsdecode(name), attr))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+
+
+def _build(emulator, root: Path, *, max_bytes: int = 1 << 30, prefetch: bool = False
+           ) -> tuple[NbiaClient, Operations]:
+    client = NbiaClient(emulator.url, nlst_server=emulator.nlst_url, timeout=10)
+    catalog = Catalog(root / "catalog.sqlite", "test")
+    cache = Cache(root / "cache", max_bytes, client, prefetch=prefetch)
+    return client, Operations(Tree(client, catalog), cache)
+
+
+@pytest.fixture
+async def harness(emulator, tmp_path: Path):
+    client, ops = _build(emulator, tmp_path)
+    async with client, trio.open_nursery() as nursery:
+        await nursery.start(ops.cache.run)
+        yield Harness(ops, nursery)
+        nursery.cancel_scope.cancel()
+
+
+async def test_listing_is_one_request_per_directory_at_most(harness, emulator) -> None:
+    reset_stats(emulator.url)  # the main and NLST servers share one set of counters
+    entries = await harness.walk()
+    dirs = sum(1 for _, a in entries if a.st_mode & 0o040000) + 1
+    listing = stats(emulator.url)["requests_total"]
+    assert listing <= dirs
+    assert _count(emulator.url, *IMAGE_ENDPOINTS) == 0
+    files = [a for _, a in entries if not a.st_mode & 0o040000]
+    assert files and all(a.st_size == 0 and a.attr_timeout == 0 for a in files)
+
+
+async def test_junk_and_unknown_names_cost_nothing(harness, emulator) -> None:
+    await harness.walk(depth=1)
+    reset_stats(emulator.url)
+    for name in (b".Trash-1000", b"desktop.ini", b".git", b"no-such-collection"):
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            await harness.ops.lookup(ROOT_INODE, name, None)
+        assert err.value.errno == errno.ENOENT
+    assert stats(emulator.url)["requests_total"] == 0
+
+
+async def test_open_makes_size_exact_and_reads_match(harness, emulator) -> None:
+    series = (await harness.series())[0]
+    (name, attr), *_ = await harness.readdir(series.st_ino)
+    ops = harness.ops
+    info = await ops.open(attr.st_ino, os.O_RDONLY, None)
+    after = await ops.getattr(attr.st_ino, None)
+    assert after.st_size > 1000 and after.attr_timeout > 0
+    data = await ops.read(info.fh, 0, after.st_size + 4096)
+    assert len(data) == after.st_size and data[128:132] == b"DICM"
+    assert await ops.read(info.fh, after.st_size + 10, 100) == b""
+    await ops.release(info.fh)
+
+
+async def test_writes_are_refused(harness) -> None:
+    series = (await harness.series())[0]
+    (_, attr), *_ = await harness.readdir(series.st_ino)
+    ops = harness.ops
+    for call in (ops.open(attr.st_ino, os.O_RDWR, None),
+                 ops.open(attr.st_ino, os.O_WRONLY | os.O_TRUNC, None),
+                 ops.mkdir(ROOT_INODE, b"x", 0o755, None),
+                 ops.unlink(series.st_ino, b"x", None),
+                 ops.rename(ROOT_INODE, b"a", ROOT_INODE, b"b", 0, None),
+                 ops.setattr(attr.st_ino, None, None, None, None),
+                 ops.create(ROOT_INODE, b"new", 0o644, os.O_WRONLY, None),
+                 ops.setxattr(attr.st_ino, b"user.x", b"1", None)):
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            await call
+        assert err.value.errno == errno.EROFS
+
+
+async def test_lookup_counts_are_kept(harness) -> None:
+    ops = harness.ops
+    entries = await harness.readdir(ROOT_INODE)
+    ino = entries[0][1].st_ino
+    await ops.lookup(ROOT_INODE, os.fsencode(entries[0][0]), None)
+    assert ops.lookups[ino] == 2  # one from readdir, one from lookup
+    await ops.forget([(ino, 2)])
+    assert ino not in ops.lookups
+
+
+async def test_concurrent_opens_download_once(harness, emulator) -> None:
+    series = (await harness.series())[1]
+    (_, attr), *_ = await harness.readdir(series.st_ino)
+    reset_stats(emulator.url)
+    handles = []
+
+    async def opener() -> None:
+        handles.append(await harness.ops.open(attr.st_ino, os.O_RDONLY, None))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(opener)
+    assert _count(emulator.url, "getSingleImage") == 1
+    for info in handles:
+        await harness.ops.release(info.fh)
+
+
+async def test_server_failure_is_eio_within_bounds(harness, emulator) -> None:
+    series = (await harness.series())[2]
+    (_, attr), *_ = await harness.readdir(series.st_ino)
+    set_faults(emulator.url, p503=1.0, endpoints=["getSingleImage"])
+    try:
+        with trio.fail_after(60), pytest.raises(pyfuse3.FUSEError) as err:
+            await harness.ops.open(attr.st_ino, os.O_RDONLY, None)
+        assert err.value.errno == errno.EIO
+    finally:
+        set_faults(emulator.url)
