@@ -43,11 +43,13 @@ def render(mountpoint: Path, doc: dict[str, Any]) -> str:
         f"{format_size(cache['bytes_fetched'])} fetched",
     ]
     requests = doc.get("requests", {})
-    total = sum(requests.get("by_endpoint", {}).values())
-    lines.append(f"  requests {total} total, {requests.get('errors', 0)} errors, "
-                 f"{requests.get('retries', 0)} retries")
-    for endpoint, count in sorted(requests.get("by_endpoint", {}).items()):
-        lines.append(f"    {endpoint:<28} {count}")
+    errors = requests.get("errors", {})
+    lines.append(f"  requests {requests.get('requests_total', 0)} total, "
+                 f"{sum(errors.values())} failed, {requests.get('retries', 0)} retries, "
+                 f"{format_size(requests.get('bytes_received', 0))} received")
+    for endpoint, count in sorted(requests.get("requests", {}).items()):
+        failed = f"  ({errors[endpoint]} failed)" if errors.get(endpoint) else ""
+        lines.append(f"    {endpoint:<28} {count}{failed}")
     flights = doc.get("in_flight", {})
     lines.append(f"  downloads in flight: {len(flights)}")
     for series, progress in flights.items():

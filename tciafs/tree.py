@@ -93,7 +93,9 @@ class Tree:
         return listing
 
     async def _load(self, ino: int) -> dict[str, Node]:
-        node = self.node(ino)
+        # Straight from the catalog: a bulk listing may have filled this directory since
+        # its node was cached in memory.
+        node = self.catalog.get(ino)
         if node is None or not node.kind.is_dir:
             raise NotADirectoryError(ino)
         if node.listed is not None and time.time() - node.listed < self.listing_ttl:
@@ -106,7 +108,7 @@ class Tree:
             if node.listed is None:
                 raise ListingUnavailable(str(exc)) from exc
             log.warning("serving the stored listing of %s: %s", self.path(node), exc)
-        self._forget_cached(ino)
+        self._nodes.pop(ino, None)
         return self._stored(ino)
 
     def _stored(self, ino: int) -> dict[str, Node]:
@@ -115,9 +117,6 @@ class Tree:
             self._nodes[child.ino] = child
             listing[child.name] = child
         return listing
-
-    def _forget_cached(self, ino: int) -> None:
-        self._nodes.pop(ino, None)
 
     def path(self, node: Node) -> str:
         parts = []

@@ -81,8 +81,14 @@ async def test_listing_is_one_request_per_directory_at_most(harness, emulator) -
     reset_stats(emulator.url)  # the main and NLST servers share one set of counters
     entries = await harness.walk()
     dirs = sum(1 for _, a in entries if a.st_mode & 0o040000) + 1
-    listing = stats(emulator.url)["requests_total"]
-    assert listing <= dirs
+    counts = stats(emulator.url)["requests"]
+    assert sum(counts.values()) <= dirs
+    collections = len(await harness.readdir(ROOT_INODE))
+    series_dirs = sum(1 for _, a in entries
+                      if harness.ops.tree.node(a.st_ino).kind is Kind.SERIES)
+    assert counts.get("getSeries", 0) <= collections  # bulk: one per (small) collection
+    assert counts.get("getSOPInstanceUIDs", 0) == series_dirs
+    assert counts.get("getPatientStudy", 0) == 0  # studies come with the series rows
     assert _count(emulator.url, *IMAGE_ENDPOINTS) == 0
     files = [a for _, a in entries if not a.st_mode & 0o040000]
     assert files and all(a.st_size == 0 and a.attr_timeout == 0 for a in files)

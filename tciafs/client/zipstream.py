@@ -169,17 +169,19 @@ class ZipMember:
         src = self._reader.source
         limit = self._reader.chunk_size
         while True:
+            if self._inflater.eof:
+                # At the end zlib reports the bytes past it in unused_data (and, when the
+                # output limit was hit at the same time, a copy in unconsumed_tail).
+                unused = self._inflater.unused_data
+                self._fed -= len(unused)
+                src.unread(unused)
+                return None
             tail = self._inflater.unconsumed_tail
             if tail:
                 out = self._decompress(tail, limit)
                 if out:
                     return out
                 continue
-            if self._inflater.eof:
-                unused = self._inflater.unused_data
-                self._fed -= len(unused)
-                src.unread(unused)
-                return None
             if self._full_out:
                 # zlib may still hold output with all input consumed: drain it first.
                 out = self._decompress(b"", limit)
@@ -263,7 +265,6 @@ class ZipMember:
 
     def _descriptor_at(self, pos: int) -> bool:
         buf = self._pending
-        crc = zlib.crc32(buf[:pos], self._crc)
         size = self._count + pos
         for signed in (True, False):
             head = 4 if signed else 0
@@ -275,8 +276,17 @@ class ZipMember:
                     continue
                 fmt = "<IQQ" if width == 8 else "<III"
                 d_crc, d_csize, d_usize = struct.unpack_from(fmt, buf, pos + head)
-                if (d_crc == crc and d_csize == size == d_usize
-                        and bytes(buf[stop:stop + 4]) in _NEXT_SIGS):
+                if d_csize != size or d_usize != size or bytes(buf[stop:stop + 4]) not in \
+                        _NEXT_SIGS:
+                    continue
+                crc = zlib.crc32(buf[:pos], self._crc)
+                if d_crc != crc and signed:
+                    # Sizes, signature and the next record all fit: the data is damaged,
+                    # and reading on would only hand the next entries over as this one.
+                    raise ChecksumMismatch(
+                        f"{self._reader.source.label}: CRC-32 mismatch in entry {self.name!r} "
+                        f"(expected {d_crc:08x}, got {crc:08x})")
+                if d_crc == crc:
                     self._layout = (signed, width)
                     return True
         return False
