@@ -1,0 +1,565 @@
+"""NbiaClient: the public facade over the wire layer.
+
+It picks the API generation's paths and shapes (api.py), sends through the shared
+transport (http.py), attaches tokens where the generation wants them (auth.py), routes
+each collection to the server that holds it (main or NLST), and turns statuses into
+records or errors.
+
+Empty listings and tokens. The real service answers many listing endpoints with 200 and
+an empty body when the token has expired, exactly as it does for "nothing here". So:
+
+1. every request asks its TokenManager for a token good for at least the safety margin
+   (renewed first if need be), and 401s renew once and retry;
+2. an empty listing that came back on a token older than `empty_recheck_age` seconds
+   (or one due for renewal) is asked again once on a freshly renewed token, and only
+   that second answer is returned.
+
+So an empty list the client returns was obtained on a token at most
+`empty_recheck_age` seconds old, or with no token at all (v1, legacy, v4 guest).
+`token_may_be_stale()` and `ensure_fresh_token()` let the tree add its own re-check.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import trio
+
+from . import api
+from .api import Generation, Request
+from .api import generation as api_generation
+from .auth import Credentials, Token, TokenManager
+from .http import RETRY_STATUSES, Call, ClientStats, OpenResponse, Reply, RetryPolicy, Transport
+from .records import (
+    AuthError,
+    ClientError,
+    Collection,
+    NotFound,
+    Patient,
+    Series,
+    ServerError,
+    Study,
+    TruncatedStream,
+)
+from .zipstream import ZipMember, ZipStreamReader, parse_md5_csv
+
+log = logging.getLogger("tciafs.client")
+
+MAIN, NLST = "main", "nlst"
+_LICENSE_CAP = 1024 * 1024
+_SINGLE_IMAGE_NOT_FOUND = "server was not able to process your request"
+
+Builder = Callable[[Generation], Request]
+
+
+class InstanceStream:
+    """The body of one getSingleImage answer; `size` is its Content-Length when sent."""
+
+    def __init__(self, opened: OpenResponse, what: str) -> None:
+        self._opened = opened
+        self.what = what
+        encoded = opened.response.headers.get("content-encoding", "identity") != "identity"
+        length = opened.response.headers.get("content-length")
+        self.size: int | None = int(length) if length and length.isdigit() and not encoded \
+            else None
+        self.received = 0
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._opened.response.aiter_bytes():
+                self.received += len(chunk)
+                yield chunk
+        except httpx.TransportError as exc:
+            raise TruncatedStream(f"{self.what}: body cut short after {self.received} of "
+                                  f"{self.size if self.size is not None else '?'} bytes "
+                                  f"({type(exc).__name__})") from None
+        if self.size is not None and self.received != self.size:
+            raise TruncatedStream(f"{self.what}: got {self.received} bytes, "
+                                  f"Content-Length said {self.size}")
+
+    async def read(self) -> bytes:
+        """The whole body at once: for tests and small files."""
+        return b"".join([chunk async for chunk in self.chunks()])
+
+
+class SeriesStream:
+    """The whole-series ZIP, entry by entry, with the LICENSE and MD5 list taken aside.
+
+    After `members()` is exhausted: `md5s` maps entry names to the server's lowercase
+    MD5s (empty when it sent none), `computed_md5s` the MD5s of the bytes received, and
+    `license_text` holds the LICENSE entry's text if there was one.
+    """
+
+    def __init__(self, opened: OpenResponse, what: str) -> None:
+        self._opened = opened
+        self.what = what
+        self.md5s: dict[str, str] = {}
+        self.computed_md5s: dict[str, str] = {}
+        self.license_text: str | None = None
+        self.complete = False  # the ZIP's end was seen and every entry checked
+        self._started = False
+
+    async def members(self) -> AsyncIterator[ZipMember]:
+        if self._started:
+            raise RuntimeError("SeriesStream.members() can be iterated only once")
+        self._started = True
+        reader = ZipStreamReader(self._body(), label=self.what)
+        async for member in reader:
+            base = member.name.rsplit("/", 1)[-1]
+            if base == "LICENSE":
+                self.license_text = await _read_capped(member, _LICENSE_CAP)
+                continue
+            if base.lower() == "md5hashes.csv":
+                self.md5s = parse_md5_csv(await member.read(), f"{self.what}: md5hashes.csv")
+                continue
+            yield member
+            if not member.done:
+                await member.skip()  # the caller moved on early: check the rest anyway
+            if member.md5 is not None:
+                self.computed_md5s[member.name] = member.md5
+        self.complete = True
+
+    def md5_mismatches(self) -> list[str]:
+        """Entries whose bytes differ from the server's MD5 list (or are missing from it).
+
+        Meaningful only when `md5s` is non-empty, i.e. the server sent a list.
+        """
+        if not self.md5s:
+            return []
+        return sorted(name for name, digest in self.computed_md5s.items()
+                      if self.md5s.get(name) != digest)
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        received = 0
+        try:
+            async for chunk in self._opened.response.aiter_bytes():
+                received += len(chunk)
+                yield chunk
+        except httpx.TransportError as exc:
+            raise TruncatedStream(f"{self.what}: body cut short after {received} bytes "
+                                  f"({type(exc).__name__})") from None
+
+
+async def _read_capped(member: ZipMember, cap: int) -> str:
+    data = bytearray()
+    async for chunk in member.chunks():
+        if len(data) < cap:
+            data += chunk[:cap - len(data)]
+    return data.decode("utf-8", errors="replace")
+
+
+class NbiaClient:
+    """See the module docstring; every public method names its request in its errors."""
+
+    def __init__(self, server: str = "https://services.cancerimagingarchive.net", *,
+                 api: str = "v4",
+                 nlst_server: str | None = "https://nlst.cancerimagingarchive.net",
+                 credentials: Credentials | None = None, api_key: str | None = None,
+                 max_connections: int = 8, timeout: float = 30.0, retries: int = 5,
+                 request_deadline: float = 300.0, backoff_base: float = 0.5,
+                 backoff_cap: float = 20.0, max_retry_after: float = 60.0,
+                 token_margin: float = 300.0, empty_recheck_age: float = 30.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.gen = api_generation(api)
+        self.api = self.gen.name
+        self.credentials = credentials
+        self._api_key = api_key
+        self._servers: dict[str, str] = {MAIN: _root(server)}
+        if nlst_server:
+            self._servers[NLST] = _root(nlst_server)
+        self.request_deadline = request_deadline
+        self.empty_recheck_age = empty_recheck_age
+        self.stats = ClientStats()
+        policy = RetryPolicy(retries=retries, backoff_base=backoff_base,
+                             backoff_cap=backoff_cap, max_retry_after=max_retry_after)
+        self._http = Transport(max_connections=max_connections, timeout=timeout,
+                               policy=policy, stats=self.stats, transport=transport)
+        # Series ZIPs hold a slot for as long as the caller reads; leave two for the rest
+        # so listings and single images never wait behind a batch of long downloads.
+        self._series_slots = trio.CapacityLimiter(max(1, max_connections - 2))
+        self._tokens: dict[str, TokenManager] = {}
+        if self._wants_token(self.gen):
+            who = credentials or Credentials.guest()
+            for host, root in self._servers.items():
+                self._tokens[host] = TokenManager(self._http, root, who, margin=token_margin,
+                                                  label=host)
+        elif credentials is not None:
+            log.warning("API %s sends no token: credentials for %r are not used",
+                        self.api, credentials.username)
+        self._hosts: dict[str, str] = {}  # collection name (casefolded) -> host
+        self._nlst_listed = NLST not in self._servers  # NLST's collections are known
+        self._routing_lock = trio.Lock()
+        self._fallback_logged: set[str] = set()
+
+    def __repr__(self) -> str:
+        return (f"NbiaClient(server={self._servers[MAIN]!r}, api={self.api!r}, "
+                f"nlst_server={self._servers.get(NLST)!r}, user="
+                f"{self.credentials.username if self.credentials else None!r})")
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> NbiaClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self, *, logout: bool = True) -> None:
+        """Revoke the tokens this client obtained (errors ignored) and close the pool."""
+        try:
+            if logout:
+                await self.logout()
+        finally:
+            await self._http.aclose()
+
+    async def logout(self) -> None:
+        for manager in self._tokens.values():
+            await manager.logout()
+
+    async def start(self) -> None:
+        """Log in where needed and check that the main server answers.
+
+        Raises AuthError or ServerError with a one-line reason. An NLST server that does
+        not answer is logged, not fatal: its collections are left out of listings.
+        """
+        manager = self._tokens.get(MAIN)
+        if manager is not None:
+            await manager.login()
+        await self.collections()
+
+    @property
+    def tokens(self) -> dict[str, TokenManager]:
+        """The token managers by host ("main", "nlst"); empty when no token is sent."""
+        return dict(self._tokens)
+
+    async def run_token_refresher(self, *, task_status: trio.TaskStatus[None]
+                                  = trio.TASK_STATUS_IGNORED) -> None:
+        """Renew every token before expiry, forever (a background task for the daemon)."""
+        async with trio.open_nursery() as nursery:
+            for manager in self._tokens.values():
+                await nursery.start(manager.run_refresher)
+            task_status.started()
+
+    async def ensure_fresh_token(self) -> None:
+        """Make sure each token in use has at least its safety margin left."""
+        for host, manager in self._tokens.items():
+            if host == MAIN or manager.token is not None:
+                await manager.ensure_fresh()
+
+    def token_may_be_stale(self) -> bool:
+        """True when a token in use is due for renewal or its last renewal failed.
+
+        An empty listing obtained while this is true deserves a second look after
+        `ensure_fresh_token()`. (The client itself already re-asks empty listings that
+        came back on a token older than `empty_recheck_age`.)
+        """
+        return any(manager.is_stale() for manager in self._tokens.values())
+
+    # -- routing -------------------------------------------------------------------------
+
+    def remember_hosts(self, collections: Iterable[Collection]) -> None:
+        """Seed collection→server routing, e.g. from a persisted catalog, to spare a listing."""
+        for item in collections:
+            self._hosts[item.name.casefold()] = item.host
+            if item.host == NLST:
+                self._nlst_listed = True
+
+    def host_of(self, collection: str) -> str | None:
+        return self._hosts.get(collection.casefold())
+
+    async def _host_for(self, collection: str) -> str:
+        host = self._hosts.get(collection.casefold())
+        if host is not None:
+            return host
+        if NLST not in self._servers:
+            return MAIN
+        async with self._routing_lock:
+            if collection.casefold() not in self._hosts and not self._nlst_listed:
+                await self.collections()
+        host = self._hosts.get(collection.casefold())
+        if host is not None:
+            return host
+        if not self._nlst_listed:
+            raise ServerError(f"cannot tell which server holds collection {collection!r}: "
+                              f"the NLST server {self._servers[NLST]} does not answer")
+        return MAIN  # unknown anywhere: main answers, with an empty listing
+
+    # -- listings ------------------------------------------------------------------------
+
+    async def collections(self) -> list[Collection]:
+        """Collections of the main server, then those only the NLST server holds."""
+        found = await self._collections_on(MAIN)
+        names = {c.name.casefold() for c in found}
+        if NLST in self._servers:
+            try:
+                nlst = await self._collections_on(NLST)
+            except ClientError as exc:
+                log.warning("NLST server %s: %s; its collections are left out",
+                            self._servers[NLST], exc)
+            else:
+                found += [c for c in nlst if c.name.casefold() not in names]
+                self._nlst_listed = True
+        self.remember_hosts(found)
+        return found
+
+    async def _collections_on(self, host: str) -> list[Collection]:
+        rows, _gen, what = await self._rows(api.collections_request, host)
+        return api.parse_collections(rows, host, what)
+
+    async def patients(self, collection: str, patient_id: str | None = None) -> list[Patient]:
+        host = await self._host_for(collection)
+        rows, _gen, what = await self._rows(
+            lambda g: api.patients_request(g, collection, patient_id), host)
+        found = (api.parse_patient(row, collection, what) for row in rows)
+        return [p for p in found if p is not None and _same(p.collection, collection)
+                and (patient_id is None or _same(p.patient_id, patient_id))]
+
+    async def studies(self, collection: str, patient_id: str | None = None) -> list[Study]:
+        host = await self._host_for(collection)
+        rows, gen, what = await self._rows(
+            lambda g: api.studies_request(g, collection, patient_id), host)
+        found = (api.parse_study(row, gen, collection, patient_id, what) for row in rows)
+        # v1/v2 ignore parameters they do not know and answer unfiltered: filter again.
+        return [s for s in found if s is not None and _same(s.collection, collection)
+                and (patient_id is None or _same(s.patient_id, patient_id))]
+
+    async def series(self, collection: str, patient_id: str | None = None,
+                     study_uid: str | None = None) -> list[Series]:
+        """Series of a collection (one request describes the whole collection)."""
+        host = await self._host_for(collection)
+        rows, gen, what = await self._rows(
+            lambda g: api.series_request(g, collection, patient_id, study_uid), host)
+        found = (api.parse_series(row, gen, collection, what) for row in rows)
+        return [s for s in found if s is not None and _same(s.collection, collection)
+                and (patient_id is None or _same(s.patient_id, patient_id))
+                and (study_uid is None or s.study_uid == study_uid)]
+
+    async def instance_uids(self, collection: str, series_uid: str) -> list[str]:
+        host = await self._host_for(collection)
+        rows, _gen, what = await self._rows(
+            lambda g: api.instance_uids_request(g, series_uid), host)
+        return api.parse_instance_uids(rows, what)
+
+    async def series_size(self, collection: str, series_uid: str) -> tuple[int, int]:
+        """(TotalSizeInBytes, ObjectCount); NotFound for a series the server does not know."""
+        host = await self._host_for(collection)
+        rows, _gen, what = await self._rows(
+            lambda g: api.series_size_request(g, series_uid), host)
+        size = api.parse_series_size(rows)
+        if size is None:
+            raise NotFound(f"{what}: no such series")
+        return size
+
+    # -- downloads -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def open_instance(self, collection: str, series_uid: str,
+                            sop_uid: str) -> AsyncIterator[InstanceStream]:
+        """One DICOM file (getSingleImage). Retries happen before the first byte only."""
+        host = await self._host_for(collection)
+        deadline = trio.current_time() + self.request_deadline
+
+        def build(g: Generation) -> Request:
+            return api.single_image_request(g, series_uid, sop_uid)
+
+        # NBIA answers an unknown instance with a 500, so a 500 is not retried blindly:
+        # it gets one more try, then counts as NotFound.
+        for attempt in (1, 2):
+            opened, what = await self._open(build, host, deadline,
+                                            retry_on=RETRY_STATUSES - {500})
+            if opened.status == 200:
+                break
+            reply = await _error_reply(opened)
+            if reply.status == 500 and attempt == 1:
+                await trio.sleep(self._http.policy.backoff(1))
+                continue
+            raise self._status_error(reply, what, "getSingleImage", binary=True)
+        try:
+            yield InstanceStream(opened, what)
+        finally:
+            await opened.aclose()
+
+    @asynccontextmanager
+    async def open_series(self, collection: str, series_uid: str, *,
+                          md5: bool = True) -> AsyncIterator[SeriesStream]:
+        """The whole-series ZIP, streamed; see SeriesStream. Retries before the first byte."""
+        host = await self._host_for(collection)
+        deadline = trio.current_time() + self.request_deadline
+        def build(g: Generation) -> Request:
+            return api.series_zip_request(g, series_uid, md5)
+
+        # A fresh borrower per stream: one task may hold several series open.
+        borrower = object()
+        await self._series_slots.acquire_on_behalf_of(borrower)
+        try:
+            opened, what = await self._open(build, host, deadline)
+            if opened.status != 200:
+                reply = await _error_reply(opened)
+                raise self._status_error(reply, what, build(self.gen).endpoint, binary=True)
+            try:
+                yield SeriesStream(opened, what)
+            finally:
+                await opened.aclose()
+        finally:
+            self._series_slots.release_on_behalf_of(borrower)
+
+    # -- request plumbing ----------------------------------------------------------------
+
+    def _wants_token(self, gen: Generation) -> bool:
+        return gen.bearer == "always" or (gen.bearer == "credentials"
+                                          and self.credentials is not None)
+
+    def _may_fall_back(self, status: int | None) -> bool:
+        # Only public data may be asked of v1: with credentials a v1 answer could hide
+        # restricted series and look like a confident empty listing.
+        return (self.gen.fallback is not None and self.credentials is None
+                and status is not None and (status == 404 or status >= 500))
+
+    async def _rows(self, build: Builder, host: str
+                    ) -> tuple[list[dict[str, Any]], Generation, str]:
+        deadline = trio.current_time() + self.request_deadline
+        rows, gen, what, used = await self._rows_once(build, host, deadline)
+        if not rows and used is not None and self._empty_is_suspect(host, used):
+            self.stats.empty_rechecks += 1
+            log.info("%s: empty on a token %.0f s old; renewing it and asking again", what,
+                     trio.current_time() - used.obtained_at)
+            await self._tokens[host].invalidate_and_refresh(used.access)
+            rows, gen, what, used = await self._rows_once(build, host, deadline)
+        return rows, gen, what
+
+    async def _rows_once(self, build: Builder, host: str, deadline: float
+                         ) -> tuple[list[dict[str, Any]], Generation, str, Token | None]:
+        reply, gen, what, used = await self._fetch(build, host, deadline)
+        if reply.status == 200:
+            return api.parse_rows(reply.body, what), gen, what, used
+        if reply.status == 204:  # v1/v2 getSeriesMetaData's "nothing"
+            return [], gen, what, used
+        raise self._status_error(reply, what, build(gen).endpoint, binary=False)
+
+    def _empty_is_suspect(self, host: str, used: Token) -> bool:
+        manager = self._tokens.get(host)
+        if manager is None:
+            return False
+        age = trio.current_time() - used.obtained_at
+        return age > self.empty_recheck_age or not manager.is_fresh(used)
+
+    async def _fetch(self, build: Builder, host: str, deadline: float
+                     ) -> tuple[Reply, Generation, str, Token | None]:
+        """A whole (listing) reply; 401 renews the token once; v2 falls back to v1."""
+        try:
+            reply, what, used = await self._exchange(self.gen, build, host, deadline, None)
+        except ServerError as exc:
+            if not self._may_fall_back(exc.status):
+                raise
+            gen = self._fallback(build, str(exc))
+            reply, what, used = await self._exchange(gen, build, host, deadline, None)
+            return reply, gen, what, used
+        if reply.status == 404 and self._may_fall_back(404):
+            gen = self._fallback(build, f"{what}: HTTP 404")
+            reply, what, used = await self._exchange(gen, build, host, deadline, None)
+            return reply, gen, what, used
+        return reply, self.gen, what, used
+
+    async def _open(self, build: Builder, host: str, deadline: float, *,
+                    retry_on: frozenset[int] = RETRY_STATUSES) -> tuple[OpenResponse, str]:
+        """Like _fetch, but the body is left to the caller (who must aclose the result)."""
+        try:
+            opened, what, _used = await self._exchange(self.gen, build, host, deadline,
+                                                       retry_on, stream=True)
+        except ServerError as exc:
+            if not self._may_fall_back(exc.status):
+                raise
+            gen = self._fallback(build, str(exc))
+            opened, what, _used = await self._exchange(gen, build, host, deadline, retry_on,
+                                                       stream=True)
+            return opened, what
+        if opened.status == 404 and self._may_fall_back(404):
+            await opened.aclose()
+            gen = self._fallback(build, f"{what}: HTTP 404")
+            opened, what, _used = await self._exchange(gen, build, host, deadline, retry_on,
+                                                       stream=True)
+        return opened, what
+
+    def _fallback(self, build: Builder, reason: str) -> Generation:
+        gen = api.generation(self.gen.fallback or "v1")
+        endpoint = build(self.gen).endpoint
+        self.stats.fallbacks += 1
+        if endpoint not in self._fallback_logged:
+            self._fallback_logged.add(endpoint)
+            log.warning("%s; asking %s instead (logged once per endpoint)", reason, gen.name)
+        return gen
+
+    async def _exchange(self, gen: Generation, build: Builder, host: str, deadline: float,
+                        retry_on: frozenset[int] | None, *, stream: bool = False
+                        ) -> tuple[Any, str, Token | None]:
+        """One logical request on one generation: token, transport retries, 401 renewal."""
+        request = build(gen)
+        manager = self._tokens.get(host) if self._wants_token(gen) else None
+        used: list[Token | None] = [None]
+
+        async def headers() -> dict[str, str]:
+            result = {"Accept-Encoding": "identity"} if request.binary else {}
+            if gen.name == "legacy" and self._api_key:
+                result["api_key"] = self._api_key
+            if manager is not None:
+                token = await manager.current()
+                used[0] = token
+                result["Authorization"] = f"Bearer {token.access}"
+            return result
+
+        what = f"{gen.name} {request.describe()} on {host}"
+        call = Call("GET", self._servers[host] + gen.base_path(self._api_key) + request.endpoint,
+                    what=what, endpoint=request.endpoint, params=request.params,
+                    headers=headers, retry_on=retry_on if retry_on is not None else RETRY_STATUSES)
+        for attempt in (1, 2):
+            answer: Reply | OpenResponse
+            if stream:
+                answer = await self._http.open(call, deadline)
+            else:
+                answer = await self._http.fetch(call, deadline)
+            if answer.status != 401:
+                return answer, what, used[0]
+            reply = await _error_reply(answer) if isinstance(answer, OpenResponse) else answer
+            if manager is None or attempt == 2:
+                detail = reply.text_line() or "unauthorised"
+                self.stats.errors[request.endpoint] += 1
+                raise AuthError(f"{what}: HTTP 401 ({detail})"
+                                + (" even on a renewed token" if manager else ""))
+            log.info("%s: HTTP 401; renewing the token and trying once more", what)
+            token = used[0]
+            await manager.invalidate_and_refresh(token.access if token else None)
+        raise AssertionError("unreachable")
+
+    def _status_error(self, reply: Reply, what: str, endpoint: str, *,
+                      binary: bool) -> ClientError:
+        self.stats.errors[endpoint] += 1
+        line = reply.text_line()
+        if reply.status in (400, 403) and api.is_not_authorised_text(line):
+            return NotFound(f"{what}: {line}")
+        if binary and reply.status == 404:
+            return NotFound(f"{what}: HTTP 404 ({line or 'Not Found'})")
+        if binary and reply.status == 500 and (not line or _SINGLE_IMAGE_NOT_FOUND
+                                               in line.lower()):
+            return NotFound(f"{what}: no such instance (HTTP 500: {line or 'no detail'})")
+        if reply.status >= 500:
+            return ServerError(f"{what}: HTTP {reply.status} ({line})", status=reply.status)
+        return ClientError(f"{what}: HTTP {reply.status}" + (f" ({line})" if line else ""))
+
+
+async def _error_reply(opened: OpenResponse) -> Reply:
+    try:
+        return await opened.read_error_body()
+    finally:
+        await opened.aclose()
+
+
+def _same(a: str, b: str) -> bool:
+    return a.casefold() == b.casefold()
+
+
+def _root(url: str) -> str:
+    return url.rstrip("/")
