@@ -42,6 +42,8 @@ from tciafs.client import ClientError, NbiaClient, NotFound
 
 log = logging.getLogger(__name__)
 
+META_SLACK = 1 << 20  # the WAL checkpoints at 100 pages; the index grows in small steps
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances(
     sop TEXT PRIMARY KEY,
@@ -180,7 +182,8 @@ class Cache:
 
     def _reserve(self, nbytes: int, series: str) -> None:
         """Claim room for `nbytes` more, evicting as needed; raise CacheFull if impossible."""
-        need = self._file_bytes + nbytes + self._meta_bytes() - self.max_bytes
+        # META_SLACK keeps room for the SQLite files to grow until the next checkpoint.
+        need = self._file_bytes + nbytes + self._meta_bytes() + META_SLACK - self.max_bytes
         if need > 0:
             self._evict(need, series)
         self._file_bytes += nbytes

@@ -83,6 +83,9 @@ def open_db(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
+    # Small checkpoints keep the WAL, which counts against the cache bound, small.
+    db.execute("PRAGMA wal_autocheckpoint=100")
+    db.execute("PRAGMA journal_size_limit=524288")
     return db
 
 

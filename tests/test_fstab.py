@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from mountutil import needs_fuse
 
 from tciafs import fstab
+
+from mountutil import needs_fuse
 
 MNT = "/mnt/tcia"
 

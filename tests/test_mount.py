@@ -159,7 +159,7 @@ def test_read_only_and_bad_names(emulator, tmp_path: Path, cache_dir: Path) -> N
         some_file = next(iter(_series_dirs(mnt)[0].glob("*.dcm")))
         for action in (lambda: (collection / "new").mkdir(),
                        lambda: (mnt / "x.txt").write_bytes(b"x"),
-                       lambda: open(some_file, "r+b"),
+                       lambda: os.open(some_file, os.O_RDWR),
                        lambda: some_file.unlink(),
                        lambda: some_file.rename(mnt / "moved"),
                        lambda: os.chmod(some_file, 0o777)):

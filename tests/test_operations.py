@@ -12,12 +12,13 @@ import pyfuse3
 import pytest
 import trio
 
-from mountutil import reset_stats, set_faults, stats
 from tciafs.cache import Cache
 from tciafs.catalog import ROOT_INODE, Catalog, Kind
 from tciafs.client import NbiaClient
 from tciafs.fs import Operations
 from tciafs.tree import Tree
+
+from mountutil import reset_stats, set_faults, stats
 
 
 def _count(url: str, *endpoints: str) -> int:

@@ -1,0 +1,239 @@
+"""The disk cache against the emulator: bound, eviction, single flight, prefetch, crash."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+import trio
+
+from tciafs.cache import META_SLACK, Cache, CacheFull, object_path
+from tciafs.client import NbiaClient
+
+from mountutil import reset_stats, stats
+
+
+def _series(url: str) -> list[dict]:
+    rows = httpx.get(f"{url}/nbia-api/services/v4/getSeries",
+                     params={"Collection": "Demo-Lung CT_2024"}, timeout=30).json()
+    return sorted(rows, key=lambda r: -r["ImageCount"])
+
+
+def _sops(url: str, series_uid: str) -> list[str]:
+    rows = httpx.get(f"{url}/nbia-api/services/v4/getSOPInstanceUIDs",
+                     params={"SeriesInstanceUID": series_uid}, timeout=30).json()
+    return [r["SOPInstanceUID"] for r in rows]
+
+
+def _truth(url: str, series_uid: str) -> dict[str, bytes]:
+    body = httpx.get(f"{url}/nbia-api/services/v4/getImage",
+                     params={"SeriesInstanceUID": series_uid}, timeout=60).content
+    out = {}
+    with zipfile.ZipFile(io.BytesIO(body)) as zf:
+        for name in zf.namelist():
+            if name.endswith(".dcm"):
+                data = zf.read(name)
+                ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+                out[ds.SOPInstanceUID] = data
+    return out
+
+
+def _disk_usage(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):  # evicted while we looked
+                total += os.stat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+@pytest.fixture
+async def client(emulator):
+    async with NbiaClient(emulator.url, nlst_server=emulator.nlst_url, timeout=10) as c:
+        yield c
+
+
+async def _with_cache(cache: Cache, body) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run)
+        await body()
+        nursery.cancel_scope.cancel()
+
+
+async def test_bound_holds_under_16_concurrent_readers(emulator, client, tmp_path: Path) -> None:
+    bound = META_SLACK + 4_000_000  # room for about seven CT slices
+    cache = Cache(tmp_path / "c", bound, client, prefetch=True)
+    series = _series(emulator.url)
+    work = [(s["SeriesInstanceUID"], sop) for s in series[:3]
+            for sop in _sops(emulator.url, s["SeriesInstanceUID"])[:12]]
+    peaks: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:  # what `du` sees, from outside the cache's own accounting
+        while not stop.is_set():
+            peaks.append(_disk_usage(tmp_path / "c"))
+            stop.wait(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+
+    async def reader(jobs: list[tuple[str, str]]) -> None:
+        for series_uid, sop in jobs:
+            entry = await cache.acquire("Demo-Lung CT_2024", series_uid, sop)
+            assert entry.path.stat().st_size == entry.size
+            assert cache.used_bytes <= bound
+            cache.release(entry)
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            for i in range(16):
+                nursery.start_soon(reader, work[i::16])
+
+    try:
+        await _with_cache(cache, body)
+    finally:
+        stop.set()
+        sampler.join()
+    assert max(peaks) <= bound
+    assert cache.stats.evictions > 0
+    cache.close()
+
+
+async def test_series_prefetch_learns_every_size(emulator, client, tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=True)
+    target = _series(emulator.url)[1]
+    uid = target["SeriesInstanceUID"]
+    sops = _sops(emulator.url, uid)
+    truth = _truth(emulator.url, uid)
+    reset_stats(emulator.url)
+
+    async def body() -> None:
+        entry = await cache.acquire("Demo-Lung CT_2024", uid, sops[-1])
+        assert entry.path.read_bytes() == truth[sops[-1]]
+        cache.release(entry)
+        with trio.fail_after(60):
+            await cache.fetch_series("Demo-Lung CT_2024", uid)
+
+    await _with_cache(cache, body)
+    counts = stats(emulator.url)["requests"]
+    assert counts.get("getImage", 0) == 1
+    assert counts.get("getSingleImage", 0) <= 1
+    for sop in sops:
+        assert cache.known_size(sop) == len(truth[sop])
+        assert object_path(cache.root, sop).read_bytes() == truth[sop]
+        assert cache.md5_of(sop) == hashlib.md5(truth[sop]).hexdigest()
+    assert cache.series_complete(uid)
+    cache.close()
+
+
+async def test_series_larger_than_the_cache_reads_one_at_a_time(emulator, client,
+                                                               tmp_path: Path) -> None:
+    bound = META_SLACK + 1_500_000  # two CT slices, far less than the series
+    cache = Cache(tmp_path / "c", bound, client, prefetch=True)
+    target = _series(emulator.url)[0]
+    uid = target["SeriesInstanceUID"]
+    truth = _truth(emulator.url, uid)
+
+    async def body() -> None:
+        for sop in _sops(emulator.url, uid)[:10]:
+            entry = await cache.acquire("Demo-Lung CT_2024", uid, sop, target["FileSize"])
+            assert entry.path.read_bytes() == truth[sop]
+            assert cache.used_bytes <= bound
+            cache.release(entry)
+
+    await _with_cache(cache, body)
+    cache.close()
+
+
+async def test_full_of_open_files_is_a_clear_error(emulator, client, tmp_path: Path) -> None:
+    bound = META_SLACK + 1_200_000
+    cache = Cache(tmp_path / "c", bound, client, prefetch=False)
+    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
+    sops = _sops(emulator.url, uid)
+
+    async def body() -> None:
+        held = [await cache.acquire("Demo-Lung CT_2024", uid, sop) for sop in sops[:2]]
+        with pytest.raises(CacheFull, match="cache full"):
+            await cache.acquire("Demo-Lung CT_2024", uid, sops[2])
+        for entry in held:
+            cache.release(entry)
+        entry = await cache.acquire("Demo-Lung CT_2024", uid, sops[2])  # now it fits
+        cache.release(entry)
+
+    await _with_cache(cache, body)
+    assert cache.used_bytes <= bound
+    assert not list((tmp_path / "c" / "tmp").iterdir())  # the refused download left nothing
+    cache.close()
+
+
+async def test_restart_reconciles_the_directory(emulator, client, tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=False)
+    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
+    sops = _sops(emulator.url, uid)
+
+    async def body() -> None:
+        for sop in sops[:3]:
+            cache.release(await cache.acquire("Demo-Lung CT_2024", uid, sop))
+
+    await _with_cache(cache, body)
+    sizes = {sop: cache.known_size(sop) for sop in sops[:3]}
+    cache.db.close()  # as a crash would leave it: no orderly close
+    (tmp_path / "c" / "tmp" / "partial-download").write_bytes(b"x" * 1000)
+    orphan = object_path(tmp_path / "c", "1.2.3.orphan")
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"y" * 1000)
+    object_path(tmp_path / "c", sops[0]).unlink()  # indexed, but its file is gone
+    with open(object_path(tmp_path / "c", sops[1]), "r+b") as f:
+        f.truncate(100)  # indexed, but cut short
+
+    again = Cache(tmp_path / "c", 1 << 30, client, prefetch=False)
+    assert not again.is_cached(sops[0]) and not again.is_cached(sops[1])
+    assert again.is_cached(sops[2])
+    assert not orphan.exists()
+    assert not list((tmp_path / "c" / "tmp").iterdir())
+    assert again.known_size(sops[0]) == sizes[sops[0]]  # sizes outlive the bytes
+    assert again.used_bytes == _disk_usage(tmp_path / "c")
+    again.close()
+
+
+def test_cache_files_are_private(emulator, tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c", 1 << 30, None)
+    for path in [tmp_path / "c", *(tmp_path / "c").rglob("*")]:
+        assert path.stat().st_mode & 0o077 == 0, path
+    cache.close()
+
+
+async def test_verify_command_reports_a_corrupted_file(emulator, client,
+                                                      tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=False)
+    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
+    sops = _sops(emulator.url, uid)[:2]
+
+    async def body() -> None:
+        for sop in sops:
+            cache.release(await cache.acquire("Demo-Lung CT_2024", uid, sop))
+
+    await _with_cache(cache, body)
+    cache.close()
+    verify = [sys.executable, "-m", "tciafs", "cache", "verify", "--cache-dir",
+              str(tmp_path / "c")]
+    ok = subprocess.run(verify, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "checked 2 files: 0 bad" in ok.stdout
+    path = object_path(tmp_path / "c", sops[1])
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, one flipped byte
+    path.write_bytes(bytes(data))
+    bad = subprocess.run(verify, capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert f"{sops[1]}: MD5 mismatch" in bad.stdout
