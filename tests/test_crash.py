@@ -1,0 +1,84 @@
+"""kill -9 of the daemon in the middle of downloads, again and again: nothing partial is
+ever served, and every remount verifies clean."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import start_emulator
+from mountutil import lazy_unmount, mounted, needs_fuse, stats
+from test_mount import _first_ct_series, _series_zip
+
+pytestmark = [needs_fuse, pytest.mark.mount]
+
+
+@pytest.fixture(scope="module")
+def slow_emulator(demo_data_dir: Path):
+    # 4 MB/s per connection: a demo CT series takes seconds, so a kill lands mid-download.
+    emu = start_emulator(demo_data_dir, "--profile", "demo", "--bandwidth", "4000000",
+                         nlst=True)
+    yield emu
+    emu.stop()
+
+
+def _wait_for_bytes(url: str, at_least: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while stats(url)["bytes_sent"] < at_least:
+        assert time.monotonic() < deadline, "no download started"
+        time.sleep(0.02)
+
+
+def _verify(cache_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tciafs", "cache", "verify", "--cache-dir",
+                           str(cache_dir)], capture_output=True, text=True)
+
+
+def _cached_files(series: Path) -> list[Path]:
+    return [p for p in series.glob("*.dcm")
+            if os.getxattr(p, "user.tcia.cached") == b"full"]
+
+
+def test_kill_9_ten_times_mid_download(slow_emulator, tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    truth: dict[str, bytes] = {}
+    served = 0
+    for round_ in range(10):
+        if round_ % 3 == 2:  # start over now and then, so that there is always more to fetch
+            subprocess.run([sys.executable, "-m", "tciafs", "cache", "clear", "--cache-dir",
+                            str(cache_dir)], check=True, capture_output=True)
+        with mounted(slow_emulator, mnt, cache_dir) as daemon:
+            series = _first_ct_series(mnt)
+            if not truth:
+                truth, _ = _series_zip(slow_emulator.url, series.name)
+            # Whatever survived the previous kill must read back exactly.
+            for path in _cached_files(series):
+                assert path.read_bytes() == truth[path.name.removesuffix(".dcm")]
+                served += 1
+            if len(_cached_files(series)) == len(truth):
+                continue
+            before = stats(slow_emulator.url)["bytes_sent"]
+            copier = subprocess.Popen(["cp", "-r", str(series), str(tmp_path / f"cp{round_}")],
+                                      stderr=subprocess.DEVNULL)
+            _wait_for_bytes(slow_emulator.url, before + 300_000)
+            os.kill(daemon.pid, signal.SIGKILL)
+            daemon.wait(timeout=10)
+            copier.wait(timeout=30)
+            lazy_unmount(mnt)
+        result = _verify(cache_dir)
+        assert result.returncode == 0, result.stdout + result.stderr
+        shutil.rmtree(tmp_path / f"cp{round_}", ignore_errors=True)
+    assert served > 0  # some rounds did find survivors to check
+    with mounted(slow_emulator, mnt, cache_dir):
+        series = _first_ct_series(mnt)
+        assert not list((cache_dir / "tmp").iterdir())  # partial downloads cleared at start
+        got = {p.name.removesuffix(".dcm"): p.read_bytes() for p in series.glob("*.dcm")}
+        assert got == truth
+    assert _verify(cache_dir).returncode == 0
