@@ -32,6 +32,11 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
                    help="fetch a whole series in the background when one of its files is "
                         "opened (default on; --no-prefetch fetches only opened files)")
+    p.add_argument("--credentials-file", type=Path, default=None, metavar="FILE",
+                   help='JSON {"user": ..., "password": ...}, mode 0600, for restricted '
+                        "collections (see 'Credentials' in the README)")
+    p.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                   help="file (mode 0600) holding the key of the legacy v3 API")
     p.add_argument("--listing-ttl", type=float, default=6 * 3600, metavar="SECONDS",
                    help="how long a directory listing is trusted before it is asked "
                         "again (default 21600)")
@@ -67,6 +72,15 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _add_login(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("login", help="check and store a TCIA login for restricted collections")
+    p.add_argument("--user", default=None, help="user name (asked for when not given)")
+    p.add_argument("--server", default=None,
+                   help="root URL whose token endpoint checks the password "
+                        "(default: the public TCIA service)")
+    sub.add_parser("logout", help="forget the stored login")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tciafs", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tciafs {__version__}")
@@ -75,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_umount(sub)
     _add_emulator(sub)
     _add_status(sub)
+    _add_login(sub)
     cachecmd.add_arguments(sub)
     return parser
 
@@ -99,7 +114,8 @@ def _mount_options(args: argparse.Namespace):  # noqa: ANN202
         api=args.api, demo=args.demo,
         cache_dir=(args.cache_dir or paths.cache_home()).absolute(),
         cache_size=args.cache_size, prefetch=args.prefetch, listing_ttl=args.listing_ttl,
-        max_connections=args.max_connections, timeout=args.timeout, debug=args.debug)
+        max_connections=args.max_connections, timeout=args.timeout, debug=args.debug,
+        credentials_file=args.credentials_file, api_key_file=args.api_key_file)
 
 
 def _cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
@@ -126,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         from tciafs.mount import unmount
 
         return unmount(args.mountpoint)
+    if args.command in ("login", "logout"):
+        from tciafs import login
+
+        return login.run(args)
     if args.command == "cache":
         return cachecmd.run(args)
     if args.command == "status":

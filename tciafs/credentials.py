@@ -59,6 +59,18 @@ def read_file(path: Path, origin: str) -> Login:
         ) from None
 
 
+def read_secret(path: Path) -> str:
+    """A one-line secret (an API key) from a file only its owner can read."""
+    try:
+        check_private(path)
+        secret = path.read_text().strip()
+    except FileNotFoundError:
+        raise CredentialsError(f"{path} does not exist") from None
+    if not secret:
+        raise CredentialsError(f"{path} is empty")
+    return secret
+
+
 def find(env: Mapping[str, str], credentials_file: Path | None = None) -> Login | None:
     """The login a mount should use, or None for the public guest."""
     if env.get("TCIA_USER"):

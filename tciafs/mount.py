@@ -21,10 +21,10 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from tciafs import paths, status
+from tciafs import credentials, paths, status
 from tciafs.cache import Cache
 from tciafs.catalog import Catalog
-from tciafs.client import NbiaClient
+from tciafs.client import AuthError, Credentials, NbiaClient
 from tciafs.control import Control
 from tciafs.fs import Operations
 from tciafs.tree import Tree
@@ -53,6 +53,8 @@ class MountOptions:
     max_connections: int = 8
     timeout: float = 30.0
     debug: bool = False
+    credentials_file: Path | None = None
+    api_key_file: Path | None = None
 
 
 def default_cache_size(cache_dir: Path) -> int:
@@ -180,12 +182,27 @@ def _source_key(opts: MountOptions) -> str:
     return "demo" if opts.demo else f"{opts.server}|{opts.nlst_server}"
 
 
+def _client(opts: MountOptions) -> NbiaClient:
+    try:
+        login = credentials.find(os.environ, opts.credentials_file)
+        api_key = credentials.read_secret(opts.api_key_file) if opts.api_key_file else None
+    except credentials.CredentialsError as exc:
+        raise MountError(str(exc)) from None
+    if login is not None:
+        log.info("logging in as %s", login)
+    return NbiaClient(opts.server, api=opts.api, nlst_server=opts.nlst_server,
+                      credentials=Credentials(login.user, login.password) if login else None,
+                      api_key=api_key, max_connections=opts.max_connections,
+                      timeout=opts.timeout)
+
+
 async def _serve(opts: MountOptions, ready_fd: int | None) -> None:
-    client = NbiaClient(opts.server, api=opts.api, nlst_server=opts.nlst_server,
-                        max_connections=opts.max_connections, timeout=opts.timeout)
+    client = _client(opts)
     async with client:
         try:
             await client.start()
+        except AuthError as exc:
+            raise MountError(str(exc)) from exc
         except Exception as exc:  # the client's errors carry the one-line reason
             raise MountError(f"cannot reach {opts.server}: {exc}") from exc
         digest = hashlib.sha256(_source_key(opts).encode()).hexdigest()[:12]
@@ -223,6 +240,7 @@ async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None) -
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(ops.cache.run)
+            await nursery.start(ops.tree.client.run_token_refresher)
             nursery.start_soon(_watch_signals)
             nursery.start_soon(_announce_ready, opts.mountpoint, ready_fd)
             await pyfuse3.main()

@@ -1,0 +1,159 @@
+"""Logins, tokens that expire mid-copy, restricted collections, every API generation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_mount import _first_ct_series, _series_dirs, _series_zip
+
+from conftest import start_emulator
+from mountutil import mounted, needs_fuse, reset_stats, stats
+
+pytestmark = [needs_fuse, pytest.mark.mount]
+
+PASSWORD = "s3cret-Pa55word-do-not-leak"
+RESTRICTED = "Demo-Restricted Prostate_MR"
+
+
+@pytest.fixture(scope="module")
+def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("users") / "users.json"
+    path.write_text(json.dumps({"alice": {"password": PASSWORD, "collections": ["*"]},
+                                "bob": {"password": "bobs-password", "collections": []}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def auth_emulator(demo_data_dir: Path, users_file: Path):
+    # Tokens live 3 s and bodies trickle at 3 MB/s, so a copy outlives several tokens.
+    emu = start_emulator(demo_data_dir, "--profile", "demo", "--users-file", str(users_file),
+                         "--token-lifetime", "3", "--bandwidth", "3000000", nlst=True)
+    yield emu
+    emu.stop()
+
+
+@pytest.fixture
+def creds_file(tmp_path: Path) -> Path:
+    path = tmp_path / "creds.json"
+    path.write_text(json.dumps({"user": "alice", "password": PASSWORD}))
+    path.chmod(0o600)
+    return path
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"),
+            "XDG_STATE_HOME": str(tmp_path / "state")}
+
+
+def test_guest_never_sees_restricted_data(auth_emulator, tmp_path: Path) -> None:
+    with mounted(auth_emulator, tmp_path / "mnt", tmp_path / "cache", "--api", "v2"):
+        names = os.listdir(tmp_path / "mnt")
+        assert "Demo-Lung CT_2024" in names and RESTRICTED not in names
+
+
+@pytest.mark.parametrize("api", ["v2", "v4"])
+def test_granted_user_reads_restricted_data(auth_emulator, tmp_path: Path, creds_file: Path,
+                                            api: str) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(auth_emulator, mnt, tmp_path / "cache", "--api", api,
+                 "--credentials-file", str(creds_file)):
+        assert RESTRICTED in os.listdir(mnt)
+        files = sorted((mnt / RESTRICTED).glob("*/*/*/*.dcm"))
+        assert files and files[0].read_bytes()[128:132] == b"DICM"
+
+
+def test_copy_outlives_many_tokens(auth_emulator, tmp_path: Path, creds_file: Path) -> None:
+    mnt = tmp_path / "mnt"
+    log = tmp_path / "mnt-daemon.log"
+    reset_stats(auth_emulator.url)
+    started = time.monotonic()
+    with mounted(auth_emulator, mnt, tmp_path / "cache", "--api", "v2",
+                 "--credentials-file", str(creds_file)) as daemon:
+        series = _series_dirs(mnt)[:4]
+        assert series
+        for i, s in enumerate(series):
+            shutil.copytree(s, tmp_path / f"copy{i}")
+            truth, md5s = _series_zip(auth_emulator.url, s.name)
+            got = {p.name.removesuffix(".dcm"): p.read_bytes()
+                   for p in (tmp_path / f"copy{i}").glob("*.dcm")}
+            assert got == truth
+        cmdline = Path(f"/proc/{daemon.pid}/cmdline").read_bytes()
+        assert PASSWORD.encode() not in cmdline
+    elapsed = time.monotonic() - started
+    assert elapsed > 2 * 3  # the copy outlived at least two token lifetimes
+    # Two logins (main and NLST server); every request beyond them is a renewal.
+    assert stats(auth_emulator.url)["requests"].get("token", 0) >= 4
+    assert PASSWORD not in log.read_text()
+    for path in (tmp_path / "cache").rglob("*"):
+        if path.is_file():
+            assert PASSWORD.encode() not in path.read_bytes(), path
+
+
+def test_wrong_password_fails_with_one_line(auth_emulator, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"user": "alice", "password": "wrong-" + PASSWORD}))
+    bad.chmod(0o600)
+    (tmp_path / "mnt").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "tciafs", "mount", str(tmp_path / "mnt"), "--server",
+         auth_emulator.url, "--nlst-server", auth_emulator.nlst_url, "--api", "v2",
+         "--cache-dir", str(tmp_path / "cache"), "--credentials-file", str(bad)],
+        capture_output=True, text=True, env=_env(tmp_path), timeout=60)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "alice" in lines[0] and "credentials" in lines[0]
+    assert PASSWORD not in result.stderr + result.stdout
+    assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_readable_credentials_file_is_refused(auth_emulator, tmp_path: Path,
+                                              creds_file: Path) -> None:
+    creds_file.chmod(0o644)
+    (tmp_path / "mnt").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "tciafs", "mount", str(tmp_path / "mnt"), "--server",
+         auth_emulator.url, "--cache-dir", str(tmp_path / "cache"),
+         "--credentials-file", str(creds_file)],
+        capture_output=True, text=True, env=_env(tmp_path), timeout=60)
+    assert result.returncode != 0
+    assert f"chmod 600 {creds_file}" in result.stderr
+
+
+def test_login_stores_a_private_file(auth_emulator, tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    cmd = [sys.executable, "-m", "tciafs", "login", "--user", "alice", "--server",
+           auth_emulator.url]
+    wrong = subprocess.run(cmd, input="nope\n", capture_output=True, text=True, env=env)
+    assert wrong.returncode == 1 and "alice" in wrong.stderr and "nope" not in wrong.stderr
+    ok = subprocess.run(cmd, input=PASSWORD + "\n", capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    stored = tmp_path / "config" / "tciafs" / "credentials"
+    assert stored.stat().st_mode & 0o077 == 0
+    assert (tmp_path / "config" / "tciafs").stat().st_mode & 0o077 == 0
+    assert PASSWORD not in ok.stdout + ok.stderr
+    out = subprocess.run([sys.executable, "-m", "tciafs", "logout"], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 0 and not stored.exists()
+
+
+@pytest.mark.parametrize("api", ["v4", "v2", "v1", "legacy"])
+def test_every_generation_gives_the_same_tree_and_bytes(emulator, tmp_path: Path,
+                                                        api: str) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(emulator, mnt, tmp_path / "cache", "--api", api):
+        tree = sorted(str(p.relative_to(mnt)) for p in mnt.glob("*/*/*/*/*.dcm"))
+        series = _first_ct_series(mnt)
+        truth, _ = _series_zip(emulator.url, series.name)
+        got = {p.name.removesuffix(".dcm"): p.read_bytes() for p in series.glob("*.dcm")}
+        assert got == truth
+    with mounted(emulator, tmp_path / "mnt4", tmp_path / "cache4", "--api", "v4"):
+        expected = sorted(str(p.relative_to(tmp_path / "mnt4"))
+                          for p in (tmp_path / "mnt4").glob("*/*/*/*/*.dcm"))
+    assert tree == expected
