@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_mount import _first_ct_series, _series_zip
 
 from conftest import start_emulator
 from mountutil import lazy_unmount, mounted, needs_fuse, stats
-from test_mount import _first_ct_series, _series_zip
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
