@@ -190,10 +190,13 @@ def _client(opts: MountOptions) -> NbiaClient:
         raise MountError(str(exc)) from None
     if login is not None:
         log.info("logging in as %s", login)
-    return NbiaClient(opts.server, api=opts.api, nlst_server=opts.nlst_server,
-                      credentials=Credentials(login.user, login.password) if login else None,
-                      api_key=api_key, max_connections=opts.max_connections,
-                      timeout=opts.timeout)
+    try:
+        return NbiaClient(opts.server, api=opts.api, nlst_server=opts.nlst_server,
+                          credentials=Credentials(login.user, login.password) if login else None,
+                          api_key=api_key, max_connections=opts.max_connections,
+                          timeout=opts.timeout)
+    except ValueError as exc:  # a malformed server URL
+        raise MountError(str(exc)) from None
 
 
 async def _serve(opts: MountOptions, ready_fd: int | None) -> None:

@@ -73,7 +73,7 @@ class InstanceStream:
             async for chunk in self._opened.response.aiter_bytes():
                 self.received += len(chunk)
                 yield chunk
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise TruncatedStream(f"{self.what}: body cut short after {self.received} of "
                                   f"{self.size if self.size is not None else '?'} bytes "
                                   f"({type(exc).__name__})") from None
@@ -139,7 +139,7 @@ class SeriesStream:
             async for chunk in self._opened.response.aiter_bytes():
                 received += len(chunk)
                 yield chunk
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise TruncatedStream(f"{self.what}: body cut short after {received} bytes "
                                   f"({type(exc).__name__})") from None
 
@@ -389,12 +389,17 @@ class NbiaClient:
         """The whole-series ZIP, streamed; see SeriesStream. Retries before the first byte."""
         host = await self._host_for(collection)
         deadline = trio.current_time() + self.request_deadline
+
         def build(g: Generation) -> Request:
             return api.series_zip_request(g, series_uid, md5)
 
         # A fresh borrower per stream: one task may hold several series open.
         borrower = object()
-        await self._series_slots.acquire_on_behalf_of(borrower)
+        with trio.move_on_at(deadline) as waited:
+            await self._series_slots.acquire_on_behalf_of(borrower)
+        if waited.cancelled_caught:  # trio acquires nothing when cancelled
+            raise ServerError(f"series {series_uid}: no free download slot within "
+                              f"{self.request_deadline:.0f} s (all held by open series)")
         try:
             opened, what = await self._open(build, host, deadline)
             if opened.status != 200:
@@ -562,4 +567,11 @@ def _same(a: str, b: str) -> bool:
 
 
 def _root(url: str) -> str:
+    """The server's root URL; it must be http(s)://host[:port], the client adds the paths."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"invalid server URL {url!r}: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"invalid server URL {url!r}: expected http(s)://host[:port]")
     return url.rstrip("/")

@@ -33,7 +33,10 @@ from .records import ServerError
 log = logging.getLogger("tciafs.client")
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Errors that no retry can heal: a wrong scheme, a redirect loop, a header we cannot send.
+_HOPELESS = (httpx.UnsupportedProtocol, httpx.TooManyRedirects, httpx.LocalProtocolError)
 _ERROR_BODY_CAP = 64 * 1024
+_ERROR_BODY_WAIT = 5.0  # seconds
 
 HeaderSource = Callable[[], Awaitable[Mapping[str, str]]]
 
@@ -120,13 +123,15 @@ class OpenResponse:
     async def read_error_body(self) -> Reply:
         """Read a (small) error body for its message; a failure reading it is no news."""
         body = bytearray()
-        try:
-            async for chunk in self.response.aiter_bytes():
-                body += chunk
-                if len(body) >= _ERROR_BODY_CAP:
-                    break
-        except httpx.TransportError:
-            pass
+        # Only the message is wanted: a stalled error body must not hold up the retry.
+        with trio.move_on_after(_ERROR_BODY_WAIT):
+            try:
+                async for chunk in self.response.aiter_bytes():
+                    body += chunk
+                    if len(body) >= _ERROR_BODY_CAP:
+                        break
+            except httpx.RequestError:
+                pass
         return Reply(self.status, self.response.headers, bytes(body))
 
     async def aclose(self) -> None:
@@ -180,7 +185,7 @@ class Transport:
                     return Reply(opened.status, opened.response.headers, body)
                 failure = _Failure("no complete answer before the deadline", None, None,
                                    final=True)
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:
                 # A body cut short (Content-Length not reached, chunked stream broken).
                 failure = _Failure(f"body cut short ({_describe(exc)})", None, None)
             finally:
@@ -219,11 +224,11 @@ class Transport:
                 request = self._client.build_request(
                     call.method, call.url, params=call.params, data=call.form, headers=headers)
                 response = await self._client.send(request, stream=True)
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             self._release(borrower)
             log.debug("%s: %s (attempt %d, %.2f s)", call.what, _describe(exc), attempt,
                       trio.current_time() - started)
-            return _Failure(_describe(exc), None, None)
+            return _Failure(_describe(exc), None, None, final=isinstance(exc, _HOPELESS))
         except BaseException:
             self._release(borrower)
             raise
