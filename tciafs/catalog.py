@@ -28,10 +28,11 @@ class Kind(enum.IntEnum):
     STUDY = 3
     SERIES = 4
     INSTANCE = 5
+    SIDECAR = 6  # a small generated file: .LICENSE, .CITATION, .series.json
 
     @property
     def is_dir(self) -> bool:
-        return self is not Kind.INSTANCE
+        return self not in (Kind.INSTANCE, Kind.SIDECAR)
 
 
 @dataclass(slots=True)

@@ -37,6 +37,14 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
                         "collections (see 'Credentials' in the README)")
     p.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
                    help="file (mode 0600) holding the key of the legacy v3 API")
+    p.add_argument("--layout", choices=["uid", "descriptive"], default="uid",
+                   help="directory names: UIDs (default) or the NBIA Data Retriever's "
+                        "descriptive names")
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--manifest", type=Path, default=None, metavar="FILE.tcia",
+                      help="mount only the series a .tcia manifest lists")
+    view.add_argument("--cart", default=None, metavar="NAME",
+                      help="mount only the series of a shared cart")
     p.add_argument("--listing-ttl", type=float, default=6 * 3600, metavar="SECONDS",
                    help="how long a directory listing is trusted before it is asked "
                         "again (default 21600)")
@@ -115,7 +123,9 @@ def _mount_options(args: argparse.Namespace):  # noqa: ANN202
         cache_dir=(args.cache_dir or paths.cache_home()).absolute(),
         cache_size=args.cache_size, prefetch=args.prefetch, listing_ttl=args.listing_ttl,
         max_connections=args.max_connections, timeout=args.timeout, debug=args.debug,
-        credentials_file=args.credentials_file, api_key_file=args.api_key_file)
+        credentials_file=args.credentials_file, api_key_file=args.api_key_file,
+        layout=args.layout, manifest=args.manifest.absolute() if args.manifest else None,
+        cart=args.cart)
 
 
 def _cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:

@@ -91,6 +91,8 @@ class Control:
     async def series_under(self, node: Node) -> list[Node]:
         if node.kind is Kind.SERIES:
             return [node]
+        if node.kind is Kind.SIDECAR:
+            return []
         if node.kind is Kind.INSTANCE:
             parent = self.tree.node(node.parent)
             return [parent] if parent is not None else []

@@ -24,7 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from tciafs import xattrs
+from tciafs import sidecars, xattrs
 from tciafs.cache import Cache, CacheFull, Entry, FetchFailed
 from tciafs.catalog import ROOT_INODE, Kind, Node
 from tciafs.client import ClientError, NotFound
@@ -73,8 +73,9 @@ def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]
 
 @dataclass
 class OpenFile:
-    fd: int
-    entry: Entry
+    fd: int | None = None  # a cached instance ...
+    entry: Entry | None = None
+    data: bytes = b""  # ... or a sidecar, generated at open
 
 
 class Operations(pyfuse3.Operations):
@@ -97,7 +98,13 @@ class Operations(pyfuse3.Operations):
 
     # -- attributes ----------------------------------------------------------------------
 
-    def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+    async def attributes_of(self, node: Node) -> pyfuse3.EntryAttributes:
+        """attributes(), with a sidecar's size worked out from its current content."""
+        if node.kind is Kind.SIDECAR:
+            return self.attributes(node, len(await sidecars.render(node, self.tree)))
+        return self.attributes(node)
+
+    def attributes(self, node: Node, sidecar_size: int = 0) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.ino
         attr.st_uid, attr.st_gid = self.uid, self.gid
@@ -111,13 +118,15 @@ class Operations(pyfuse3.Operations):
             attr.st_size = 0
             attr.attr_timeout = KNOWN_TTL
             return attr
-        size = self.cache.known_size(node.ident)
+        size = sidecar_size if node.kind is Kind.SIDECAR else self.cache.known_size(node.ident)
         attr.st_mode = stat.S_IFREG | 0o444
         attr.st_nlink = 1
         attr.st_size = size or 0
         attr.st_blocks = -(-(size or 0) // 512)
         attr.st_blksize = 128 * 1024
-        attr.attr_timeout = KNOWN_TTL if size is not None else 0
+        # Sidecars follow metadata that may still arrive: never let the kernel keep a size.
+        known = size is not None and node.kind is not Kind.SIDECAR
+        attr.attr_timeout = KNOWN_TTL if known else 0
         return attr
 
     def _node(self, ino: int) -> Node:
@@ -139,7 +148,7 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         if inode == CONTROL_INODE:
             return self.control_attributes()
-        return self.attributes(self._node(inode))
+        return await self.attributes_of(self._node(inode))
 
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
@@ -156,8 +165,9 @@ class Operations(pyfuse3.Operations):
             node = await self.tree.lookup(parent_inode, text) if parent.kind.is_dir else None
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        attr = await self.attributes_of(node)
         self.lookups[node.ino] += 1
-        return self.attributes(node)
+        return attr
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, count in inode_list:
@@ -179,7 +189,7 @@ class Operations(pyfuse3.Operations):
         for index in range(start_id, len(children)):
             child = children[index]
             if not pyfuse3.readdir_reply(token, os.fsencode(child.name),
-                                         self.attributes(child), index + 1):
+                                         await self.attributes_of(child), index + 1):
                 return
             self.lookups[child.ino] += 1
 
@@ -190,6 +200,8 @@ class Operations(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self._node(inode)
+        if node.kind is Kind.SIDECAR:
+            return self._open_handle(OpenFile(data=await sidecars.render(node, self.tree)))
         if node.kind is not Kind.INSTANCE:
             raise pyfuse3.FUSEError(errno.EISDIR)
         with trio.fail_after(self.open_timeout):
@@ -200,10 +212,13 @@ class Operations(pyfuse3.Operations):
         except OSError:
             self.cache.release(entry)
             raise
+        return self._open_handle(OpenFile(fd, entry), keep_cache=True)
+
+    def _open_handle(self, handle: OpenFile, keep_cache: bool = False) -> pyfuse3.FileInfo:
         fh = self._next_fh
         self._next_fh += 1
-        self._files[fh] = OpenFile(fd, entry)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        self._files[fh] = handle
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     def _series_bytes(self, node: Node) -> int | None:
         series = self.tree.node(node.parent)
@@ -211,13 +226,18 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._files[fh].fd, size, off)
+        handle = self._files[fh]
+        if handle.fd is None:
+            return handle.data[off:off + size]
+        return os.pread(handle.fd, size, off)
 
     @fuse_errors
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh)
-        os.close(handle.fd)
-        self.cache.release(handle.entry)
+        if handle.fd is not None:
+            os.close(handle.fd)
+        if handle.entry is not None:
+            self.cache.release(handle.entry)
 
     @fuse_errors
     async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from tciafs import credentials, paths, status
+from tciafs import credentials, manifest, paths, status
 from tciafs.cache import Cache
 from tciafs.catalog import Catalog
 from tciafs.client import AuthError, Credentials, NbiaClient
@@ -55,6 +55,9 @@ class MountOptions:
     debug: bool = False
     credentials_file: Path | None = None
     api_key_file: Path | None = None
+    layout: str = "uid"
+    manifest: Path | None = None
+    cart: str | None = None
 
 
 def default_cache_size(cache_dir: Path) -> int:
@@ -179,7 +182,34 @@ def _report(ready_fd: int | None, message: str) -> None:
 
 
 def _source_key(opts: MountOptions) -> str:
-    return "demo" if opts.demo else f"{opts.server}|{opts.nlst_server}"
+    """What makes one persisted catalog differ from another: server, view, selection."""
+    server = "demo" if opts.demo else f"{opts.server}|{opts.nlst_server}"
+    selection = ""
+    if opts.manifest is not None:
+        selection = "manifest:" + hashlib.sha256(opts.manifest.read_bytes()).hexdigest()
+    elif opts.cart is not None:
+        selection = f"cart:{opts.cart}"
+    return f"{server}|{opts.layout}|{selection}"
+
+
+async def _selection(client: NbiaClient, opts: MountOptions) -> list | None:
+    """The series a manifest or a shared cart names, or None for the whole archive."""
+    if opts.manifest is not None:
+        try:
+            uids = manifest.read(opts.manifest)
+        except manifest.ManifestError as exc:
+            raise MountError(str(exc)) from None
+        chosen = await manifest.resolve(client, uids)
+        what = f"manifest {opts.manifest}"
+    elif opts.cart is not None:
+        chosen = await client.cart(opts.cart)
+        what = f"shared cart {opts.cart!r}"
+    else:
+        return None
+    if not chosen:
+        raise MountError(f"{what}: none of its series is known to {opts.server}")
+    log.info("%s: %d series", what, len(chosen))
+    return chosen
 
 
 def _client(opts: MountOptions) -> NbiaClient:
@@ -208,11 +238,13 @@ async def _serve(opts: MountOptions, ready_fd: int | None) -> None:
             raise MountError(str(exc)) from exc
         except Exception as exc:  # the client's errors carry the one-line reason
             raise MountError(f"cannot reach {opts.server}: {exc}") from exc
+        selection = await _selection(client, opts)
         digest = hashlib.sha256(_source_key(opts).encode()).hexdigest()[:12]
         catalog = Catalog(opts.cache_dir / f"catalog-{digest}.sqlite", _source_key(opts))
         size = opts.cache_size or default_cache_size(opts.cache_dir)
         cache = Cache(opts.cache_dir, size, client, prefetch=opts.prefetch)
-        tree = Tree(client, catalog, listing_ttl=opts.listing_ttl)
+        tree = Tree(client, catalog, listing_ttl=opts.listing_ttl, layout=opts.layout,
+                    selection=selection)
         started = time.time()
         control = Control(tree, cache)
 

@@ -25,13 +25,17 @@ from typing import Any
 import cachetools
 import trio
 
-from tciafs import names
+from tciafs import layout, names
 from tciafs.catalog import ROOT_INODE, Catalog, Kind, NewChild, Node
-from tciafs.client import ClientError, Collection, NbiaClient, NotFound, Series
+from tciafs.client import ClientError, Collection, NbiaClient, NotFound, Patient, Series
 
 log = logging.getLogger(__name__)
 
 INSTANCE_SUFFIX = ".dcm"
+# Dotfiles, so a plain `ls` and `*.dcm` globs never see them; no archive name starts
+# with a dot (names.encode escapes a leading one), so they cannot clash.
+COLLECTION_SIDECARS = (".LICENSE", ".CITATION")
+SERIES_SIDECAR = ".series.json"
 
 
 class ListingUnavailable(Exception):
@@ -40,11 +44,16 @@ class ListingUnavailable(Exception):
 
 class Tree:
     def __init__(self, client: NbiaClient, catalog: Catalog, *, listing_ttl: float = 6 * 3600,
-                 bulk_patients: int = 500, memory_entries: int = 4096) -> None:
+                 bulk_patients: int = 500, memory_entries: int = 4096, layout: str = "uid",
+                 selection: Sequence[Series] | None = None) -> None:
         self.client = client
         self.catalog = catalog
         self.listing_ttl = listing_ttl
         self.bulk_patients = bulk_patients
+        self.layout = layout
+        # A manifest or cart: only these series exist, and the levels above them come
+        # from their own records instead of listings.
+        self.selection = list(selection) if selection is not None else None
         # Hot listings stay in memory; the catalog keeps all of them across mounts.
         self._listings: cachetools.TTLCache[int, dict[str, Node]] = cachetools.TTLCache(
             maxsize=memory_entries, ttl=min(listing_ttl, 600))
@@ -143,55 +152,98 @@ class Tree:
                 await self._fetch_series(node)
 
     async def _fetch_root(self, root: Node) -> None:
-        collections = await self._nonempty(self.client.collections)
+        if self.selection is not None:
+            collections = [Collection(c, self.client.host_of(c) or "main")
+                           for c in dict.fromkeys(s.collection for s in self.selection)]
+        else:
+            collections = await self._nonempty(self.client.collections)
         children = [NewChild(names.encode(c.name), Kind.COLLECTION, c.name, c.name,
                              meta={"host": c.host}) for c in collections]
         self.catalog.replace_children(root.ino, _unique(children, "collection"))
 
     async def _fetch_collection(self, coll: Node) -> None:
-        patients = await self._nonempty(self.client.patients, coll.ident)
+        if self.selection is not None:
+            patients = [Patient(coll.ident, pid) for pid in dict.fromkeys(
+                s.patient_id for s in self.selection if s.collection == coll.ident)]
+        else:
+            patients = await self._nonempty(self.client.patients, coll.ident)
         children = [NewChild(names.encode(p.patient_id), Kind.PATIENT, p.patient_id,
                              coll.ident, meta=_record_meta(p)) for p in patients]
+        children += [NewChild(name, Kind.SIDECAR, name, coll.ident)
+                     for name in COLLECTION_SIDECARS]
         self.catalog.replace_children(coll.ino, _unique(children, "patient"))
 
     async def _fetch_patient(self, patient: Node | None) -> None:
         if patient is None:
             return
-        siblings = self.catalog.children(patient.parent)
-        if len(siblings) <= self.bulk_patients:
-            series = await self._nonempty(self.client.series, patient.collection)
-            targets = siblings
-        else:
-            series = await self._nonempty(self.client.series, patient.collection,
-                                          patient.ident)
-            targets = [patient]
+        siblings = [n for n in self.catalog.children(patient.parent) if n.kind is Kind.PATIENT]
+        bulk = len(siblings) <= self.bulk_patients
+        targets = siblings if bulk else [patient]
+        who = None if bulk else patient.ident
+        series = await self._series_rows(patient.collection, who)
+        study_ids = await self._study_ids(patient.collection, who)
         by_patient: dict[str, list[Series]] = defaultdict(list)
         for s in series:
             by_patient[s.patient_id.upper()].append(s)
         listed = time.time()
         for target in targets:
-            self._store_patient(target, by_patient.get(target.ident.upper(), []), listed)
+            self._store_patient(target, by_patient.get(target.ident.upper(), []), study_ids,
+                                listed)
             self._listings.pop(target.ino, None)
         self.requests_saved += len(targets) - 1
 
-    def _store_patient(self, patient: Node, series: Sequence[Series], listed: float) -> None:
+    async def _series_rows(self, collection: str, patient_id: str | None) -> list[Series]:
+        if self.selection is not None:
+            return [s for s in self.selection if s.collection == collection
+                    and (patient_id is None or s.patient_id.upper() == patient_id.upper())]
+        if patient_id is None:
+            return await self._nonempty(self.client.series, collection)
+        return await self._nonempty(self.client.series, collection, patient_id)
+
+    async def _study_ids(self, collection: str, patient_id: str | None) -> dict[str, str]:
+        """StudyID by study UID: only the descriptive names need it (one more request)."""
+        if self.layout != "descriptive":
+            return {}
+        studies = await self.client.studies(collection, patient_id)
+        return {s.study_uid: s.study_id for s in studies if s.study_id}
+
+    def _store_patient(self, patient: Node, series: Sequence[Series],
+                       study_ids: dict[str, str], listed: float) -> None:
         studies: dict[str, list[Series]] = defaultdict(list)
         for s in series:
             studies[s.study_uid].append(s)
-        children = [NewChild(names.encode(uid), Kind.STUDY, uid, patient.collection,
-                             meta=_study_meta(rows[0])) for uid, rows in studies.items()]
+        firsts = [rows[0] for rows in studies.values()]
+        study_names = self._study_names(firsts, study_ids)
+        children = [NewChild(name, Kind.STUDY, first.study_uid, patient.collection,
+                             meta=_study_meta(first, study_ids.get(first.study_uid)))
+                    for name, first in zip(study_names, firsts, strict=True)]
         self.catalog.replace_children(patient.ino, _unique(children, "study"), listed)
         for study in self.catalog.children(patient.ino):
             rows = studies.get(study.ident, [])
-            kids = [NewChild(names.encode(s.series_uid), Kind.SERIES, s.series_uid,
-                             patient.collection, s.series_uid, _record_meta(s)) for s in rows]
+            kids = [NewChild(name, Kind.SERIES, s.series_uid, patient.collection,
+                             s.series_uid, _record_meta(s))
+                    for name, s in zip(self._series_names(rows), rows, strict=True)]
             self.catalog.replace_children(study.ino, _unique(kids, "series"), listed)
             self._listings.pop(study.ino, None)
+
+    def _study_names(self, firsts: list[Series], study_ids: dict[str, str]) -> list[str]:
+        if self.layout != "descriptive":
+            return [names.encode(s.study_uid) for s in firsts]
+        return layout.disambiguate(firsts, lambda s, n: layout.study_name(
+            s.study_uid, s.study_date, study_ids.get(s.study_uid), s.study_description, n))
+
+    def _series_names(self, rows: list[Series]) -> list[str]:
+        if self.layout != "descriptive":
+            return [names.encode(s.series_uid) for s in rows]
+        return layout.disambiguate(rows, lambda s, n: layout.series_name(
+            s.series_uid, s.series_number, s.series_description, n))
 
     async def _fetch_series(self, series: Node) -> None:
         uids = await self._nonempty(self.client.instance_uids, series.collection, series.ident)
         children = [NewChild(names.encode(uid) + INSTANCE_SUFFIX, Kind.INSTANCE, uid,
                              series.collection, series.ident) for uid in uids]
+        children.append(NewChild(SERIES_SIDECAR, Kind.SIDECAR, SERIES_SIDECAR,
+                                 series.collection, series.ident))
         self.catalog.replace_children(series.ino, _unique(children, "instance"))
 
     async def _nonempty(self, fetch: Any, *args: str) -> list:
@@ -219,11 +271,23 @@ class Tree:
                 self._facts[collection] = facts
         return facts
 
+    async def ensure_collection_facts(self, collection: str) -> dict[str, Any]:
+        """Collection facts, listing the collection's first patient if none is known yet."""
+        facts = self.collection_facts(collection)
+        if "license_name" in facts:
+            return facts
+        coll = next((n for n in await self.children(ROOT_INODE) if n.ident == collection), None)
+        patient = next((n for n in await self.children(coll.ino) if n.kind is Kind.PATIENT),
+                       None) if coll else None
+        if patient is not None:
+            await self.children(patient.ino)
+        return self.collection_facts(collection)
+
     def listed_count(self, ino: int) -> int | None:
         node = self.node(ino)
         if node is None or node.listed is None:
             return None
-        return len(self.catalog.children(ino))
+        return sum(n.kind is Kind.INSTANCE for n in self.catalog.children(ino))
 
     # -- invalidation --------------------------------------------------------------------
 
@@ -253,8 +317,9 @@ def _record_meta(record: Any) -> dict[str, Any]:
     return {k: _plain(v) for k, v in dataclasses.asdict(record).items() if v is not None}
 
 
-def _study_meta(series: Series) -> dict[str, Any]:
+def _study_meta(series: Series, study_id: str | None) -> dict[str, Any]:
     return {k: _plain(v) for k, v in {
         "collection": series.collection, "patient_id": series.patient_id,
         "study_uid": series.study_uid, "study_date": series.study_date,
-        "study_description": series.study_description}.items() if v is not None}
+        "study_description": series.study_description, "study_id": study_id,
+        "date_released": series.date_released}.items() if v is not None}

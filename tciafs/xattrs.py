@@ -32,12 +32,13 @@ _DICOM_FIELDS: dict[Kind, dict[str, str]] = {
                   "StudyInstanceUID": "study_uid"},
 }
 _LEVEL = {Kind.ROOT: "root", Kind.COLLECTION: "collection", Kind.PATIENT: "patient",
-          Kind.STUDY: "study", Kind.SERIES: "series", Kind.INSTANCE: "instance"}
+          Kind.STUDY: "study", Kind.SERIES: "series", Kind.INSTANCE: "instance",
+          Kind.SIDECAR: "sidecar"}
 
 
 def attributes(node: Node, tree: Tree, cache: Cache) -> dict[str, str]:
     attrs: dict[str, str] = {"user.tcia.level": _LEVEL[node.kind]}
-    if node.kind is Kind.ROOT:
+    if node.kind in (Kind.ROOT, Kind.SIDECAR):
         return attrs
     attrs["user.tcia.id"] = node.ident
     attrs["user.tcia.collection"] = node.collection

@@ -106,6 +106,16 @@ def series_request(gen: Generation, collection: str, patient_id: str | None,
                                        "StudyInstanceUID": study_uid})
 
 
+def series_by_uid_request(gen: Generation, series_uid: str) -> Request:
+    return _request(gen, "getSeries", {"SeriesInstanceUID": series_uid})
+
+
+def cart_request(gen: Generation, name: str) -> Request:
+    # A shared cart: v1/v2 only (v4 never got it); Bindaas spelled it without "get".
+    endpoint = "ContentsByName" if gen.name == "legacy" else "getContentsByName"
+    return _request(gen, endpoint, {"name": name})
+
+
 def instance_uids_request(gen: Generation, series_uid: str) -> Request:
     return _request(gen, "getSOPInstanceUIDs", {"SeriesInstanceUID": series_uid})
 

@@ -338,6 +338,35 @@ class NbiaClient:
                 and (patient_id is None or _same(s.patient_id, patient_id))
                 and (study_uid is None or s.study_uid == study_uid)]
 
+    async def series_by_uid(self, series_uid: str) -> list[Series]:
+        """The series with this UID (for manifests): asked of the main server, then NLST."""
+        for host in self._servers:
+            rows, gen, what = await self._rows(
+                lambda g: api.series_by_uid_request(g, series_uid), host)
+            found = [s for s in (api.parse_series(row, gen, "", what) for row in rows)
+                     if s is not None and s.series_uid == series_uid]
+            if found:
+                self.remember_hosts([Collection(found[0].collection, host)])
+                return found
+        return []
+
+    async def cart(self, name: str) -> list[Series]:
+        """The series of a shared cart (getContentsByName, which only v1/v2 have)."""
+        gen = self.gen if self.gen.name in ("v1", "v2", "legacy") else api_generation("v1")
+        deadline = trio.current_time() + self.request_deadline
+
+        def build(g: Generation) -> Request:
+            return api.cart_request(g, name)
+
+        reply, what, _used = await self._exchange(gen, build, MAIN, deadline, None)
+        if reply.status != 200:
+            raise self._status_error(reply, what, build(gen).endpoint, binary=False)
+        rows = api.parse_rows(reply.body, what)
+        found = [s for s in (api.parse_series(row, gen, "", what) for row in rows)
+                 if s is not None]
+        self.remember_hosts([Collection(s.collection, MAIN) for s in found])
+        return found
+
     async def instance_uids(self, collection: str, series_uid: str) -> list[str]:
         host = await self._host_for(collection)
         rows, _gen, what = await self._rows(
