@@ -264,7 +264,9 @@ async def _serve(opts: MountOptions, ready_fd: int | None) -> None:
 
 async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None) -> None:
     fuse_options = set(pyfuse3.default_options)
-    fuse_options |= {"fsname=tciafs", "subtype=tciafs", "ro", "noatime"}
+    # No "ro": the kernel would then refuse setxattr on the control file too. Every
+    # write handler answers EROFS itself, so the tree stays read-only all the same.
+    fuse_options |= {"fsname=tciafs", "subtype=tciafs", "noatime"}
     if opts.debug:
         fuse_options.add("debug")
     try:
