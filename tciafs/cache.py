@@ -167,9 +167,11 @@ class Cache:
 
     def _meta_bytes(self) -> int:
         total = 0
-        for path in self.root.glob("*.sqlite*"):
-            with contextlib.suppress(FileNotFoundError):
-                total += path.stat().st_size
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if ".sqlite" in entry.name:
+                    with contextlib.suppress(FileNotFoundError):
+                        total += entry.stat().st_size
         return total
 
     @property
@@ -344,7 +346,7 @@ class Cache:
     async def _download_single(self, collection: str, series: str, sop: str) -> None:
         assert self.client is not None
         async with (self.client.open_instance(collection, series, sop) as stream,
-                    self._tmpfile(series) as tmp):
+                    self._tmpfile(series, expected=stream.size) as tmp):
             async for chunk in stream.chunks():
                 await tmp.write(chunk)
             if stream.size is not None and tmp.size != stream.size:
@@ -353,8 +355,9 @@ class Cache:
         self.stats.single_fetches += 1
 
     @asynccontextmanager
-    async def _tmpfile(self, series: str) -> AsyncIterator[_TmpFile]:
-        tmp = _TmpFile(self, series)
+    async def _tmpfile(self, series: str, hashing: bool = True,
+                       expected: int | None = None) -> AsyncIterator[_TmpFile]:
+        tmp = _TmpFile(self, series, hashing, expected)
         try:
             yield tmp
         finally:
@@ -367,9 +370,10 @@ class Cache:
         tmp.close()
         if expect_sop is not None and sop != expect_sop:
             raise FetchFailed(f"server sent instance {sop!r} when asked for {expect_sop!r}")
-        md5 = tmp.md5.hexdigest()
+        md5 = tmp.hexdigest()
         if sop in self._lru:  # another path delivered it first
             return sop
+        tmp.settle()
         final = self._object_path(sop)
         final.parent.mkdir(exist_ok=True, mode=0o700)
         os.rename(tmp.path, final)
@@ -398,6 +402,8 @@ class Cache:
     def start_series_fetch(self, collection: str, series: str) -> trio.Event:
         """Fetch a whole series in the background (once); returns its completion event."""
         event = self._series_tasks.get(series)
+        if event is None and self._nursery is None:
+            raise FetchFailed("the cache's background task is not running")
         if event is None:
             event = self._series_tasks[series] = trio.Event()
             assert self._nursery is not None
@@ -434,12 +440,14 @@ class Cache:
         names: dict[str, tuple[str, str]] = {}  # entry name → (sop, md5)
         async with self.client.open_series(collection, series) as stream:
             async for member in stream.members():
-                async with self._tmpfile(series) as tmp:
+                # The ZIP reader hashes every entry already: no second MD5 pass here.
+                async with self._tmpfile(series, hashing=False) as tmp:
                     async for chunk in member.chunks():
                         await tmp.write(chunk)
                         progress[0] += len(chunk)
+                    tmp.known_md5 = member.md5
                     sop = await self._publish(tmp, collection, series)
-                    names[member.name] = (sop, tmp.md5.hexdigest())
+                    names[member.name] = (sop, tmp.hexdigest())
                     progress[1] += 1
             expected = stream.md5s
         self.stats.series_fetches += 1
@@ -497,20 +505,31 @@ class Cache:
         self.db.close()
 
 
-class _TmpFile:
-    """A download in progress: reserved byte by byte, hashed as it is written."""
+RESERVE_STEP = 1 << 20
 
-    def __init__(self, cache: Cache, series: str) -> None:
+
+class _TmpFile:
+    """A download in progress: room reserved ahead in steps, hashed as it is written."""
+
+    def __init__(self, cache: Cache, series: str, hashing: bool = True,
+                 expected: int | None = None) -> None:
         self.cache = cache
         self.series = series
+        self.expected = expected
         self.path = cache.root / "tmp" / f"{os.getpid()}-{random.getrandbits(64):016x}"
         self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self.size = 0
-        self.md5 = hashlib.md5()
+        self.reserved = 0
+        self.md5 = hashlib.md5(usedforsecurity=False) if hashing else None
+        self.known_md5: str | None = None  # set by whoever hashed the bytes on the way
         self._kept = False
 
+    def hexdigest(self) -> str:
+        return self.md5.hexdigest() if self.md5 is not None else self.known_md5 or ""
+
     async def write(self, chunk: bytes) -> None:
-        self.cache._reserve(len(chunk), self.series)
+        if self.size + len(chunk) > self.reserved:
+            self._reserve_for(len(chunk))
         self.size += len(chunk)
         try:
             _write_all(self.fd, chunk)
@@ -523,7 +542,30 @@ class _TmpFile:
                 _write_all(self.fd, chunk)
             except OSError as again:
                 raise CacheFull(f"disk full while caching series {self.series}") from again
-        self.md5.update(chunk)
+        if self.md5 is not None:
+            self.md5.update(chunk)
+
+    def _reserve_for(self, nbytes: int) -> None:
+        """Reserve the expected rest of the file, or a MiB ahead: far fewer calls than one
+        per chunk; what stays unused is given back when the file is published. Near a
+        full cache, fall back to exactly what this chunk needs."""
+        need = self.size + nbytes - self.reserved
+        ahead = (self.expected - self.reserved if self.expected and self.expected > self.size
+                 else RESERVE_STEP)
+        step = max(need, ahead)
+        try:
+            self.cache._reserve(step, self.series)
+        except CacheFull:
+            if step == need:
+                raise
+            step = need
+            self.cache._reserve(step, self.series)
+        self.reserved += step
+
+    def settle(self) -> None:
+        """Give back the reserved room the finished file did not use."""
+        self.cache._unreserve(self.reserved - self.size)
+        self.reserved = self.size
 
     def close(self) -> None:
         if self.fd is not None:
@@ -536,7 +578,8 @@ class _TmpFile:
     def discard(self) -> None:
         self.close()
         if not self._kept:
-            self.cache._unreserve(self.size)
+            self.cache._unreserve(self.reserved)
+            self.reserved = 0
             self.path.unlink(missing_ok=True)
 
 

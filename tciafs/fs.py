@@ -204,6 +204,8 @@ class Operations(pyfuse3.Operations):
             return self._open_handle(OpenFile(data=await sidecars.render(node, self.tree)))
         if node.kind is not Kind.INSTANCE:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if not self.cache.is_cached(node.ident):
+            await self._read_ahead(node)
         with trio.fail_after(self.open_timeout):
             entry = await self.cache.acquire(node.collection, node.series_uid, node.ident,
                                              self._series_bytes(node))
@@ -219,6 +221,24 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         self._files[fh] = handle
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+
+    async def _read_ahead(self, node: Node) -> None:
+        """A cold read in a study fetches its other series too, a few at a time.
+
+        `cp -r` and viewers take a study series after series; fetching the siblings in
+        parallel keeps the link busy. Only when the whole study fits comfortably.
+        """
+        series = self.tree.node(node.parent)
+        study = self.tree.node(series.parent) if series is not None else None
+        if study is None or not self.cache.prefetch:
+            return
+        siblings = [n for n in await self.tree.children(study.ino) if n.kind is Kind.SERIES]
+        total = sum(n.meta.get("file_size") or 0 for n in siblings)
+        if len(siblings) < 2 or total > self.cache.max_bytes // 2:
+            return
+        for sibling in siblings:
+            if sibling.ino != series.ino and not self.cache.series_complete(sibling.ident):
+                self.cache.start_series_fetch(sibling.collection, sibling.ident)
 
     def _series_bytes(self, node: Node) -> int | None:
         series = self.tree.node(node.parent)
