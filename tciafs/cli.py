@@ -45,6 +45,9 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
                       help="mount only the series a .tcia manifest lists")
     view.add_argument("--cart", default=None, metavar="NAME",
                       help="mount only the series of a shared cart")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other local users read the mount (they use your login and "
+                        "cache; see the README before you do)")
     p.add_argument("--listing-ttl", type=float, default=6 * 3600, metavar="SECONDS",
                    help="how long a directory listing is trusted before it is asked "
                         "again (default 21600)")
@@ -124,8 +127,8 @@ def _mount_options(args: argparse.Namespace):  # noqa: ANN202
         cache_size=args.cache_size, prefetch=args.prefetch, listing_ttl=args.listing_ttl,
         max_connections=args.max_connections, timeout=args.timeout, debug=args.debug,
         credentials_file=args.credentials_file, api_key_file=args.api_key_file,
-        layout=args.layout, manifest=args.manifest.absolute() if args.manifest else None,
-        cart=args.cart)
+        layout=args.layout, allow_other=args.allow_other, cart=args.cart,
+        manifest=args.manifest.absolute() if args.manifest else None)
 
 
 def _cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:

@@ -56,6 +56,7 @@ class MountOptions:
     credentials_file: Path | None = None
     api_key_file: Path | None = None
     layout: str = "uid"
+    allow_other: bool = False
     manifest: Path | None = None
     cart: str | None = None
 
@@ -267,8 +268,10 @@ async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None) -
     # No "ro": the kernel would then refuse setxattr on the control file too. Every
     # write handler answers EROFS itself, so the tree stays read-only all the same.
     fuse_options |= {"fsname=tciafs", "subtype=tciafs", "noatime"}
-    if opts.debug:
-        fuse_options.add("debug")
+    if opts.allow_other:
+        # Other local users then read through this mount with this user's login and
+        # cache; non-root users also need user_allow_other in /etc/fuse.conf.
+        fuse_options.add("allow_other")
     try:
         pyfuse3.init(ops, str(opts.mountpoint), fuse_options)
     except RuntimeError as exc:
