@@ -94,7 +94,7 @@ def test_flags_reach_the_server(tmp_path: Path) -> None:
     users.write_text(json.dumps({"dave": {"password": "s3cret-pw", "collections": ["*"]},
                                  "api_keys": ["file-key"]}))
     faults = json.dumps({"p503": 1.0, "endpoints": ["getPatient"]})
-    with emulator("--users-file", str(users), "--api-key", "flag-key", "--faults", faults,
+    with emulator("--users-file", str(users), "--faults", faults,
                   "--latency-ms", "50", "--token-lifetime", "60", "--verbose") as proc:
         url = read_line(proc)
         config = httpx.get(url + "/_emulator/faults", timeout=10).json()
@@ -104,12 +104,11 @@ def test_flags_reach_the_server(tmp_path: Path) -> None:
             "grant_type": "password", "username": "dave", "password": "s3cret-pw"}).json()
         assert token["expires_in"] == 60
         legacy = url + "/services/v3/TCIA/query/getCollectionValues"
-        for key in ("file-key", "flag-key"):
-            assert httpx.get(legacy, params={"api_key": key}, timeout=10).status_code == 200
+        assert httpx.get(legacy, params={"api_key": "file-key"}, timeout=10).status_code == 200
         code, stderr = stop(proc, signal.SIGTERM)
     assert code == 0
     assert "getCollectionValues" in stderr  # --verbose logs requests ...
-    for secret in ("s3cret-pw", token["access_token"], "file-key", "flag-key"):
+    for secret in ("s3cret-pw", token["access_token"], "file-key"):
         assert secret not in stderr  # ... but never a password, token or key
 
 

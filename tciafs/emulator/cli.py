@@ -51,8 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="refresh-token lifetime (default twice the access-token lifetime)")
     add("--users-file", type=Path, default=None,
         help='JSON {"user": {"password": ..., "collections": [...]}, "api_keys": [...]}')
-    add("--api-key", action="append", default=[], metavar="KEY",
-        help="a key accepted by the legacy /services/v3 API (repeatable)")
     add("--faults", default=None, metavar="JSON",
         help="initial fault configuration, as JSON or @FILE (see /_emulator/faults)")
     add("--expired-token-mode", choices=("swallow", "401"), default="swallow",
@@ -77,7 +75,7 @@ def fault_config(args: argparse.Namespace) -> FaultConfig:
 def options(args: argparse.Namespace) -> Options:
     return Options(host=args.host, port=args.port, nlst_port=args.nlst_port,
                    token_lifetime=args.token_lifetime, refresh_lifetime=args.refresh_lifetime,
-                   users=UserDB.load(args.users_file, tuple(args.api_key)),
+                   users=UserDB.load(args.users_file, ()),
                    faults=fault_config(args), expired_token_mode=args.expired_token_mode,
                    verbose=args.verbose)
 
