@@ -107,6 +107,8 @@ class Cache:
         self.on_size_learned: Callable[[str, int], None] | None = None
         for sub in ("objects", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        for fanout in range(256):  # once here, rather than a mkdir per published file
+            (root / "objects" / f"{fanout:02x}").mkdir(exist_ok=True, mode=0o700)
         os.chmod(root, 0o700)
         self.db = open_db(root / "index.sqlite")
         self.db.executescript(_SCHEMA)
@@ -374,9 +376,7 @@ class Cache:
         if sop in self._lru:  # another path delivered it first
             return sop
         tmp.settle()
-        final = self._object_path(sop)
-        final.parent.mkdir(exist_ok=True, mode=0o700)
-        os.rename(tmp.path, final)
+        os.rename(tmp.path, self._object_path(sop))
         tmp.adopted()
         self._series_of[sop] = series
         self._lru[sop] = tmp.size
