@@ -38,7 +38,13 @@ import pydicom
 import trio
 
 from tciafs.catalog import open_db
-from tciafs.client import ClientError, NbiaClient, NotFound
+from tciafs.client import (
+    ChecksumMismatch,
+    ClientError,
+    NbiaClient,
+    NotFound,
+    TruncatedStream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +113,10 @@ class Cache:
         self.on_size_learned: Callable[[str, int], None] | None = None
         for sub in ("objects", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-        for fanout in range(256):  # once here, rather than a mkdir per published file
-            (root / "objects" / f"{fanout:02x}").mkdir(exist_ok=True, mode=0o700)
+        self._dir_bytes: dict[str, int] = {}
+        for directory in (root, root / "objects", root / "tmp",
+                          *(root / "objects").iterdir()):
+            self._measure_dir(directory)
         os.chmod(root, 0o700)
         self.db = open_db(root / "index.sqlite")
         self.db.executescript(_SCHEMA)
@@ -124,6 +132,7 @@ class Cache:
         self._open: collections.Counter[str] = collections.Counter()
         self._busy_series: collections.Counter[str] = collections.Counter()
         self._fetching: dict[str, trio.Event] = {}
+        self._tmpfiles: set[_TmpFile] = set()  # downloads in progress
         self._published: dict[str, trio.Event] = {}
         self._series_tasks: dict[str, trio.Event] = {}
         self._series_limiter = trio.CapacityLimiter(series_parallel)
@@ -178,7 +187,12 @@ class Cache:
 
     @property
     def used_bytes(self) -> int:
-        return self._file_bytes + self._meta_bytes()
+        return self._file_bytes + self._meta_bytes() + sum(self._dir_bytes.values())
+
+    def _measure_dir(self, path: Path) -> None:
+        # Directories take room too (`du` counts them); they grow as files are added.
+        with contextlib.suppress(FileNotFoundError):
+            self._dir_bytes[str(path)] = path.stat().st_size
 
     @property
     def entries(self) -> int:
@@ -187,7 +201,7 @@ class Cache:
     def _reserve(self, nbytes: int, series: str) -> None:
         """Claim room for `nbytes` more, evicting as needed; raise CacheFull if impossible."""
         # META_SLACK keeps room for the SQLite files to grow until the next checkpoint.
-        need = self._file_bytes + nbytes + self._meta_bytes() + META_SLACK - self.max_bytes
+        need = self.used_bytes + nbytes + META_SLACK - self.max_bytes
         if need > 0:
             self._evict(need, series)
         self._file_bytes += nbytes
@@ -205,8 +219,18 @@ class Cache:
                 need -= self._lru[sop]
                 self._drop(sop)
         if need > 0:
+            need -= self._reclaim_ahead()
+        if need > 0:
             raise CacheFull(f"cache full: {self.max_bytes} bytes bound, nothing evictable "
                             f"(open or pinned files hold it) while reading series {series}")
+
+    def _reclaim_ahead(self) -> int:
+        """Take back the room downloads reserved ahead of their bytes; return how much."""
+        freed = 0
+        for tmp in self._tmpfiles:
+            freed += tmp.reserved - tmp.size
+            tmp.settle()
+        return freed
 
     def _evictable(self, sop: str, allow_busy: bool) -> bool:
         if self._open[sop] or sop in self._pinned:
@@ -333,8 +357,19 @@ class Cache:
             try:
                 await func(*args)
                 return
-            except (CacheFull, NotFound):
+            except CacheFull:
                 raise
+            except NotFound as exc:
+                # It was listed, so "unknown" here means the service is failing (NBIA
+                # answers both with the same 500): an I/O error, not a missing file.
+                raise FetchFailed(f"{what}: the service no longer serves it: {exc}") from exc
+            except (TruncatedStream, ChecksumMismatch) as exc:
+                # The client retries only until the first byte: a body cut short or
+                # damaged on the way is fetched again here.
+                if attempt == self.attempts:
+                    raise FetchFailed(f"{what}: {exc}") from exc
+                log.info("retrying %s after: %s", what, exc)
+                await trio.sleep(min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.0))
             except ClientError as exc:
                 # The client already retried with back-off: failing again here would
                 # only multiply the wait before the reader gets its EIO.
@@ -360,9 +395,11 @@ class Cache:
     async def _tmpfile(self, series: str, hashing: bool = True,
                        expected: int | None = None) -> AsyncIterator[_TmpFile]:
         tmp = _TmpFile(self, series, hashing, expected)
+        self._tmpfiles.add(tmp)
         try:
             yield tmp
         finally:
+            self._tmpfiles.discard(tmp)
             tmp.discard()
 
     async def _publish(self, tmp: _TmpFile, collection: str, series: str, *,
@@ -376,7 +413,11 @@ class Cache:
         if sop in self._lru:  # another path delivered it first
             return sop
         tmp.settle()
-        os.rename(tmp.path, self._object_path(sop))
+        final = self._object_path(sop)
+        if str(final.parent) not in self._dir_bytes:  # a mkdir once per fan-out directory
+            final.parent.mkdir(exist_ok=True, mode=0o700)
+        os.rename(tmp.path, final)
+        self._measure_dir(final.parent)
         tmp.adopted()
         self._series_of[sop] = series
         self._lru[sop] = tmp.size

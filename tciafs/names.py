@@ -27,9 +27,10 @@ def _must_escape(ch: str) -> bool:
     return ch in "%/" or ord(ch) < 0x20 or ord(ch) == 0x7F
 
 
-def encode(identifier: str) -> str:
+def encode(identifier: str, suffix: str = "") -> str:
+    """The file name for `identifier`, plus `suffix`, within NAME_MAX bytes."""
     if identifier == "":
-        return "%"
+        return "%" + suffix
     parts = []
     for i, ch in enumerate(identifier):
         if _must_escape(ch) or (i == 0 and ch == "."):
@@ -38,14 +39,15 @@ def encode(identifier: str) -> str:
             parts.append(ch)
     name = "".join(parts)
     raw = name.encode("utf-8", "surrogateescape")
-    if len(raw) <= NAME_MAX:
-        return name
+    room = NAME_MAX - len(suffix.encode())
+    if len(raw) <= room:
+        return name + suffix
     digest = hashlib.sha256(identifier.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    keep = NAME_MAX - len(_HASHED_MARK) - len(digest)
+    keep = room - len(_HASHED_MARK) - len(digest)
     head = raw[:keep].decode("utf-8", "ignore")
     # Never cut inside an escape sequence: that would make the head undecodable.
     head = re.sub(r"%[0-9A-F]?$", "", head)
-    return f"{head}{_HASHED_MARK}{digest}"
+    return f"{head}{_HASHED_MARK}{digest}{suffix}"
 
 
 def decode(name: str) -> str | None:

@@ -240,7 +240,7 @@ class Tree:
 
     async def _fetch_series(self, series: Node) -> None:
         uids = await self._nonempty(self.client.instance_uids, series.collection, series.ident)
-        children = [NewChild(names.encode(uid) + INSTANCE_SUFFIX, Kind.INSTANCE, uid,
+        children = [NewChild(names.encode(uid, INSTANCE_SUFFIX), Kind.INSTANCE, uid,
                              series.collection, series.ident) for uid in uids]
         children.append(NewChild(SERIES_SIDECAR, Kind.SIDECAR, SERIES_SIDECAR,
                                  series.collection, series.ident))

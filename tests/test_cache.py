@@ -49,12 +49,21 @@ def _truth(url: str, series_uid: str) -> dict[str, bytes]:
 
 
 def _disk_usage(root: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(root):
-        for f in files:
+    """Apparent bytes of files and directories, as `du -sb` counts them."""
+    total = os.stat(root).st_size
+    for dirpath, dirs, files in os.walk(root):
+        for f in [*files, *dirs]:
             with contextlib.suppress(FileNotFoundError):  # evicted while we looked
                 total += os.stat(os.path.join(dirpath, f)).st_size
     return total
+
+
+def _overhead(tmp_path: Path) -> int:
+    """What an empty cache already counts against its bound: slack, databases, directories."""
+    probe = Cache(tmp_path / "probe", 1 << 30, None)
+    overhead = probe.used_bytes + META_SLACK
+    probe.close()
+    return overhead
 
 
 @pytest.fixture
@@ -71,7 +80,7 @@ async def _with_cache(cache: Cache, body) -> None:
 
 
 async def test_bound_holds_under_16_concurrent_readers(emulator, client, tmp_path: Path) -> None:
-    bound = META_SLACK + 4_000_000  # room for about seven CT slices
+    bound = _overhead(tmp_path) + 4_000_000  # room for about seven CT slices
     cache = Cache(tmp_path / "c", bound, client, prefetch=True)
     series = _series(emulator.url)
     work = [(s["SeriesInstanceUID"], sop) for s in series[:3]
@@ -138,7 +147,7 @@ async def test_series_prefetch_learns_every_size(emulator, client, tmp_path: Pat
 
 async def test_series_larger_than_the_cache_reads_one_at_a_time(emulator, client,
                                                                tmp_path: Path) -> None:
-    bound = META_SLACK + 1_500_000  # two CT slices, far less than the series
+    bound = _overhead(tmp_path) + 1_500_000  # two CT slices, far less than the series
     cache = Cache(tmp_path / "c", bound, client, prefetch=True)
     target = _series(emulator.url)[0]
     uid = target["SeriesInstanceUID"]
@@ -156,7 +165,7 @@ async def test_series_larger_than_the_cache_reads_one_at_a_time(emulator, client
 
 
 async def test_full_of_open_files_is_a_clear_error(emulator, client, tmp_path: Path) -> None:
-    bound = META_SLACK + 1_200_000
+    bound = _overhead(tmp_path) + 1_200_000
     cache = Cache(tmp_path / "c", bound, client, prefetch=False)
     uid = _series(emulator.url)[0]["SeriesInstanceUID"]
     sops = _sops(emulator.url, uid)

@@ -48,3 +48,9 @@ def test_junk_names(junk: str) -> None:
 
 def test_real_names_are_not_junk() -> None:
     assert not any(names.is_junk(names.encode(i)) for i in AWKWARD)
+
+
+def test_a_suffix_stays_within_name_max() -> None:
+    name = names.encode("1." * 500, ".dcm")
+    assert name.endswith(".dcm") and len(name.encode()) <= names.NAME_MAX
+    assert names.encode("1.2.3", ".dcm") == "1.2.3.dcm"
