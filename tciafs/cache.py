@@ -28,6 +28,7 @@ import logging
 import os
 import random
 import shutil
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -133,6 +134,7 @@ class Cache:
         self._busy_series: collections.Counter[str] = collections.Counter()
         self._fetching: dict[str, trio.Event] = {}
         self._tmpfiles: set[_TmpFile] = set()  # downloads in progress
+        self._touched: dict[str, float] = {}
         self._published: dict[str, trio.Event] = {}
         self._series_tasks: dict[str, trio.Event] = {}
         self._series_limiter = trio.CapacityLimiter(series_parallel)
@@ -308,8 +310,18 @@ class Cache:
             del self._busy_series[series]
 
     def _touch(self, sop: str) -> None:
+        # The order lives in memory; the index learns it in batches, since a write per
+        # open would cost more than the open itself. A crash forgets only recency.
         self._lru.move_to_end(sop)
-        self.db.execute("UPDATE instances SET last_access=? WHERE sop=?", (time.time(), sop))
+        self._touched[sop] = time.time()
+        if len(self._touched) >= 256:
+            self._flush_touches()
+
+    def _flush_touches(self) -> None:
+        with contextlib.suppress(sqlite3.Error):  # recency is a hint, never worth a crash
+            self.db.executemany("UPDATE instances SET last_access=? WHERE sop=?",
+                                [(t, sop) for sop, t in self._touched.items()])
+        self._touched.clear()
 
     async def _ensure_present(self, collection: str, series: str, sop: str,
                               series_bytes: int | None) -> None:
@@ -317,9 +329,12 @@ class Cache:
             self.stats.hits += 1
             return
         self.stats.misses += 1
-        if self._wants_prefetch(series, series_bytes):
+        streaming = series in self._series_tasks
+        if not streaming and self._wants_prefetch(series, series_bytes):
+            # This open starts the stream: the file it waits for could be anywhere in
+            # it, so fetch that one directly, alongside, at once.
             self.start_series_fetch(collection, series)
-        if series in self._series_tasks:
+        elif streaming:
             with trio.move_on_after(self.hedge_delay):
                 await self._published_event(sop).wait()
         while sop not in self._lru:
@@ -538,6 +553,7 @@ class Cache:
         return len(victims)
 
     def save_counters(self) -> None:
+        self._flush_touches()
         self.db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)",
                             [("hits", str(self.stats.hits)), ("misses", str(self.stats.misses))])
 
