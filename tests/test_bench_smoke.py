@@ -1,0 +1,217 @@
+"""Smoke test of the benchmark harness (scripts/bench, scripts/benchlib).
+
+Checks the pieces, never the timings: the copy verifier catches a wrong byte, a
+missing or an extra file; the reference parser maps MD5s to SOPInstanceUIDs; the JSON
+has the documented shape and the chart is a valid PNG; a tiny real run (figures 1 and
+4, one repetition, no shaping) completes; SIGTERM leaves no mount behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+import zlib
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from mountutil import needs_fuse
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "scripts" / "bench"
+sys.path.insert(0, str(ROOT / "scripts"))
+verify = importlib.import_module("benchlib.verify")
+report = importlib.import_module("benchlib.report")
+png = importlib.import_module("benchlib.png")
+figures = importlib.import_module("benchlib.figures")
+procs = importlib.import_module("benchlib.procs")
+
+FIELDS = {"value", "baseline", "ratio", "target", "holds"}
+
+
+def _instances(root: Path, count: int = 3) -> dict[str, str]:
+    expected = {}
+    for k in range(count):
+        sop = f"1.2.826.0.1.3680043.9.{k + 1}"
+        data = os.urandom(4096 + k)
+        (root / f"{sop}.dcm").write_bytes(data)
+        expected[sop] = hashlib.md5(data).hexdigest()
+    return expected
+
+
+def test_verifier_accepts_an_exact_copy(tmp_path: Path) -> None:
+    expected = _instances(tmp_path)
+    assert verify.verify_copy(tmp_path, expected) == []
+    verify.check_copy(tmp_path, expected, "exact")
+
+
+def test_verifier_catches_one_wrong_byte(tmp_path: Path) -> None:
+    expected = _instances(tmp_path)
+    victim = sorted(tmp_path.glob("*.dcm"))[1]
+    data = bytearray(victim.read_bytes())
+    data[1234] ^= 0x01
+    victim.write_bytes(bytes(data))
+    problems = verify.verify_copy(tmp_path, expected)
+    assert len(problems) == 1 and victim.name in problems[0]
+    with pytest.raises(procs.BenchError, match="verification failed"):
+        verify.check_copy(tmp_path, expected, "corrupt")
+
+
+def test_verifier_catches_missing_and_extra_files(tmp_path: Path) -> None:
+    expected = _instances(tmp_path)
+    sorted(tmp_path.glob("*.dcm"))[0].unlink()
+    (tmp_path / "9.9.9.dcm").write_bytes(b"stray")
+    problems = verify.verify_copy(tmp_path, expected)
+    assert any("missing" in p for p in problems)
+    assert any("9.9.9.dcm" in p for p in problems)
+
+
+def _dicom(sop: str) -> bytes:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = sop
+    ds.PatientID = "SMOKE"
+    out = io.BytesIO()
+    pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_reference_zip_maps_md5_to_sop_uid(tmp_path: Path) -> None:
+    sops = ["1.2.3.7", "1.2.3.5", "1.2.3.6"]
+    blobs = {f"{k + 1:08d}.dcm": _dicom(sop) for k, sop in enumerate(sops)}
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["Filename", "MD5Hash"])
+    for name in reversed(blobs):  # the service's list is in no particular order
+        writer.writerow([name, hashlib.md5(blobs[name]).hexdigest()])
+    with zipfile.ZipFile(tmp_path / "ref.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("LICENSE", "CC BY 4.0")
+        for name, blob in blobs.items():
+            zf.writestr(name, blob)
+        zf.writestr("md5hashes.csv", table.getvalue())
+    expected = verify.expected_from_zip(tmp_path / "ref.zip")
+    assert list(expected) == sops  # in the ZIP's order
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for sop, blob in zip(sops, blobs.values(), strict=True):
+        (copy / f"{sop}.dcm").write_bytes(blob)
+    assert verify.verify_copy(copy, expected) == []
+    # Two files swapped under each other's names: every byte right, the mapping wrong.
+    a, b = (copy / f"{sops[0]}.dcm"), (copy / f"{sops[1]}.dcm")
+    first = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(first)
+    assert len(verify.verify_copy(copy, expected)) == 2
+
+
+def test_json_shape_and_png_chart(tmp_path: Path) -> None:
+    declared = figures.declare()
+    assert len(declared) == 9 and {figures.number(f.key) for f in declared} == set(range(1, 9))
+    declared[0].set(2.0, 2.5)
+    declared[1].error = "emulator gone"
+    declared[8].set(70.0, 60.0)
+    doc = report.figures_json(declared)
+    for key, entry in doc.items():
+        assert set(entry) >= FIELDS, key
+        assert isinstance(entry["holds"], bool) and isinstance(entry["target"], str)
+    assert doc["1_cold_series_copy"]["ratio"] == pytest.approx(0.8)
+    assert doc["1_cold_series_copy"]["holds"] is True
+    assert doc["2_cold_study_copy"]["holds"] is False and "error" in doc["2_cold_study_copy"]
+    assert doc["8_peak_rss"]["holds"] is True  # 10 MB apart: within 30 MB
+    assert "ratio" in report.table(declared)
+    _check_png(png.chart(declared, "smoke"))
+
+
+def _check_png(data: bytes) -> None:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    idat_len = struct.unpack(">I", data[33:37])[0]
+    assert data[37:41] == b"IDAT"
+    raw = zlib.decompress(data[41:41 + idat_len])
+    assert len(raw) == height * (1 + 3 * width)
+
+
+def test_find_listing_count(tmp_path: Path) -> None:
+    listing = tmp_path / "find.txt"
+    mnt = "/m"
+    lines = [mnt, f"{mnt}/C", f"{mnt}/C/P", f"{mnt}/C/.LICENSE", f"{mnt}/C/P/S",
+             f"{mnt}/C/P/S/R", f"{mnt}/C/P/S/R/1.dcm", f"{mnt}/C/P/S/R/2.dcm"]
+    listing.write_text("\n".join(lines) + "\n")
+    assert figures.count_listing(listing) == (5, 8)
+
+
+# -- a tiny real run ------------------------------------------------------------------------
+
+def _tciafs_mounts_under(root: Path) -> list[str]:
+    with open("/proc/self/mounts") as mounts:
+        return [line.split()[1] for line in mounts
+                if line.split()[2].startswith("fuse") and line.split()[1].startswith(str(root))]
+
+
+def _bench_env(tmp_path: Path) -> dict[str, str]:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(scratch)}  # the harness's mounts live in here
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(90)
+def test_quick_run_of_figures_1_and_4(tmp_path: Path) -> None:
+    out, doc_path = tmp_path / "results", tmp_path / "bench.json"
+    done = subprocess.run(
+        [str(BENCH), "--quick", "--only", "1,4", "--repeat", "1", "--latency-ms", "1",
+         "--bandwidth", "0", "--json", str(doc_path), "--out", str(out)],
+        capture_output=True, text=True, timeout=85, env=_bench_env(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(doc_path.read_text())
+    assert set(doc) == {"1_cold_series_copy", "4_first_byte"}
+    for entry in doc.values():
+        assert set(entry) >= FIELDS and "error" not in entry
+        assert all(isinstance(entry[k], float | int) for k in ("value", "baseline", "ratio"))
+        assert isinstance(entry["holds"], bool)
+    assert json.loads((out / "results.json").read_text()) == doc
+    _check_png((out / "chart.png").read_bytes())
+    assert "1_cold_series_copy" in done.stdout and "wall time" in done.stdout
+    assert _tciafs_mounts_under(tmp_path) == []
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(60)
+def test_sigterm_leaves_no_mount(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [str(BENCH), "--only", "5", "--repeat", "3", "--latency-ms", "1", "--bandwidth", "0",
+         "--out", str(tmp_path / "results")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_bench_env(tmp_path))
+    try:
+        deadline = time.monotonic() + 40
+        while not _tciafs_mounts_under(tmp_path) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no mount appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, 130)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _tciafs_mounts_under(tmp_path) == []
+    assert not any((tmp_path / "scratch").iterdir())  # the scratch area is removed too
