@@ -75,7 +75,9 @@ def default_cache_size(cache_dir: Path) -> int:
 def clear_stale_mount(mountpoint: Path) -> bool:
     """Unmount what a killed daemon left behind ('Transport endpoint is not connected')."""
     try:
-        os.stat(mountpoint)
+        # statvfs always reaches the filesystem; a stat may be answered from cached
+        # attributes even when the daemon behind them is gone.
+        os.statvfs(mountpoint)
         return False
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
@@ -276,25 +278,29 @@ async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None) -
         pyfuse3.init(ops, str(opts.mountpoint), fuse_options)
     except RuntimeError as exc:
         raise MountError(f"cannot mount {opts.mountpoint}: {exc}") from exc
-    unmounted = False
+    # main() returns both when someone unmounted us (nothing left to undo) and after a
+    # signal's terminate() (the mount is still there and must go).
+    outside_unmount = False
+    signalled = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(ops.cache.run)
             await nursery.start(ops.tree.client.run_token_refresher)
-            nursery.start_soon(_watch_signals)
+            nursery.start_soon(_watch_signals, signalled)
             nursery.start_soon(_announce_ready, opts.mountpoint, ready_fd)
             await pyfuse3.main()
-            unmounted = True
+            outside_unmount = not signalled.is_set()
             nursery.cancel_scope.cancel()
     finally:
-        pyfuse3.close(unmount=not unmounted)
+        pyfuse3.close(unmount=not outside_unmount)
         log.info("unmounted %s", opts.mountpoint)
 
 
-async def _watch_signals() -> None:
+async def _watch_signals(signalled: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
+            signalled.set()
             pyfuse3.terminate()
             return
 

@@ -1,0 +1,137 @@
+"""Starting and stopping mounts as a user does: background start, umount, signals,
+one-line failures, and the stale mount a killed daemon leaves behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mountutil import lazy_unmount, mounted, needs_fuse
+
+pytestmark = [needs_fuse, pytest.mark.mount]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"),
+            "XDG_CONFIG_HOME": str(tmp_path / "config"),
+            "XDG_DATA_HOME": str(tmp_path / "data")}
+
+
+def _tciafs(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tciafs", *args], capture_output=True,
+                          text=True, env=_env(tmp_path), timeout=timeout)
+
+
+def _mount_args(emulator, mnt: Path, tmp_path: Path) -> list[str]:
+    return ["mount", str(mnt), "--server", emulator.url, "--nlst-server", emulator.nlst_url,
+            "--cache-dir", str(tmp_path / "cache")]
+
+
+def _daemon_pid(mnt: Path) -> int:
+    out = subprocess.run(["pgrep", "-f", f"tciafs mount {mnt} "], capture_output=True,
+                         text=True).stdout.split()
+    assert out, "no daemon process"
+    return int(out[0])
+
+
+def test_background_mount_and_umount(emulator, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        started = _tciafs(tmp_path, *_mount_args(emulator, mnt, tmp_path))
+        assert started.returncode == 0, started.stderr
+        assert os.path.ismount(mnt)  # ready when the command returns, not later
+        assert "Demo-Lung CT_2024" in os.listdir(mnt)
+        pid = _daemon_pid(mnt)
+        logs = list((tmp_path / "state" / "tciafs").glob("mount-*.log"))
+        assert logs and all(p.stat().st_mode & 0o077 == 0 for p in logs)
+        stopped = _tciafs(tmp_path, "umount", str(mnt))
+        assert stopped.returncode == 0, stopped.stderr
+        assert not os.path.ismount(mnt)
+        deadline = time.monotonic() + 20
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{pid}")  # the daemon went with its mount
+    finally:
+        lazy_unmount(mnt)
+
+
+def test_sigterm_unmounts_cleanly(emulator, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(emulator, mnt, tmp_path / "cache") as daemon:
+        os.kill(daemon.pid, signal.SIGTERM)
+        assert daemon.wait(timeout=20) == 0
+        assert not os.path.ismount(mnt)
+
+
+def test_failures_are_one_line(emulator, tmp_path: Path) -> None:
+    missing = _tciafs(tmp_path, *_mount_args(emulator, tmp_path / "nope", tmp_path))
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "something").write_text("x")
+    busy = _tciafs(tmp_path, *_mount_args(emulator, full, tmp_path))
+    assert busy.returncode == 1 and "not empty" in busy.stderr
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    (tmp_path / "m2").mkdir()
+    unreachable = _tciafs(tmp_path, "mount", str(tmp_path / "m2"), "--server", dead,
+                          "--cache-dir", str(tmp_path / "c2"), "--timeout", "2")
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+    for result in (missing, busy, unreachable):
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not os.path.ismount(tmp_path / "m2")
+
+
+def test_already_mounted_and_shared_cache_are_refused(emulator, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(emulator, mnt, tmp_path / "cache"):
+        again = _tciafs(tmp_path, *_mount_args(emulator, mnt, tmp_path))
+        assert again.returncode == 1 and "already a mount point" in again.stderr
+        (tmp_path / "other").mkdir()
+        shared = _tciafs(tmp_path, *_mount_args(emulator, tmp_path / "other", tmp_path))
+        assert shared.returncode == 1 and "used by another tciafs mount" in shared.stderr
+        assert not os.path.ismount(tmp_path / "other")
+
+
+def test_stale_mount_of_a_killed_daemon_is_cleared(emulator, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(emulator, mnt, tmp_path / "cache") as daemon:
+        os.kill(daemon.pid, signal.SIGKILL)
+        daemon.wait(timeout=10)
+        with pytest.raises(OSError) as err:
+            os.listdir(mnt)
+        assert err.value.errno == errno.ENOTCONN
+        try:
+            started = _tciafs(tmp_path, *_mount_args(emulator, mnt, tmp_path))
+            assert started.returncode == 0, started.stderr
+            assert "Demo-Lung CT_2024" in os.listdir(mnt)
+            assert _tciafs(tmp_path, "umount", str(mnt)).returncode == 0
+        finally:
+            lazy_unmount(mnt)
+
+
+def test_demo_mount(tmp_path: Path) -> None:
+    mnt = tmp_path / "demo"
+    mnt.mkdir()
+    try:
+        started = _tciafs(tmp_path, "mount", "--demo", str(mnt), "--cache-dir",
+                          str(tmp_path / "cache"), timeout=240)
+        assert started.returncode == 0, started.stderr
+        names = os.listdir(mnt)
+        assert "Demo-Lung CT_2024" in names and "NLST-Demo" in names
+        f = next(mnt.glob("Demo-Lung CT_2024/*/*/*/*.dcm"))
+        assert f.read_bytes()[128:132] == b"DICM"
+        assert _tciafs(tmp_path, "umount", str(mnt)).returncode == 0
+    finally:
+        lazy_unmount(mnt)
