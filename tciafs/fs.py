@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
+import cachetools
 import pyfuse3
 import trio
 
@@ -95,6 +96,7 @@ class Operations(pyfuse3.Operations):
         self.gid = os.getgid()
         self.lookups: Counter[int] = Counter()
         self._files: dict[int, OpenFile] = {}
+        self._pushed: cachetools.LRUCache[int, bool] = cachetools.LRUCache(maxsize=100_000)
         self._next_fh = 1
 
     # -- attributes ----------------------------------------------------------------------
@@ -215,7 +217,7 @@ class Operations(pyfuse3.Operations):
         except OSError:
             self.cache.release(entry)
             raise
-        if entry.size <= PUSH_LIMIT:
+        if entry.size <= PUSH_LIMIT and inode not in self._pushed:
             self._push_to_page_cache(inode, fd, entry.size)
         return self._open_handle(OpenFile(fd, entry), keep_cache=True)
 
@@ -229,6 +231,10 @@ class Operations(pyfuse3.Operations):
             pyfuse3.notify_store(inode, 0, os.pread(fd, size, 0))
         except OSError as exc:
             log.debug("notify_store of inode %d: %s", inode, exc)
+            return
+        # Once is enough: keep_cache keeps the pages across opens, and should the kernel
+        # drop them, reads simply come here.
+        self._pushed[inode] = True
 
     def _open_handle(self, handle: OpenFile, keep_cache: bool = False) -> pyfuse3.FileInfo:
         fh = self._next_fh
