@@ -18,12 +18,7 @@ from tciafs.client import NbiaClient
 from tciafs.fs import Operations
 from tciafs.tree import Tree
 
-from mountutil import reset_stats, set_faults, stats
-
-
-def _count(url: str, *endpoints: str) -> int:
-    return sum(v for k, v in stats(url)["requests"].items() if k in endpoints)
-
+from mountutil import count_requests, reset_stats, set_faults, stats
 
 IMAGE_ENDPOINTS = ("getImage", "getSingleImage", "getImageWithMD5Hash")
 
@@ -90,7 +85,7 @@ async def test_listing_is_one_request_per_directory_at_most(harness, emulator) -
     assert counts.get("getSeries", 0) <= collections  # bulk: one per (small) collection
     assert counts.get("getSOPInstanceUIDs", 0) == series_dirs
     assert counts.get("getPatientStudy", 0) == 0  # studies come with the series rows
-    assert _count(emulator.url, *IMAGE_ENDPOINTS) == 0
+    assert count_requests(emulator.url, *IMAGE_ENDPOINTS) == 0
     files = [a for name, a in entries if name.endswith(".dcm")]
     assert files and all(a.st_size == 0 and a.attr_timeout == 0 for a in files)
 
@@ -157,7 +152,7 @@ async def test_concurrent_opens_download_once(harness, emulator) -> None:
     async with trio.open_nursery() as nursery:
         for _ in range(8):
             nursery.start_soon(opener)
-    assert _count(emulator.url, "getSingleImage") == 1
+    assert count_requests(emulator.url, "getSingleImage") == 1
     for info in handles:
         await harness.ops.release(info.fh)
 
