@@ -67,6 +67,9 @@ def set_faults(url: str, **faults: object) -> None:
     httpx.post(f"{url}/_emulator/faults", json=faults, timeout=10).raise_for_status()
 
 
+IMAGE_ENDPOINTS = ("getImage", "getSingleImage", "getImageWithMD5Hash")
+
+
 def count_requests(url: str, *endpoints: str) -> int:
     """Requests the emulator saw for these endpoints (bare names) since the last reset."""
     return sum(v for k, v in stats(url)["requests"].items() if k in endpoints)

@@ -15,7 +15,7 @@ import httpx
 import pydicom
 import pytest
 
-from mountutil import count_requests, mounted, needs_fuse, reset_stats, set_faults
+from mountutil import IMAGE_ENDPOINTS, count_requests, mounted, needs_fuse, reset_stats, set_faults
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
@@ -81,7 +81,7 @@ def test_listing_downloads_no_image(emulator, tmp_path: Path, cache_dir: Path) -
         assert "%2Ehidden" in listing or "%2E" in listing  # a leading dot stays visible
         assert "Pétra" in listing
         assert "NLST" in listing  # the NLST server's collection in the same tree
-        assert count_requests(emulator.url, "getImage", "getSingleImage", "getImageWithMD5Hash") == 0
+        assert count_requests(emulator.url, *IMAGE_ENDPOINTS) == 0
     # After a remount (whose start-up probe asks for the collections once) the whole
     # walk is answered from the persisted catalog: no request at all.
     with mounted(emulator, tmp_path / "mnt", cache_dir):
@@ -89,8 +89,8 @@ def test_listing_downloads_no_image(emulator, tmp_path: Path, cache_dir: Path) -
         again = subprocess.run(["find", str(tmp_path / "mnt"), "-name", "*.dcm"],
                                capture_output=True, text=True, check=True).stdout.split()
         assert sorted(again) == sorted(found)
-        listing_calls = count_requests(emulator.url, "getCollectionValues", "getPatient", "getSeries",
-                               "getSOPInstanceUIDs", "getPatientStudy")
+        listing_calls = count_requests(emulator.url, "getCollectionValues", "getPatient",
+                                       "getSeries", "getSOPInstanceUIDs", "getPatientStudy")
         assert listing_calls == 0
 
 
@@ -123,7 +123,7 @@ def test_reads_are_exact_cold_and_warm(emulator, tmp_path: Path, cache_dir: Path
         reset_stats(emulator.url)
         again = {p.name.removesuffix(".dcm"): p.read_bytes() for p in series.glob("*.dcm")}
         assert again == truth
-        assert count_requests(emulator.url, "getImage", "getSingleImage", "getImageWithMD5Hash") == 0
+        assert count_requests(emulator.url, *IMAGE_ENDPOINTS) == 0
 
 
 def test_real_dicom_tools(emulator, tmp_path: Path, cache_dir: Path) -> None:

@@ -18,9 +18,7 @@ from tciafs.client import NbiaClient
 from tciafs.fs import Operations
 from tciafs.tree import Tree
 
-from mountutil import count_requests, reset_stats, set_faults, stats
-
-IMAGE_ENDPOINTS = ("getImage", "getSingleImage", "getImageWithMD5Hash")
+from mountutil import IMAGE_ENDPOINTS, count_requests, reset_stats, set_faults, stats
 
 
 class Harness:
