@@ -207,11 +207,13 @@ class Operations(pyfuse3.Operations):
             return self._open_handle(OpenFile(data=await sidecars.render(node, self.tree)))
         if node.kind is not Kind.INSTANCE:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if not self.cache.is_cached(node.ident):
+        if self.cache.is_cached(node.ident):  # the common case, kept cheap
+            entry = await self.cache.acquire(node.collection, node.series_uid, node.ident)
+        else:
             await self._read_ahead(node)
-        with trio.fail_after(self.open_timeout):
-            entry = await self.cache.acquire(node.collection, node.series_uid, node.ident,
-                                             self._series_bytes(node))
+            with trio.fail_after(self.open_timeout):
+                entry = await self.cache.acquire(node.collection, node.series_uid,
+                                                 node.ident, self._series_bytes(node))
         try:
             fd = os.open(entry.path, os.O_RDONLY)
         except OSError:

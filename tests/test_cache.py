@@ -99,7 +99,7 @@ async def test_bound_holds_under_16_concurrent_readers(emulator, client, tmp_pat
     async def reader(jobs: list[tuple[str, str]]) -> None:
         for series_uid, sop in jobs:
             entry = await cache.acquire("Demo-Lung CT_2024", series_uid, sop)
-            assert entry.path.stat().st_size == entry.size
+            assert os.stat(entry.path).st_size == entry.size
             assert cache.used_bytes <= bound
             cache.release(entry)
 
@@ -128,7 +128,7 @@ async def test_series_prefetch_learns_every_size(emulator, client, tmp_path: Pat
 
     async def body() -> None:
         entry = await cache.acquire("Demo-Lung CT_2024", uid, sops[-1])
-        assert entry.path.read_bytes() == truth[sops[-1]]
+        assert Path(entry.path).read_bytes() == truth[sops[-1]]
         cache.release(entry)
         with trio.fail_after(60):
             await cache.fetch_series("Demo-Lung CT_2024", uid)
@@ -156,7 +156,7 @@ async def test_series_larger_than_the_cache_reads_one_at_a_time(emulator, client
     async def body() -> None:
         for sop in _sops(emulator.url, uid)[:10]:
             entry = await cache.acquire("Demo-Lung CT_2024", uid, sop, target["FileSize"])
-            assert entry.path.read_bytes() == truth[sop]
+            assert Path(entry.path).read_bytes() == truth[sop]
             assert cache.used_bytes <= bound
             cache.release(entry)
 
