@@ -5,9 +5,10 @@ Invariants (the tests check each one):
   under the cache directory never exceed `max_bytes`. Space is reserved before each
   chunk is written, and eviction happens right there, never by polling.
 - Eviction: least recently used whole instances. Never an open instance, never a
-  pinned one. Instances of a series that is being fetched or read go last, and only
-  when that series alone does not fit (a series larger than the cache still reads,
-  one instance at a time). When nothing can go, the read fails with CacheFull.
+  pinned one. Instances of series that are being fetched or read go last, only when
+  nothing else is left (so a series larger than the cache still reads, one instance
+  at a time). Room reserved ahead by downloads is taken back before giving up; when
+  nothing can go, the read fails with CacheFull.
 - Visibility: a file enters the index only after its bytes are complete, checked
   (Content-Length, or the ZIP entry's CRC-32, plus a DICOM header naming the
   expected SOPInstanceUID), fsynced and renamed into place. The MD5 list of a
@@ -81,6 +82,10 @@ class FetchFailed(Exception):
     """The bytes could not be fetched or did not check out."""
 
 
+class IntegrityError(FetchFailed):
+    """The service's own MD5 list disagrees with its bytes: fetching again won't help."""
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     sop: str
@@ -141,6 +146,7 @@ class Cache:
         self._series_limiter = trio.CapacityLimiter(series_parallel)
         self._nursery: trio.Nursery | None = None
         self.in_flight: dict[str, list[int]] = {}  # series → [bytes so far, instances so far]
+        self.failed_series: dict[str, str] = {}  # series → why its last fetch failed
         self._reconcile()
 
     # -- start-up ------------------------------------------------------------------------
@@ -167,6 +173,8 @@ class Cache:
             log.warning("cache: %d indexed files were missing or partial; forgotten", len(gone))
             self.db.executemany("UPDATE instances SET present=0 WHERE sop=?",
                                 [(s,) for s in gone])
+            self.db.execute("UPDATE series SET complete=0 WHERE uid IN (SELECT series FROM "
+                            "instances WHERE present=0)")
         for sop, size in self.db.execute("SELECT sop, size FROM instances"):
             self._sizes[sop] = size
 
@@ -242,7 +250,8 @@ class Cache:
 
     def _drop(self, sop: str) -> None:
         size = self._lru.pop(sop)
-        self._series_of.pop(sop, None)
+        series = self._series_of.pop(sop, None)
+        self.db.execute("UPDATE series SET complete=0 WHERE uid=?", (series,))
         self._file_bytes -= size
         self.stats.evictions += 1
         self._object_path(sop).unlink(missing_ok=True)
@@ -252,6 +261,9 @@ class Cache:
 
     def known_size(self, sop: str) -> int | None:
         return self._sizes.get(sop)
+
+    def open_count(self, sop: str) -> int:
+        return self._open[sop]
 
     def is_cached(self, sop: str) -> bool:
         return sop in self._lru
@@ -355,6 +367,8 @@ class Cache:
             return False
         if series_bytes is not None and series_bytes > self.max_bytes // 2:
             return False  # it would evict itself: read it instance by instance
+        if series in self.failed_series:
+            return False  # it failed once this mount: don't start it again at every open
         return not self.series_complete(series)
 
     def _published_event(self, sop: str) -> trio.Event:
@@ -378,7 +392,7 @@ class Cache:
             try:
                 await func(*args)
                 return
-            except CacheFull:
+            except (CacheFull, IntegrityError):
                 raise
             except NotFound as exc:
                 # It was listed, so "unknown" here means the service is failing (NBIA
@@ -486,8 +500,15 @@ class Cache:
             async with self._series_limiter:
                 await self._with_attempts(f"series {series}", self._download_series,
                                           collection, series)
+            self.failed_series.pop(series, None)
         except (ClientError, FetchFailed, CacheFull) as exc:
             log.error("series fetch failed: %s", exc)
+            self.failed_series[series] = str(exc)
+        except Exception as exc:
+            # A disk or database fault in a background fetch must not end the mount:
+            # the readers fetch what they need one by one.
+            log.error("series fetch of %s failed: %s: %s", series, type(exc).__name__, exc)
+            self.failed_series[series] = f"{type(exc).__name__}: {exc}"
         finally:
             self._busy_series[series] -= 1
             if self._busy_series[series] <= 0:
@@ -533,9 +554,10 @@ class Cache:
         if bad:
             self.stats.md5_mismatches += len(bad)
             for sop in bad:
-                if sop in self._lru and not self._open[sop]:
-                    self._drop(sop)
-            raise FetchFailed(f"{len(bad)} files of series {series} failed the MD5 check")
+                if sop in self._lru:
+                    self._drop(sop)  # unlinked: no new open sees it
+            raise IntegrityError(f"{len(bad)} files of series {series} failed the service's "
+                                 "MD5 check and were removed")
 
     # -- commands ------------------------------------------------------------------------
 
@@ -594,15 +616,17 @@ class _TmpFile:
         if self.size + len(chunk) > self.reserved:
             self._reserve_for(len(chunk))
         self.size += len(chunk)
+        offset = self.size - len(chunk)
         try:
-            _write_all(self.fd, chunk)
+            _write_all(self.fd, chunk, offset)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
-            # The disk filled for reasons outside the cache: make room once, then retry.
-            self.cache._evict(max(len(chunk), self.cache.max_bytes // 20), self.series)
+            # The disk filled for reasons outside the cache: make room once, then write
+            # the chunk again at its own offset (part of it may be there already).
+            self.cache._evict(len(chunk), self.series)
             try:
-                _write_all(self.fd, chunk)
+                _write_all(self.fd, chunk, offset)
             except OSError as again:
                 raise CacheFull(f"disk full while caching series {self.series}") from again
         if self.md5 is not None:
@@ -621,7 +645,8 @@ class _TmpFile:
         except CacheFull:
             if step == need:
                 raise
-            step = need
+            # Reclaiming may have settled this very file: ask again for what it lacks.
+            step = self.size + nbytes - self.reserved
             self.cache._reserve(step, self.series)
         self.reserved += step
 
@@ -646,11 +671,12 @@ class _TmpFile:
             self.path.unlink(missing_ok=True)
 
 
-def _write_all(fd: int | None, data: bytes) -> None:
+def _write_all(fd: int | None, data: bytes, offset: int) -> None:
     assert fd is not None
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def _finish_file(fd: int | None, path: Path) -> str:

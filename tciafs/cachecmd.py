@@ -189,7 +189,7 @@ def _steer(args: argparse.Namespace) -> int:
 
 def _clear_all(args: argparse.Namespace) -> int:
     mounts = status.mounted_tciafs()
-    if mounts:
+    if mounts and args.cache_dir is None:
         for mnt in mounts:
             _send(mnt, "clear", ".")
         return 0
@@ -219,8 +219,13 @@ def _follow(mnt: Path, target: str) -> None:
             raise CommandError(f"{target}: the mount shows no such job")
         job = mine[-1]
         _draw(job, time.monotonic() - start)
-        if job["series_done"] >= job["series"]:
+        failed = job.get("series_failed", 0)
+        if job["series_done"] + failed >= job["series"]:
             print(file=sys.stderr)
+            if failed:
+                reasons = "; ".join(f"{k}: {v}" for k, v in job.get("failures", {}).items())
+                raise CommandError(f"{target}: {failed} of {job['series']} series failed "
+                                   f"({reasons}); run the command again to retry them")
             return
         time.sleep(0.5)
 

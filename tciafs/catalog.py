@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT_INODE = 1
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Kind(enum.IntEnum):
@@ -62,7 +62,7 @@ class NewChild:
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes(
-    ino INTEGER PRIMARY KEY,
+    ino INTEGER PRIMARY KEY AUTOINCREMENT,
     parent INTEGER NOT NULL,
     name TEXT NOT NULL,
     kind INTEGER NOT NULL,
@@ -94,11 +94,21 @@ class Catalog:
     def __init__(self, path: Path, source: str) -> None:
         self.path = path
         self.db = open_db(path)
+        self._migrate()
         self.db.executescript(_SCHEMA)
         self._check_source(source)
         self.db.execute(
             "INSERT OR IGNORE INTO nodes(ino, parent, name, kind, ident) VALUES (?, ?, '', ?, '')",
             (ROOT_INODE, ROOT_INODE, int(Kind.ROOT)))
+
+    def _migrate(self) -> None:
+        """An older layout is dropped: the catalog only caches what the server says."""
+        has_settings = self.db.execute(
+            "SELECT 1 FROM sqlite_master WHERE name='settings'").fetchone()
+        row = self.db.execute("SELECT value FROM settings WHERE key='schema'").fetchone() \
+            if has_settings else None
+        if row is not None and row[0] != str(SCHEMA_VERSION):
+            self.db.execute("DROP TABLE IF EXISTS nodes")
 
     def _check_source(self, source: str) -> None:
         """A catalog belongs to one server and user; another source starts it afresh."""

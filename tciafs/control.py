@@ -48,6 +48,9 @@ class Control:
         if command not in COMMANDS:
             raise ValueError(command)
         node = await self.resolve(target)
+        if command == "clear" and node.kind is Kind.ROOT:
+            self.cache.clear()  # everything: no need to walk (and list) the archive
+            return 0
         series = await self.series_under(node)
         if command == "clear":
             for s in series:
@@ -65,6 +68,7 @@ class Control:
         job_id = next(self._ids)
         self.jobs[job_id] = job
         for s in series:
+            self.cache.failed_series.pop(s.ident, None)  # an explicit request tries again
             if not self.cache.series_complete(s.ident):
                 self.cache.start_series_fetch(s.collection, s.ident)
         log.info("prefetch job %d: %d series under %s", job_id, len(series), target)
@@ -105,9 +109,13 @@ class Control:
         out = {}
         for job_id, job in self.jobs.items():
             done = sum(self.cache.series_complete(s.ident) for s in job.series)
+            failed = {s.ident: self.cache.failed_series[s.ident] for s in job.series
+                      if s.ident in self.cache.failed_series
+                      and not self.cache.series_complete(s.ident)}
             have = sum(self.cache.cached_bytes(s.ident) for s in job.series)
             out[str(job_id)] = {"target": job.target, "series": len(job.series),
-                                "series_done": done, "bytes": have,
+                                "series_done": done, "series_failed": len(failed),
+                                "failures": dict(list(failed.items())[:5]), "bytes": have,
                                 "total_bytes": job.total_bytes,
                                 "elapsed": time.time() - job.started}
         return out

@@ -219,7 +219,10 @@ class Operations(pyfuse3.Operations):
         except OSError:
             self.cache.release(entry)
             raise
-        if entry.size <= PUSH_LIMIT and inode not in self._pushed:
+        # Only the first handle pushes: with another open, the kernel may be reading this
+        # inode and waiting on this very daemon, which notify_store would then block.
+        if (entry.size <= PUSH_LIMIT and inode not in self._pushed
+                and self.cache.open_count(node.ident) == 1):
             self._push_to_page_cache(inode, fd, entry.size)
         return self._open_handle(OpenFile(fd, entry), keep_cache=True)
 
@@ -276,10 +279,12 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh)
-        if handle.fd is not None:
-            os.close(handle.fd)
-        if handle.entry is not None:
-            self.cache.release(handle.entry)
+        try:
+            if handle.fd is not None:
+                os.close(handle.fd)
+        finally:
+            if handle.entry is not None:
+                self.cache.release(handle.entry)
 
     @fuse_errors
     async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:

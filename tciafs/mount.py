@@ -24,7 +24,7 @@ import trio
 from tciafs import credentials, manifest, paths, status
 from tciafs.cache import Cache
 from tciafs.catalog import Catalog
-from tciafs.client import AuthError, Credentials, NbiaClient
+from tciafs.client import AuthError, ClientError, Credentials, NbiaClient
 from tciafs.control import Control
 from tciafs.fs import Operations
 from tciafs.tree import Tree
@@ -241,7 +241,10 @@ async def _serve(opts: MountOptions, ready_fd: int | None) -> None:
             raise MountError(str(exc)) from exc
         except Exception as exc:  # the client's errors carry the one-line reason
             raise MountError(f"cannot reach {opts.server}: {exc}") from exc
-        selection = await _selection(client, opts)
+        try:
+            selection = await _selection(client, opts)
+        except ClientError as exc:
+            raise MountError(f"cannot read the selection: {exc}") from exc
         digest = hashlib.sha256(_source_key(opts).encode()).hexdigest()[:12]
         catalog = Catalog(opts.cache_dir / f"catalog-{digest}.sqlite", _source_key(opts))
         size = opts.cache_size or default_cache_size(opts.cache_dir)
@@ -322,7 +325,8 @@ def notify_systemd(message: str) -> None:
         return
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+    # A stale socket (the manager restarted) must not take down a mount that works.
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.connect(address)
         sock.sendall(message.encode())
 

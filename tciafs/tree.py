@@ -157,9 +157,25 @@ class Tree:
                            for c in dict.fromkeys(s.collection for s in self.selection)]
         else:
             collections = await self._nonempty(self.client.collections)
+            collections += self._unanswered_nlst(collections)
         children = [NewChild(names.encode(c.name), Kind.COLLECTION, c.name, c.name,
                              meta={"host": c.host}) for c in collections]
         self.catalog.replace_children(root.ino, _unique(children, "collection"))
+
+    def _unanswered_nlst(self, collections: list[Collection]) -> list[Collection]:
+        """Stored NLST collections to keep when the NLST server did not answer this time.
+
+        The client leaves a silent NLST server out of the listing rather than failing
+        it; that must not erase what a previous listing stored under those collections.
+        """
+        if any(c.host == "nlst" for c in collections) or not self.client.has_nlst_server:
+            return []
+        kept = [Collection(n.ident, "nlst") for n in self.catalog.children(ROOT_INODE)
+                if n.kind is Kind.COLLECTION and n.meta.get("host") == "nlst"]
+        if kept:
+            log.warning("the NLST server did not answer; keeping its %d stored collections",
+                        len(kept))
+        return kept
 
     async def _fetch_collection(self, coll: Node) -> None:
         if self.selection is not None:
@@ -276,11 +292,16 @@ class Tree:
         facts = self.collection_facts(collection)
         if "license_name" in facts:
             return facts
-        coll = next((n for n in await self.children(ROOT_INODE) if n.ident == collection), None)
-        patient = next((n for n in await self.children(coll.ino) if n.kind is Kind.PATIENT),
-                       None) if coll else None
-        if patient is not None:
-            await self.children(patient.ino)
+        try:
+            coll = next((n for n in await self.children(ROOT_INODE) if n.ident == collection),
+                        None)
+            patient = next((n for n in await self.children(coll.ino)
+                            if n.kind is Kind.PATIENT), None) if coll else None
+            if patient is not None:
+                await self.children(patient.ino)
+        except (ClientError, ListingUnavailable) as exc:
+            # A sidecar must not make its directory unlistable: it says less for now.
+            log.info("license facts of %s unavailable: %s", collection, exc)
         return self.collection_facts(collection)
 
     def listed_count(self, ino: int) -> int | None:

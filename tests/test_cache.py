@@ -246,3 +246,23 @@ async def test_verify_command_reports_a_corrupted_file(emulator, client,
     bad = subprocess.run(verify, capture_output=True, text=True)
     assert bad.returncode == 1
     assert f"{sops[1]}: MD5 mismatch" in bad.stdout
+
+
+async def test_eviction_makes_a_complete_series_incomplete(emulator, client,
+                                                         tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=True)
+    uid = _series(emulator.url)[1]["SeriesInstanceUID"]
+    sops = _sops(emulator.url, uid)
+
+    async def body() -> None:
+        with trio.fail_after(60):
+            await cache.fetch_series("Demo-Lung CT_2024", uid)
+        assert cache.series_complete(uid)
+        cache._drop(sops[0])  # as eviction does
+        assert not cache.series_complete(uid)
+        with trio.fail_after(60):
+            await cache.fetch_series("Demo-Lung CT_2024", uid)  # so pin/prefetch refill it
+        assert cache.is_cached(sops[0]) and cache.series_complete(uid)
+
+    await _with_cache(cache, body)
+    cache.close()

@@ -43,3 +43,13 @@ def test_catalog_file_is_private(tmp_path: Path) -> None:
     Catalog(tmp_path / "sub" / "c.sqlite", "src")
     assert (tmp_path / "sub" / "c.sqlite").stat().st_mode & 0o077 == 0
     assert (tmp_path / "sub").stat().st_mode & 0o077 == 0
+
+
+def test_inodes_of_removed_entries_are_never_handed_out_again(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.sqlite", "src")
+    cat.replace_children(ROOT_INODE, _kids("A", "B"))
+    gone = max(n.ino for n in cat.children(ROOT_INODE))
+    cat.replace_children(ROOT_INODE, _kids("A"))
+    cat.replace_children(ROOT_INODE, _kids("A", "C"))
+    assert all(n.ino != gone for n in cat.children(ROOT_INODE))
+    assert max(n.ino for n in cat.children(ROOT_INODE)) > gone

@@ -165,3 +165,17 @@ async def test_server_failure_is_eio_within_bounds(harness, emulator) -> None:
         assert err.value.errno == errno.EIO
     finally:
         set_faults(emulator.url)
+
+
+async def test_a_silent_nlst_server_does_not_erase_its_stored_collections(emulator,
+                                                                         tmp_path: Path
+                                                                         ) -> None:
+    async with NbiaClient(emulator.url, nlst_server=emulator.nlst_url, timeout=5) as client:
+        tree = Tree(client, Catalog(tmp_path / "catalog.sqlite", "test"), listing_ttl=0)
+        first = {n.name for n in await tree.children(ROOT_INODE)}
+        assert "NLST-Demo" in first
+    dead = "http://127.0.0.1:9"  # nothing listens on the discard port here
+    async with NbiaClient(emulator.url, nlst_server=dead, timeout=2, retries=0) as client:
+        tree = Tree(client, Catalog(tmp_path / "catalog.sqlite", "test"), listing_ttl=0)
+        again = {n.name for n in await tree.children(ROOT_INODE)}
+    assert again == first

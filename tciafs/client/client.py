@@ -250,6 +250,10 @@ class NbiaClient:
             if host == MAIN or manager.token is not None:
                 await manager.ensure_fresh()
 
+    @property
+    def has_nlst_server(self) -> bool:
+        return NLST in self._servers
+
     def token_may_be_stale(self) -> bool:
         """True when a token in use is due for renewal or its last renewal failed.
 
