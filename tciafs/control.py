@@ -21,7 +21,7 @@ from tciafs.tree import Tree
 log = logging.getLogger(__name__)
 
 CONTROL_NAME = ".__tciafs__"
-COMMANDS = ("prefetch", "pin", "unpin", "clear")
+COMMANDS = ("prefetch", "pin", "unpin", "clear", "logout")
 
 
 class TargetError(Exception):
@@ -47,6 +47,10 @@ class Control:
         """Carry out a command; returns the job id for prefetch/pin, else 0."""
         if command not in COMMANDS:
             raise ValueError(command)
+        if command == "logout":
+            await self.tree.client.become_guest()
+            log.info("logged out: the user's token is revoked; going on as the guest")
+            return 0
         node = await self.resolve(target)
         if command == "clear" and node.kind is Kind.ROOT:
             self.cache.clear()  # everything: no need to walk (and list) the archive

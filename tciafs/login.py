@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 
 import trio
 
-from tciafs import credentials
+from tciafs import credentials, status
 from tciafs.client import AuthError, ClientError, Credentials, NbiaClient
+from tciafs.control import CONTROL_NAME
 from tciafs.mount import DEFAULT_SERVER
 
 
@@ -24,6 +26,12 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "logout":
         removed = credentials.forget()
         print("tciafs: stored login removed" if removed else "tciafs: no stored login")
+        for mnt in status.mounted_tciafs():
+            try:
+                os.setxattr(mnt / CONTROL_NAME, "user.tciafs.logout", b"/")
+                print(f"tciafs: {mnt}: token revoked; it goes on as the public guest")
+            except OSError as exc:
+                print(f"tciafs: {mnt}: could not log out: {exc.strerror}", file=sys.stderr)
         return 0
     user = args.user or input("TCIA user: ").strip()
     password = getpass.getpass(f"password for {user}: ")

@@ -157,3 +157,21 @@ def test_every_generation_gives_the_same_tree_and_bytes(emulator, tmp_path: Path
         expected = sorted(str(p.relative_to(tmp_path / "mnt4"))
                           for p in (tmp_path / "mnt4").glob("*/*/*/*/*.dcm"))
     assert tree == expected
+
+
+def test_logout_revokes_a_running_mounts_token(auth_emulator, tmp_path: Path,
+                                               creds_file: Path) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(auth_emulator, mnt, tmp_path / "cache", "--api", "v2", "--no-prefetch",
+                 "--credentials-file", str(creds_file)):
+        files = sorted((mnt / RESTRICTED).glob("*/*/*/*.dcm"))
+        assert files[0].read_bytes()[128:132] == b"DICM"
+        reset_stats(auth_emulator.url)
+        out = subprocess.run([sys.executable, "-m", "tciafs", "logout"], capture_output=True,
+                             text=True, env=_env(tmp_path))
+        assert out.returncode == 0 and "token revoked" in out.stdout
+        assert stats(auth_emulator.url)["requests"].get("logout", 0) >= 1
+        with pytest.raises(OSError):  # the guest may not read restricted data ...
+            files[1].read_bytes()
+        public = next((mnt / "Demo-Lung CT_2024").glob("*/*/*/*.dcm"))
+        assert public.read_bytes()[128:132] == b"DICM"  # ... but the rest still reads

@@ -220,6 +220,13 @@ class NbiaClient:
         for manager in self._tokens.values():
             await manager.logout()
 
+    async def become_guest(self) -> None:
+        """Revoke the user's tokens and go on as the public guest (`tciafs logout`)."""
+        await self.logout()
+        self.credentials = None
+        for manager in self._tokens.values():
+            manager.credentials = Credentials.guest()
+
     async def start(self) -> None:
         """Log in where needed and check that the main server answers.
 
