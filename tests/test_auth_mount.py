@@ -20,13 +20,15 @@ pytestmark = [needs_fuse, pytest.mark.mount]
 
 PASSWORD = "s3cret-Pa55word-do-not-leak"
 RESTRICTED = "Demo-Restricted Prostate_MR"
+API_KEY = "legacy-key-0123456789"
 
 
 @pytest.fixture(scope="module")
 def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("users") / "users.json"
     path.write_text(json.dumps({"alice": {"password": PASSWORD, "collections": ["*"]},
-                                "bob": {"password": "bobs-password", "collections": []}}))
+                                "bob": {"password": "bobs-password", "collections": []},
+                                "api_keys": [API_KEY]}))
     return path
 
 
@@ -175,3 +177,26 @@ def test_logout_revokes_a_running_mounts_token(auth_emulator, tmp_path: Path,
             files[1].read_bytes()
         public = next((mnt / "Demo-Lung CT_2024").glob("*/*/*/*.dcm"))
         assert public.read_bytes()[128:132] == b"DICM"  # ... but the rest still reads
+
+
+def test_legacy_v3_api_key_comes_from_a_private_file(auth_emulator, tmp_path: Path) -> None:
+    key = tmp_path / "api-key"
+    key.write_text(API_KEY + "\n")
+    key.chmod(0o600)
+    mnt = tmp_path / "mnt"
+    reset_stats(auth_emulator.url)
+    with mounted(auth_emulator, mnt, tmp_path / "cache", "--api", "legacy",
+                 "--api-key-file", str(key)) as daemon:
+        f = next((mnt / "Demo-Lung CT_2024").glob("*/*/*/*.dcm"))
+        assert f.read_bytes()[128:132] == b"DICM"
+        assert API_KEY.encode() not in Path(f"/proc/{daemon.pid}/cmdline").read_bytes()
+    used = stats(auth_emulator.url)["endpoints"]
+    assert any(k.startswith("legacy-v3/") for k in used)
+    assert API_KEY not in (tmp_path / "mnt-daemon.log").read_text()
+    key.chmod(0o644)
+    (tmp_path / "m2").mkdir()
+    refused = subprocess.run(
+        [sys.executable, "-m", "tciafs", "mount", str(tmp_path / "m2"), "--server",
+         auth_emulator.url, "--api", "legacy", "--cache-dir", str(tmp_path / "c2"),
+         "--api-key-file", str(key)], capture_output=True, text=True, env=_env(tmp_path))
+    assert refused.returncode == 1 and f"chmod 600 {key}" in refused.stderr
