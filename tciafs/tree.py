@@ -60,6 +60,7 @@ class Tree:
         self._nodes: cachetools.LRUCache[int, Node] = cachetools.LRUCache(maxsize=200_000)
         self._inflight: dict[int, trio.Event] = {}
         self._facts: dict[str, dict[str, Any]] = {}
+        self._bulk_inflight: dict[int, trio.Event] = {}  # collection inode → bulk listing
         self.requests_saved = 0
         # Route NLST collections from what a previous mount stored, without a listing.
         client.remember_hosts([Collection(n.ident, n.meta.get("host", "main"))
@@ -192,10 +193,27 @@ class Tree:
     async def _fetch_patient(self, patient: Node | None) -> None:
         if patient is None:
             return
+        pending = self._bulk_inflight.get(patient.parent)
+        if pending is not None:  # a bulk listing of this collection is on its way
+            await pending.wait()
+            fresh = self.catalog.get(patient.ino)
+            if fresh is not None and fresh.listed is not None:
+                return
         siblings = [n for n in self.catalog.children(patient.parent) if n.kind is Kind.PATIENT]
         bulk = len(siblings) <= self.bulk_patients
-        targets = siblings if bulk else [patient]
-        who = None if bulk else patient.ident
+        if bulk:
+            done = self._bulk_inflight[patient.parent] = trio.Event()
+            try:
+                await self._fill_patients(patient, siblings, None)
+            finally:
+                del self._bulk_inflight[patient.parent]
+                done.set()
+        else:
+            await self._fill_patients(patient, [patient], patient.ident)
+
+    async def _fill_patients(self, patient: Node, targets: list[Node],
+                             who: str | None) -> None:
+        """List the series of `who` (or of the whole collection) into `targets`."""
         series = await self._series_rows(patient.collection, who)
         study_ids = await self._study_ids(patient.collection, who)
         by_patient: dict[str, list[Series]] = defaultdict(list)

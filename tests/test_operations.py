@@ -179,3 +179,17 @@ async def test_a_silent_nlst_server_does_not_erase_its_stored_collections(emulat
         tree = Tree(client, Catalog(tmp_path / "catalog.sqlite", "test"), listing_ttl=0)
         again = {n.name for n in await tree.children(ROOT_INODE)}
     assert again == first
+
+
+async def test_concurrent_patient_listings_share_one_bulk_request(harness, emulator) -> None:
+    collection = next(a for n, a in await harness.readdir(ROOT_INODE)
+                      if n == "Demo-Lung CT_2024")
+    # Straight from the tree: readdir would render .LICENSE, which lists a patient.
+    reset_stats(emulator.url)
+    patients = [n.ino for n in await harness.ops.tree.children(collection.st_ino)
+                if n.kind is Kind.PATIENT]
+    assert len(patients) >= 3
+    async with trio.open_nursery() as nursery:
+        for ino in patients:
+            nursery.start_soon(harness.readdir, ino)
+    assert count_requests(emulator.url, "getSeries") == 1
