@@ -475,12 +475,7 @@ def _series_filter(call: Call) -> SeriesFilter:
 
 def get_series(call: Call) -> Reply:
     series = select_series(call.archive, _collections_for(call), _series_filter(call))
-    views = call.views()
-    if call.v4:
-        rows = [wire.series_row_v4(views.of(s)) for s in series]
-        return wire.format_rows(call.q("format"), wire.SERIES_V4, rows)
-    rows = [wire.series_row_v1(views.of(s)) for s in series]
-    return wire.format_rows(call.q("format"), wire.SERIES_V1, rows)
+    return _series_reply(call, series, wire.series_row_v1, wire.SERIES_V1)
 
 
 def get_updated_series(call: Call) -> Reply:
@@ -494,12 +489,14 @@ def get_updated_series(call: Call) -> Reply:
     allowed = frozenset(c for c in call.ctx.public
                         if call.ctx.collections[c].date_released > since)
     series = select_series(call.archive, allowed, SeriesFilter())
+    return _series_reply(call, series, wire.updated_series_row_v1, wire.UPDATED_SERIES_V1)
+
+
+def _series_reply(call: Call, series, v1_row, v1_columns) -> Reply:  # noqa: ANN001
+    """Series rows in the version's shape: v4 has one, v1/v2 differ by endpoint."""
     views = call.views()
-    if call.v4:
-        rows = [wire.series_row_v4(views.of(s)) for s in series]
-        return wire.format_rows(call.q("format"), wire.SERIES_V4, rows)
-    rows = [wire.updated_series_row_v1(views.of(s)) for s in series]
-    return wire.format_rows(call.q("format"), wire.UPDATED_SERIES_V1, rows)
+    row, columns = (wire.series_row_v4, wire.SERIES_V4) if call.v4 else (v1_row, v1_columns)
+    return wire.format_rows(call.q("format"), columns, [row(views.of(s)) for s in series])
 
 
 def get_series_size(call: Call) -> Reply:
