@@ -923,7 +923,8 @@ def legacy_patients_by_modality(call: Call) -> Reply:
     return _legacy_patients(call, [p for p in patients if (p.collection, p.patient_id) in wanted])
 
 
-def legacy_new_patients(call: Call) -> Reply:
+def _legacy_not_released_since(call: Call) -> Reply | None:
+    """The reply when `Date` is missing, unreadable or after the collection's release."""
     missing = _missing(call, "Collection", "Date")
     if missing:
         return missing
@@ -931,7 +932,12 @@ def legacy_new_patients(call: Call) -> Reply:
     facts = call.ctx.facts(call.q("Collection") or "")
     if since is None or facts is None or not facts.date_released > since:
         return wire.empty_ok()
-    return legacy_patient(call)
+    return None
+
+
+def legacy_new_patients(call: Call) -> Reply:
+    refused = _legacy_not_released_since(call)
+    return refused if refused is not None else legacy_patient(call)
 
 
 def _legacy_studies(call: Call, flt: SeriesFilter, study_uid: str | None) -> Reply:
@@ -952,13 +958,9 @@ def legacy_patient_study(call: Call) -> Reply:
 
 
 def legacy_new_studies(call: Call) -> Reply:
-    missing = _missing(call, "Collection", "Date")
-    if missing:
-        return missing
-    since = parse_iso(call.q("Date") or "")
-    facts = call.ctx.facts(call.q("Collection") or "")
-    if since is None or facts is None or not facts.date_released > since:
-        return wire.empty_ok()
+    refused = _legacy_not_released_since(call)
+    if refused is not None:
+        return refused
     flt = SeriesFilter(collection=call.q("Collection"), patient_id=call.q("PatientID"))
     return _legacy_studies(call, flt, None)
 
