@@ -316,6 +316,14 @@ class Cache:
         self._touch(sop)
         return Entry(sop, series, self._lru[sop], self._object_file(sop))
 
+    def hold(self, series: str, sop: str) -> Entry | None:
+        """Hold a cached instance against eviction, without fetching or counting a hit."""
+        if sop not in self._lru:
+            return None
+        self._open[sop] += 1
+        self._busy_series[series] += 1
+        return Entry(sop, series, self._lru[sop], self._object_file(sop))
+
     def release(self, entry: Entry) -> None:
         self._release_counts(entry.sop, entry.series)
 

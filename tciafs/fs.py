@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
-import cachetools
 import pyfuse3
 import trio
 
@@ -30,6 +29,7 @@ from tciafs.cache import Cache, CacheFull, Entry, FetchFailed
 from tciafs.catalog import ROOT_INODE, Kind, Node
 from tciafs.client import ClientError, NotFound
 from tciafs.control import CONTROL_NAME, Control, TargetError
+from tciafs.pagecache import PageFeeder
 from tciafs.status import STATUS_XATTR
 from tciafs.tree import ListingUnavailable, Tree
 
@@ -39,7 +39,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 KNOWN_TTL = 3600.0
-PUSH_LIMIT = 8 << 20  # files up to this size go to the page cache whole at open
 CONTROL_INODE = 1 << 62  # far above any SQLite row id the catalog will hand out
 COMMAND_PREFIX = "user.tciafs."  # archive entries are immutable once listed
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
@@ -75,8 +74,8 @@ def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]
 
 @dataclass
 class OpenFile:
-    fd: int | None = None  # a cached instance ...
-    entry: Entry | None = None
+    entry: Entry | None = None  # a cached instance, its file opened at the first read ...
+    fd: int | None = None
     data: bytes = b""  # ... or a sidecar, generated at open
 
 
@@ -96,7 +95,7 @@ class Operations(pyfuse3.Operations):
         self.gid = os.getgid()
         self.lookups: Counter[int] = Counter()
         self._files: dict[int, OpenFile] = {}
-        self._pushed: cachetools.LRUCache[int, bool] = cachetools.LRUCache(maxsize=100_000)
+        self.pages = PageFeeder(tree, cache)
         self._next_fh = 1
 
     # -- attributes ----------------------------------------------------------------------
@@ -177,6 +176,7 @@ class Operations(pyfuse3.Operations):
             self.lookups[ino] -= count
             if self.lookups[ino] <= 0:
                 del self.lookups[ino]
+                self.pages.forgotten(ino)
 
     # -- directories ---------------------------------------------------------------------
 
@@ -215,31 +215,11 @@ class Operations(pyfuse3.Operations):
                 entry = await self.cache.acquire(node.collection, node.series_uid,
                                                  node.ident, self._series_bytes(node))
         try:
-            fd = os.open(entry.path, os.O_RDONLY)
-        except OSError:
+            await self.pages.opened(node, entry)
+        except BaseException:
             self.cache.release(entry)
             raise
-        # Only the first handle pushes: with another open, the kernel may be reading this
-        # inode and waiting on this very daemon, which notify_store would then block.
-        if (entry.size <= PUSH_LIMIT and inode not in self._pushed
-                and self.cache.open_count(node.ident) == 1):
-            self._push_to_page_cache(inode, fd, entry.size)
-        return self._open_handle(OpenFile(fd, entry), keep_cache=True)
-
-    def _push_to_page_cache(self, inode: int, fd: int, size: int) -> None:
-        """Hand a small file to the kernel's page cache in one go.
-
-        Reads then never come back to Python, which costs far more per request than
-        this one copy; a failure only means the reads come here after all.
-        """
-        try:
-            pyfuse3.notify_store(inode, 0, os.pread(fd, size, 0))
-        except OSError as exc:
-            log.debug("notify_store of inode %d: %s", inode, exc)
-            return
-        # Once is enough: keep_cache keeps the pages across opens, and should the kernel
-        # drop them, reads simply come here.
-        self._pushed[inode] = True
+        return self._open_handle(OpenFile(entry=entry), keep_cache=True)
 
     def _open_handle(self, handle: OpenFile, keep_cache: bool = False) -> pyfuse3.FileInfo:
         fh = self._next_fh
@@ -272,8 +252,11 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._files[fh]
-        if handle.fd is None:
+        if handle.entry is None:
             return handle.data[off:off + size]
+        self.pages.counters["reads_through_daemon"] += 1
+        if handle.fd is None:  # most files are read from pages pushed at open, never here
+            handle.fd = os.open(handle.entry.path, os.O_RDONLY)
         return os.pread(handle.fd, size, off)
 
     @fuse_errors

@@ -258,6 +258,7 @@ async def _serve(opts: MountOptions, ready_fd: int | None) -> None:
             doc = status.snapshot(server=opts.server, api=opts.api, started=started,
                                   client=client, cache=cache)
             doc["jobs"] = control.progress()
+            doc["page_cache"] = dict(ops.pages.counters)
             return doc
 
         ops = Operations(tree, cache, status=snapshot, control=control)
@@ -288,6 +289,7 @@ async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None) -
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(ops.cache.run)
+            await nursery.start(ops.pages.run)
             await nursery.start(ops.tree.client.run_token_refresher)
             nursery.start_soon(_watch_signals, signalled)
             nursery.start_soon(_announce_ready, opts.mountpoint, ready_fd)

@@ -42,6 +42,11 @@ def render(mountpoint: Path, doc: dict[str, Any]) -> str:
         f"({cache['entries']} files), hit ratio {cache['hit_ratio']:.0%}, "
         f"{format_size(cache['bytes_fetched'])} fetched",
     ]
+    pages = doc.get("page_cache")
+    if pages:
+        lines.append(f"  kernel page cache: {pages['pushed_at_open']} files pushed at open, "
+                     f"{pages['pushed_ahead']} ahead of the reader; "
+                     f"{pages['reads_through_daemon']} reads reached the daemon")
     requests = doc.get("requests", {})
     errors = requests.get("errors", {})
     lines.append(f"  requests {requests.get('requests_total', 0)} total, "

@@ -42,6 +42,21 @@ class ListingUnavailable(Exception):
     """The server could not be asked and nothing usable is stored."""
 
 
+class _Order:
+    """A directory listing in name order, for finding what comes after an entry."""
+
+    def __init__(self, listing: dict[str, Node]) -> None:
+        self.listing = listing
+        self._names = sorted(listing)
+        self._index = {name: i for i, name in enumerate(self._names)}
+
+    def after(self, name: str, count: int) -> list[Node]:
+        i = self._index.get(name)
+        if i is None:
+            return []
+        return [self.listing[n] for n in self._names[i + 1:i + 1 + count]]
+
+
 class Tree:
     def __init__(self, client: NbiaClient, catalog: Catalog, *, listing_ttl: float = 6 * 3600,
                  bulk_patients: int = 500, memory_entries: int = 4096, layout: str = "uid",
@@ -61,6 +76,7 @@ class Tree:
         self._inflight: dict[int, trio.Event] = {}
         self._facts: dict[str, dict[str, Any]] = {}
         self._bulk_inflight: dict[int, trio.Event] = {}  # collection inode → bulk listing
+        self._orders: cachetools.LRUCache[int, _Order] = cachetools.LRUCache(maxsize=64)
         self.requests_saved = 0
         # Route NLST collections from what a previous mount stored, without a listing.
         client.remember_hosts([Collection(n.ident, n.meta.get("host", "main"))
@@ -79,10 +95,28 @@ class Tree:
     async def children(self, ino: int) -> list[Node]:
         return list((await self._listing(ino)).values())
 
+    def following(self, node: Node, count: int) -> list[Node]:
+        """Up to `count` entries after `node` in its directory, in the order `ls` shows.
+
+        Only from a listing held in memory: a guess at what comes next is never worth a
+        request.
+        """
+        order = self._orders.get(node.parent)  # asked at every open: kept cheap
+        if order is None:
+            listing = self._listings.get(node.parent)
+            if listing is None:
+                return []
+            order = self._orders[node.parent] = _Order(listing)
+        return order.after(node.name, count)
+
     async def lookup(self, parent: int, name: str) -> Node | None:
         if names.is_junk(name):
             return None
         return (await self._listing(parent)).get(name)
+
+    def _forget_listing(self, ino: int) -> None:
+        self._listings.pop(ino, None)
+        self._orders.pop(ino, None)
 
     async def _listing(self, ino: int) -> dict[str, Node]:
         cached = self._listings.get(ino)
@@ -100,6 +134,7 @@ class Tree:
             del self._inflight[ino]
             done.set()
         self._listings[ino] = listing
+        self._orders.pop(ino, None)
         return listing
 
     async def _load(self, ino: int) -> dict[str, Node]:
@@ -223,7 +258,7 @@ class Tree:
         for target in targets:
             self._store_patient(target, by_patient.get(target.ident.upper(), []), study_ids,
                                 listed)
-            self._listings.pop(target.ino, None)
+            self._forget_listing(target.ino)
         self.requests_saved += len(targets) - 1
 
     async def _series_rows(self, collection: str, patient_id: str | None) -> list[Series]:
@@ -258,7 +293,7 @@ class Tree:
                              s.series_uid, _record_meta(s))
                     for name, s in zip(self._series_names(rows), rows, strict=True)]
             self.catalog.replace_children(study.ino, _unique(kids, "series"), listed)
-            self._listings.pop(study.ino, None)
+            self._forget_listing(study.ino)
 
     def _study_names(self, firsts: list[Series], study_ids: dict[str, str]) -> list[str]:
         if self.layout != "descriptive":
@@ -332,7 +367,7 @@ class Tree:
 
     def forget_listing(self, ino: int) -> None:
         """Drop a listing from memory and mark it stale, so the next access refetches."""
-        self._listings.pop(ino, None)
+        self._forget_listing(ino)
         self.catalog.mark_listed([ino], 0.0)
         self._nodes.pop(ino, None)
 

@@ -595,7 +595,9 @@ def test_1000_opens_held_at_once(abuse: Abuse) -> None:
         for i in range(1000):
             path = files[i % len(files)]
             held.append((os.open(path, os.O_RDONLY), path))
-        assert abuse.daemon_fds() >= fds_before + 1000  # one cache file per open handle
+        # A handle opens its cache file only if a read reaches the daemon: holding a
+        # thousand files open costs the daemon no descriptors.
+        assert abuse.daemon_fds() <= fds_before + 2
         for fd, path in held[::37]:
             assert os.pread(fd, 1 << 24, 0) == abuse.truth[_sop(path)]
         abuse.alive()  # while they are all held

@@ -1,0 +1,122 @@
+"""Warm reads come from pages pushed into the kernel ahead of the reader, and stay exact."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import random
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from test_mount import _first_ct_series, _series_zip
+
+from mountutil import mounted, needs_fuse
+
+pytestmark = [needs_fuse, pytest.mark.mount]
+
+
+def _status(mnt: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    return json.loads(out)
+
+
+def _warm_cache(emulator, mnt: Path, cache: Path) -> tuple[Path, dict[str, bytes]]:
+    """Read a CT series once through a mount, so that the next mount finds it cached."""
+    with mounted(emulator, mnt, cache):
+        series = _first_ct_series(mnt)
+        truth, _ = _series_zip(emulator.url, series.name)
+        for f in sorted(series.glob("*.dcm")):
+            f.read_bytes()
+    return series, truth
+
+
+def test_series_read_in_order_never_reaches_the_daemon(emulator, tmp_path: Path) -> None:
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    series, truth = _warm_cache(emulator, mnt, cache)
+    with mounted(emulator, mnt, cache):
+        files = sorted(series.glob("*.dcm"))
+        out = subprocess.run(["cat", *map(str, files)], capture_output=True, check=True,
+                             timeout=60).stdout
+        assert out == b"".join(truth[f.name.removesuffix(".dcm")] for f in files)
+        pages = _status(mnt)["page_cache"]
+        assert pages["pushed_at_open"] + pages["pushed_ahead"] == len(files), pages
+        assert pages["pushed_ahead"] >= len(files) // 2, pages
+        assert pages["failed"] == 0 and pages["reads_through_daemon"] == 0, pages
+        text = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
+                              capture_output=True, text=True, check=True).stdout
+        assert "ahead of the reader" in text
+
+
+def _reader(files: list[Path], truth: dict[str, bytes], seed: int, rounds: int,
+            errors: list[str]) -> None:
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        order = files[:]
+        rng.shuffle(order)
+        for f in order:
+            want = truth[f.name.removesuffix(".dcm")]
+            try:
+                with open(f, "rb") as fh:
+                    if rng.random() < 0.3:  # page faults take the kernel's other path
+                        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                            got = bytes(m)
+                    else:
+                        got = fh.read()
+            except OSError as exc:
+                errors.append(f"{f.name}: {exc}")
+                return
+            if got != want:
+                errors.append(f"{f.name}: {len(got)} bytes differ from the service's")
+                return
+
+
+def test_concurrent_and_mapped_readers_get_exact_bytes(emulator, tmp_path: Path) -> None:
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    series, truth = _warm_cache(emulator, mnt, cache)
+    with mounted(emulator, mnt, cache):
+        files = sorted(series.glob("*.dcm"))
+        errors: list[str] = []
+        threads = [threading.Thread(target=_reader, args=(files, truth, seed, 3, errors))
+                   for seed in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=90)
+        assert not any(t.is_alive() for t in threads), "a reader hung"
+        assert errors == []
+        pages = _status(mnt)["page_cache"]
+        assert pages["failed"] == 0, pages
+
+
+def test_sigterm_while_pages_are_pushed_exits_cleanly(emulator, tmp_path: Path) -> None:
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    series, truth = _warm_cache(emulator, mnt, cache)
+    with mounted(emulator, mnt, cache) as proc:
+        files = sorted(series.glob("*.dcm"))
+        stop = threading.Event()
+
+        def keep_reading() -> None:
+            while not stop.is_set():
+                try:
+                    for f in files:
+                        f.read_bytes()
+                except OSError:
+                    return  # the mount went away under us, as it should
+
+        threads = [threading.Thread(target=keep_reading) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+    log = (tmp_path / "mnt-daemon.log").read_text()
+    assert "Traceback" not in log and "Fatal" not in log, log[-2000:]
