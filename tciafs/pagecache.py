@@ -123,7 +123,7 @@ class PageFeeder:
         self._reap()
 
     def _queue_after(self, node: Node) -> None:
-        if self._token is None:
+        if self._token is None or not self.ahead_files:
             return
         budget = AHEAD_BYTES
         for sibling in self.tree.following(node, self.ahead_files):
