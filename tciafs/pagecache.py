@@ -82,7 +82,7 @@ class PageFeeder:
         task_status.started()
         try:
             while True:  # finished pushes are otherwise settled at the next open
-                await trio.sleep(1)
+                await trio.sleep(1 if self._jobs else 30)
                 self._reap()
         finally:
             self._token = None

@@ -97,7 +97,7 @@ def declare() -> list[Figure]:
                "vs `cat` of the cache's object files; throughput", "MB/s", Target(">=", 0.40)),
         *([Figure("5b_warm_read_from_disk", "the same two `cat`s with the machine's page "
                   "cache dropped before each, so both read the cache files from disk; "
-                  "throughput", "MB/s", Target(">=", 0.40))] if _can_drop_caches() else []),
+                  "throughput", "MB/s", Target(">=", 0.40))] if can_drop_caches() else []),
         Figure("6_page_cache_reread", "second `cat` in the same mount (kernel page cache) vs "
                "native re-read of the cache files; throughput", "MB/s", Target(">=", 0.8)),
         Figure("7a_find_cold", "`find` over the scale profile, fresh cache: value = requests, "
@@ -109,7 +109,7 @@ def declare() -> list[Figure]:
     ]
 
 
-def _can_drop_caches() -> bool:
+def can_drop_caches() -> bool:
     return os.geteuid() == 0 and os.access(DROP_CACHES, os.W_OK)
 
 
