@@ -44,7 +44,7 @@ class _State(enum.Enum):
 
 
 class _Job:
-    __slots__ = ("ino", "entry", "state", "lock", "waited", "done")
+    __slots__ = ("ino", "entry", "state", "lock", "waited", "done", "forgotten")
 
     def __init__(self, ino: int, entry: Entry) -> None:
         self.ino = ino
@@ -53,6 +53,7 @@ class _Job:
         self.lock = threading.Lock()  # the worker and an open race for a queued job
         self.waited = False  # an open waits for the push: the worker must wake it
         self.done = trio.Event()
+        self.forgotten = False  # the kernel dropped the inode meanwhile: the pages are gone
 
 
 class PageFeeder:
@@ -67,6 +68,7 @@ class PageFeeder:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._token: trio.lowlevel.TrioToken | None = None
         self._finished: collections.deque[_Job] = collections.deque()
+        self._queued = trio.Event()
         self.counters = {"pushed_at_open": 0, "pushed_ahead": 0, "waited": 0, "failed": 0,
                          "reads_through_daemon": 0}
 
@@ -82,7 +84,11 @@ class PageFeeder:
         task_status.started()
         try:
             while True:  # finished pushes are otherwise settled at the next open
-                await trio.sleep(1 if self._jobs else 30)
+                if self._jobs:
+                    await trio.sleep(1)
+                else:
+                    self._queued = trio.Event()
+                    await self._queued.wait()
                 self._reap()
         finally:
             self._token = None
@@ -107,6 +113,9 @@ class PageFeeder:
     def forgotten(self, ino: int) -> None:
         """The kernel dropped the inode, and its pages with it."""
         self._pushed.pop(ino, None)
+        job = self._jobs.get(ino)
+        if job is not None:
+            job.forgotten = True
 
     async def _settle(self, job: _Job) -> None:
         with job.lock:
@@ -138,6 +147,7 @@ class PageFeeder:
                 continue
             job = self._jobs[sibling.ino] = _Job(sibling.ino, entry)
             self._queue.put(job)
+            self._queued.set()
             budget -= entry.size
             if budget <= 0:
                 return
@@ -150,7 +160,9 @@ class PageFeeder:
                 if job.state is not _State.QUEUED:
                     continue
                 job.state = _State.RUNNING
-            pushed = _store_file(job.ino, job.entry.path, job.entry.size)
+            # After a stop, what is left in the queue is only marked failed.
+            pushed = self._token is not None and _store_file(job.ino, job.entry.path,
+                                                             job.entry.size)
             with job.lock:
                 job.state = _State.PUSHED if pushed else _State.FAILED
                 waited = job.waited
@@ -165,7 +177,7 @@ class PageFeeder:
     def _reap(self) -> None:
         while self._finished:
             job = self._finished.popleft()
-            if job.state is _State.PUSHED:
+            if job.state is _State.PUSHED and not job.forgotten:
                 self._pushed[job.ino] = True
                 self.counters["pushed_ahead"] += 1
             else:
@@ -178,22 +190,17 @@ class PageFeeder:
 
 
 def _store_file(ino: int, path: str, size: int) -> bool:
+    """Hand a whole cache file to the kernel; False if it would not take it."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        log.debug("page-cache read-ahead of %s: %s", path, exc)
-        return False
-    try:
-        return _store(ino, fd, size)
-    finally:
-        os.close(fd)
-
-
-def _store(ino: int, fd: int, size: int) -> bool:
-    """Hand a whole file to the kernel; False if it would not take it."""
-    try:
-        pyfuse3.notify_store(ino, 0, os.pread(fd, size, 0))
+        try:
+            pyfuse3.notify_store(ino, 0, os.pread(fd, size, 0))
+        finally:
+            os.close(fd)
     except OSError as exc:  # ENOENT: the kernel has forgotten the inode
-        log.debug("notify_store of inode %d: %s", ino, exc)
+        log.debug("page-cache push of inode %d: %s", ino, exc)
+        return False
+    except Exception:  # a push is only ever a shortcut: never fail an open for it
+        log.exception("page-cache push of inode %d", ino)
         return False
     return True
