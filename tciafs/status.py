@@ -60,6 +60,15 @@ def render(mountpoint: Path, doc: dict[str, Any]) -> str:
     for series, progress in flights.items():
         lines.append(f"    {series}  {format_size(progress['bytes'])}, "
                      f"{progress['instances']} files")
+    jobs = doc.get("jobs", {})
+    running = [j for j in jobs.values() if j["series_done"] + j["series_failed"] < j["series"]]
+    if jobs:
+        lines.append(f"  prefetch jobs: {len(jobs)}, {len(running)} running")
+    for job in running:
+        failed = f", {job['series_failed']} failed" if job["series_failed"] else ""
+        lines.append(f"    {job['target']}  {job['series_done']} of {job['series']} series"
+                     f"{failed}, {format_size(job['bytes'])} of "
+                     f"{format_size(job['total_bytes'])}")
     return "\n".join(lines)
 
 

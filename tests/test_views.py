@@ -102,6 +102,11 @@ def test_status_json_follows_activity(emulator, tmp_path: Path) -> None:
         text = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
                               capture_output=True, text=True, check=True).stdout
         assert "getSOPInstanceUIDs" in text and "cache" in text
+        subprocess.run([sys.executable, "-m", "tciafs", "cache", "prefetch", str(series)],
+                       capture_output=True, check=True, timeout=120)
+        text = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
+                              capture_output=True, text=True, check=True).stdout
+        assert "prefetch jobs: 1, 0 running" in text
 
 
 def test_descriptive_layout(emulator, tmp_path: Path) -> None:
