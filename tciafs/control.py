@@ -28,6 +28,9 @@ class TargetError(Exception):
     """The target names nothing in the archive."""
 
 
+KEPT_JOBS = 20
+
+
 @dataclass
 class Job:
     target: str
@@ -71,6 +74,7 @@ class Control:
         job = Job(target, series, total_bytes=sum(s.meta.get("file_size") or 0 for s in series))
         job_id = next(self._ids)
         self.jobs[job_id] = job
+        self._forget_finished()
         for s in series:
             self.cache.failed_series.pop(s.ident, None)  # an explicit request tries again
             if not self.cache.series_complete(s.ident):
@@ -108,6 +112,13 @@ class Control:
         for child in await self.tree.children(node.ino):
             found.extend(await self.series_under(child))
         return found
+
+    def _forget_finished(self) -> None:
+        """Keep the last KEPT_JOBS jobs: status reports every kept one, at a query per series."""
+        for job_id in list(self.jobs)[:-KEPT_JOBS]:
+            if all(self.cache.series_complete(s.ident) or s.ident in self.cache.failed_series
+                   for s in self.jobs[job_id].series):
+                del self.jobs[job_id]
 
     def progress(self) -> dict[str, dict]:
         out = {}

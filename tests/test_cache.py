@@ -18,7 +18,9 @@ import pytest
 import trio
 
 from tciafs.cache import META_SLACK, Cache, CacheFull, object_path
+from tciafs.catalog import Kind, Node
 from tciafs.client import NbiaClient
+from tciafs.control import Control
 
 from mountutil import reset_stats, stats
 
@@ -265,4 +267,25 @@ async def test_eviction_makes_a_complete_series_incomplete(emulator, client,
         assert cache.is_cached(sops[0]) and cache.series_complete(uid)
 
     await _with_cache(cache, body)
+    cache.close()
+
+
+def test_finished_prefetch_jobs_are_forgotten_beyond_the_last_twenty(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache", 100 << 20)
+    control = Control(tree=None, cache=cache)  # type: ignore[arg-type]  # unused here
+    cache.db.execute("INSERT INTO series(uid, collection, complete) VALUES ('done', 'C', 1)")
+    for uid in ("running", "failing"):  # fetches under way: a job does not restart them
+        cache._series_tasks[uid] = trio.Event()
+
+    def series(uid: str) -> Node:
+        return Node(0, 0, uid, Kind.SERIES, uid, "C", uid)
+
+    running = control._start_job("/m/running", [series("running")])
+    failing = control._start_job("/m/failing", [series("failing")])
+    ids = [control._start_job(f"/m/{i}", [series("done")]) for i in range(40)]
+    assert list(control.jobs) == [running, failing, *ids[-20:]]  # unfinished jobs stay
+    cache.failed_series["failing"] = "503"  # now it has ended, if badly
+    ids.append(control._start_job("/m/last", [series("done")]))
+    assert list(control.jobs) == [running, *ids[-20:]]
+    assert control.progress()[str(running)]["series_done"] == 0
     cache.close()
