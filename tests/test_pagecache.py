@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import random
 import signal
 import subprocess
@@ -17,6 +18,8 @@ from test_mount import _first_ct_series, _series_zip
 from mountutil import mounted, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.mount]
+
+DROP_CACHES = "/proc/sys/vm/drop_caches"
 
 
 def _status(mnt: Path) -> dict:
@@ -120,3 +123,24 @@ def test_sigterm_while_pages_are_pushed_exits_cleanly(emulator, tmp_path: Path) 
                 t.join(timeout=30)
     log = (tmp_path / "mnt-daemon.log").read_text()
     assert "Traceback" not in log and "Fatal" not in log, log[-2000:]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access(DROP_CACHES, os.W_OK),
+                    reason="dropping the kernel's caches needs root")
+def test_pages_are_pushed_again_after_the_kernel_dropped_them(emulator, tmp_path: Path) -> None:
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    series, truth = _warm_cache(emulator, mnt, cache)
+    with mounted(emulator, mnt, cache):
+        files = sorted(series.glob("*.dcm"))
+        for f in files:
+            f.read_bytes()
+        before = _status(mnt)["page_cache"]
+        # Pages, dentries and inodes go; the kernel tells the daemon with FORGET.
+        Path(DROP_CACHES).write_text("3\n")
+        files = sorted(series.glob("*.dcm"))
+        for f in files:
+            assert f.read_bytes() == truth[f.name.removesuffix(".dcm")]
+        after = _status(mnt)["page_cache"]
+        pushed = sum(after[k] - before[k] for k in ("pushed_at_open", "pushed_ahead"))
+        assert pushed == len(files), (before, after)
+        assert after["reads_through_daemon"] == 0, after
