@@ -306,23 +306,28 @@ class Cache:
     async def acquire(self, collection: str, series: str, sop: str,
                       series_bytes: int | None = None) -> Entry:
         """Make the instance's bytes available and hold them until release()."""
-        self._open[sop] += 1
-        self._busy_series[series] += 1
+        self._hold_counts(sop, series)
         try:
             await self._ensure_present(collection, series, sop, series_bytes)
         except BaseException:
             self._release_counts(sop, series)
             raise
         self._touch(sop)
-        return Entry(sop, series, self._lru[sop], self._object_file(sop))
+        return self._entry(sop, series)
 
     def hold(self, series: str, sop: str) -> Entry | None:
         """Hold a cached instance against eviction, without fetching or counting a hit."""
         if sop not in self._lru:
             return None
+        self._hold_counts(sop, series)
+        return self._entry(sop, series)
+
+    def _entry(self, sop: str, series: str) -> Entry:
+        return Entry(sop, series, self._lru[sop], self._object_file(sop))
+
+    def _hold_counts(self, sop: str, series: str) -> None:
         self._open[sop] += 1
         self._busy_series[series] += 1
-        return Entry(sop, series, self._lru[sop], self._object_file(sop))
 
     def release(self, entry: Entry) -> None:
         self._release_counts(entry.sop, entry.series)

@@ -415,13 +415,21 @@ def _released_since(call: Call, collection: str, since: dt.date) -> bool:
     return facts.date_released >= since if call.v4 else facts.date_released > since
 
 
-def new_patients_in_collection(call: Call) -> Reply:
+def _new_in(call: Call) -> str | Reply:
+    """The collection a New* query asks about, or its whole reply when nothing is new."""
     collection, (raw_date, parse) = call.q("Collection"), _date_param(call)
     if collection is None or raw_date is None:
         return wire.bad_request(NEED_DATE)
     since = parse(raw_date)
     if since is None or not _released_since(call, collection, since):
         return wire.empty_ok()
+    return collection
+
+
+def new_patients_in_collection(call: Call) -> Reply:
+    collection = _new_in(call)
+    if isinstance(collection, Reply):
+        return collection
     return _patient_rows(call, visible_patients(call, _collections_for(call), collection))
 
 
@@ -454,12 +462,9 @@ def get_patient_study(call: Call) -> Reply:
 
 
 def new_studies_in_patient_collection(call: Call) -> Reply:
-    collection, (raw_date, parse) = call.q("Collection"), _date_param(call)
-    if collection is None or raw_date is None:
-        return wire.bad_request(NEED_DATE)
-    since = parse(raw_date)
-    if since is None or not _released_since(call, collection, since):
-        return wire.empty_ok()
+    collection = _new_in(call)
+    if isinstance(collection, Reply):
+        return collection
     flt = SeriesFilter(collection=collection, patient_id=call.q("PatientID"))
     return _study_rows(call, flt, None)
 
