@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -712,6 +713,7 @@ def object_path(root: Path, sop: str) -> Path:
     return root / "objects" / name[:2] / name
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a warm open asks for it again and again
 def _object_name(sop: str) -> str:
     # Hashing keeps any UID the server sends ('/', '..', 1,000 bytes) a safe file name.
     return hashlib.sha256(sop.encode()).hexdigest()[:40]

@@ -80,7 +80,8 @@ def clear_stale_mount(mountpoint: Path) -> bool:
         os.statvfs(mountpoint)
         return False
     except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
+        # ECONNABORTED: a request was queued in the moment the connection went away.
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
             return False
     log.warning("clearing a stale mount at %s left by a daemon that died", mountpoint)
     subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
@@ -258,7 +259,7 @@ async def _serve(opts: MountOptions, ready_fd: int | None) -> None:
             doc = status.snapshot(server=opts.server, api=opts.api, started=started,
                                   client=client, cache=cache)
             doc["jobs"] = control.progress()
-            doc["page_cache"] = dict(ops.pages.counters)
+            doc["page_cache"] = {**ops.pages.counters, "pusher": ops.pages.state}
             return doc
 
         ops = Operations(tree, cache, status=snapshot, control=control)

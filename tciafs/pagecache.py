@@ -3,27 +3,29 @@
 A read that reaches the daemon costs a round trip through Python for every 128 KiB,
 while a file handed to the kernel whole (notify_store) is then read at page-cache
 speed. Tools read a series file after file, so when one file is opened the next few
-are pushed by a worker thread, and the reader's next open finds its file in place.
+are pushed by a child process (tciafs.pagepush), and the reader's next open finds its
+file in place. The file being opened is pushed here, at once: its reader waits for it.
 
 The kernel locks a page while it waits for the daemon to fill it, and notify_store
-takes the same lock. A push therefore only ever goes to an inode without an open
-handle, and an open of an inode being pushed waits for the push to end before its
-handle exists: no read can then be waiting on the daemon for those pages.
+takes the same lock. A push in this process therefore only ever goes to an inode with
+no open handle. The child may block on such a lock without harm, as the daemon still
+answers the read; an open of an inode the child is pushing waits for that push all the
+same, since its pages are about to be there.
 """
 
 from __future__ import annotations
 
 import collections
-import enum
 import logging
 import os
-import queue
-import threading
+import select
+import subprocess
+import sys
 
 import cachetools
-import pyfuse3
 import trio
 
+from tciafs import pagepush
 from tciafs.cache import Cache, Entry
 from tciafs.catalog import Kind, Node
 from tciafs.tree import Tree
@@ -33,25 +35,18 @@ log = logging.getLogger(__name__)
 PUSH_LIMIT = 8 << 20  # larger files are read through the daemon, 128 KiB at a time
 AHEAD_FILES = 8
 AHEAD_BYTES = 32 << 20
-
-
-class _State(enum.Enum):
-    QUEUED = enum.auto()
-    RUNNING = enum.auto()
-    TAKEN = enum.auto()  # an open came first and pushes the file itself
-    PUSHED = enum.auto()
-    FAILED = enum.auto()
+SETTLE_SECONDS = 5.0  # an open waits this long for the child's push, then reads itself
+BATCH_SECONDS = 0.25  # finished pushes nobody waits for are settled at most this often
 
 
 class _Job:
-    __slots__ = ("ino", "entry", "state", "lock", "waited", "done", "forgotten")
+    __slots__ = ("ino", "entry", "message", "done", "forgotten")
 
     def __init__(self, ino: int, entry: Entry) -> None:
         self.ino = ino
         self.entry = entry
-        self.state = _State.QUEUED
-        self.lock = threading.Lock()  # the worker and an open race for a queued job
-        self.waited = False  # an open waits for the push: the worker must wake it
+        path = os.fsencode(entry.path)
+        self.message = pagepush.JOB.pack(ino, entry.size, len(path)) + path
         self.done = trio.Event()
         self.forgotten = False  # the kernel dropped the inode meanwhile: the pages are gone
 
@@ -64,48 +59,54 @@ class PageFeeder:
         # Inodes whose pages the kernel holds; forget() and a failed push take them out,
         # and should the kernel drop pages on its own, reads simply reach the daemon.
         self._pushed: cachetools.LRUCache[int, bool] = cachetools.LRUCache(maxsize=100_000)
-        self._jobs: dict[int, _Job] = {}  # pushes queued or under way, by inode
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._finished: collections.deque[_Job] = collections.deque()
-        self._queued = trio.Event()
+        self._jobs: dict[int, _Job] = {}  # pushes sent to the child, by inode
+        self._in_flight: collections.deque[_Job] = collections.deque()  # in the child's order
+        self._pusher: pagepush.Pusher | None = None
+        self._child: subprocess.Popen[bytes] | None = None
+        self._waiters = 0
+        self._wanted = trio.Event()  # an open waits: collect the child's answers now
+        self.state = "not started"
         self.counters = {"pushed_at_open": 0, "pushed_ahead": 0, "waited": 0, "failed": 0,
                          "reads_through_daemon": 0}
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        """Host the worker thread; runs until cancelled, and leaves no push behind.
+        """Host the child that pushes ahead; runs until cancelled.
 
-        The worker must be gone before the FUSE session is: a push into a closed
-        session would touch freed memory.
+        Without a FUSE device of our own (an unmounted test) there is nothing to push
+        into, and every read goes through the daemon.
         """
-        self._token = trio.lowlevel.current_trio_token()
-        worker = threading.Thread(target=self._work, name="tciafs-pages", daemon=True)
-        worker.start()
+        device = pagepush.fuse_device()
+        if device is None:
+            self.state = "off: no FUSE device"
+            task_status.started()
+            await trio.sleep_forever()
+        self._pusher = pagepush.Pusher(device)
+        try:
+            self._child = _start_child(device)
+        except OSError as exc:
+            log.warning("no read-ahead into the page cache: %s", exc)
+            self.state = f"no read-ahead: {exc}"
+        else:
+            self.state = "running"
         task_status.started()
         try:
-            while True:  # finished pushes are otherwise settled at the next open
-                if self._jobs:
-                    await trio.sleep(1)
-                else:
-                    self._queued = trio.Event()
-                    await self._queued.wait()
-                self._reap()
+            await self._collect()
         finally:
-            self._token = None
-            self._queue.put(None)
+            self.state = "stopped"
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(worker.join)
+                await self._stop_child()
+            self._pusher.close()
+            self._pusher = None
 
     async def opened(self, node: Node, entry: Entry) -> None:
         """Called by open() before it hands out its handle."""
-        self._reap()
+        self._settle_finished()
         job = self._jobs.get(node.ino)
-        if job is not None:
-            await self._settle(job)
+        if job is not None and not await self._wait_for(job):
+            return  # the child is stuck on this file: leave it to the daemon's reads
         first_handle = self.cache.open_count(node.ident) == 1
         if (node.ino not in self._pushed and first_handle and entry.size <= PUSH_LIMIT
-                and _store_file(node.ino, entry.path, entry.size)):
-            # The reader waits for this file anyway: no thread hop.
+                and self._push_here(node.ino, entry)):
             self._pushed[node.ino] = True
             self.counters["pushed_at_open"] += 1
         self._queue_after(node)
@@ -117,90 +118,148 @@ class PageFeeder:
         if job is not None:
             job.forgotten = True
 
-    async def _settle(self, job: _Job) -> None:
-        with job.lock:
-            state = job.state
-            if state is _State.QUEUED:
-                job.state = _State.TAKEN
-            elif state is _State.RUNNING:
-                job.waited = True
-        if state is _State.QUEUED:
-            self._end(job)
-        elif state is _State.RUNNING:
-            self.counters["waited"] += 1
-            await job.done.wait()
-        self._reap()
+    def _push_here(self, ino: int, entry: Entry) -> bool:
+        if self._pusher is None:
+            return False
+        try:
+            self._pusher.push(ino, entry.path, entry.size)
+        except OSError as exc:  # ENOENT: the kernel has forgotten the inode
+            log.debug("page-cache push of inode %d: %s", ino, exc)
+            return False
+        return True
+
+    async def _wait_for(self, job: _Job) -> bool:
+        self.counters["waited"] += 1
+        self._waiters += 1
+        self._wanted.set()
+        try:
+            with trio.move_on_after(SETTLE_SECONDS):
+                await job.done.wait()
+                return True
+        finally:
+            self._waiters -= 1
+        log.warning("page-cache push of inode %d takes over %.0f s", job.ino, SETTLE_SECONDS)
+        return False
 
     def _queue_after(self, node: Node) -> None:
-        if self._token is None or not self.ahead_files:
+        # Topped up in batches, so that the child is woken once for several files.
+        if self._child is None or len(self._in_flight) > self.ahead_files // 2:
             return
         budget = AHEAD_BYTES
+        jobs: list[_Job] = []
+        message = b""
         for sibling in self.tree.following(node, self.ahead_files):
             if (sibling.kind is not Kind.INSTANCE or sibling.ino in self._pushed
                     or sibling.ino in self._jobs or self.cache.open_count(sibling.ident)):
                 continue
             entry = self.cache.hold(sibling.series_uid, sibling.ident)
             if entry is None:
-                return  # not cached yet: the series fetch is behind the reader
-            if entry.size > PUSH_LIMIT:
+                break  # not cached yet: the series fetch is behind the reader
+            job = _Job(sibling.ino, entry)
+            if entry.size > PUSH_LIMIT or len(message + job.message) > select.PIPE_BUF:
                 self.cache.release(entry)
                 continue
-            job = self._jobs[sibling.ino] = _Job(sibling.ino, entry)
-            self._queue.put(job)
-            self._queued.set()
+            jobs.append(job)
+            message += job.message
             budget -= entry.size
             if budget <= 0:
-                return
+                break
+        if jobs and self._send(message):
+            for job in jobs:
+                self._jobs[job.ino] = job
+            self._in_flight.extend(jobs)
+        else:
+            for job in jobs:
+                self.cache.release(job.entry)
 
-    def _work(self) -> None:
-        # Finished jobs go back through a plain deque, read at the next open: waking
-        # the event loop for each would cost the loop more than the push saves.
-        while (job := self._queue.get()) is not None:
-            with job.lock:
-                if job.state is not _State.QUEUED:
-                    continue
-                job.state = _State.RUNNING
-            # After a stop, what is left in the queue is only marked failed.
-            pushed = self._token is not None and _store_file(job.ino, job.entry.path,
-                                                             job.entry.size)
-            with job.lock:
-                job.state = _State.PUSHED if pushed else _State.FAILED
-                waited = job.waited
-            self._finished.append(job)
-            token = self._token
-            if waited and token is not None:
-                try:
-                    token.run_sync_soon(job.done.set)
-                except trio.RunFinishedError:
-                    return
+    def _send(self, message: bytes) -> bool:
+        assert self._child is not None and self._child.stdin is not None
+        try:  # at most PIPE_BUF bytes: the pipe takes all of them or none
+            return os.write(self._child.stdin.fileno(), message) == len(message)
+        except BlockingIOError:  # the child is far behind: read ahead later
+            return False
+        except OSError as exc:  # EPIPE: the child is gone; _collect() will say so
+            log.debug("page-cache job: %s", exc)
+            return False
 
-    def _reap(self) -> None:
-        while self._finished:
-            job = self._finished.popleft()
-            if job.state is _State.PUSHED and not job.forgotten:
-                self._pushed[job.ino] = True
-                self.counters["pushed_ahead"] += 1
-            else:
-                self.counters["failed"] += 1
-            self._end(job)
+    async def _collect(self) -> None:
+        """Settle the child's answers: at once for a waiting open, else in batches.
 
-    def _end(self, job: _Job) -> None:
+        Waking the event loop for every finished push would cost the loop more than
+        the push saves the reader.
+        """
+        if self._child is None or self._child.stdout is None:
+            await trio.sleep_forever()
+        answers = self._child.stdout.fileno()
+        while True:
+            await trio.lowlevel.wait_readable(answers)
+            if not self._read_answers():
+                self._child_lost()
+                await trio.sleep_forever()
+            if not self._waiters:
+                self._wanted = trio.Event()
+                with trio.move_on_after(BATCH_SECONDS):
+                    await self._wanted.wait()
+
+    def _settle_finished(self) -> None:
+        if self._child is not None and self._in_flight:
+            self._read_answers()
+
+    def _read_answers(self) -> bool:
+        """Settle what the child has answered so far; False once it is gone."""
+        assert self._child is not None and self._child.stdout is not None
+        try:
+            answers = os.read(self._child.stdout.fileno(), max(1, len(self._in_flight)))
+        except BlockingIOError:
+            return True
+        for answer in answers[:len(self._in_flight)]:
+            self._finish(self._in_flight.popleft(), answer == pagepush.OK[0])
+        return bool(answers)
+
+    def _finish(self, job: _Job, pushed: bool) -> None:
         del self._jobs[job.ino]
         self.cache.release(job.entry)
+        if pushed and not job.forgotten:
+            self._pushed[job.ino] = True
+            self.counters["pushed_ahead"] += 1
+        else:
+            self.counters["failed"] += 1
+        job.done.set()
 
+    def _child_lost(self) -> None:
+        code = self._child.poll() if self._child is not None else None
+        log.warning("the page-cache pusher ended (exit status %s); reads of files not yet "
+                    "pushed now go through the daemon", code)
+        self.state = f"pusher ended with status {code}"
+        self._abandon()
 
-def _store_file(ino: int, path: str, size: int) -> bool:
-    """Hand a whole cache file to the kernel; False if it would not take it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
+    def _abandon(self) -> None:
+        while self._in_flight:
+            self._finish(self._in_flight.popleft(), False)
+        if self._child is not None and self._child.stdin is not None:
+            self._child.stdin.close()
+        self._child = None
+
+    async def _stop_child(self) -> None:
+        child = self._child
+        self._abandon()
+        if child is None:
+            return
         try:
-            pyfuse3.notify_store(ino, 0, os.pread(fd, size, 0))
-        finally:
-            os.close(fd)
-    except OSError as exc:  # ENOENT: the kernel has forgotten the inode
-        log.debug("page-cache push of inode %d: %s", ino, exc)
-        return False
-    except Exception:  # a push is only ever a shortcut: never fail an open for it
-        log.exception("page-cache push of inode %d", ino)
-        return False
-    return True
+            await trio.to_thread.run_sync(child.wait, 10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            await trio.to_thread.run_sync(child.wait)
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+def _start_child(device: int) -> subprocess.Popen[bytes]:
+    child = subprocess.Popen([sys.executable, "-m", "tciafs.pagepush", str(device),
+                              str(os.getpid())],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             pass_fds=(device,))
+    assert child.stdin is not None and child.stdout is not None
+    os.set_blocking(child.stdin.fileno(), False)
+    os.set_blocking(child.stdout.fileno(), False)
+    return child

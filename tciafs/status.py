@@ -46,7 +46,9 @@ def render(mountpoint: Path, doc: dict[str, Any]) -> str:
     if pages:
         lines.append(f"  kernel page cache: {pages['pushed_at_open']} files pushed at open, "
                      f"{pages['pushed_ahead']} ahead of the reader; "
-                     f"{pages['reads_through_daemon']} reads reached the daemon")
+                     f"{pages['reads_through_daemon']} reads reached the daemon"
+                     + ("" if pages.get("pusher", "running") == "running"
+                        else f" (read-ahead {pages['pusher']})"))
     requests = doc.get("requests", {})
     errors = requests.get("errors", {})
     lines.append(f"  requests {requests.get('requests_total', 0)} total, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,83 @@ def test_pages_are_pushed_again_after_the_kernel_dropped_them(emulator, tmp_path
         pushed = sum(after[k] - before[k] for k in ("pushed_at_open", "pushed_ahead"))
         assert pushed == len(files), (before, after)
         assert after["reads_through_daemon"] == 0, after
+
+
+def _pushers(daemon: int) -> list[int]:
+    """The page-pusher children of a daemon."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        if ppid == daemon and b"tciafs.pagepush" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"  # dead, and waiting for init to reap it
+
+
+def _wait_until(check, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_losing_the_pusher_costs_speed_not_bytes(emulator, tmp_path: Path) -> None:
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    series, truth = _warm_cache(emulator, mnt, cache)
+    with mounted(emulator, mnt, cache) as daemon:
+        assert _wait_until(lambda: len(_pushers(daemon.pid)) == 1), "no pusher started"
+        os.kill(_pushers(daemon.pid)[0], signal.SIGKILL)
+        assert _wait_until(lambda: "pusher ended" in _status(mnt)["page_cache"]["pusher"])
+        files = sorted(series.glob("*.dcm"))
+        for f in files:  # nothing is pushed ahead now, only each file as it is opened
+            assert f.read_bytes() == truth[f.name.removesuffix(".dcm")]
+        pages = _status(mnt)["page_cache"]
+        assert pages["pushed_ahead"] == 0, pages
+        assert pages["pushed_at_open"] == len(files), pages
+        text = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
+                              capture_output=True, text=True, check=True).stdout
+        assert "read-ahead pusher ended" in text
+    log = (tmp_path / "mnt-daemon.log").read_text()
+    assert "the page-cache pusher ended" in log and "Traceback" not in log
+
+
+def test_the_pusher_goes_with_its_daemon(emulator, tmp_path: Path) -> None:
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    with mounted(emulator, mnt, cache) as daemon:
+        assert _wait_until(lambda: len(_pushers(daemon.pid)) == 1), "no pusher started"
+        pusher = _pushers(daemon.pid)[0]
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(timeout=10)
+        # It holds the FUSE device: were it left behind, the mount would hang, not fail.
+        assert _wait_until(lambda: _gone(pusher), 5), "the pusher outlived its daemon"
+        with pytest.raises(OSError):
+            os.listdir(mnt)
+        with pytest.raises(OSError) as err:
+            os.listdir(mnt)
+        assert err.value.errno == errno.ENOTCONN
+
+
+def test_a_clean_unmount_stops_the_pusher(emulator, tmp_path: Path) -> None:
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    with mounted(emulator, mnt, cache) as daemon:
+        assert _wait_until(lambda: len(_pushers(daemon.pid)) == 1), "no pusher started"
+        pusher = _pushers(daemon.pid)[0]
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        assert daemon.wait(timeout=30) == 0
+    assert _gone(pusher)
