@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 PUSH_LIMIT = 8 << 20  # larger files are read through the daemon, 128 KiB at a time
 AHEAD_FILES = 8
 AHEAD_BYTES = 32 << 20
-SETTLE_SECONDS = 5.0  # an open waits this long for the child's push, then reads itself
+# An open waits this long for the child's push of its file, then reads through the
+# daemon: the child runs only on CPU time nobody else wants, and may be starved.
+SETTLE_SECONDS = 0.1
+MAX_IN_FLIGHT = 64  # many readers at once must not pin half the cache
 BATCH_SECONDS = 0.25  # finished pushes nobody waits for are settled at most this often
 
 
@@ -66,7 +69,8 @@ class PageFeeder:
         self._waiters = 0
         self._wanted = trio.Event()  # an open waits: collect the child's answers now
         self.state = "not started"
-        self.counters = {"pushed_at_open": 0, "pushed_ahead": 0, "waited": 0, "failed": 0,
+        self.counters = {"pushed_at_open": 0, "pushed_ahead": 0, "waited": 0,
+                         "gave_up_waiting": 0, "failed": 0,
                          "reads_through_daemon": 0}
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -138,19 +142,26 @@ class PageFeeder:
                 return True
         finally:
             self._waiters -= 1
-        log.warning("page-cache push of inode %d takes over %.0f s", job.ino, SETTLE_SECONDS)
+        self.counters["gave_up_waiting"] += 1
         return False
 
     def _queue_after(self, node: Node) -> None:
-        # Topped up in batches, so that the child is woken once for several files.
-        if self._child is None or len(self._in_flight) > self.ahead_files // 2:
+        if self._child is None or len(self._in_flight) >= MAX_IN_FLIGHT:
+            return
+        following = self.tree.following(node, self.ahead_files)
+        wanted = [sibling for sibling in following
+                  if sibling.kind is Kind.INSTANCE and sibling.ino not in self._pushed
+                  and sibling.ino not in self._jobs]
+        # Topped up by half a window at a time, so that the child is woken once for
+        # several files; near the end of the directory, with what is left.
+        if not wanted or (len(wanted) < self.ahead_files // 2
+                          and len(following) == self.ahead_files):
             return
         budget = AHEAD_BYTES
         jobs: list[_Job] = []
         message = b""
-        for sibling in self.tree.following(node, self.ahead_files):
-            if (sibling.kind is not Kind.INSTANCE or sibling.ino in self._pushed
-                    or sibling.ino in self._jobs or self.cache.open_count(sibling.ident)):
+        for sibling in wanted:
+            if self.cache.open_count(sibling.ident):
                 continue
             entry = self.cache.hold(sibling.series_uid, sibling.ident)
             if entry is None:

@@ -226,3 +226,29 @@ def test_a_clean_unmount_stops_the_pusher(emulator, tmp_path: Path) -> None:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
         assert daemon.wait(timeout=30) == 0
     assert _gone(pusher)
+
+
+def test_a_starved_pusher_delays_opens_only_briefly(emulator, tmp_path: Path) -> None:
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    series, truth = _warm_cache(emulator, mnt, cache)
+    with mounted(emulator, mnt, cache) as daemon:
+        assert _wait_until(lambda: len(_pushers(daemon.pid)) == 1), "no pusher started"
+        pusher = _pushers(daemon.pid)[0]
+        os.kill(pusher, signal.SIGSTOP)  # as if other work took every CPU
+        try:
+            files = sorted(series.glob("*.dcm"))
+            started = time.monotonic()
+            for f in files:
+                assert f.read_bytes() == truth[f.name.removesuffix(".dcm")]
+            elapsed = time.monotonic() - started
+            pages = _status(mnt)["page_cache"]
+        finally:
+            os.kill(pusher, signal.SIGCONT)
+        # The opens of files queued for the stopped pusher gave up waiting and read
+        # through the daemon; every other file was pushed as it was opened.
+        assert pages["gave_up_waiting"] > 0 and pages["reads_through_daemon"] > 0, pages
+        assert pages["pushed_at_open"] + pages["gave_up_waiting"] == len(files), pages
+        assert pages["pushed_ahead"] == 0, pages
+        assert elapsed < 30, elapsed
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        assert daemon.wait(timeout=30) == 0
