@@ -91,7 +91,7 @@ class PageFeeder:
             log.warning("no read-ahead into the page cache: %s", exc)
             self.state = f"no read-ahead: {exc}"
         else:
-            self.state = "running"
+            self.state = "starting"
         task_status.started()
         try:
             await self._collect()
@@ -202,6 +202,11 @@ class PageFeeder:
         if self._child is None or self._child.stdout is None:
             await trio.sleep_forever()
         answers = self._child.stdout.fileno()
+        await trio.lowlevel.wait_readable(answers)  # jobs sent meanwhile wait in the pipe
+        if os.read(answers, 1) != pagepush.READY:
+            self._child_lost()
+            await trio.sleep_forever()
+        self.state = "running"
         while True:
             await trio.lowlevel.wait_readable(answers)
             if not self._read_answers():
@@ -213,7 +218,7 @@ class PageFeeder:
                     await self._wanted.wait()
 
     def _settle_finished(self) -> None:
-        if self._child is not None and self._in_flight:
+        if self._child is not None and self._in_flight and self.state == "running":
             self._read_answers()
 
     def _read_answers(self) -> bool:

@@ -6,9 +6,9 @@ buffer is filled on the way. The read-ahead runs this in a child process
 (`python -m tciafs.pagepush FD DAEMON_PID`): pushes then cost the daemon neither the GIL nor
 event-loop time while it answers the reader's opens.
 
-The child reads jobs from stdin (`JOB` then the path) and answers each with one byte on
-stdout, OK or FAILED, in order. It stops at the end of its input, which is also what
-happens when the daemon dies.
+The child says READY on stdout, then reads jobs from stdin (`JOB` then the path) and
+answers each with one byte, OK or FAILED, in order. It stops at the end of its input,
+which is also what happens when the daemon dies.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _PR_SET_PDEATHSIG = 1
 
 JOB = struct.Struct("<QQH")  # inode, size, length of the path that follows
-OK, FAILED = b"\x01", b"\x00"
+OK, FAILED, READY = b"\x01", b"\x00", b"\x02"  # READY once, before any answer
 
 
 def fuse_device() -> int | None:
@@ -133,6 +133,7 @@ def main(argv: list[str]) -> int:
     # the daemon's event loop come first. The daemon stops waiting for a starved push.
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     pusher = Pusher(int(argv[1]))
+    os.write(1, READY)
     while head := _read_exact(0, JOB.size):
         ino, size, length = JOB.unpack(head)
         path = _read_exact(0, length)
