@@ -13,6 +13,7 @@ which is also what happens when the daemon dies.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -119,19 +120,22 @@ def _read_exact(fd: int, size: int) -> bytes:
 def _die_with(daemon: int) -> None:
     # Holding the FUSE device keeps the connection alive: once the daemon is killed,
     # the mount must report itself disconnected at once, not when we notice.
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    with contextlib.suppress(OSError, AttributeError):  # then only the end of input
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != daemon:
         os._exit(0)
 
 
 def main(argv: list[str]) -> int:
-    # ^C at a terminal reaches the whole process group; the daemon ends us by closing
-    # our input once its own pushes are settled.
+    # ^C at a terminal and systemd's stop reach every process of the group or service;
+    # the daemon ends us itself, by closing our input, once its own pushes are settled.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with(int(argv[2]))
     # Pushing ahead is worth only the CPU time that nobody else wants: the reader and
     # the daemon's event loop come first. The daemon stops waiting for a starved push.
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    with contextlib.suppress(OSError):  # a seccomp filter may refuse it: then as is
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     pusher = Pusher(int(argv[1]))
     os.write(1, READY)
     while head := _read_exact(0, JOB.size):

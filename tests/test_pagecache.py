@@ -218,14 +218,22 @@ def test_the_pusher_goes_with_its_daemon(emulator, tmp_path: Path) -> None:
         assert err.value.errno == errno.ENOTCONN
 
 
-def test_a_clean_unmount_stops_the_pusher(emulator, tmp_path: Path) -> None:
+def test_the_daemon_alone_stops_the_pusher(emulator, tmp_path: Path) -> None:
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     with mounted(emulator, mnt, cache) as daemon:
         assert _wait_until(lambda: len(_pushers(daemon.pid)) == 1), "no pusher started"
         pusher = _pushers(daemon.pid)[0]
+        # systemd's stop and ^C signal every process of the service or terminal
+        os.kill(pusher, signal.SIGTERM)
+        os.kill(pusher, signal.SIGINT)
+        time.sleep(0.3)
+        assert not _gone(pusher)
+        assert _status(mnt)["page_cache"]["pusher"] == "running"
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
         assert daemon.wait(timeout=30) == 0
     assert _gone(pusher)
+    log = (tmp_path / "mnt-daemon.log").read_text()
+    assert "pusher ended" not in log and "Traceback" not in log, log[-2000:]
 
 
 def test_a_starved_pusher_delays_opens_only_briefly(emulator, tmp_path: Path) -> None:
