@@ -85,6 +85,9 @@ class Pusher:
                 size = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
             self._pipe = (read_end, write_end)
             self._chunk = size - _PAGE  # the header takes one of the pipe's pages
+            if self._chunk <= 0:
+                self.close()
+                raise OSError(errno.ENOBUFS, f"a pipe of {size} bytes holds no data page")
         return self._chunk
 
     def _store(self, ino: int, fd: int, offset: int, count: int) -> None:
