@@ -165,6 +165,14 @@ def _pushers(daemon: int) -> list[int]:
     return found
 
 
+def _started_pusher(mnt: Path, daemon: int) -> int:
+    """The daemon's pusher, once it has said it is ready (its signal handlers are set)."""
+    assert _wait_until(lambda: _status(mnt)["page_cache"]["pusher"] == "running"), \
+        _status(mnt)["page_cache"]
+    (pusher,) = _pushers(daemon)
+    return pusher
+
+
 def _gone(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -186,8 +194,7 @@ def test_losing_the_pusher_costs_speed_not_bytes(emulator, tmp_path: Path) -> No
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     series, truth = _warm_cache(emulator, mnt, cache)
     with mounted(emulator, mnt, cache) as daemon:
-        assert _wait_until(lambda: len(_pushers(daemon.pid)) == 1), "no pusher started"
-        os.kill(_pushers(daemon.pid)[0], signal.SIGKILL)
+        os.kill(_started_pusher(mnt, daemon.pid), signal.SIGKILL)
         assert _wait_until(lambda: "pusher ended" in _status(mnt)["page_cache"]["pusher"])
         files = sorted(series.glob("*.dcm"))
         for f in files:  # nothing is pushed ahead now, only each file as it is opened
@@ -205,8 +212,7 @@ def test_losing_the_pusher_costs_speed_not_bytes(emulator, tmp_path: Path) -> No
 def test_the_pusher_goes_with_its_daemon(emulator, tmp_path: Path) -> None:
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     with mounted(emulator, mnt, cache) as daemon:
-        assert _wait_until(lambda: len(_pushers(daemon.pid)) == 1), "no pusher started"
-        pusher = _pushers(daemon.pid)[0]
+        pusher = _started_pusher(mnt, daemon.pid)
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(timeout=10)
         # It holds the FUSE device: were it left behind, the mount would hang, not fail.
@@ -221,8 +227,7 @@ def test_the_pusher_goes_with_its_daemon(emulator, tmp_path: Path) -> None:
 def test_the_daemon_alone_stops_the_pusher(emulator, tmp_path: Path) -> None:
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     with mounted(emulator, mnt, cache) as daemon:
-        assert _wait_until(lambda: len(_pushers(daemon.pid)) == 1), "no pusher started"
-        pusher = _pushers(daemon.pid)[0]
+        pusher = _started_pusher(mnt, daemon.pid)
         # systemd's stop and ^C signal every process of the service or terminal
         os.kill(pusher, signal.SIGTERM)
         os.kill(pusher, signal.SIGINT)
@@ -240,8 +245,7 @@ def test_a_starved_pusher_delays_opens_only_briefly(emulator, tmp_path: Path) ->
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     series, truth = _warm_cache(emulator, mnt, cache)
     with mounted(emulator, mnt, cache) as daemon:
-        assert _wait_until(lambda: len(_pushers(daemon.pid)) == 1), "no pusher started"
-        pusher = _pushers(daemon.pid)[0]
+        pusher = _started_pusher(mnt, daemon.pid)
         os.kill(pusher, signal.SIGSTOP)  # as if other work took every CPU
         try:
             files = sorted(series.glob("*.dcm"))
