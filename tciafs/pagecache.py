@@ -9,8 +9,8 @@ file in place. The file being opened is pushed here, at once: its reader waits f
 The kernel locks a page while it waits for the daemon to fill it, and notify_store
 takes the same lock. A push in this process therefore only ever goes to an inode with
 no open handle. The child may block on such a lock without harm, as the daemon still
-answers the read; an open of an inode the child is pushing waits for that push all the
-same, since its pages are about to be there.
+answers the read; an open of an inode the child is pushing waits for that push, since
+its pages are about to be there, but only briefly (SETTLE_SECONDS).
 """
 
 from __future__ import annotations
@@ -166,10 +166,13 @@ class PageFeeder:
             entry = self.cache.hold(sibling.series_uid, sibling.ident)
             if entry is None:
                 break  # not cached yet: the series fetch is behind the reader
-            job = _Job(sibling.ino, entry)
-            if entry.size > PUSH_LIMIT or len(message + job.message) > select.PIPE_BUF:
+            if entry.size > PUSH_LIMIT:
                 self.cache.release(entry)
                 continue
+            job = _Job(sibling.ino, entry)
+            if len(message) + len(job.message) > select.PIPE_BUF:
+                self.cache.release(entry)
+                break
             jobs.append(job)
             message += job.message
             budget -= entry.size

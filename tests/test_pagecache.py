@@ -148,19 +148,27 @@ def test_pages_are_pushed_again_after_the_kernel_dropped_them(emulator, tmp_path
         assert after["reads_through_daemon"] == 0, after
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def _pushers(daemon: int) -> list[int]:
     """The page-pusher children of a daemon."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
+        fields = _proc_stat(int(entry.name))
         try:
-            stat = (entry / "stat").read_text()
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        if ppid == daemon and b"tciafs.pagepush" in cmdline:
+        if fields and int(fields[1]) == daemon and b"tciafs.pagepush" in cmdline:
             found.append(int(entry.name))
     return found
 
@@ -174,11 +182,8 @@ def _started_pusher(mnt: Path, daemon: int) -> int:
 
 
 def _gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] == "Z"  # dead, and waiting for init to reap it
+    fields = _proc_stat(pid)
+    return fields is None or fields[0] == "Z"  # Z: dead, and waiting for init to reap it
 
 
 def _wait_until(check, timeout: float = 10.0) -> bool:
