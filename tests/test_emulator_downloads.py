@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
 import shutil
 import subprocess
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ import pydicom
 import pytest
 from test_emulator_support import CT_LUNG, USERS, serve_tiny, uid
 
+from tciafs.emulator import zipstream
 from tciafs.emulator.server import EmulatorServers
 
 V1 = "/nbia-api/services/v1/"
@@ -195,3 +197,74 @@ def test_demo_profile_download(emulator) -> None:  # noqa: ANN001 (conftest fixt
         assert len(dicom) == smallest["ImageCount"]
         assert sum(archive.getinfo(n).file_size for n in dicom) == smallest["FileSize"]
         check_md5_table(archive)
+
+
+# -- the body cache ---------------------------------------------------------------------------
+
+def _counting(members: list[zipstream.ZipMember]) -> tuple[list[int], Callable]:
+    calls = [0]
+
+    def make() -> list[zipstream.ZipMember]:
+        calls[0] += 1
+        return members
+
+    return calls, make
+
+
+def _noisy_members() -> list[zipstream.ZipMember]:
+    # Random bytes do not deflate: the body is about as large as the data.
+    data = [random.Random(n).randbytes(300_000) for n in range(4)]
+    return [zipstream.bytes_member(f"{n}.dcm", d) for n, d in enumerate(data)]
+
+
+def test_a_body_is_made_once_then_replayed_byte_for_byte() -> None:
+    cache = zipstream.BodyCache()
+    calls, make = _counting(_noisy_members())
+    first, second = [], []
+    cache.write("k", make, first.append)
+    cache.write("k", make, second.append)
+    assert calls == [1]
+    assert b"".join(second) == b"".join(first)
+    archive = zipfile.ZipFile(io.BytesIO(b"".join(second)))
+    assert archive.read("2.dcm") == random.Random(2).randbytes(300_000)
+    cache.write("other", make, [].append)
+    assert calls == [2]  # another key is another body
+
+
+def test_a_body_cut_short_is_not_kept() -> None:
+    cache = zipstream.BodyCache()
+    calls, make = _counting(_noisy_members())
+    sent: list[bytes] = []
+
+    def hang_up(chunk: bytes) -> None:
+        if sent:
+            raise zipstream.StreamAborted("client disconnected")
+        sent.append(chunk)
+
+    with pytest.raises(zipstream.StreamAborted):
+        cache.write("k", make, hang_up)
+    whole: list[bytes] = []
+    cache.write("k", make, whole.append)
+    assert calls == [2]
+    assert len(zipfile.ZipFile(io.BytesIO(b"".join(whole))).namelist()) == 4
+
+
+def test_a_body_over_the_bound_is_not_kept() -> None:
+    cache = zipstream.BodyCache(max_bytes=2_000_000)  # bodies up to 500 kB
+    calls, make = _counting(_noisy_members())  # ~1.2 MB
+    first, second = [], []
+    cache.write("k", make, first.append)
+    cache.write("k", make, second.append)
+    assert calls == [2] and b"".join(first) == b"".join(second)
+
+
+def test_each_flavour_of_a_series_is_its_own_body(client: httpx.Client) -> None:
+    series = {"SeriesInstanceUID": uid("ct-c")}
+    plain = client.get(V4 + "getImage", params=series).content
+    named = fetch_zip(client, V4 + "getImage", NewFileNames="Yes", **series).namelist()
+    hashed = fetch_zip(client, V4 + "getImage", IncludeMD5="Yes", **series).namelist()
+    legacy_names = fetch_zip(client, V1 + "getImage", **series).namelist()
+    assert zipfile.ZipFile(io.BytesIO(plain)).namelist() == legacy_names
+    assert named != legacy_names and named[0] == "LICENSE"
+    assert hashed == legacy_names + ["md5hashes.csv"]
+    assert client.get(V4 + "getImage", params=series).content == plain

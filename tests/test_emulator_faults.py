@@ -222,3 +222,17 @@ def test_sixteen_concurrent_readers_under_random_faults(client: httpx.Client,
     assert set(outcomes) <= {"ok", "broken", "429", "503"}
     set_faults(client)
     assert client.get(V4 + "getImage", params=BIG).status_code == 200  # still healthy
+
+
+def test_a_replayed_body_is_cut_like_a_fresh_one(client: httpx.Client) -> None:
+    whole = client.get(V1 + "getImage", params=BIG).content
+    assert client.get(V1 + "getImage", params=BIG).content == whole  # from the body cache
+    set_faults(client, ptruncate=1.0, endpoints=["getImage"])
+    body = bytearray()
+    with pytest.raises(httpx.RemoteProtocolError), \
+            client.stream("GET", V1 + "getImage", params=BIG) as r:
+        for chunk in r.iter_raw():
+            body += chunk
+    assert 0 < len(body) < len(whole)
+    set_faults(client)
+    assert client.get(V1 + "getImage", params=BIG).content == whole

@@ -143,6 +143,7 @@ class Context:
     stats: Stats
     expired_mode: str = "swallow"
     verbose: bool = False
+    bodies: zipstream.BodyCache = field(default_factory=zipstream.BodyCache)
 
     @cached_property
     def collections(self) -> dict[str, CollectionFacts]:
@@ -677,12 +678,15 @@ def _instance_member(call: Call, series: SeriesRecord, name: str, inst: Instance
                                inst.size, zipstream.zip_time(series.max_submission_timestamp))
 
 
-def _zip_reply(series: SeriesRecord, members: Callable[[], Iterable[zipstream.ZipMember]]
+def _zip_reply(call: Call, series: SeriesRecord,
+               members: Callable[[], Iterable[zipstream.ZipMember]], *flavour: object
                ) -> Reply:
+    """A series as a ZIP; `flavour` names what, beside the series, shapes the body."""
     disposition = f'attachment; filename="{series.series_instance_uid}.zip"'
+    key = (call.api, series.series_instance_uid, *flavour)
     return Reply(200, content_type="application/octet-stream",
                  headers=[("Content-Disposition", disposition)],
-                 stream=lambda sink: zipstream.write_zip(members(), sink),
+                 stream=lambda sink: call.ctx.bodies.write(key, members, sink),
                  size_hint=series.file_size // 2)
 
 
@@ -718,7 +722,8 @@ def get_image(call: Call) -> Reply:
         if with_md5:
             yield zipstream.bytes_member("md5hashes.csv", _md5_table(named), when)
 
-    return _zip_reply(series, members)
+    return _zip_reply(call, series, members, "getImage", _yes(call.q("NewFileNames")),
+                      with_md5)
 
 
 def _md5_table(named: Sequence[tuple[str, InstanceRecord]]) -> bytes:
@@ -747,7 +752,7 @@ def get_image_with_md5_hash(call: Call) -> Reply:
             yield _instance_member(call, series, name, inst)
         yield zipstream.bytes_member("md5hashes.csv", _md5_table(named), when)
 
-    return _zip_reply(series, members)
+    return _zip_reply(call, series, members, "getImageWithMD5Hash")
 
 
 def get_single_image(call: Call) -> Reply:
@@ -1022,7 +1027,7 @@ def legacy_image(call: Call) -> Reply:
         for inst in instances:
             yield _instance_member(call, series, f"{inst.sop_instance_uid}.dcm", inst)
 
-    return _zip_reply(series, members)
+    return _zip_reply(call, series, members, "legacy")
 
 
 def legacy_single_image(call: Call) -> Reply:
