@@ -6,11 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from mountutil import abort_fuse_mounts_under
 
 
 @dataclass
@@ -64,3 +67,30 @@ def emulator(demo_data_dir: Path) -> Iterator[EmulatorProcess]:
         yield emu
     finally:
         emu.stop()
+
+
+@pytest.fixture(autouse=True)
+def abort_mounts_of_a_hung_test(request: pytest.FixtureRequest,
+                                tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Shortly before a test's timeout, abort the FUSE mounts it left hanging.
+
+    A read from a daemon that no longer answers waits in the kernel, where the timeout's
+    signal cannot reach it; aborting the connection ends the read, so the timeout fails
+    this one test instead of stalling the whole run.
+    """
+    marker = request.node.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker else float(request.config.getini("timeout"))
+    root = tmp_path_factory.getbasetemp()
+
+    def abort() -> None:
+        for where in abort_fuse_mounts_under(root):
+            print(f"\n{request.node.nodeid}: aborted the hung FUSE mount {where}",
+                  file=sys.stderr)
+
+    watchdog = threading.Timer(max(limit - 15, limit * 0.8), abort)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield
+    finally:
+        watchdog.cancel()

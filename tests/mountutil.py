@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,8 +20,41 @@ FUSE_USABLE = os.path.exists("/dev/fuse") and bool(
 needs_fuse = pytest.mark.skipif(not FUSE_USABLE, reason="needs /dev/fuse and fusermount3")
 
 
+CONNECTIONS = Path("/sys/fs/fuse/connections")
+
+
 def lazy_unmount(mountpoint: Path) -> None:
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True,
+                   timeout=30)
+
+
+def fuse_mounts_under(root: Path) -> list[tuple[Path, int]]:
+    """FUSE mounts below root, each with its connection number (the device's minor).
+
+    Read from mountinfo rather than by stat(), which a hung daemon would never answer.
+    """
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        fstype = fields[fields.index("-") + 1]
+        where = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))
+        if fstype.startswith("fuse") and root in where.parents:
+            found.append((where, int(fields[2].split(":")[1])))
+    return found
+
+
+def abort_fuse_mounts_under(root: Path) -> list[Path]:
+    """Abort the FUSE connections below root: every request they hold fails at once.
+
+    A test whose daemon stopped answering would otherwise sit in an uninterruptible
+    read that no test timeout can end. Needs fusectl (scripts/setup mounts it).
+    """
+    aborted = []
+    for where, connection in fuse_mounts_under(root):
+        with contextlib.suppress(OSError):
+            (CONNECTIONS / str(connection) / "abort").write_text("1")
+            aborted.append(where)
+    return aborted
 
 
 @contextlib.contextmanager
@@ -46,7 +80,11 @@ def mounted(emulator, mountpoint: Path, cache_dir: Path, *extra: str,
         yield proc
     finally:
         if os.path.ismount(mountpoint):
-            subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
+            try:
+                subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
+                               timeout=30)
+            except subprocess.TimeoutExpired:
+                abort_fuse_mounts_under(mountpoint.parent)
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:

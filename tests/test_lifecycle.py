@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mountutil import lazy_unmount, mounted, needs_fuse
+from mountutil import CONNECTIONS, abort_fuse_mounts_under, lazy_unmount, mounted, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
@@ -140,3 +140,37 @@ def test_demo_mount(tmp_path: Path) -> None:
         assert _tciafs(tmp_path, "umount", str(mnt)).returncode == 0
     finally:
         lazy_unmount(mnt)
+
+
+@pytest.mark.skipif(not os.path.ismount(CONNECTIONS), reason="fusectl is not mounted")
+def test_a_hung_mount_is_aborted_not_waited_for(emulator, tmp_path: Path) -> None:
+    """The suite's guard against a daemon that stops answering (tests/conftest.py)."""
+    mnt = tmp_path / "mnt"
+    with mounted(emulator, mnt, tmp_path / "cache") as daemon:
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            reader = subprocess.Popen(["ls", str(mnt)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True)
+            with pytest.raises(subprocess.TimeoutExpired):
+                reader.wait(timeout=1)  # stuck: nobody answers its readdir
+            assert abort_fuse_mounts_under(tmp_path) == [mnt]
+            assert reader.wait(timeout=10) != 0
+            assert "connect" in reader.stderr.read()  # ENOTCONN or ECONNABORTED
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(12)
+@pytest.mark.skipif(not os.path.ismount(CONNECTIONS), reason="fusectl is not mounted")
+def test_the_watchdog_frees_a_test_stuck_on_a_hung_mount(emulator, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(emulator, mnt, tmp_path / "cache") as daemon:
+        os.kill(daemon.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        try:
+            with pytest.raises(OSError) as failed:
+                os.listdir(mnt)  # in the kernel until the watchdog aborts the mount
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        assert failed.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+        assert time.monotonic() - started < 12
