@@ -259,7 +259,7 @@ async def _serve(opts: MountOptions, ready_fd: int | None) -> None:
             doc = status.snapshot(server=opts.server, api=opts.api, started=started,
                                   client=client, cache=cache)
             doc["jobs"] = control.progress()
-            doc["page_cache"] = {**ops.pages.counters, "pusher": ops.pages.state}
+            doc["page_cache"] = {**ops.pages.counters, "read_ahead": ops.pages.state}
             return doc
 
         ops = Operations(tree, cache, status=snapshot, control=control)

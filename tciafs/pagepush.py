@@ -2,26 +2,16 @@
 
 The message goes to /dev/fuse through a pipe that the cache file is spliced into, so
 the kernel copies each page once, from the cache file's own page cache, and no Python
-buffer is filled on the way. The read-ahead runs this in a child process
-(`python -m tciafs.pagepush FD DAEMON_PID`): pushes then cost the daemon neither the GIL nor
-event-loop time while it answers the reader's opens.
-
-The child says READY on stdout, then reads jobs from stdin (`JOB` then the path) and
-answers each with one byte, OK or FAILED, in order. It stops at the end of its input,
-which is also what happens when the daemon dies.
+buffer is filled on the way.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import fcntl
 import os
-import signal
 import stat
 import struct
-import sys
 
 NOTIFY_STORE = 4  # enum fuse_notify_code
 # struct fuse_out_header (len, error = the notify code, unique = 0), then
@@ -30,11 +20,7 @@ _MESSAGE = struct.Struct("<IiQQQII")
 _FUSE_DEVICE = os.makedev(10, 229)
 _PIPE_SIZE = 1 << 20  # the unprivileged maximum by default; 64 KiB if refused
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-_PR_SET_PDEATHSIG = 1
-
-JOB = struct.Struct("<QQH")  # inode, size, length of the path that follows
-OK, FAILED, READY = b"\x01", b"\x00", b"\x02"  # READY once, before any answer
+_READ_CHUNK = 1 << 20
 
 
 def fuse_device() -> int | None:
@@ -58,17 +44,16 @@ class Pusher:
         self._pipe: tuple[int, int] | None = None
         self._chunk = 0  # data per message: the pipe must hold a whole message
 
-    def push(self, ino: int, path: str | bytes, size: int) -> None:
-        """Raises OSError; ENOENT means the kernel no longer knows the inode."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            offset = 0
-            while offset < size:
-                count = min(size - offset, self._open_pipe())
-                self._store(ino, fd, offset, count)
-                offset += count
-        finally:
-            os.close(fd)
+    def push(self, ino: int, fd: int, size: int) -> None:
+        """Store the first size bytes of the open file fd as the content of inode ino.
+
+        Raises OSError; ENOENT means the kernel no longer knows the inode.
+        """
+        offset = 0
+        while offset < size:
+            count = min(size - offset, self._open_pipe())
+            self._store(ino, fd, offset, count)
+            offset += count
 
     def close(self) -> None:
         if self._pipe is not None:
@@ -110,48 +95,23 @@ class Pusher:
             raise
 
 
-def _read_exact(fd: int, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = os.read(fd, size - len(data))
-        if not chunk:
-            return b""
-        data += chunk
-    return data
+def in_memory(fd: int, size: int) -> bool:
+    """Whether the file's first and last pages are in the page cache (so, most likely,
+    all of it): a push from it would not wait for the disk."""
+    probe = bytearray(1)
+    try:
+        for offset in {0, max(size - 1, 0)}:
+            os.preadv(fd, [probe], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:  # RWF_NOWAIT unsupported here: the push will tell
+        return True
+    return True
 
 
-def _die_with(daemon: int) -> None:
-    # Holding the FUSE device keeps the connection alive: once the daemon is killed,
-    # the mount must report itself disconnected at once, not when we notice.
-    with contextlib.suppress(OSError, AttributeError):  # then only the end of input
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != daemon:
-        os._exit(0)
-
-
-def main(argv: list[str]) -> int:
-    # ^C at a terminal and systemd's stop reach every process of the group or service;
-    # the daemon ends us itself, by closing our input, once its own pushes are settled.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with(int(argv[2]))
-    # Pushing ahead is worth only the CPU time that nobody else wants: the reader and
-    # the daemon's event loop come first. The daemon stops waiting for a starved push.
-    with contextlib.suppress(OSError):  # a seccomp filter may refuse it: then as is
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    pusher = Pusher(int(argv[1]))
-    os.write(1, READY)
-    while head := _read_exact(0, JOB.size):
-        ino, size, length = JOB.unpack(head)
-        path = _read_exact(0, length)
-        try:
-            pusher.push(ino, path, size)
-        except OSError:
-            os.write(1, FAILED)
-        else:
-            os.write(1, OK)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+def read_through(fd: int, size: int) -> None:
+    """Read the file once, so that its pages are in memory; for a worker thread."""
+    chunk = bytearray(min(size, _READ_CHUNK) or 1)
+    offset = 0
+    while offset < size and (n := os.preadv(fd, [chunk], offset)):
+        offset += n

@@ -11,6 +11,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from tciafs.cache import Cache
 from tciafs.catalog import ROOT_INODE, Catalog, Kind
@@ -193,3 +194,85 @@ async def test_concurrent_patient_listings_share_one_bulk_request(harness, emula
         for ino in patients:
             nursery.start_soon(harness.readdir, ino)
     assert count_requests(emulator.url, "getSeries") == 1
+
+
+class RecordingPusher:
+    """Stands in for /dev/fuse, which needs a mount: records what the feeder pushes."""
+
+    def __init__(self) -> None:
+        self.pushed: list[int] = []
+        self.closed = False
+
+    def push(self, ino: int, fd: int, size: int) -> None:
+        assert os.fstat(fd).st_size == size  # the whole cache file, and it is open
+        self.pushed.append(ino)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def _cached_series(harness) -> list[int]:
+    """The inodes of a series' instances in the order `ls` shows, each fetched once."""
+    series = (await harness.series())[0]
+    inodes = [attr.st_ino for _, attr in sorted(await harness.readdir(series.st_ino),
+                                                key=lambda item: item[0])
+              if harness.ops.tree.node(attr.st_ino).kind is Kind.INSTANCE]
+    for ino in inodes:
+        await harness.ops.release((await harness.ops.open(ino, os.O_RDONLY, None)).fh)
+    return inodes
+
+
+def _holds(ops: Operations, inodes: list[int]) -> list[int]:
+    return [ops.cache.open_count(ops.tree.node(ino).ident) for ino in inodes]
+
+
+async def test_read_ahead_pushes_only_files_nobody_has_open(harness) -> None:
+    ops = harness.ops
+    inodes = await _cached_series(harness)
+    assert len(inodes) >= 8
+    pusher = RecordingPusher()
+    await harness.nursery.start(lambda task_status: ops.pages.run(pusher=pusher,
+                                                                  task_status=task_status))
+    first = await ops.open(inodes[0], os.O_RDONLY, None)
+    assert pusher.pushed == [inodes[0]]  # at open, before the handle is handed out
+    await trio.testing.wait_all_tasks_blocked()
+    assert pusher.pushed == inodes[:1 + ops.pages.ahead_files]  # then the next, in order
+    assert _holds(ops, inodes) == [1] + [0] * (len(inodes) - 1)  # the queue let go
+
+    # The kernel dropped one file's pages while another handle holds it open: a second
+    # open must not push into it, since the first handle's reads may lock its pages.
+    await ops.forget([(inodes[0], 1)])
+    second = await ops.open(inodes[0], os.O_RDONLY, None)
+    await trio.testing.wait_all_tasks_blocked()
+    assert pusher.pushed.count(inodes[0]) == 1
+    for info in (first, second):
+        await ops.release(info.fh)
+    assert ops.pages.counters["pushed_at_open"] == 1
+    assert ops.pages.counters["pushed_ahead"] == ops.pages.ahead_files
+
+
+async def test_a_queued_file_is_pushed_at_its_open_and_holds_end_with_the_feeder(
+        harness) -> None:
+    ops = harness.ops
+    inodes = await _cached_series(harness)
+    pusher = RecordingPusher()
+    feeder = trio.CancelScope()
+    harness.nursery.start_soon(_run_in, feeder, ops.pages.run(pusher=pusher))
+    await trio.testing.wait_all_tasks_blocked()
+    first = await ops.open(inodes[0], os.O_RDONLY, None)
+    # Opened before the feeder had its turn: pushed by its own open, not twice.
+    second = await ops.open(inodes[1], os.O_RDONLY, None)
+    assert pusher.pushed == inodes[:2]
+    assert _holds(ops, inodes[2:2 + ops.pages.ahead_files]) == [1] * ops.pages.ahead_files
+    feeder.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    assert pusher.closed and ops.pages.state == "stopped"
+    assert _holds(ops, inodes) == [1, 1] + [0] * (len(inodes) - 2)
+    for info in (first, second):
+        await ops.release(info.fh)
+    assert _holds(ops, inodes) == [0] * len(inodes)
+
+
+async def _run_in(scope: trio.CancelScope, job) -> None:
+    with scope:
+        await job

@@ -137,15 +137,6 @@ class Mount:
         """VmHWM of the daemon: its peak resident set since it started."""
         return _proc_status_kib(self.pid, "VmHWM")
 
-    def wait_started(self, timeout: float = 10.0) -> None:
-        """Wait until the daemon's page pusher has started, as a mount in use would be:
-        its start-up (a Python interpreter) is not part of any figure, baseline or not."""
-        deadline = time.monotonic() + timeout
-        while self.status().get("page_cache", {}).get("pusher") == "starting":
-            if time.monotonic() > deadline:
-                raise BenchError(f"the page pusher did not start within {timeout:.0f} s")
-            time.sleep(0.01)
-
     def wait_idle(self, entries: int, timeout: float = 120.0) -> dict[str, Any]:
         """Wait until nothing is in flight and the cache holds `entries` files."""
         deadline = time.monotonic() + timeout
@@ -212,9 +203,7 @@ def mounted(server: str, mountpoint: Path, cache_dir: Path, log_path: Path,
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     try:
         _wait_mounted(mountpoint, proc, log_path, timeout)
-        mount = Mount(mountpoint, cache_dir, proc, log_path)
-        mount.wait_started()
-        yield mount
+        yield Mount(mountpoint, cache_dir, proc, log_path)
     finally:
         unmount(mountpoint, proc)
 
