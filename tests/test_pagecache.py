@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from test_mount import _first_ct_series, _series_zip
 
+from tciafs import pagepush
+
 from mountutil import mounted, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.mount]
@@ -152,3 +154,21 @@ def test_pages_are_pushed_again_after_the_kernel_dropped_them(emulator, tmp_path
         assert after["reads_through_daemon"] == 0, after
         # The cache files went too: a worker read them from disk, not the event loop.
         assert after["read_from_disk"] > before["read_from_disk"], (before, after)
+
+
+def test_in_memory_tells_cached_pages_from_evicted_ones(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(3 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # written back, so that dropping the page cache can evict it
+        os.pread(fd, 3 << 20, 0)
+        assert pagepush.in_memory(fd, 3 << 20)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert not pagepush.in_memory(fd, 3 << 20)
+        os.pread(fd, 1 << 20, 0)  # a third of it back: not enough to push without waiting
+        assert not pagepush.in_memory(fd, 3 << 20)
+        pagepush.read_through(fd, 3 << 20)
+        assert pagepush.in_memory(fd, 3 << 20)
+    finally:
+        os.close(fd)
