@@ -17,7 +17,9 @@ from disk by a worker thread, which touches only the disk cache, never FUSE.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import logging
 import os
 
@@ -147,12 +149,20 @@ class PageFeeder:
 
     async def _read_from_disk(self, ino: int, fd: int, size: int) -> None:
         done = self._loading[ino] = trio.Event()
+        self._read_queued_soon()
         try:
             await trio.to_thread.run_sync(pagepush.read_through, fd, size)
             self.counters["read_from_disk"] += 1
         finally:
             del self._loading[ino]
             done.set()
+
+    def _read_queued_soon(self) -> None:
+        """The disk cache has gone cold: have the disk read the queued files meanwhile,
+        not one after another as they come up (a no-op for pages already in memory)."""
+        for entry in itertools.islice(self._queue.values(), self.ahead_files):
+            with contextlib.suppress(OSError):
+                pagepush.read_soon(entry.path, entry.size)
 
     def _queue_after(self, node: Node) -> None:
         if self._pusher is None:

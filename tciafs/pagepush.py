@@ -123,6 +123,15 @@ def in_memory(fd: int, size: int) -> bool:
     return counts.nr_cache * _PAGE >= size
 
 
+def read_soon(path: str, size: int) -> None:
+    """Start reading the file into memory, without waiting for it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
 def read_through(fd: int, size: int) -> None:
     """Read the file once, so that its pages are in memory; for a worker thread."""
     chunk = bytearray(min(size, _READ_CHUNK) or 1)

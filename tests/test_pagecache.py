@@ -170,5 +170,11 @@ def test_in_memory_tells_cached_pages_from_evicted_ones(tmp_path: Path) -> None:
         assert not pagepush.in_memory(fd, 3 << 20)
         pagepush.read_through(fd, 3 << 20)
         assert pagepush.in_memory(fd, 3 << 20)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        pagepush.read_soon(str(path), 3 << 20)  # returns at once; the disk reads on
+        deadline = time.monotonic() + 10
+        while not pagepush.in_memory(fd, 3 << 20):
+            assert time.monotonic() < deadline, "read_soon read nothing"
+            time.sleep(0.01)
     finally:
         os.close(fd)
