@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import zlib
 from collections.abc import AsyncIterator
+
+# zlib-ng inflates a CT series about 1.6 times as fast as zlib, and checks CRCs 3 times
+# as fast, with the same interface: this is where a cold copy spends its CPU.
+from zlib_ng import zlib_ng as zlib
 
 from .records import ChecksumMismatch, MalformedResponse, TruncatedStream
 
