@@ -72,7 +72,8 @@ def emulator(demo_data_dir: Path) -> Iterator[EmulatorProcess]:
 @pytest.fixture(autouse=True)
 def abort_mounts_of_a_hung_test(request: pytest.FixtureRequest,
                                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Shortly before a test's timeout, abort the FUSE mounts it left hanging.
+    """Shortly before a test's timeout, abort the FUSE mounts it left hanging, and
+    again every 2 s after that, for a mount that hangs only later.
 
     A read from a daemon that no longer answers waits in the kernel, where the timeout's
     signal cannot reach it; aborting the connection ends the read, so the timeout fails
@@ -82,15 +83,19 @@ def abort_mounts_of_a_hung_test(request: pytest.FixtureRequest,
     limit = float(marker.args[0]) if marker else float(request.config.getini("timeout"))
     root = tmp_path_factory.getbasetemp()
 
-    def abort() -> None:
-        for where in abort_fuse_mounts_under(root):
-            print(f"\n{request.node.nodeid}: aborted the hung FUSE mount {where}",
-                  file=sys.stderr)
+    done = threading.Event()
 
-    watchdog = threading.Timer(max(limit - 15, limit * 0.8), abort)
-    watchdog.daemon = True
+    def watch() -> None:
+        delay = max(limit - 15, limit * 0.8)
+        while not done.wait(delay):
+            for where in abort_fuse_mounts_under(root):
+                print(f"\n{request.node.nodeid}: aborted the hung FUSE mount {where}",
+                      file=sys.stderr)
+            delay = 2.0
+
+    watchdog = threading.Thread(target=watch, daemon=True)
     watchdog.start()
     try:
         yield
     finally:
-        watchdog.cancel()
+        done.set()
