@@ -47,7 +47,7 @@ def render(mountpoint: Path, doc: dict[str, Any]) -> str:
         lines.append(f"  kernel page cache: {pages['pushed_at_open']} files pushed at open, "
                      f"{pages['pushed_ahead']} ahead of the reader; "
                      f"{pages['reads_through_daemon']} reads reached the daemon"
-                     + (f" ({pages['read_from_disk']} of these files read from disk first)"
+                     + (f"; {pages['read_from_disk']} files read from disk first"
                         if pages.get("read_from_disk") else "")
                      + ("" if pages.get("read_ahead", "running") == "running"
                         else f" (read-ahead {pages['read_ahead']})"))

@@ -109,11 +109,7 @@ def test_stale_mount_of_a_killed_daemon_is_cleared(emulator, tmp_path: Path) -> 
     with mounted(emulator, mnt, tmp_path / "cache") as daemon:
         os.kill(daemon.pid, signal.SIGKILL)
         daemon.wait(timeout=10)
-        # A request that arrives while the page pusher (which shares the connection)
-        # is dying ends with ECONNABORTED; from then on the mount is plainly gone.
-        with pytest.raises(OSError) as err:
-            os.listdir(mnt)
-        assert err.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+        # Nothing else holds the FUSE connection: it went with the daemon.
         with pytest.raises(OSError) as err:
             os.listdir(mnt)
         assert err.value.errno == errno.ENOTCONN
