@@ -36,9 +36,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-import pydicom
 import trio
+from pydicom.filereader import read_partial
+from pydicom.tag import Tag
 
 from tciafs.catalog import open_db
 from tciafs.client import (
@@ -441,9 +443,11 @@ class Cache:
         self.stats.single_fetches += 1
 
     @asynccontextmanager
-    async def _tmpfile(self, series: str, hashing: bool = True,
-                       expected: int | None = None) -> AsyncIterator[_TmpFile]:
-        tmp = _TmpFile(self, series, hashing, expected)
+    async def _tmpfile(self, series: str, expected: int | None = None
+                       ) -> AsyncIterator[_TmpFile]:
+        # Creating a file waits for the file system's journal, which the fsyncs of the
+        # files being published keep busy: a worker thread waits, not the event loop.
+        tmp = await trio.to_thread.run_sync(_TmpFile, self, series, expected)
         self._tmpfiles.add(tmp)
         try:
             yield tmp
@@ -452,19 +456,17 @@ class Cache:
             tmp.discard()
 
     async def _publish(self, tmp: _TmpFile, collection: str, series: str, *,
-                       expect_sop: str | None = None, verified_md5: str | None = None) -> str:
-        """Check, fsync and rename a finished download into place; return its SOP UID."""
-        sop = await trio.to_thread.run_sync(_finish_file, tmp.fd, tmp.path)
+                       expect_sop: str | None = None) -> tuple[str, str]:
+        """Check, fsync and rename a finished download into place; return its SOP UID
+        and the MD5 of its bytes as stored."""
+        sop, md5 = await trio.to_thread.run_sync(_finish_file, tmp.fd, tmp.path, self.root)
         tmp.close()
         if expect_sop is not None and sop != expect_sop:
             raise FetchFailed(f"server sent instance {sop!r} when asked for {expect_sop!r}")
-        md5 = tmp.hexdigest()
         if sop in self._lru:  # another path delivered it first
-            return sop
+            return sop, md5
         tmp.settle()
         final = self._object_path(sop)
-        if str(final.parent) not in self._dir_bytes:  # a mkdir once per fan-out directory
-            final.parent.mkdir(exist_ok=True, mode=0o700)
         os.rename(tmp.path, final)
         self._measure_dir(final.parent)
         tmp.adopted()
@@ -473,10 +475,9 @@ class Cache:
         self._sizes[sop] = tmp.size
         self.db.execute(
             "INSERT OR REPLACE INTO instances(sop, series, collection, size, md5, verified, "
-            "present, last_access, pinned) VALUES (?, ?, ?, ?, ?, ?, 1, ?, "
+            "present, last_access, pinned) VALUES (?, ?, ?, ?, ?, 0, 1, ?, "
             "(SELECT pinned FROM series WHERE uid=?))",
-            (sop, series, collection, tmp.size, md5, int(verified_md5 == md5), time.time(),
-             series))
+            (sop, series, collection, tmp.size, md5, time.time(), series))
         if self.db.execute("SELECT pinned FROM instances WHERE sop=?", (sop,)).fetchone()[0]:
             self._pinned.add(sop)
         self.stats.bytes_fetched += tmp.size
@@ -485,7 +486,7 @@ class Cache:
             event.set()
         if self.on_size_learned is not None:
             self.on_size_learned(sop, tmp.size)
-        return sop
+        return sop, md5
 
     # -- series prefetch -----------------------------------------------------------------
 
@@ -535,16 +536,14 @@ class Cache:
         assert self.client is not None
         progress = self.in_flight[series] = [0, 0]
         names: dict[str, tuple[str, str]] = {}  # entry name → (sop, md5)
-        async with self.client.open_series(collection, series) as stream:
+        # Each file is hashed as stored, when it is published: not by the ZIP reader.
+        async with self.client.open_series(collection, series, hash_entries=False) as stream:
             async for member in stream.members():
-                # The ZIP reader hashes every entry already: no second MD5 pass here.
-                async with self._tmpfile(series, hashing=False) as tmp:
+                async with self._tmpfile(series) as tmp:
                     async for chunk in member.chunks():
                         await tmp.write(chunk)
                         progress[0] += len(chunk)
-                    tmp.known_md5 = member.md5
-                    sop = await self._publish(tmp, collection, series)
-                    names[member.name] = (sop, tmp.hexdigest())
+                    names[member.name] = await self._publish(tmp, collection, series)
                     progress[1] += 1
             expected = stream.md5s
         self.stats.series_fetches += 1
@@ -605,13 +604,14 @@ class Cache:
 
 
 RESERVE_STEP = 1 << 20
+_SOP_INSTANCE_UID = Tag(0x0008, 0x0018)
+_MD5 = functools.partial(hashlib.md5, usedforsecurity=False)  # a checksum, not security
 
 
 class _TmpFile:
-    """A download in progress: room reserved ahead in steps, hashed as it is written."""
+    """A download in progress, with room reserved ahead in steps."""
 
-    def __init__(self, cache: Cache, series: str, hashing: bool = True,
-                 expected: int | None = None) -> None:
+    def __init__(self, cache: Cache, series: str, expected: int | None = None) -> None:
         self.cache = cache
         self.series = series
         self.expected = expected
@@ -619,12 +619,7 @@ class _TmpFile:
         self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self.size = 0
         self.reserved = 0
-        self.md5 = hashlib.md5(usedforsecurity=False) if hashing else None
-        self.known_md5: str | None = None  # set by whoever hashed the bytes on the way
         self._kept = False
-
-    def hexdigest(self) -> str:
-        return self.md5.hexdigest() if self.md5 is not None else self.known_md5 or ""
 
     async def write(self, chunk: bytes) -> None:
         if self.size + len(chunk) > self.reserved:
@@ -643,8 +638,6 @@ class _TmpFile:
                 _write_all(self.fd, chunk, offset)
             except OSError as again:
                 raise CacheFull(f"disk full while caching series {self.series}") from again
-        if self.md5 is not None:
-            self.md5.update(chunk)
 
     def _reserve_for(self, nbytes: int) -> None:
         """Reserve the expected rest of the file, or a MiB ahead: far fewer calls than one
@@ -693,13 +686,30 @@ def _write_all(fd: int | None, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _finish_file(fd: int | None, path: Path) -> str:
-    """fsync the file and read the SOP Instance UID from its DICOM header."""
+def _finish_file(fd: int | None, path: Path, root: Path) -> tuple[str, str]:
+    """fsync the file; return its SOP Instance UID and the MD5 of its bytes; make sure
+    the directory it goes to exists.
+
+    For a worker thread: what it waits for (the disk, the journal) and what it computes
+    (hashlib lets go of the GIL) would otherwise hold up the event loop. The bytes are
+    hashed as stored, not as they arrived.
+    """
     assert fd is not None
     os.fsync(fd)
+    with open(path, "rb") as stored:
+        md5 = hashlib.file_digest(stored, _MD5).hexdigest()
+        stored.seek(0)
+        sop = _sop_instance_uid(stored)
+    object_path(root, sop).parent.mkdir(exist_ok=True, mode=0o700)
+    return sop, md5
+
+
+def _sop_instance_uid(stored: BinaryIO) -> str:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True,
-                             specific_tags=["SOPInstanceUID"])
+        # Parsing stops past the UID: the rest of the header is never needed here.
+        ds = read_partial(
+            stored, stop_when=lambda tag, vr, length: tag > _SOP_INSTANCE_UID,
+            specific_tags=[_SOP_INSTANCE_UID])
         sop = ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
     except Exception as exc:  # pydicom raises many kinds for a body that is not DICOM
         raise FetchFailed(f"not a DICOM file: {exc}") from exc

@@ -17,6 +17,7 @@ import pydicom
 import pytest
 import trio
 
+from tciafs import cache as cache_module
 from tciafs.cache import META_SLACK, Cache, CacheFull, object_path
 from tciafs.catalog import Kind, Node
 from tciafs.client import NbiaClient
@@ -289,3 +290,41 @@ def test_finished_prefetch_jobs_are_forgotten_beyond_the_last_twenty(tmp_path: P
     assert list(control.jobs) == [running, *ids[-20:]]
     assert control.progress()[str(running)]["series_done"] == 0
     cache.close()
+
+
+def _dicom(path: Path, *, sop: str, meta_sop: str, implicit: bool) -> bytes:
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    if sop:
+        ds.SOPInstanceUID = sop
+    ds.StudyDate = "20240102"  # (0008,0020): parsing stops before this one
+    ds.PatientID = "P/1 .."
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = meta_sop
+    ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit
+                                      else pydicom.uid.ExplicitVRLittleEndian)
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_a_finished_file_is_named_by_its_dataset_and_hashed_as_stored(
+        tmp_path: Path, implicit: bool) -> None:
+    path = tmp_path / "download"
+    data = _dicom(path, sop="1.2.3.4", meta_sop="1.2.3.999", implicit=implicit)
+    (tmp_path / "root" / "objects").mkdir(parents=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        sop, md5 = cache_module._finish_file(fd, path, tmp_path / "root")
+    finally:
+        os.close(fd)
+    assert (sop, md5) == ("1.2.3.4", hashlib.md5(data).hexdigest())  # the dataset's UID wins
+    assert object_path(tmp_path / "root", sop).parent.is_dir()  # ready for the rename
+
+
+def test_a_file_whose_dataset_lacks_the_uid_is_named_by_its_meta_header(tmp_path: Path) -> None:
+    path = tmp_path / "download"
+    _dicom(path, sop="", meta_sop="1.2.3.5", implicit=False)
+    with open(path, "rb") as stored:
+        assert cache_module._sop_instance_uid(stored) == "1.2.3.5"

@@ -94,9 +94,10 @@ class SeriesStream:
     `license_text` holds the LICENSE entry's text if there was one.
     """
 
-    def __init__(self, opened: OpenResponse, what: str) -> None:
+    def __init__(self, opened: OpenResponse, what: str, hash_entries: bool = True) -> None:
         self._opened = opened
         self.what = what
+        self.hash_entries = hash_entries
         self.md5s: dict[str, str] = {}
         self.computed_md5s: dict[str, str] = {}
         self.license_text: str | None = None
@@ -107,7 +108,8 @@ class SeriesStream:
         if self._started:
             raise RuntimeError("SeriesStream.members() can be iterated only once")
         self._started = True
-        reader = ZipStreamReader(self._body(), label=self.what)
+        reader = ZipStreamReader(self._body(), label=self.what,
+                                 compute_md5=self.hash_entries)
         async for member in reader:
             base = member.name.rsplit("/", 1)[-1]
             if base == "LICENSE":
@@ -424,9 +426,13 @@ class NbiaClient:
             await opened.aclose()
 
     @asynccontextmanager
-    async def open_series(self, collection: str, series_uid: str, *,
-                          md5: bool = True) -> AsyncIterator[SeriesStream]:
-        """The whole-series ZIP, streamed; see SeriesStream. Retries before the first byte."""
+    async def open_series(self, collection: str, series_uid: str, *, md5: bool = True,
+                          hash_entries: bool = True) -> AsyncIterator[SeriesStream]:
+        """The whole-series ZIP, streamed; see SeriesStream. Retries before the first byte.
+
+        md5 asks the service for its MD5 list; hash_entries=False leaves the entries'
+        own MD5s to the caller (then `computed_md5s` stays empty).
+        """
         host = await self._host_for(collection)
         deadline = trio.current_time() + self.request_deadline
 
@@ -446,7 +452,7 @@ class NbiaClient:
                 reply = await _error_reply(opened)
                 raise self._status_error(reply, what, build(self.gen).endpoint, binary=True)
             try:
-                yield SeriesStream(opened, what)
+                yield SeriesStream(opened, what, hash_entries)
             finally:
                 await opened.aclose()
         finally:
