@@ -445,9 +445,7 @@ class Cache:
     @asynccontextmanager
     async def _tmpfile(self, series: str, expected: int | None = None
                        ) -> AsyncIterator[_TmpFile]:
-        # Creating a file waits for the file system's journal, which the fsyncs of the
-        # files being published keep busy: a worker thread waits, not the event loop.
-        tmp = await trio.to_thread.run_sync(_TmpFile, self, series, expected)
+        tmp = _TmpFile(self, series, expected)
         self._tmpfiles.add(tmp)
         try:
             yield tmp
@@ -688,7 +686,7 @@ def _write_all(fd: int | None, data: bytes, offset: int) -> None:
 
 def _finish_file(fd: int | None, path: Path, root: Path) -> tuple[str, str]:
     """fsync the file; return its SOP Instance UID and the MD5 of its bytes; make sure
-    the directory it goes to exists.
+    the directory it goes to exists (the first file of each of the 256 creates it).
 
     For a worker thread: what it waits for (the disk, the journal) and what it computes
     (hashlib lets go of the GIL) would otherwise hold up the event loop. The bytes are
@@ -700,7 +698,9 @@ def _finish_file(fd: int | None, path: Path, root: Path) -> tuple[str, str]:
         md5 = hashlib.file_digest(stored, _MD5).hexdigest()
         stored.seek(0)
         sop = _sop_instance_uid(stored)
-    object_path(root, sop).parent.mkdir(exist_ok=True, mode=0o700)
+    parent = object_path(root, sop).parent
+    if not parent.is_dir():
+        parent.mkdir(exist_ok=True, mode=0o700)
     return sop, md5
 
 
