@@ -631,11 +631,15 @@ class _TmpFile:
                 raise
             # The disk filled for reasons outside the cache: make room once, then write
             # the chunk again at its own offset (part of it may be there already).
-            self.cache._evict(len(chunk), self.series)
+            full = f"disk full ({self.cache.root}) while caching series {self.series}"
+            try:
+                self.cache._evict(len(chunk), self.series)
+            except CacheFull:
+                raise CacheFull(f"{full}; every cached file is open or pinned") from exc
             try:
                 _write_all(self.fd, chunk, offset)
             except OSError as again:
-                raise CacheFull(f"disk full while caching series {self.series}") from again
+                raise CacheFull(full) from again
 
     def _reserve_for(self, nbytes: int) -> None:
         """Reserve the expected rest of the file, or a MiB ahead: far fewer calls than one

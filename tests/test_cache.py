@@ -328,3 +328,47 @@ def test_a_file_whose_dataset_lacks_the_uid_is_named_by_its_meta_header(tmp_path
     _dicom(path, sop="", meta_sop="1.2.3.5", implicit=False)
     with open(path, "rb") as stored:
         assert cache_module._sop_instance_uid(stored) == "1.2.3.5"
+
+
+@contextlib.contextmanager
+def _small_disk(path: Path, size: str):
+    """A tmpfs of the given size: a disk that fills up for reasons outside the cache."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                    str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+async def test_a_full_disk_evicts_and_retries_then_fails_clearly(emulator, client,
+                                                                  tmp_path: Path) -> None:
+    target = _series(emulator.url)[0]
+    uid = target["SeriesInstanceUID"]
+    truth = _truth(emulator.url, uid)
+    sops = _sops(emulator.url, uid)
+    with _small_disk(tmp_path / "disk", "4m") as disk:
+        # The bound is far above the disk: only the file system can say "full".
+        cache = Cache(disk / "c", 1 << 30, client, prefetch=False)
+
+        async def body() -> None:
+            for sop in sops[:12]:  # about twice what the disk holds
+                entry = await cache.acquire("Demo-Lung CT_2024", uid, sop)
+                assert Path(entry.path).read_bytes() == truth[sop]
+                cache.release(entry)
+            assert cache.stats.evictions > 0
+            held = []
+            with pytest.raises(CacheFull, match="disk full"):
+                for sop in sops[:12]:  # held open, nothing can go: a clear error at last
+                    held.append(await cache.acquire("Demo-Lung CT_2024", uid, sop))
+            for entry in held:
+                assert Path(entry.path).read_bytes() == truth[entry.sop]
+                cache.release(entry)
+
+        await _with_cache(cache, body)
+        assert not list((disk / "c" / "tmp").iterdir())  # no partial download is left
+        for path in (disk / "c" / "objects").glob("*/*"):  # and every stored file is whole
+            assert path.read_bytes() in truth.values()
+        cache.close()
