@@ -459,12 +459,14 @@ class Cache:
         and the MD5 of its bytes as stored."""
         sop, md5 = await trio.to_thread.run_sync(_finish_file, tmp.fd, tmp.path, self.root)
         tmp.close()
+        final = self._object_path(sop)
+        if str(final.parent) not in self._dir_bytes:  # the thread may have just made it
+            self._measure_dir(final.parent)
         if expect_sop is not None and sop != expect_sop:
             raise FetchFailed(f"server sent instance {sop!r} when asked for {expect_sop!r}")
         if sop in self._lru:  # another path delivered it first
             return sop, md5
         tmp.settle()
-        final = self._object_path(sop)
         os.rename(tmp.path, final)
         self._measure_dir(final.parent)
         tmp.adopted()
