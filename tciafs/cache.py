@@ -467,17 +467,22 @@ class Cache:
         if sop in self._lru:  # another path delivered it first
             return sop, md5
         tmp.settle()
-        os.rename(tmp.path, final)
+        # Indexed first: a file in objects/ without its row would be served now but
+        # deleted as an orphan at the next start.
+        self._index(sop, series, collection, tmp.size, md5)
+        try:
+            os.rename(tmp.path, final)
+        except OSError as exc:
+            self.db.execute("UPDATE instances SET present=0 WHERE sop=?", (sop,))
+            if exc.errno == errno.ENOSPC:  # the directory could not grow
+                raise CacheFull(f"disk full ({self.root}) while caching series {series}"
+                                ) from exc
+            raise
         self._measure_dir(final.parent)
         tmp.adopted()
         self._series_of[sop] = series
         self._lru[sop] = tmp.size
         self._sizes[sop] = tmp.size
-        self.db.execute(
-            "INSERT OR REPLACE INTO instances(sop, series, collection, size, md5, verified, "
-            "present, last_access, pinned) VALUES (?, ?, ?, ?, ?, 0, 1, ?, "
-            "(SELECT pinned FROM series WHERE uid=?))",
-            (sop, series, collection, tmp.size, md5, time.time(), series))
         if self.db.execute("SELECT pinned FROM instances WHERE sop=?", (sop,)).fetchone()[0]:
             self._pinned.add(sop)
         self.stats.bytes_fetched += tmp.size
@@ -487,6 +492,28 @@ class Cache:
         if self.on_size_learned is not None:
             self.on_size_learned(sop, tmp.size)
         return sop, md5
+
+    def _index(self, sop: str, series: str, collection: str, size: int, md5: str) -> None:
+        """Record a file as present; when the disk is too full for the index to grow,
+        make room once and try again."""
+        for attempt in range(2):
+            try:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO instances(sop, series, collection, size, md5, "
+                    "verified, present, last_access, pinned) VALUES (?, ?, ?, ?, ?, 0, 1, ?, "
+                    "(SELECT pinned FROM series WHERE uid=?))",
+                    (sop, series, collection, size, md5, time.time(), series))
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                    raise
+                full = f"disk full ({self.root}): the cache index cannot grow"
+                if attempt:
+                    raise CacheFull(full) from exc
+                try:
+                    self._evict(1, series)  # one file frees more than a row needs
+                except CacheFull:
+                    raise CacheFull(f"{full}; every cached file is open or pinned") from exc
 
     # -- series prefetch -----------------------------------------------------------------
 

@@ -372,3 +372,42 @@ async def test_a_full_disk_evicts_and_retries_then_fails_clearly(emulator, clien
         for path in (disk / "c" / "objects").glob("*/*"):  # and every stored file is whole
             assert path.read_bytes() in truth.values()
         cache.close()
+
+
+def _leave_free(disk: Path, room: int) -> None:
+    """Fill the disk with a file of its own until only `room` bytes (whole pages) are free."""
+    filler = disk / "filler"
+    filler.unlink(missing_ok=True)
+    info = os.statvfs(disk)
+    free, page = info.f_bavail * info.f_frsize, info.f_frsize
+    filler.write_bytes(b"\0" * (free - (room + page - 1) // page * page))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+async def test_an_index_that_cannot_grow_makes_room_then_fails_clearly(emulator, client,
+                                                                       tmp_path: Path) -> None:
+    target = _series(emulator.url)[0]
+    uid = target["SeriesInstanceUID"]
+    truth = _truth(emulator.url, uid)
+    first, second, third = _sops(emulator.url, uid)[:3]
+    with _small_disk(tmp_path / "disk", "8m") as disk:
+        cache = Cache(disk / "c", 1 << 30, client, prefetch=False)
+
+        async def body() -> None:
+            cache.release(await cache.acquire("Demo-Lung CT_2024", uid, first))
+            # Room for the second file's bytes, none for its row in the index.
+            _leave_free(disk, len(truth[second]))
+            held = await cache.acquire("Demo-Lung CT_2024", uid, second)
+            assert Path(held.path).read_bytes() == truth[second]
+            assert not cache.is_cached(first)  # evicted so that the index could grow
+            _leave_free(disk, len(truth[third]))
+            with pytest.raises(CacheFull, match="index cannot grow; every cached file is open"):
+                await cache.acquire("Demo-Lung CT_2024", uid, third)
+            cache.release(held)
+
+        await _with_cache(cache, body)
+        assert not cache.is_cached(third)
+        assert not list((disk / "c" / "tmp").iterdir())
+        assert sorted(p.read_bytes() for p in (disk / "c" / "objects").glob("*/*")) == \
+            [truth[second]]  # the file that could not be indexed is not left behind
+        cache.close()
