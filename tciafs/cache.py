@@ -467,16 +467,19 @@ class Cache:
         if sop in self._lru:  # another path delivered it first
             return sop, md5
         tmp.settle()
-        # Indexed first: a file in objects/ without its row would be served now but
-        # deleted as an orphan at the next start.
-        self._index(sop, series, collection, tmp.size, md5)
         try:
             os.rename(tmp.path, final)
         except OSError as exc:
-            self.db.execute("UPDATE instances SET present=0 WHERE sop=?", (sop,))
             if exc.errno == errno.ENOSPC:  # the directory could not grow
                 raise CacheFull(f"disk full ({self.root}) while caching series {series}"
                                 ) from exc
+            raise
+        # The file goes in before its row: a crash in between leaves an orphan, which
+        # the next start deletes, never a row without its file.
+        try:
+            self._index(sop, series, collection, tmp.size, md5)
+        except BaseException:
+            final.unlink(missing_ok=True)  # not served without its row
             raise
         self._measure_dir(final.parent)
         tmp.adopted()
