@@ -236,3 +236,42 @@ def test_a_replayed_body_is_cut_like_a_fresh_one(client: httpx.Client) -> None:
     assert 0 < len(body) < len(whole)
     set_faults(client)
     assert client.get(V1 + "getImage", params=BIG).content == whole
+
+
+def _md5_list(archive: zipfile.ZipFile) -> dict[str, str]:
+    lines = archive.read("md5hashes.csv").decode().splitlines()[1:]
+    return dict(line.split(",") for line in lines)
+
+
+def test_damaged_images_pass_every_transport_check_but_the_md5_list(
+        client: httpx.Client) -> None:
+    small = {"SeriesInstanceUID": uid("ct-c")}
+    clean = client.get(V4 + "getImage", params={**small, "IncludeMD5": "Yes"}).content
+    set_faults(client, pcorrupt=1.0, endpoints=["getImage", "getSingleImage"])
+    body = client.get(V4 + "getImage", params={**small, "IncludeMD5": "Yes"}).content
+    with zipfile.ZipFile(io.BytesIO(body)) as damaged, \
+            zipfile.ZipFile(io.BytesIO(clean)) as truth:
+        assert damaged.testzip() is None  # every CRC-32 holds
+        listed = _md5_list(damaged)
+        assert listed == _md5_list(truth)  # the list gives the stored hashes
+        images = [n for n in damaged.namelist() if n.endswith(".dcm")]
+        for name in images:
+            got, want = damaged.read(name), truth.read(name)
+            assert len(got) == len(want) and got[:-1] == want[:-1] and got != want
+            assert hashlib.md5(got).hexdigest() != listed[name]
+    sop = {**small, "SOPInstanceUID": uid("ct-c", 1)}
+    single = client.get(V4 + "getSingleImage", params=sop).content
+    assert faults_seen(client)["corrupt"] == len(images) + 1
+    set_faults(client)  # a damaged body was not kept for replay
+    assert client.get(V4 + "getImage", params={**small, "IncludeMD5": "Yes"}).content == clean
+    good = client.get(V4 + "getSingleImage", params=sop).content
+    assert single[:-1] == good[:-1] and single != good
+
+
+def test_damage_strikes_images_at_the_given_rate(client: httpx.Client) -> None:
+    set_faults(client, pcorrupt=0.5, seed=11, endpoints=["getImage"])
+    body = client.get(V1 + "getImage", params=BIG).content
+    first = faults_seen(client)["corrupt"]
+    assert 5 <= first <= 35  # of 40 images
+    set_faults(client, pcorrupt=0.5, seed=11, endpoints=["getImage"])
+    assert client.get(V1 + "getImage", params=BIG).content == body  # the same images again

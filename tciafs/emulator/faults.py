@@ -14,6 +14,10 @@ into the current configuration instead::
       "preset": 0.0,              # reset the connection (RST) part-way through the body
       "ptruncate": 0.0,           # status 200, then end the body early (no final chunk,
                                   # so a ZIP has no central directory) and close
+      "pcorrupt": 0.0,            # each image served (in a series ZIP or by
+                                  # getSingleImage) has its last byte changed, as if
+                                  # read from damaged storage: the ZIP's CRC covers the
+                                  # change, the MD5 list still gives the stored hash
       "first_byte_delay_ms": 0,   # sleep before the status line ...
       "pslow": 1.0,               # ... on this fraction of requests
       "endpoints": null,          # list of names the faults above apply to, e.g.
@@ -23,8 +27,10 @@ into the current configuration instead::
 
 Each eligible request rolls once for a status fault (p429 + p5xx must not exceed 1),
 once for a body fault (preset + ptruncate must not exceed 1) and once for the slow first
-byte.  A cut happens at a random point of the body; it always falls before the last
-body byte, and for an empty body it closes the connection before the status line.
+byte; with ``pcorrupt``, once more for each image it sends.  A cut happens at a random
+point of the body; it always falls before the last body byte, and for an empty body it
+closes the connection before the status line.  A damaged image is the one fault that no
+transport check can see: only the MD5 list tells it.
 
 Statistics (``GET /_emulator/stats``; ``POST /_emulator/reset`` clears them)::
 
@@ -37,7 +43,7 @@ Statistics (``GET /_emulator/stats``; ``POST /_emulator/reset`` clears them)::
       "status": {"200": 6, "429": 1},
       "bytes_sent": 123456,       # response body bytes actually written
       "faults": {"429": 1, "500": 0, "502": 0, "503": 0, "504": 0,
-                 "reset": 0, "truncate": 0, "slow_first_byte": 0},
+                 "reset": 0, "truncate": 0, "slow_first_byte": 0, "corrupt": 0},
       "servers": {"main": {same keys but "since"}, "nlst": {...}}
     }
 
@@ -55,10 +61,12 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 
 STATUS_FAULTS = (429, 500, 502, 503, 504)
-FAULT_KINDS = ("429", "500", "502", "503", "504", "reset", "truncate", "slow_first_byte")
+FAULT_KINDS = ("429", "500", "502", "503", "504", "reset", "truncate", "slow_first_byte",
+               "corrupt")
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,7 @@ class FaultConfig:
     p504: float = 0.0
     preset: float = 0.0
     ptruncate: float = 0.0
+    pcorrupt: float = 0.0
     first_byte_delay_ms: float = 0.0
     pslow: float = 1.0
     endpoints: tuple[str, ...] | None = None
@@ -84,7 +93,8 @@ class FaultConfig:
         return data
 
 
-_PROBABILITIES = ("p429", "p500", "p502", "p503", "p504", "preset", "ptruncate", "pslow")
+_PROBABILITIES = ("p429", "p500", "p502", "p503", "p504", "preset", "ptruncate", "pcorrupt",
+                  "pslow")
 _NON_NEGATIVE = ("latency_ms", "bandwidth", "retry_after", "first_byte_delay_ms")
 
 
@@ -141,6 +151,8 @@ class FaultPlan:
     cut: str | None = None  # "reset" | "truncate"
     cut_fraction: float = 0.5
     first_byte_delay: float = 0.0  # seconds
+    corrupt: float = 0.0  # the chance that each image sent is damaged
+    corrupt_seed: int = 0  # seeds the per-image rolls, so a plan decides them alone
 
 
 class Faults:
@@ -165,6 +177,8 @@ class Faults:
         with self._lock:
             config = self._config
             rolls = [self._rng.random() for _ in range(4)]
+            # Drawn only when needed, so that a seed gives the same other faults as before.
+            corrupt_seed = self._rng.getrandbits(64) if config.pcorrupt else 0
         base = FaultPlan(latency=config.latency_ms / 1000, bandwidth=config.bandwidth,
                          retry_after=config.retry_after)
         if config.endpoints is not None and not set(names) & set(config.endpoints):
@@ -173,8 +187,35 @@ class Faults:
         # An injected error page is the fault; it is not cut as well.
         cut = None if status is not None else _pick_cut(config, rolls[1])
         return replace(base, status=status, cut=cut, cut_fraction=0.1 + 0.8 * rolls[3],
+                       corrupt=config.pcorrupt, corrupt_seed=corrupt_seed,
                        first_byte_delay=(config.first_byte_delay_ms / 1000
                                          if rolls[2] < config.pslow else 0.0))
+
+
+class Damage:
+    """Which images of one reply come from "damaged storage" (the pcorrupt fault)."""
+
+    def __init__(self, plan: FaultPlan) -> None:
+        self._chance = plan.corrupt
+        self._rng = random.Random(plan.corrupt_seed)
+
+    @property
+    def possible(self) -> bool:
+        return self._chance > 0
+
+    def strikes(self) -> bool:
+        return self._chance > 0 and self._rng.random() < self._chance
+
+
+def damaged(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The same bytes with the last one changed: the header still parses, the MD5 differs."""
+    held = b""
+    for chunk in chunks:
+        if held:
+            yield held
+        held = chunk
+    if held:
+        yield held[:-1] + bytes([held[-1] ^ 0xFF])
 
 
 def _pick_status(config: FaultConfig, roll: float) -> int | None:

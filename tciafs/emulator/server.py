@@ -51,6 +51,7 @@ Choices where the reference is silent:
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import fcntl
 import json
@@ -65,14 +66,14 @@ import time
 import traceback
 import urllib.parse
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tciafs.emulator import wire, zipstream
 from tciafs.emulator.auth import GUEST, Auth, Identity, TokenStore, UserDB
-from tciafs.emulator.faults import FaultConfig, FaultPlan, Faults, Stats
+from tciafs.emulator.faults import Damage, FaultConfig, FaultPlan, Faults, Stats, damaged
 from tciafs.emulator.model import (
     Archive,
     CollectionFacts,
@@ -671,11 +672,33 @@ def get_dicom_tags(call: Call) -> Reply:
 
 # --- downloads ---------------------------------------------------------------------------
 
+#: The pcorrupt fault of the request this thread is answering.
+_DAMAGE: contextvars.ContextVar[Damage | None] = contextvars.ContextVar("damage", default=None)
+
+
+def _image_chunks(call: Call, uid: str, sop: str) -> Iterator[bytes]:
+    chunks = call.archive.iter_instance_chunks(uid, sop)
+    damage = _DAMAGE.get()
+    if damage is not None and damage.strikes():
+        call.ctx.stats.fault(call.ctx.host, "corrupt")
+        return damaged(chunks)
+    return chunks
+
+
 def _instance_member(call: Call, series: SeriesRecord, name: str, inst: InstanceRecord
                      ) -> zipstream.ZipMember:
     uid, sop = series.series_instance_uid, inst.sop_instance_uid
-    return zipstream.ZipMember(name, lambda: call.archive.iter_instance_chunks(uid, sop),
+    return zipstream.ZipMember(name, lambda: _image_chunks(call, uid, sop),
                                inst.size, zipstream.zip_time(series.max_submission_timestamp))
+
+
+def _write_zip(call: Call, key: tuple[object, ...],
+               members: Callable[[], Iterable[zipstream.ZipMember]], sink: wire.Sink) -> None:
+    damage = _DAMAGE.get()
+    if damage is not None and damage.possible:  # a damaged body is neither kept nor replayed
+        zipstream.write_zip(members(), sink)
+    else:
+        call.ctx.bodies.write(key, members, sink)
 
 
 def _zip_reply(call: Call, series: SeriesRecord,
@@ -686,7 +709,7 @@ def _zip_reply(call: Call, series: SeriesRecord,
     key = (call.api, series.series_instance_uid, *flavour)
     return Reply(200, content_type="application/octet-stream",
                  headers=[("Content-Disposition", disposition)],
-                 stream=lambda sink: call.ctx.bodies.write(key, members, sink),
+                 stream=lambda sink: _write_zip(call, key, members, sink),
                  size_hint=series.file_size // 2)
 
 
@@ -764,7 +787,7 @@ def get_single_image(call: Call) -> Reply:
     inst = _find_instance(call.archive, series, sop)
     if series is None or inst is None:
         return wire.server_error(NPE)
-    return _dicom_reply(call.archive, uid, inst, f"attachment; filename={sop}.dcm")
+    return _dicom_reply(call, uid, inst, f"attachment; filename={sop}.dcm")
 
 
 def _find_instance(archive: Archive, series: SeriesRecord | None, sop: str
@@ -776,9 +799,9 @@ def _find_instance(archive: Archive, series: SeriesRecord | None, sop: str
     return found[0] if found else None
 
 
-def _dicom_reply(archive: Archive, uid: str, inst: InstanceRecord, disposition: str) -> Reply:
+def _dicom_reply(call: Call, uid: str, inst: InstanceRecord, disposition: str) -> Reply:
     def stream(sink: wire.Sink) -> None:
-        for chunk in archive.iter_instance_chunks(uid, inst.sop_instance_uid):
+        for chunk in _image_chunks(call, uid, inst.sop_instance_uid):
             sink(chunk)
 
     return Reply(200, content_type="application/dicom",
@@ -1038,7 +1061,7 @@ def legacy_single_image(call: Call) -> Reply:
     inst = _find_instance(call.archive, visible_series(call.archive, call.ctx.public, uid), sop)
     if inst is None:
         return wire.text(404, "Not Found")
-    return _dicom_reply(call.archive, uid, inst, f'attachment; filename="{sop}.dcm"')
+    return _dicom_reply(call, uid, inst, f'attachment; filename="{sop}.dcm"')
 
 
 #: name -> handler, for /services/{v3,v4}/TCIA/query/<name>.
@@ -1256,12 +1279,16 @@ class Handler(BaseHTTPRequestHandler):
         plan = ctx.faults.plan([target.name, target.qualified])
         if plan.latency > 0:
             time.sleep(plan.latency)
-        if plan.status is not None:
-            ctx.stats.fault(ctx.host, str(plan.status))
-            reply = fault_reply(plan)
-        else:
-            reply = self._run(target)
-        self._send(reply, plan)
+        damage = _DAMAGE.set(Damage(plan))  # bodies are made while they are sent
+        try:
+            if plan.status is not None:
+                ctx.stats.fault(ctx.host, str(plan.status))
+                reply = fault_reply(plan)
+            else:
+                reply = self._run(target)
+            self._send(reply, plan)
+        finally:
+            _DAMAGE.reset(damage)
 
     def _run(self, target: Route) -> Reply:
         try:
