@@ -32,7 +32,7 @@ import random
 import shutil
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +86,8 @@ class FetchFailed(Exception):
 
 
 class IntegrityError(FetchFailed):
-    """The service's own MD5 list disagrees with its bytes: fetching again won't help."""
+    """Files of a series disagree with the service's own MD5 list, even fetched again one
+    by one: fetching the whole series again won't help."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +120,9 @@ class Cache:
         self.hedge_delay = hedge_delay
         self.attempts = attempts
         self.stats = CacheStats()
-        self.on_size_learned: Callable[[str, int], None] | None = None
+        # Told of each file whose bytes the service's MD5 list refused, once removed here:
+        # copies of them elsewhere (the kernel's page cache) must go too.
+        self.on_refused: Callable[[str], Awaitable[None]] | None = None
         for sub in ("objects", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         self._objects = str(root / "objects")
@@ -150,6 +153,9 @@ class Cache:
         self._nursery: trio.Nursery | None = None
         self.in_flight: dict[str, list[int]] = {}  # series → [bytes so far, instances so far]
         self.failed_series: dict[str, str] = {}  # series → why its last fetch failed
+        # The MD5s the service listed for files whose bytes disagreed: a file fetched
+        # again is checked against them, and served only if it matches.
+        self._service_md5: dict[str, str] = {}
         self._reconcile()
 
     # -- start-up ------------------------------------------------------------------------
@@ -439,7 +445,8 @@ class Cache:
                 await tmp.write(chunk)
             if stream.size is not None and tmp.size != stream.size:
                 raise FetchFailed(f"got {tmp.size} of {stream.size} bytes")
-            await self._publish(tmp, collection, series, expect_sop=sop)
+            await self._publish(tmp, collection, series, expect_sop=sop,
+                                expect_md5=self._service_md5.get(sop))
         self.stats.single_fetches += 1
 
     @asynccontextmanager
@@ -454,9 +461,11 @@ class Cache:
             tmp.discard()
 
     async def _publish(self, tmp: _TmpFile, collection: str, series: str, *,
-                       expect_sop: str | None = None) -> tuple[str, str]:
+                       expect_sop: str | None = None, expect_md5: str | None = None
+                       ) -> tuple[str, str]:
         """Check, fsync and rename a finished download into place; return its SOP UID
-        and the MD5 of its bytes as stored."""
+        and the MD5 of its bytes as stored. With expect_md5, only those bytes will do,
+        and the file is indexed as verified."""
         sop, md5 = await trio.to_thread.run_sync(_finish_file, tmp.fd, tmp.path, self.root)
         tmp.close()
         final = self._object_path(sop)
@@ -464,6 +473,10 @@ class Cache:
             self._measure_dir(final.parent)
         if expect_sop is not None and sop != expect_sop:
             raise FetchFailed(f"server sent instance {sop!r} when asked for {expect_sop!r}")
+        if expect_md5 is not None and md5 != expect_md5:
+            self.stats.md5_mismatches += 1
+            raise FetchFailed(f"instance {sop}: MD5 {md5} again, the service lists "
+                              f"{expect_md5}")
         if sop in self._lru:  # another path delivered it first
             return sop, md5
         tmp.settle()
@@ -477,7 +490,7 @@ class Cache:
         # The file goes in before its row: a crash in between leaves an orphan, which
         # the next start deletes, never a row without its file.
         try:
-            self._index(sop, series, collection, tmp.size, md5)
+            self._index(sop, series, collection, tmp.size, md5, verified=expect_md5 is not None)
         except BaseException:
             final.unlink(missing_ok=True)  # not served without its row
             raise
@@ -488,24 +501,25 @@ class Cache:
         self._sizes[sop] = tmp.size
         if self.db.execute("SELECT pinned FROM instances WHERE sop=?", (sop,)).fetchone()[0]:
             self._pinned.add(sop)
+        if expect_md5 is not None:
+            self._service_md5.pop(sop, None)
         self.stats.bytes_fetched += tmp.size
         event = self._published.pop(sop, None)
         if event is not None:
             event.set()
-        if self.on_size_learned is not None:
-            self.on_size_learned(sop, tmp.size)
         return sop, md5
 
-    def _index(self, sop: str, series: str, collection: str, size: int, md5: str) -> None:
+    def _index(self, sop: str, series: str, collection: str, size: int, md5: str, *,
+               verified: bool = False) -> None:
         """Record a file as present; when the disk is too full for the index to grow,
         make room once and try again."""
         for attempt in range(2):
             try:
                 self.db.execute(
                     "INSERT OR REPLACE INTO instances(sop, series, collection, size, md5, "
-                    "verified, present, last_access, pinned) VALUES (?, ?, ?, ?, ?, 0, 1, ?, "
+                    "verified, present, last_access, pinned) VALUES (?, ?, ?, ?, ?, ?, 1, ?, "
                     "(SELECT pinned FROM series WHERE uid=?))",
-                    (sop, series, collection, size, md5, time.time(), series))
+                    (sop, series, collection, size, md5, int(verified), time.time(), series))
                 return
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
@@ -577,30 +591,70 @@ class Cache:
                     progress[1] += 1
             expected = stream.md5s
         self.stats.series_fetches += 1
-        self._confirm_md5s(series, names, expected)
+        bad = self._confirm_md5s(series, names, expected)
+        if bad:
+            if self.on_refused is not None:
+                for sop in bad:
+                    await self.on_refused(sop)
+            await self._fetch_again(collection, series, bad)
         self.db.execute("INSERT INTO series(uid, collection, complete, fetched) VALUES "
                         "(?, ?, 1, ?) ON CONFLICT(uid) DO UPDATE SET complete=1, fetched=?",
                         (series, collection, time.time(), time.time()))
 
     def _confirm_md5s(self, series: str, names: dict[str, tuple[str, str]],
-                      expected: dict[str, str]) -> None:
+                      expected: dict[str, str]) -> dict[str, str | None]:
+        """Mark the files that match the service's MD5 list verified; remove the others
+        and return them, each with the MD5 the list gives (None: not listed)."""
         if not expected:
-            return
-        bad = []
+            return {}
+        bad: dict[str, str | None] = {}
         for name, (sop, got) in names.items():
             want = expected.get(name)
             stored = self.db.execute("SELECT md5 FROM instances WHERE sop=?", (sop,)).fetchone()
             if want is not None and want == got and stored and stored[0] == got:
                 self.db.execute("UPDATE instances SET verified=1 WHERE sop=?", (sop,))
             else:
-                bad.append(sop)
-        if bad:
-            self.stats.md5_mismatches += len(bad)
-            for sop in bad:
-                if sop in self._lru:
-                    self._drop(sop)  # unlinked: no new open sees it
-            raise IntegrityError(f"{len(bad)} files of series {series} failed the service's "
-                                 "MD5 check and were removed")
+                bad[sop] = want
+        self.stats.md5_mismatches += len(bad)
+        for sop, want in bad.items():
+            if sop in self._lru:
+                self._drop(sop)  # unlinked: no new open sees it
+            if want is not None:
+                self._service_md5[sop] = want
+        return bad
+
+    async def _fetch_again(self, collection: str, series: str,
+                           bad: dict[str, str | None]) -> None:
+        """Fetch the files that failed the MD5 list one by one, each checked against it.
+
+        Damage on the way (a proxy, a flaky disk at the server) is gone the next time;
+        what the service stores wrong stays wrong, and is refused.
+        """
+        failed = [sop for sop, want in bad.items() if want is None]
+        in_a_row = 0
+        for sop in (sop for sop, want in bad.items() if want is not None):
+            if in_a_row >= 3:  # the service's own copies are bad: readers find out one by one
+                failed.append(sop)
+                continue
+            log.info("series %s: fetching %s again after an MD5 mismatch", series, sop)
+            try:
+                while sop not in self._lru:  # a reader may be fetching it already
+                    pending = self._fetching.get(sop)
+                    if pending is None:
+                        await self._fetch_single(collection, series, sop)
+                    else:
+                        await pending.wait()
+                        if sop not in self._lru:
+                            raise FetchFailed(f"instance {sop} could not be fetched")
+                in_a_row = 0
+            except FetchFailed as exc:
+                log.warning("%s", exc)
+                failed.append(sop)
+                in_a_row += 1
+        if failed:
+            raise IntegrityError(f"{len(failed)} of the {len(bad)} files of series {series} "
+                                 "that failed the service's MD5 check failed it again, "
+                                 "fetched one by one; they are not served")
 
     # -- commands ------------------------------------------------------------------------
 

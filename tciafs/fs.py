@@ -96,6 +96,7 @@ class Operations(pyfuse3.Operations):
         self.lookups: Counter[int] = Counter()
         self._files: dict[int, OpenFile] = {}
         self.pages = PageFeeder(tree, cache)
+        cache.on_refused = self.pages.refused
         self._next_fh = 1
 
     # -- attributes ----------------------------------------------------------------------

@@ -24,6 +24,7 @@ import logging
 import os
 
 import cachetools
+import pyfuse3
 import trio
 
 from tciafs import pagepush
@@ -51,6 +52,10 @@ class PageFeeder:
         self._queue: dict[int, Entry] = {}
         self._queued_work = trio.Event()
         self._loading: dict[int, trio.Event] = {}  # files a worker thread reads from disk
+        # The inode of each cached instance whose bytes the kernel may hold (opened or
+        # pushed), until the kernel forgets the inode: to take back bytes found wrong.
+        self._inode_of: dict[str, int] = {}
+        self._sop_of: dict[int, str] = {}
         self._pusher: pagepush.Pusher | None = None
         self.state = "not started"
         self.counters = {"pushed_at_open": 0, "pushed_ahead": 0, "read_from_disk": 0,
@@ -98,6 +103,7 @@ class PageFeeder:
 
     async def opened(self, node: Node, entry: Entry) -> None:
         """Called by open() before it hands out its handle."""
+        self._held_by_kernel(entry.sop, node.ino)
         queued = self._queue.pop(node.ino, None)
         if queued is not None:  # it is being opened: push it now, not later
             self.cache.release(queued)
@@ -111,9 +117,31 @@ class PageFeeder:
     def forgotten(self, ino: int) -> None:
         """The kernel dropped the inode, and its pages with it."""
         self._pushed.pop(ino, None)
+        sop = self._sop_of.pop(ino, None)
+        if sop is not None:
+            del self._inode_of[sop]
         queued = self._queue.pop(ino, None)
         if queued is not None:  # nothing to push into any more
             self.cache.release(queued)
+
+    async def refused(self, sop: str) -> None:
+        """The cache removed this instance's bytes as wrong: drop the kernel's copy too.
+
+        A worker thread asks, as the kernel may wait on a locked page whose read only
+        the event loop answers.
+        """
+        ino = self._inode_of.get(sop)
+        if ino is None or self._pusher is None:  # never handed to the kernel, or no mount
+            return
+        self.forgotten(ino)
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
+        except OSError as exc:  # ENOENT: the kernel forgot the inode meanwhile
+            log.debug("invalidating inode %d: %s", ino, exc)
+
+    def _held_by_kernel(self, sop: str, ino: int) -> None:
+        self._inode_of[sop] = ino
+        self._sop_of[ino] = sop
 
     async def _push_when_closed(self, ino: int, entry: Entry) -> bool:
         """Push a file that nobody has open but the caller; False if not pushed.
@@ -145,6 +173,7 @@ class PageFeeder:
         finally:
             os.close(fd)
         self._pushed[ino] = True
+        self._held_by_kernel(entry.sop, ino)
         return True
 
     async def _read_from_disk(self, ino: int, fd: int, size: int) -> None:

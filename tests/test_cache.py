@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -23,7 +25,7 @@ from tciafs.catalog import Kind, Node
 from tciafs.client import NbiaClient
 from tciafs.control import Control
 
-from mountutil import reset_stats, stats
+from mountutil import mounted, reset_stats, set_faults, stats
 
 
 def _series(url: str) -> list[dict]:
@@ -73,6 +75,24 @@ def _overhead(tmp_path: Path) -> int:
 async def client(emulator):
     async with NbiaClient(emulator.url, nlst_server=emulator.nlst_url, timeout=10) as c:
         yield c
+
+
+@pytest.fixture
+def damage(emulator):
+    """Set the emulator's pcorrupt fault for one test, and clear every fault after it."""
+    def set_(chance: float, *endpoints: str, seed: int | None = None) -> None:
+        set_faults(emulator.url, pcorrupt=chance, endpoints=list(endpoints), seed=seed)
+    yield set_
+    set_faults(emulator.url)
+
+
+def _verified(root: Path, series_uid: str) -> dict[str, int]:
+    db = sqlite3.connect(root / "index.sqlite")
+    try:
+        return dict(db.execute("SELECT sop, verified FROM instances WHERE series=?",
+                               (series_uid,)))
+    finally:
+        db.close()
 
 
 async def _with_cache(cache: Cache, body) -> None:
@@ -411,3 +431,96 @@ async def test_an_index_that_cannot_grow_makes_room_then_fails_clearly(emulator,
         assert sorted(p.read_bytes() for p in (disk / "c" / "objects").glob("*/*")) == \
             [truth[second]]  # the file that could not be indexed is not left behind
         cache.close()
+
+
+async def test_files_damaged_in_a_series_zip_are_fetched_again_and_verified(
+        emulator, client, damage, tmp_path: Path) -> None:
+    uid = _series(emulator.url)[1]["SeriesInstanceUID"]
+    truth = _truth(emulator.url, uid)
+    damage(0.3, "getImage", seed=5)  # a third of the ZIP's images; single images are sound
+    reset_stats(emulator.url)
+    cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=True)
+
+    async def body() -> None:
+        with trio.fail_after(120):
+            await cache.fetch_series("Demo-Lung CT_2024", uid)
+        assert cache.series_complete(uid)
+        for sop, data in truth.items():
+            assert object_path(tmp_path / "c", sop).read_bytes() == data
+
+    await _with_cache(cache, body)
+    seen = stats(emulator.url)
+    assert 0 < seen["faults"]["corrupt"] < len(truth)
+    assert cache.stats.md5_mismatches == seen["faults"]["corrupt"]
+    assert seen["requests"]["getSingleImage"] == seen["faults"]["corrupt"]  # each once again
+    assert seen["requests"]["getImage"] == 1  # not the whole series again
+    cache.close()
+    assert _verified(tmp_path / "c", uid) == dict.fromkeys(truth, 1)
+
+
+async def test_files_the_service_stores_damaged_are_never_served(
+        emulator, client, damage, tmp_path: Path) -> None:
+    uid = min(_series(emulator.url), key=lambda r: r["ImageCount"])["SeriesInstanceUID"]
+    truth = _truth(emulator.url, uid)
+    sops = sorted(truth)
+    damage(1.0, "getImage", "getSingleImage")  # every copy it sends is bad
+    reset_stats(emulator.url)
+    cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=True)
+
+    async def body() -> None:
+        with trio.fail_after(120), pytest.raises(cache_module.FetchFailed):
+            await cache.fetch_series("Demo-Lung CT_2024", uid)
+        assert "failed it again" in cache.failed_series[uid]
+        assert cache.cached_count(uid) == 0
+        refetched = stats(emulator.url)["requests"]["getSingleImage"]
+        assert refetched == min(3, len(sops)) * cache.attempts  # then it stops trying
+        # A reader gets an error, checked against the list: not the damaged bytes.
+        with trio.fail_after(60), pytest.raises(cache_module.FetchFailed, match="MD5"):
+            await cache.acquire("Demo-Lung CT_2024", uid, sops[-1])
+        assert not cache.is_cached(sops[-1])
+        damage(0.0)  # the service mends its copy: the same read now succeeds, verified
+        with trio.fail_after(60):
+            entry = await cache.acquire("Demo-Lung CT_2024", uid, sops[-1])
+        cache.release(entry)
+        assert Path(entry.path).read_bytes() == truth[sops[-1]]
+
+    await _with_cache(cache, body)
+    cache.close()
+    assert _verified(tmp_path / "c", uid) == {sops[-1]: 1}
+
+
+def test_a_persistent_md5_mismatch_is_eio_through_the_mount(emulator, damage,
+                                                            tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    uid = min(_series(emulator.url), key=lambda r: r["ImageCount"])["SeriesInstanceUID"]
+    with mounted(emulator, mnt, tmp_path / "cache"):
+        series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
+        damage(1.0, "getImage", "getSingleImage")
+        prefetch = subprocess.run([sys.executable, "-m", "tciafs", "cache", "prefetch",
+                                   str(series)], capture_output=True, text=True, timeout=120)
+        assert prefetch.returncode == 1
+        assert "MD5" in prefetch.stdout + prefetch.stderr
+        first = sorted(series.glob("*.dcm"))[0]
+        with pytest.raises(OSError) as err:
+            first.read_bytes()
+        assert err.value.errno == errno.EIO
+        damage(0.0)
+        assert first.read_bytes() == _truth(emulator.url, uid)[first.name.removesuffix(".dcm")]
+
+
+def test_bytes_the_md5_list_refuses_leave_the_kernels_page_cache(emulator, damage,
+                                                                 tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    uid = min(_series(emulator.url), key=lambda r: r["ImageCount"])["SeriesInstanceUID"]
+    truth = _truth(emulator.url, uid)
+    with mounted(emulator, mnt, tmp_path / "cache", "--no-prefetch"):
+        series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
+        first = sorted(series.glob("*.dcm"))[0]
+        want = truth[first.name.removesuffix(".dcm")]
+        damage(1.0, "getSingleImage")
+        early = first.read_bytes()  # before any MD5 list: nothing to check it against
+        assert early != want and early[:-1] == want[:-1]
+        damage(0.0)
+        subprocess.run([sys.executable, "-m", "tciafs", "cache", "prefetch", str(series)],
+                       check=True, capture_output=True, timeout=120)
+        assert first.read_bytes() == want  # not the refused bytes, still in the kernel
