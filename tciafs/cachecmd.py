@@ -211,6 +211,7 @@ def _clear_all(args: argparse.Namespace) -> int:
 def _follow(mnt: Path, target: str) -> None:
     """Draw a progress bar for the newest job on `target` until it finishes."""
     start = time.monotonic()
+    progress = _Progress(sys.stderr.isatty())
     while True:
         jobs = status.read_status(mnt).get("jobs", {})
         mine = [j for _, j in sorted(jobs.items(), key=lambda kv: int(kv[0]))
@@ -218,10 +219,10 @@ def _follow(mnt: Path, target: str) -> None:
         if not mine:
             raise CommandError(f"{target}: the mount shows no such job")
         job = mine[-1]
-        _draw(job, time.monotonic() - start)
         failed = job.get("series_failed", 0)
-        if job["series_done"] + failed >= job["series"]:
-            print(file=sys.stderr)
+        finished = job["series_done"] + failed >= job["series"]
+        progress.draw(job, time.monotonic() - start, final=finished)
+        if finished:
             if failed:
                 reasons = "; ".join(f"{k}: {v}" for k, v in job.get("failures", {}).items())
                 raise CommandError(f"{target}: {failed} of {job['series']} series failed "
@@ -230,17 +231,32 @@ def _follow(mnt: Path, target: str) -> None:
         time.sleep(0.5)
 
 
-def _draw(job: dict, elapsed: float) -> None:
-    total, have = job["total_bytes"] or 1, job["bytes"]
-    frac = min(1.0, have / total)
-    rate = have / elapsed if elapsed > 0 else 0.0
-    eta = (total - have) / rate if rate > 0 else float("inf")
-    bar = "#" * int(frac * 30)
-    eta_text = f"{eta:.0f}s" if eta != float("inf") else "?"
-    sys.stderr.write(f"\r[{bar:<30}] {paths.format_size(have)} / {paths.format_size(total)}"
-                     f"  {paths.format_size(rate)}/s  ETA {eta_text}  "
-                     f"({job['series_done']}/{job['series']} series)")
-    sys.stderr.flush()
+class _Progress:
+    """A bar redrawn in place on a terminal; elsewhere (a log, a pipe) a line now and then."""
+
+    EVERY = 10.0  # seconds between lines when not on a terminal
+
+    def __init__(self, terminal: bool) -> None:
+        self.terminal = terminal
+        self.start_bytes: int | None = None  # what a resumed job had before this run
+        self.last_line = -self.EVERY
+
+    def draw(self, job: dict, elapsed: float, *, final: bool) -> None:
+        total, have = job["total_bytes"] or 1, job["bytes"]
+        if self.start_bytes is None:
+            self.start_bytes = have
+        rate = (have - self.start_bytes) / elapsed if elapsed > 0 else 0.0
+        eta = f"{(total - have) / rate:.0f}s" if rate > 0 else "?"
+        bar = "#" * int(min(1.0, have / total) * 30)
+        text = (f"[{bar:<30}] {paths.format_size(have)} / {paths.format_size(total)}"
+                f"  {paths.format_size(rate)}/s  ETA {eta}  "
+                f"({job['series_done']}/{job['series']} series)")
+        if self.terminal:
+            sys.stderr.write(f"\r{text}" + ("\n" if final else ""))
+        elif final or elapsed - self.last_line >= self.EVERY:
+            sys.stderr.write(text + "\n")
+            self.last_line = elapsed
+        sys.stderr.flush()
 
 
 _COMMANDS = {"stats": _stats, "verify": _verify, "prefetch": _steer, "pin": _steer,

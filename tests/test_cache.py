@@ -524,3 +524,68 @@ def test_bytes_the_md5_list_refuses_leave_the_kernels_page_cache(emulator, damag
         subprocess.run([sys.executable, "-m", "tciafs", "cache", "prefetch", str(series)],
                        check=True, capture_output=True, timeout=120)
         assert first.read_bytes() == want  # not the refused bytes, still in the kernel
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tciafs", "cache", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _present(cache_dir: Path, series: Path) -> int:
+    """How many of the series' files the cache holds."""
+    return sum(object_path(cache_dir, p.name.removesuffix(".dcm")).exists()
+               for p in series.glob("*.dcm"))
+
+
+def _read_all(series: Path) -> None:
+    for path in sorted(series.glob("*.dcm")):
+        path.read_bytes()
+
+
+def test_pin_unpin_stats_clear_and_a_resumed_prefetch(emulator, tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    with mounted(emulator, mnt, cache_dir, "--cache-size", "30M"):
+        lung = mnt / "Demo-Lung CT_2024"
+        pinned, big, other = (next(lung.glob(f"{patient}/*/*")) for patient in
+                              ("LUNG%2F003", "LUNG-001", "LUNG 002"))
+        big = max(big.parent.iterdir(), key=lambda s: len(list(s.iterdir())))  # 21 MB
+        count = len(list(pinned.glob("*.dcm")))
+        pin = _cli("pin", str(pinned))
+        assert pin.returncode == 0, pin.stderr
+        assert "(1/1 series)" in pin.stderr and "ETA" in pin.stderr
+        assert _present(cache_dir, pinned) == count
+        stats_text = _cli("stats", "--cache-dir", str(cache_dir)).stdout
+        assert f"({count} pinned)" in stats_text and "of 30.0 MiB" in stats_text
+
+        _read_all(big)
+        _read_all(other)  # 38 MB through a 30 MB cache: evictions, but not the pinned
+        assert _present(cache_dir, pinned) == count
+        set_faults(emulator.url, p503=1.0)  # the service is down: pinned data still reads
+        try:
+            reset_stats(emulator.url)
+            for path in pinned.glob("*.dcm"):
+                assert path.read_bytes()[128:132] == b"DICM"
+            assert stats(emulator.url)["requests_total"] == 0
+        finally:
+            set_faults(emulator.url)
+
+        assert _cli("unpin", str(pinned)).returncode == 0
+        assert "(0 pinned)" in _cli("stats", "--cache-dir", str(cache_dir)).stdout
+        _read_all(big)
+        _read_all(other)  # now the least recently used, it is evicted first
+        assert _present(cache_dir, pinned) < count
+
+        assert _present(cache_dir, other) > 0
+        assert _cli("clear", str(other)).returncode == 0
+        assert _present(cache_dir, other) == 0
+
+        brain = mnt / "Demo MR-Brain_2023"
+        assert _cli("prefetch", str(brain)).returncode == 0
+        every = [s for s in brain.glob("*/*/*") if s.is_dir()]
+        assert all(_present(cache_dir, s) == len(list(s.glob("*.dcm"))) for s in every)
+        assert _cli("clear", str(every[0])).returncode == 0
+        reset_stats(emulator.url)
+        again = _cli("prefetch", str(brain))  # resumed: only what is missing is fetched
+        assert again.returncode == 0, again.stderr
+        assert stats(emulator.url)["requests"].get("getImage") == 1
+        assert _present(cache_dir, every[0]) == len(list(every[0].glob("*.dcm")))
