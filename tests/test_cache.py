@@ -7,6 +7,7 @@ import errno
 import hashlib
 import io
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -589,3 +590,14 @@ def test_pin_unpin_stats_clear_and_a_resumed_prefetch(emulator, tmp_path: Path) 
         assert again.returncode == 0, again.stderr
         assert stats(emulator.url)["requests"].get("getImage") == 1
         assert _present(cache_dir, every[0]) == len(list(every[0].glob("*.dcm")))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_the_default_bound_is_a_tenth_of_the_cache_disk_at_most_10_gib(tmp_path: Path) -> None:
+    from tciafs.mount import default_cache_size
+
+    with _small_disk(tmp_path / "disk", "64m") as disk:
+        # The cache directory need not exist yet: its disk is that of the nearest parent.
+        assert default_cache_size(disk / "not" / "yet") == (64 << 20) // 10
+    if shutil.disk_usage(tmp_path).total >= 100 << 30:
+        assert default_cache_size(tmp_path / "cache") == 10 << 30
