@@ -8,6 +8,7 @@ import io
 import os
 import shutil
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 
@@ -185,3 +186,41 @@ def test_failing_server_gives_eio_promptly(emulator, tmp_path: Path, cache_dir: 
             assert files[1].read_bytes()[128:132] == b"DICM"  # retried until it worked
         finally:
             set_faults(emulator.url)
+
+
+def _listed_sizes(series: Path) -> dict[str, int]:
+    """Sizes as `ls -l` shows them (a fresh stat of each entry)."""
+    out = subprocess.run(["ls", "-ln", str(series)], capture_output=True, text=True,
+                         check=True).stdout
+    rows = [line.split() for line in out.splitlines()[1:]]
+    return {row[-1].removesuffix(".dcm"): int(row[4]) for row in rows}
+
+
+def test_one_open_makes_every_size_in_the_series_exact_for_good(emulator, tmp_path: Path,
+                                                                 cache_dir: Path) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(emulator, mnt, cache_dir):
+        series = next(d for d in _series_dirs(mnt)  # chosen without opening a file
+                      if os.getxattr(d, "user.dicom.Modality") == b"CT"
+                      and len(list(d.glob("*.dcm"))) >= 8)
+        truth, _ = _series_zip(emulator.url, series.name)
+        assert set(_listed_sizes(series).values()) == {0}  # never fetched: not guessed
+        files = sorted(series.glob("*.dcm"))
+        assert {p.stat().st_size for p in files} == {0}  # the kernel has seen them so
+        first = files[0]
+        first.read_bytes()  # one file; the series follows in the background
+        deadline = time.monotonic() + 60
+        while os.getxattr(series, "user.tcia.cached") != b"full":
+            assert time.monotonic() < deadline, "the series prefetch did not finish"
+            time.sleep(0.1)
+        # The kernel asks again: no size it saw before the prefetch is left.
+        exact = {sop: len(data) for sop, data in truth.items()}
+        assert {p.name.removesuffix(".dcm"): p.stat().st_size for p in files} == exact
+        assert _listed_sizes(series) == exact
+        du = subprocess.run(["du", "-cb", *map(str, series.glob("*.dcm"))],
+                            capture_output=True, text=True, check=True).stdout
+        assert du.splitlines()[-1] == f"{sum(map(len, truth.values()))}\ttotal"
+    with mounted(emulator, mnt, cache_dir):
+        reset_stats(emulator.url)
+        assert _listed_sizes(series) == exact
+        assert count_requests(emulator.url, *IMAGE_ENDPOINTS) == 0  # persisted, not fetched
