@@ -147,6 +147,7 @@ class Cache:
         self._fetching: dict[str, trio.Event] = {}
         self._tmpfiles: set[_TmpFile] = set()  # downloads in progress
         self._touched: dict[str, float] = {}
+        self._unsaved_opens = 0
         self._published: dict[str, trio.Event] = {}
         self._series_tasks: dict[str, trio.Event] = {}
         self._series_limiter = trio.CapacityLimiter(series_parallel)
@@ -350,12 +351,14 @@ class Cache:
             del self._busy_series[series]
 
     def _touch(self, sop: str) -> None:
-        # The order lives in memory; the index learns it in batches, since a write per
-        # open would cost more than the open itself. A crash forgets only recency.
+        # The order and the hit counts live in memory; the index learns them in batches,
+        # since a write per open would cost more than the open itself. A crash forgets
+        # only recency and the last counts; `cache stats` of a running mount lags a little.
         self._lru.move_to_end(sop)
         self._touched[sop] = time.time()
-        if len(self._touched) >= 256:
-            self._flush_touches()
+        self._unsaved_opens += 1
+        if self._unsaved_opens >= 256:
+            self.save_counters()
 
     def _flush_touches(self) -> None:
         with contextlib.suppress(sqlite3.Error):  # recency is a hint, never worth a crash
@@ -679,8 +682,11 @@ class Cache:
 
     def save_counters(self) -> None:
         self._flush_touches()
-        self.db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)",
-                            [("hits", str(self.stats.hits)), ("misses", str(self.stats.misses))])
+        self._unsaved_opens = 0
+        with contextlib.suppress(sqlite3.Error):  # statistics, never worth a failed open
+            self.db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)",
+                                [("hits", str(self.stats.hits)),
+                                 ("misses", str(self.stats.misses))])
 
     def close(self) -> None:
         self.save_counters()

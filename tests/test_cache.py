@@ -6,6 +6,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import json
 import os
 import shutil
 import sqlite3
@@ -601,3 +602,22 @@ def test_the_default_bound_is_a_tenth_of_the_cache_disk_at_most_10_gib(tmp_path:
         assert default_cache_size(disk / "not" / "yet") == (64 << 20) // 10
     if shutil.disk_usage(tmp_path).total >= 100 << 30:
         assert default_cache_size(tmp_path / "cache") == 10 << 30
+
+
+async def test_stats_of_a_cache_in_use_show_recent_hits(emulator, client,
+                                                        tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=False)
+    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
+    sop = _sops(emulator.url, uid)[0]
+
+    async def body() -> None:
+        for _ in range(300):  # one miss, then hits, while the cache stays open
+            cache.release(await cache.acquire("Demo-Lung CT_2024", uid, sop))
+
+    await _with_cache(cache, body)
+    seen = _cli("stats", "--json", "--cache-dir", str(tmp_path / "c"))
+    doc = json.loads(seen.stdout)
+    assert doc["misses"] == 1 and 255 <= doc["hits"] <= 299, doc
+    cache.close()
+    assert json.loads(_cli("stats", "--json", "--cache-dir", str(tmp_path / "c")).stdout
+                      )["hits"] == 299
