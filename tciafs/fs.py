@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -45,6 +46,28 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _FALLBACK_TIME = dt.datetime(2000, 1, 1, tzinfo=dt.UTC).timestamp()
 
 
+class _Throttled:
+    """Logs a condition when it starts, then at most once per interval while it lasts,
+    with how often it recurred: a full cache fails every read, and must not flood the log."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._last = -interval
+        self._since = 0
+
+    def error(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._since += 1
+            return
+        again = f" (and {self._since} times more since the last message)" if self._since else ""
+        log.error("%s%s", message, again)
+        self._last, self._since = now, 0
+
+
+_cache_full = _Throttled()
+
+
 def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     """Translate every failure into an errno; a bug becomes EIO and one traceback."""
 
@@ -58,7 +81,7 @@ def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]
             log.info("%s: not found: %s", handler.__name__, exc)
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         except CacheFull as exc:
-            log.error("%s", exc)
+            _cache_full.error(str(exc))
             raise pyfuse3.FUSEError(errno.ENOSPC) from None
         except (ClientError, FetchFailed, ListingUnavailable, trio.TooSlowError) as exc:
             log.error("%s failed: %s", handler.__name__, exc or type(exc).__name__)

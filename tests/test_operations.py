@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from tciafs.cache import Cache
+from tciafs.cache import META_SLACK, Cache
 from tciafs.catalog import ROOT_INODE, Catalog, Kind
 from tciafs.client import NbiaClient
 from tciafs.fs import Operations
@@ -276,3 +276,22 @@ async def test_a_queued_file_is_pushed_at_its_open_and_holds_end_with_the_feeder
 async def _run_in(scope: trio.CancelScope, job) -> None:
     with scope:
         await job
+
+
+async def test_a_full_cache_fails_every_open_but_is_logged_once(harness, caplog) -> None:
+    series = (await harness.series())[0]
+    files = [attr for _, attr in await harness.readdir(series.st_ino)
+             if harness.ops.tree.node(attr.st_ino).kind is Kind.INSTANCE]
+    ops = harness.ops
+    held = [await ops.open(attr.st_ino, os.O_RDONLY, None) for attr in files[:2]]
+    ops.cache.max_bytes = ops.cache.used_bytes + META_SLACK + 1000  # full of open files
+    with caplog.at_level("ERROR", logger="tciafs.fs"):
+        for _ in range(10):
+            with pytest.raises(pyfuse3.FUSEError) as err:
+                await ops.open(files[2].st_ino, os.O_RDONLY, None)
+            assert err.value.errno == errno.ENOSPC
+    full = [r for r in caplog.records if "cache full" in r.getMessage()]
+    assert len(full) == 1, [r.getMessage() for r in caplog.records]
+    for info in held:
+        await ops.release(info.fh)
+    await ops.release((await ops.open(files[2].st_ino, os.O_RDONLY, None)).fh)  # room again
