@@ -67,7 +67,20 @@ def _index(cache_dir: Path | None) -> sqlite3.Connection:
 
 
 def _dir_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    """Apparent bytes under root, directories included, as `du -sb` and the bound count
+    them; scandir, since a cache may hold millions of files."""
+    total = root.stat().st_size
+    pending = [str(root)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                try:
+                    total += entry.stat(follow_symlinks=False).st_size
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                except FileNotFoundError:  # evicted by a running mount meanwhile
+                    continue
+    return total
 
 
 def _stats(args: argparse.Namespace) -> int:

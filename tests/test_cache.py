@@ -619,5 +619,8 @@ async def test_stats_of_a_cache_in_use_show_recent_hits(emulator, client,
     doc = json.loads(seen.stdout)
     assert doc["misses"] == 1 and 255 <= doc["hits"] <= 299, doc
     cache.close()
-    assert json.loads(_cli("stats", "--json", "--cache-dir", str(tmp_path / "c")).stdout
-                      )["hits"] == 299
+    doc = json.loads(_cli("stats", "--json", "--cache-dir", str(tmp_path / "c")).stdout)
+    assert doc["hits"] == 299
+    du = subprocess.run(["du", "-sb", str(tmp_path / "c")], capture_output=True, text=True,
+                        check=True).stdout.split()[0]
+    assert doc["used"] == int(du)  # what the bound counts: files, databases, directories
