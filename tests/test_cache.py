@@ -271,6 +271,14 @@ async def test_verify_command_reports_a_corrupted_file(emulator, client,
     bad = subprocess.run(verify, capture_output=True, text=True)
     assert bad.returncode == 1
     assert f"{sops[1]}: MD5 mismatch" in bad.stdout
+    first = object_path(tmp_path / "c", sops[0])
+    size = first.stat().st_size
+    os.truncate(first, size - 1)
+    worse = subprocess.run(verify, capture_output=True, text=True)
+    assert f"{sops[0]}: size {size - 1} != {size}" in worse.stdout
+    first.unlink()
+    assert f"{sops[0]}: missing" in subprocess.run(verify, capture_output=True,
+                                                   text=True).stdout
 
 
 async def test_eviction_makes_a_complete_series_incomplete(emulator, client,
