@@ -118,7 +118,7 @@ class PageFeeder:
         """The kernel dropped the inode, and its pages with it."""
         self._pushed.pop(ino, None)
         sop = self._sop_of.pop(ino, None)
-        if sop is not None:
+        if sop is not None and self._inode_of.get(sop) == ino:  # not since listed anew
             del self._inode_of[sop]
         queued = self._queue.pop(ino, None)
         if queued is not None:  # nothing to push into any more
