@@ -3,7 +3,8 @@
 Checks the pieces, never the timings: the copy verifier catches a wrong byte, a
 missing or an extra file; the reference parser maps MD5s to SOPInstanceUIDs; the JSON
 has the documented shape and the chart is a valid PNG; a tiny real run (figures 1 and
-4, one repetition, no shaping) completes; SIGTERM leaves no mount behind.
+4, one repetition, no shaping) completes; SIGTERM leaves no mount behind; the
+do-nothing file system that figure 5 compares opens with mounts, lists and unmounts.
 """
 
 from __future__ import annotations
@@ -195,6 +196,20 @@ def test_quick_run_of_figures_1_and_4(tmp_path: Path) -> None:
     assert json.loads((out / "results.json").read_text()) == doc
     _check_png((out / "chart.png").read_bytes())
     assert "1_cold_series_copy" in done.stdout and "wall time" in done.stdout
+    assert _tciafs_mounts_under(tmp_path) == []
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(60)
+def test_null_file_system_serves_empty_files_and_unmounts(tmp_path: Path) -> None:
+    mnt = tmp_path / "null"
+    with procs.null_mounted(mnt, 7, tmp_path / "nullfs.log"):
+        files = sorted(mnt.iterdir())
+        assert [f.name for f in files] == [f"{i:06d}.dcm" for i in range(7)]
+        assert all(f.is_file() and f.read_bytes() == b"" for f in files)
+        assert not (mnt / "000007.dcm").exists()
+        subprocess.run(["head", "-q", "-c", "0", *files], check=True)
     assert _tciafs_mounts_under(tmp_path) == []
 
 

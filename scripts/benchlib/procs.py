@@ -193,17 +193,34 @@ def _proc_status_kib(pid: int, key: str) -> int:
 def mounted(server: str, mountpoint: Path, cache_dir: Path, log_path: Path,
             *extra: str, timeout: float = 60.0) -> Iterator[Mount]:
     """`tciafs mount MNT -f` until the block ends; always unmounted afterwards."""
-    mountpoint.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cmd = [str(VENV_BIN / "tciafs"), "mount", str(mountpoint), "-f", "--server", server,
            "--cache-dir", str(cache_dir), *extra]
+    with _foreground_mount(cmd, mountpoint, log_path, timeout) as proc:
+        yield Mount(mountpoint, cache_dir, proc, log_path)
+
+
+@contextlib.contextmanager
+def null_mounted(mountpoint: Path, count: int, log_path: Path,
+                 timeout: float = 60.0) -> Iterator[Path]:
+    """benchlib/nullfs.py with `count` empty files, until the block ends."""
+    cmd = [sys.executable, str(Path(__file__).with_name("nullfs.py")), str(mountpoint),
+           str(count)]
+    with _foreground_mount(cmd, mountpoint, log_path, timeout):
+        yield mountpoint
+
+
+@contextlib.contextmanager
+def _foreground_mount(cmd: list[str], mountpoint: Path, log_path: Path,
+                      timeout: float) -> Iterator[subprocess.Popen]:
+    mountpoint.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     try:
         _wait_mounted(mountpoint, proc, log_path, timeout)
-        yield Mount(mountpoint, cache_dir, proc, log_path)
+        yield proc
     finally:
         unmount(mountpoint, proc)
 
