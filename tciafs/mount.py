@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SERVER = "https://services.cancerimagingarchive.net"
 DEFAULT_NLST_SERVER = "https://nlst.cancerimagingarchive.net"
+_M_MMAP_THRESHOLD = -3  # mallopt(3) parameter
+_MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
 
 
 class MountError(Exception):
@@ -164,6 +167,7 @@ def demo_emulator() -> Iterator[tuple[str, str]]:
 
 def run_foreground(opts: MountOptions, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted or signalled. Reports readiness on `ready_fd`."""
+    steady_heap()
     try:
         preflight(opts.mountpoint)
         with locked_cache_dir(opts.cache_dir), contextlib.ExitStack() as stack:
@@ -175,6 +179,22 @@ def run_foreground(opts: MountOptions, ready_fd: int | None = None) -> int:
         _report(ready_fd, f"error: {exc}")
         log.error("%s", exc)
         return 1
+
+
+def steady_heap() -> bool:
+    """Keep large buffers out of the heap for the daemon's whole life; False if the C
+    library does not take the setting (not glibc).
+
+    glibc raises its mmap threshold to the size of each mmapped block freed, up to 32 MiB.
+    A streamed series frees many large buffers, so later ones come from the heap, whose
+    fragments stay resident: the daemon's peak RSS grew with the size of the series copied
+    (12 MB more for a 1 GB series than for 100 MB; 4 MB with the threshold held).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
 
 
 def _report(ready_fd: int | None, message: str) -> None:

@@ -170,3 +170,36 @@ def test_the_watchdog_frees_a_test_stuck_on_a_hung_mount(emulator, tmp_path: Pat
             os.kill(daemon.pid, signal.SIGCONT)
         assert failed.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
         assert time.monotonic() - started < 12
+
+
+_HEAP_GROWTH = """
+import sys
+from tciafs.mount import steady_heap
+
+def heap() -> int:
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if line.rstrip().endswith("[heap]"):
+                low, high = (int(x, 16) for x in line.split()[0].split("-"))
+                return high - low
+    return 0
+
+if sys.argv[1] == "steady":
+    assert steady_heap()
+block = bytearray(8 << 20)  # freed: glibc would serve blocks up to 8 MiB from the heap
+del block
+before = heap()
+kept = [bytearray(1 << 20) for _ in range(16)]
+print(heap() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_steady_heap_keeps_large_buffers_out_of_the_heap() -> None:
+    def growth(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", _HEAP_GROWTH, mode], check=True,
+                              capture_output=True, text=True, timeout=60)
+        return int(done.stdout)
+
+    assert growth("default") >= 12 << 20  # what the daemon avoids, shown on this libc
+    assert growth("steady") < 2 << 20
