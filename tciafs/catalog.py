@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tciafs.client import Series, plain, series_from_plain
+
 ROOT_INODE = 1
 SCHEMA_VERSION = 2
 
@@ -115,12 +117,35 @@ class Catalog:
         row = self.db.execute("SELECT value FROM settings WHERE key='source'").fetchone()
         if row is not None and row[0] != source:
             self.db.execute("DELETE FROM nodes")
+            self.db.execute("DELETE FROM settings WHERE key='selection'")
         self.db.execute("INSERT OR REPLACE INTO settings VALUES ('source', ?)", (source,))
         self.db.execute("INSERT OR REPLACE INTO settings VALUES ('schema', ?)",
                         (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         self.db.close()
+
+    def has_listings(self) -> bool:
+        """Whether the root was ever listed: then there is a tree to serve offline."""
+        root = self.get(ROOT_INODE)
+        return root is not None and root.listed is not None
+
+    def save_selection(self, selection: Sequence[Series] | None) -> None:
+        """Keep the series a manifest or cart stood for, to mount without the service."""
+        if selection is None:
+            self.db.execute("DELETE FROM settings WHERE key='selection'")
+            return
+        self.db.execute("INSERT OR REPLACE INTO settings VALUES ('selection', ?)",
+                        (json.dumps([plain(s) for s in selection]),))
+
+    def stored_selection(self) -> list[Series] | None:
+        row = self.db.execute("SELECT value FROM settings WHERE key='selection'").fetchone()
+        if row is None:
+            return None
+        try:
+            return [series_from_plain(doc) for doc in json.loads(row[0])]
+        except (ValueError, TypeError):  # damaged: as if never kept
+            return None
 
     def get(self, ino: int) -> Node | None:
         row = self.db.execute(

@@ -25,7 +25,15 @@ import trio
 from tciafs import credentials, manifest, paths, status
 from tciafs.cache import Cache
 from tciafs.catalog import Catalog
-from tciafs.client import AuthError, ClientError, Credentials, NbiaClient
+from tciafs.client import (
+    AuthError,
+    ClientError,
+    Credentials,
+    MalformedResponse,
+    NbiaClient,
+    Series,
+    ServerError,
+)
 from tciafs.control import Control
 from tciafs.fs import Operations
 from tciafs.tree import Tree
@@ -216,7 +224,7 @@ def _source_key(opts: MountOptions) -> str:
     return f"{server}|{opts.layout}|{selection}"
 
 
-async def _selection(client: NbiaClient, opts: MountOptions) -> list | None:
+async def _selection(client: NbiaClient, opts: MountOptions) -> list[Series] | None:
     """The series a manifest or a shared cart names, or None for the whole archive."""
     if opts.manifest is not None:
         try:
@@ -256,41 +264,89 @@ def _client(opts: MountOptions) -> NbiaClient:
 async def _serve(opts: MountOptions, ready_fd: int | None) -> None:
     client = _client(opts)
     async with client:
-        try:
-            await client.start()
-        except AuthError as exc:
-            raise MountError(str(exc)) from exc
-        except Exception as exc:  # the client's errors carry the one-line reason
-            raise MountError(f"cannot reach {opts.server}: {exc}") from exc
-        try:
-            selection = await _selection(client, opts)
-        except ClientError as exc:
-            raise MountError(f"cannot read the selection: {exc}") from exc
+        unreachable = await _probe(client, opts)
         digest = hashlib.sha256(_source_key(opts).encode()).hexdigest()[:12]
         catalog = Catalog(opts.cache_dir / f"catalog-{digest}.sqlite", _source_key(opts))
-        size = opts.cache_size or default_cache_size(opts.cache_dir)
-        cache = Cache(opts.cache_dir, size, client, prefetch=opts.prefetch)
-        tree = Tree(client, catalog, listing_ttl=opts.listing_ttl, layout=opts.layout,
-                    selection=selection)
-        started = time.time()
-        control = Control(tree, cache)
-
-        def snapshot() -> dict:
-            doc = status.snapshot(server=opts.server, api=opts.api, started=started,
-                                  client=client, cache=cache)
-            doc["jobs"] = control.progress()
-            doc["page_cache"] = {**ops.pages.counters, "read_ahead": ops.pages.state}
-            return doc
-
-        ops = Operations(tree, cache, status=snapshot, control=control)
         try:
-            await _run_fuse(ops, opts, ready_fd)
+            if unreachable is None:
+                selection = await _online_selection(client, opts, catalog)
+                offline = None
+            else:
+                selection = _offline_selection(catalog, opts, unreachable)
+                offline = (f"offline: cannot reach {opts.server} ({unreachable}); serving the "
+                           "listings and files this cache holds until it answers")
+                log.warning("%s", offline)
+            await _serve_tree(client, catalog, selection, opts, ready_fd, offline)
         finally:
-            cache.close()
             catalog.close()
 
 
-async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None) -> None:
+async def _probe(client: NbiaClient, opts: MountOptions) -> ClientError | None:
+    """Log in and ask the service for its collections; the error if it cannot be reached
+    or does not answer like NBIA, which a cache that holds listings can live with."""
+    try:
+        await client.start()
+    except AuthError as exc:
+        raise MountError(str(exc)) from exc
+    except (ServerError, MalformedResponse) as exc:
+        return exc
+    except Exception as exc:  # the client's errors carry the one-line reason
+        raise MountError(f"cannot reach {opts.server}: {exc}") from exc
+    return None
+
+
+async def _online_selection(client: NbiaClient, opts: MountOptions,
+                            catalog: Catalog) -> list[Series] | None:
+    try:
+        selection = await _selection(client, opts)
+    except ClientError as exc:
+        raise MountError(f"cannot read the selection: {exc}") from exc
+    catalog.save_selection(selection)
+    return selection
+
+
+def _offline_selection(catalog: Catalog, opts: MountOptions,
+                       unreachable: ClientError) -> list[Series] | None:
+    """What a mount without the service can show: a manifest's or cart's series as last
+    resolved, or the whole archive's stored listings; a cache with neither refuses."""
+    if opts.manifest is not None or opts.cart is not None:
+        selection = catalog.stored_selection()
+        if selection is not None:
+            return selection
+    elif catalog.has_listings():
+        return None
+    raise MountError(f"cannot reach {opts.server}: {unreachable}")
+
+
+async def _serve_tree(client: NbiaClient, catalog: Catalog, selection: list[Series] | None,
+                      opts: MountOptions, ready_fd: int | None, offline: str | None) -> None:
+    size = opts.cache_size or default_cache_size(opts.cache_dir)
+    cache = Cache(opts.cache_dir, size, client, prefetch=opts.prefetch)
+    tree = Tree(client, catalog, listing_ttl=opts.listing_ttl, layout=opts.layout,
+                selection=selection)
+    if offline is not None:
+        tree.service_down()
+    started = time.time()
+    control = Control(tree, cache)
+
+    def snapshot() -> dict:
+        doc = status.snapshot(server=opts.server, api=opts.api, started=started,
+                              client=client, cache=cache)
+        doc["jobs"] = control.progress()
+        doc["page_cache"] = {**ops.pages.counters, "read_ahead": ops.pages.state}
+        if offline is not None:
+            doc["offline_at_start"] = offline
+        return doc
+
+    ops = Operations(tree, cache, status=snapshot, control=control)
+    try:
+        await _run_fuse(ops, opts, ready_fd, offline)
+    finally:
+        cache.close()
+
+
+async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None,
+                    note: str | None = None) -> None:
     fuse_options = set(pyfuse3.default_options)
     # No "ro": the kernel would then refuse setxattr on the control file too. Every
     # write handler answers EROFS itself, so the tree stays read-only all the same.
@@ -313,7 +369,7 @@ async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None) -
             await nursery.start(ops.pages.run)
             await nursery.start(ops.tree.client.run_token_refresher)
             nursery.start_soon(_watch_signals, signalled)
-            nursery.start_soon(_announce_ready, opts.mountpoint, ready_fd)
+            nursery.start_soon(_announce_ready, opts.mountpoint, ready_fd, note)
             await pyfuse3.main()
             outside_unmount = not signalled.is_set()
             nursery.cancel_scope.cancel()
@@ -331,11 +387,11 @@ async def _watch_signals(signalled: trio.Event) -> None:
             return
 
 
-async def _announce_ready(mountpoint: Path, ready_fd: int | None) -> None:
+async def _announce_ready(mountpoint: Path, ready_fd: int | None, note: str | None) -> None:
     # The stat is answered by our own loop, so success proves the mount serves.
     await trio.to_thread.run_sync(os.stat, mountpoint)
     log.info("mounted %s", mountpoint)
-    _report(ready_fd, "ready")
+    _report(ready_fd, "ready" if note is None else f"ready: {note}")
     notify_systemd("READY=1")
 
 
@@ -370,6 +426,9 @@ def spawn_daemon(argv: list[str], opts: MountOptions, timeout: float = 300.0) ->
     os.close(write_fd)
     message = _read_ready(read_fd, proc, timeout)
     if message == "ready":
+        return 0
+    if message.startswith("ready: "):  # mounted, with something the user must know
+        print(f"tciafs: {message.removeprefix('ready: ')}", file=sys.stderr)
         return 0
     print(f"tciafs: {message.removeprefix('error: ')} (log: {log_path})", file=sys.stderr)
     return 1

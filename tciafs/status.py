@@ -42,6 +42,8 @@ def render(mountpoint: Path, doc: dict[str, Any]) -> str:
         f"({cache['entries']} files), hit ratio {cache['hit_ratio']:.0%}, "
         f"{format_size(cache['bytes_fetched'])} fetched",
     ]
+    if doc.get("offline_at_start"):
+        lines.append(f"  started {doc['offline_at_start']}")
     pages = doc.get("page_cache")
     if pages:
         lines.append(f"  kernel page cache: {pages['pushed_at_open']} files pushed at open, "

@@ -14,9 +14,9 @@ Requests per directory, by level:
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -27,7 +27,16 @@ import trio
 
 from tciafs import layout, names
 from tciafs.catalog import ROOT_INODE, Catalog, Kind, NewChild, Node
-from tciafs.client import ClientError, Collection, NbiaClient, NotFound, Patient, Series
+from tciafs.client import (
+    ClientError,
+    Collection,
+    NbiaClient,
+    NotFound,
+    Patient,
+    Series,
+    ServerError,
+    plain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,9 @@ INSTANCE_SUFFIX = ".dcm"
 # with a dot (names.encode escapes a leading one), so they cannot clash.
 COLLECTION_SIDECARS = (".LICENSE", ".CITATION")
 SERIES_SIDECAR = ".series.json"
+# After the service failed a listing, stale listings are served as stored for this long:
+# each attempt costs the retries, which `ls -R` would pay once per directory.
+DOWN_PAUSE = 60.0
 
 
 class ListingUnavailable(Exception):
@@ -78,11 +90,18 @@ class Tree:
         self._bulk_inflight: dict[int, trio.Event] = {}  # collection inode → bulk listing
         self._orders: cachetools.LRUCache[int, _Order] = cachetools.LRUCache(maxsize=64)
         self.requests_saved = 0
+        # While the service is down, stale listings are served as stored, without a wait
+        # for retries per directory (trio clock).
+        self._down_until = -math.inf
         # Route NLST collections from what a previous mount stored, without a listing.
         client.remember_hosts([Collection(n.ident, n.meta.get("host", "main"))
                                for n in catalog.children(ROOT_INODE)])
 
     # -- reading -------------------------------------------------------------------------
+
+    def service_down(self) -> None:
+        """Serve stored listings without asking the service, for DOWN_PAUSE seconds."""
+        self._down_until = trio.current_time() + DOWN_PAUSE
 
     def node(self, ino: int) -> Node | None:
         node = self._nodes.get(ino)
@@ -143,7 +162,8 @@ class Tree:
         node = self.catalog.get(ino)
         if node is None or not node.kind.is_dir:
             raise NotADirectoryError(ino)
-        if node.listed is not None and time.time() - node.listed < self.listing_ttl:
+        if node.listed is not None and (time.time() - node.listed < self.listing_ttl
+                                        or trio.current_time() < self._down_until):
             return self._stored(ino)
         try:
             await self._fetch(node)
@@ -152,7 +172,10 @@ class Tree:
         except ClientError as exc:
             if node.listed is None:
                 raise ListingUnavailable(str(exc)) from exc
-            log.warning("serving the stored listing of %s: %s", self.path(node), exc)
+            log.warning("serving the stored listing of %s: %s; stored listings are served "
+                        "as they are for %.0f s", self.path(node), exc, DOWN_PAUSE)
+            if isinstance(exc, ServerError):
+                self.service_down()
         self._nodes.pop(ino, None)
         return self._stored(ino)
 
@@ -220,7 +243,7 @@ class Tree:
         else:
             patients = await self._nonempty(self.client.patients, coll.ident)
         children = [NewChild(names.encode(p.patient_id), Kind.PATIENT, p.patient_id,
-                             coll.ident, meta=_record_meta(p)) for p in patients]
+                             coll.ident, meta=plain(p)) for p in patients]
         children += [NewChild(name, Kind.SIDECAR, name, coll.ident)
                      for name in COLLECTION_SIDECARS]
         self.catalog.replace_children(coll.ino, _unique(children, "patient"))
@@ -290,7 +313,7 @@ class Tree:
         for study in self.catalog.children(patient.ino):
             rows = studies.get(study.ident, [])
             kids = [NewChild(name, Kind.SERIES, s.series_uid, patient.collection,
-                             s.series_uid, _record_meta(s))
+                             s.series_uid, plain(s))
                     for name, s in zip(self._series_names(rows), rows, strict=True)]
             self.catalog.replace_children(study.ino, _unique(kids, "series"), listed)
             self._forget_listing(study.ino)
@@ -383,16 +406,8 @@ def _unique(children: list[NewChild], what: str) -> list[NewChild]:
     return list(seen.values())
 
 
-def _plain(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, dt.date) else value
-
-
-def _record_meta(record: Any) -> dict[str, Any]:
-    return {k: _plain(v) for k, v in dataclasses.asdict(record).items() if v is not None}
-
-
 def _study_meta(series: Series, study_id: str | None) -> dict[str, Any]:
-    return {k: _plain(v) for k, v in {
+    return {k: v.isoformat() if isinstance(v, dt.date) else v for k, v in {
         "collection": series.collection, "patient_id": series.patient_id,
         "study_uid": series.study_uid, "study_date": series.study_date,
         "study_description": series.study_description, "study_id": study_id,

@@ -1,6 +1,8 @@
+import datetime
 from pathlib import Path
 
 from tciafs.catalog import ROOT_INODE, Catalog, Kind, NewChild
+from tciafs.client import Series
 
 
 def _kids(*idents: str) -> list[NewChild]:
@@ -53,3 +55,27 @@ def test_inodes_of_removed_entries_are_never_handed_out_again(tmp_path: Path) ->
     cat.replace_children(ROOT_INODE, _kids("A", "C"))
     assert all(n.ino != gone for n in cat.children(ROOT_INODE))
     assert max(n.ino for n in cat.children(ROOT_INODE)) > gone
+
+
+def test_a_selection_is_kept_for_a_start_without_the_service(tmp_path: Path) -> None:
+    chosen = [Series("C", "P/1", "1.2.3", "1.2.3.4", modality="CT", series_number=2.0,
+                     image_count=3, file_size=1536, study_date=datetime.date(2001, 2, 3),
+                     submission_date=datetime.date(2024, 5, 6)),
+              Series("C", "P 2", "1.2.5", "1.2.5.6")]
+    path = tmp_path / "c.sqlite"
+    catalog = Catalog(path, "server|manifest:abc")
+    assert catalog.stored_selection() is None and not catalog.has_listings()
+    catalog.save_selection(chosen)
+    catalog.replace_children(ROOT_INODE, _kids("C"))
+    catalog.close()
+
+    catalog = Catalog(path, "server|manifest:abc")
+    assert catalog.stored_selection() == chosen and catalog.has_listings()
+    catalog.save_selection(None)  # the whole archive again: nothing to keep
+    assert catalog.stored_selection() is None
+    catalog.save_selection(chosen)
+    catalog.close()
+
+    catalog = Catalog(path, "server|manifest:other")  # another source forgets it
+    assert catalog.stored_selection() is None and not catalog.has_listings()
+    catalog.close()

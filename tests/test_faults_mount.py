@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import json
 import os
 import random
 import re
@@ -426,6 +427,107 @@ def test_server_unreachable_after_mount_then_back(tmp_path: Path) -> None:
         log = _log_of(mnt, cache_dir)
         _assert_clean_log(log)
         assert "ConnectError" in log  # the reason is in the log
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def _mount_in_background(url: str, mnt: Path, cache_dir: Path,
+                         *extra: str) -> subprocess.CompletedProcess:
+    mnt.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "tciafs", "mount", str(mnt), "--server", url,
+                           "--cache-dir", str(cache_dir), "--timeout", "2", *extra],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _requests_of(mnt: Path) -> dict[str, int]:
+    """Requests the mount's daemon has made (attempts, by endpoint), from its status."""
+    shown = subprocess.run([sys.executable, "-m", "tciafs", "status", "--json", str(mnt)],
+                           capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(shown.stdout)["requests"]["requests"]
+
+
+def _unmount(mnt: Path) -> None:
+    if os.path.ismount(mnt):
+        subprocess.run([sys.executable, "-m", "tciafs", "umount", str(mnt)], timeout=60)
+
+
+@pytest.mark.timeout(240)
+def test_a_cache_that_holds_listings_mounts_while_the_service_is_down(
+        demo_data_dir: Path, tmp_path: Path) -> None:
+    first = start_emulator(demo_data_dir)
+    port = first.url.rsplit(":", 1)[1]
+    second: EmulatorProcess | None = None
+    mnt, cache_dir, chosen_cache = tmp_path / "mnt", tmp_path / "cache", tmp_path / "chosen"
+    manifest = tmp_path / "chosen.tcia"
+    try:
+        with mounted(first, mnt, cache_dir, "--timeout", "2"):
+            series = _series_dirs(mnt)
+            cached, uncached = series[0], series[-1]
+            assert cached.parts[-4] != uncached.parts[-4]  # other collections: no read-ahead
+            truth = _truth(first.url, cached.name)[0] | _truth(first.url, uncached.name)[0]
+            for path in cached.glob("*.dcm"):
+                assert path.read_bytes() == truth[_sop(path)]
+            _wait_quiet(first.url)
+            target = sorted(uncached.glob("*.dcm"))[0]
+            assert os.getxattr(target, "user.tcia.cached") == b"none"
+            listing = subprocess.run(["ls", "-lR", str(mnt)], capture_output=True, text=True,
+                                     timeout=60, check=True).stdout
+        manifest.write_text("downloadServerUrl=x\nListOfSeriesToDownload=\n"
+                            f"{cached.name}\n")
+        with mounted(first, mnt, chosen_cache, "--manifest", str(manifest)):
+            chosen_listing = subprocess.run(["ls", "-lR", str(mnt)], capture_output=True,
+                                            text=True, timeout=60, check=True).stdout
+            assert cached.name in chosen_listing and uncached.name not in chosen_listing
+
+        first.proc.kill()  # the service is gone before the next mount starts
+        first.proc.wait(timeout=10)
+
+        never_used = _mount_in_background(first.url, mnt, tmp_path / "empty")
+        assert never_used.returncode == 1 and not os.path.ismount(mnt)
+        assert "cannot reach" in never_used.stderr
+
+        # Every stored listing is stale (a TTL of 0), and none waits for the dead service.
+        started = _mount_in_background(first.url, mnt, cache_dir, "--listing-ttl", "0")
+        try:
+            assert started.returncode == 0, started.stderr
+            assert "offline: cannot reach" in started.stderr
+            probed = _requests_of(mnt)
+            assert set(probed) == {"getCollectionValues"}  # the start-up probe's attempts
+            again = subprocess.run(["ls", "-lR", str(mnt)], capture_output=True, text=True,
+                                   timeout=60)
+            assert again.returncode == 0 and again.stdout == listing
+            for path in cached.glob("*.dcm"):
+                assert path.read_bytes() == truth[_sop(path)]
+            assert _requests_of(mnt) == probed
+            with pytest.raises(OSError) as failed:
+                target.read_bytes()
+            assert failed.value.errno == errno.EIO
+            shown = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
+                                   capture_output=True, text=True, timeout=30)
+            assert "started offline: cannot reach" in shown.stdout
+
+            second = start_emulator(demo_data_dir, "--port", port)  # back on the same port
+            assert target.read_bytes() == truth[_sop(target)]
+        finally:
+            _unmount(mnt)
+
+        chosen = _mount_in_background(second.url, mnt, chosen_cache, "--manifest",
+                                      str(manifest))
+        _unmount(mnt)
+        assert chosen.returncode == 0 and "offline" not in chosen.stderr
+        second.proc.kill()
+        second.proc.wait(timeout=10)
+        chosen = _mount_in_background(first.url, mnt, chosen_cache, "--manifest",
+                                      str(manifest))
+        try:
+            assert chosen.returncode == 0, chosen.stderr
+            assert "offline: cannot reach" in chosen.stderr
+            assert subprocess.run(["ls", "-lR", str(mnt)], capture_output=True, text=True,
+                                  timeout=60).stdout == chosen_listing
+        finally:
+            _unmount(mnt)
     finally:
         first.stop()
         if second is not None:

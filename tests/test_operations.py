@@ -182,6 +182,29 @@ async def test_a_silent_nlst_server_does_not_erase_its_stored_collections(emulat
     assert again == first
 
 
+async def test_once_the_service_fails_a_listing_stale_ones_are_served_without_asking(
+        emulator, tmp_path: Path) -> None:
+    async with NbiaClient(emulator.url, nlst_server=emulator.nlst_url, timeout=5,
+                          retries=0) as client:
+        tree = Tree(client, Catalog(tmp_path / "catalog.sqlite", "test"), listing_ttl=0)
+        listed = await tree.children(ROOT_INODE)
+        collections = [n.name for n in listed]
+        lung = next(n for n in listed if n.name == "Demo-Lung CT_2024")
+        patients = [n.name for n in await tree.children(lung.ino)]
+        set_faults(emulator.url, p503=1.0)
+        try:
+            reset_stats(emulator.url)
+            names = [n.name for n in await tree.children(ROOT_INODE)]
+            assert names == collections  # tried, then served as stored
+            tried = stats(emulator.url)["requests_total"]
+            assert tried >= 1
+            names = [n.name for n in await tree.children(lung.ino)]
+            assert names == patients and patients  # stored, and not tried
+            assert stats(emulator.url)["requests_total"] == tried
+        finally:
+            set_faults(emulator.url)
+
+
 async def test_concurrent_patient_listings_share_one_bulk_request(harness, emulator) -> None:
     collection = next(a for n, a in await harness.readdir(ROOT_INODE)
                       if n == "Demo-Lung CT_2024")

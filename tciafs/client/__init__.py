@@ -15,6 +15,8 @@ from .records import (
     ServerError,
     Study,
     TruncatedStream,
+    plain,
+    series_from_plain,
 )
 from .zipstream import ZipMember, ZipStreamReader, parse_md5_csv
 
@@ -41,4 +43,6 @@ __all__ = [
     "ZipMember",
     "ZipStreamReader",
     "parse_md5_csv",
+    "plain",
+    "series_from_plain",
 ]

@@ -6,8 +6,10 @@ answered, so the layers above never see a wire key or a wire date format.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "AuthError",
@@ -21,6 +23,8 @@ __all__ = [
     "ServerError",
     "Study",
     "TruncatedStream",
+    "plain",
+    "series_from_plain",
 ]
 
 
@@ -80,6 +84,21 @@ class Series:
     # Latest submission into the archive (v4 MaxSubmissionTimestamp, v1/v2 TimeStamp):
     # a change means the series' files changed, so cached bytes may be stale.
     submission_date: datetime.date | None = None
+
+
+def plain(record: Any) -> dict[str, Any]:
+    """A record's fields that are set, with dates as ISO strings: ready for JSON."""
+    return {k: v.isoformat() if isinstance(v, datetime.date) else v
+            for k, v in dataclasses.asdict(record).items() if v is not None}
+
+
+_SERIES_DATES = frozenset(f.name for f in dataclasses.fields(Series) if "date" in str(f.type))
+
+
+def series_from_plain(doc: dict[str, Any]) -> Series:
+    """The Series that plain() turned into `doc`."""
+    return Series(**{k: datetime.date.fromisoformat(v) if k in _SERIES_DATES and v else v
+                     for k, v in doc.items()})
 
 
 class ClientError(Exception):
