@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -432,3 +433,29 @@ async def test_legacy_v3_with_an_api_key(auth_emulator: EmulatorProcess) -> None
         with pytest.raises(AuthError, match="api_key") as info:
             await client.collections()
         assert "wrong-key" not in str(info.value)
+
+
+@pytest.mark.timeout(120)
+async def test_a_server_found_unreachable_is_tried_once_until_it_answers(
+        demo_data_dir: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on, for now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with NbiaClient(f"http://127.0.0.1:{port}", nlst_server=None, retries=3,
+                          backoff_base=0.01, timeout=5) as client:
+        asked = client.stats.requests
+        with pytest.raises(ServerError, match=r"ConnectError.*gave up after 4 attempts\)"):
+            await client.collections()
+        assert asked["getCollectionValues"] == 4
+        with pytest.raises(ServerError, match="gave up after 1 attempt; it could not be "
+                                              "reached before"):
+            await client.collections()
+        assert asked["getCollectionValues"] == 5
+        emu = start_emulator(demo_data_dir, "--port", str(port))
+        try:
+            assert await client.collections()  # back: seen at the first try
+            assert asked["getCollectionValues"] == 6
+        finally:
+            emu.stop()
+        with pytest.raises(ServerError, match=r"gave up after 4 attempts\)"):
+            await client.collections()  # it had answered: retried in full again

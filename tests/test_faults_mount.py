@@ -441,11 +441,12 @@ def _mount_in_background(url: str, mnt: Path, cache_dir: Path,
                           capture_output=True, text=True, timeout=120)
 
 
-def _requests_of(mnt: Path) -> dict[str, int]:
-    """Requests the mount's daemon has made (attempts, by endpoint), from its status."""
+def _requests_of(mnt: Path) -> dict[str, dict[str, int]]:
+    """The daemon's HTTP attempts and failed requests by endpoint, from its status."""
     shown = subprocess.run([sys.executable, "-m", "tciafs", "status", "--json", str(mnt)],
                            capture_output=True, text=True, timeout=30, check=True)
-    return json.loads(shown.stdout)["requests"]["requests"]
+    counts = json.loads(shown.stdout)["requests"]
+    return {"attempts": counts["requests"], "failed": counts["errors"]}
 
 
 def _unmount(mnt: Path) -> None:
@@ -494,7 +495,7 @@ def test_a_cache_that_holds_listings_mounts_while_the_service_is_down(
             assert started.returncode == 0, started.stderr
             assert "offline: cannot reach" in started.stderr
             probed = _requests_of(mnt)
-            assert set(probed) == {"getCollectionValues"}  # the start-up probe's attempts
+            assert set(probed["attempts"]) == {"getCollectionValues"}  # the start-up probe
             again = subprocess.run(["ls", "-lR", str(mnt)], capture_output=True, text=True,
                                    timeout=60)
             assert again.returncode == 0 and again.stdout == listing
@@ -504,6 +505,10 @@ def test_a_cache_that_holds_listings_mounts_while_the_service_is_down(
             with pytest.raises(OSError) as failed:
                 target.read_bytes()
             assert failed.value.errno == errno.EIO
+            now = _requests_of(mnt)
+            tried = Counter(now["attempts"]) - Counter(probed["attempts"])
+            given_up = Counter(now["failed"]) - Counter(probed["failed"])
+            assert tried and tried == given_up  # one attempt each: the probe found it down
             shown = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
                                    capture_output=True, text=True, timeout=30)
             assert "started offline: cannot reach" in shown.stdout

@@ -35,6 +35,8 @@ log = logging.getLogger("tciafs.client")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Errors that no retry can heal: a wrong scheme, a redirect loop, a header we cannot send.
 _HOPELESS = (httpx.UnsupportedProtocol, httpx.TooManyRedirects, httpx.LocalProtocolError)
+# Errors that mean no connection was made: the server is down or the network is.
+_UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)
 _ERROR_BODY_CAP = 64 * 1024
 _ERROR_BODY_WAIT = 5.0  # seconds
 
@@ -164,6 +166,10 @@ class Transport:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=limits, follow_redirects=True, transport=transport,
             headers={"User-Agent": "tciafs"})
+        # Servers (scheme://host:port) whose last request found no connection after all
+        # its retries: until one answers, each request tries them once, so that offline
+        # a file fails at once instead of after the back-off, and a return is seen at once.
+        self._unreachable: set[str] = set()
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
@@ -228,7 +234,8 @@ class Transport:
             self._release(borrower)
             log.debug("%s: %s (attempt %d, %.2f s)", call.what, _describe(exc), attempt,
                       trio.current_time() - started)
-            return _Failure(_describe(exc), None, None, final=isinstance(exc, _HOPELESS))
+            return _Failure(_describe(exc), None, None, final=isinstance(exc, _HOPELESS),
+                            unreachable=isinstance(exc, _UNREACHABLE))
         except BaseException:
             self._release(borrower)
             raise
@@ -236,6 +243,7 @@ class Transport:
             self._release(borrower)
             return _Failure("no answer before the deadline", None, None, final=True)
         elapsed = trio.current_time() - started
+        self._unreachable.discard(_origin(call.url))
         log.debug("%s %s → %d (attempt %d, %.2f s to headers)", call.method, call.what,
                   response.status_code, attempt, elapsed)
         opened = OpenResponse(self, call, response, borrower, started)
@@ -251,6 +259,9 @@ class Transport:
                             deadline: float) -> None:
         """Sleep before the next attempt, or raise when retrying is pointless."""
         remaining = deadline - trio.current_time()
+        if failure.unreachable and _origin(call.url) in self._unreachable:
+            self._give_up(call, attempt, failure, "; it could not be reached before either, "
+                          "so it is tried once until it answers")
         if failure.final or attempt > self.policy.retries or remaining <= 0:
             self._give_up(call, attempt, failure, "")
         delay = self.policy.backoff(attempt)
@@ -268,6 +279,8 @@ class Transport:
 
     def _give_up(self, call: Call, attempt: int, failure: _Failure, why: str) -> None:
         self.stats.errors[call.endpoint] += 1
+        if failure.unreachable:
+            self._unreachable.add(_origin(call.url))
         tries = "1 attempt" if attempt == 1 else f"{attempt} attempts"
         raise ServerError(f"{call.what}: {failure.reason} (gave up after {tries}{why})",
                           status=failure.status)
@@ -285,6 +298,12 @@ class _Failure:
     status: int | None
     retry_after: float | None
     final: bool = False  # the deadline is spent: do not retry
+    unreachable: bool = False  # no connection could be made at all
+
+
+def _origin(url: str) -> str:
+    parsed = httpx.URL(url)
+    return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
 
 
 def _describe(exc: BaseException) -> str:
