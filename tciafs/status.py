@@ -44,6 +44,10 @@ def render(mountpoint: Path, doc: dict[str, Any]) -> str:
     ]
     if doc.get("offline_at_start"):
         lines.append(f"  started {doc['offline_at_start']}")
+    for origin, down in doc.get("unreachable", {}).items():
+        since = time.strftime("%H:%M:%S", time.localtime(down["since"]))
+        lines.append(f"  unreachable since {since}: {origin} ({down['reason']}); "
+                     "each request tries it once until it answers")
     pages = doc.get("page_cache")
     if pages:
         lines.append(f"  kernel page cache: {pages['pushed_at_open']} files pushed at open, "
@@ -112,6 +116,7 @@ def snapshot(*, server: str, api: str, started: float, client: Any, cache: Any) 
     return {
         "pid": os.getpid(), "server": server, "api": api, "uptime": time.time() - started,
         "requests": client.stats.as_dict(),
+        "unreachable": client.unreachable,
         "cache": {"used": cache.used_bytes, "bound": cache.max_bytes, "entries": cache.entries,
                   "hits": s.hits, "misses": s.misses,
                   "hit_ratio": s.hits / looked if looked else 0.0,

@@ -447,6 +447,7 @@ async def test_a_server_found_unreachable_is_tried_once_until_it_answers(
         with pytest.raises(ServerError, match=r"ConnectError.*gave up after 4 attempts\)"):
             await client.collections()
         assert asked["getCollectionValues"] == 4
+        assert set(client.unreachable) == {f"http://127.0.0.1:{port}"}
         with pytest.raises(ServerError, match="gave up after 1 attempt; it could not be "
                                               "reached before"):
             await client.collections()
@@ -454,7 +455,7 @@ async def test_a_server_found_unreachable_is_tried_once_until_it_answers(
         emu = start_emulator(demo_data_dir, "--port", str(port))
         try:
             assert await client.collections()  # back: seen at the first try
-            assert asked["getCollectionValues"] == 6
+            assert asked["getCollectionValues"] == 6 and client.unreachable == {}
         finally:
             emu.stop()
         with pytest.raises(ServerError, match=r"gave up after 4 attempts\)"):

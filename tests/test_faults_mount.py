@@ -512,9 +512,13 @@ def test_a_cache_that_holds_listings_mounts_while_the_service_is_down(
             shown = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
                                    capture_output=True, text=True, timeout=30)
             assert "started offline: cannot reach" in shown.stdout
+            assert "unreachable since" in shown.stdout and first.url in shown.stdout
 
             second = start_emulator(demo_data_dir, "--port", port)  # back on the same port
             assert target.read_bytes() == truth[_sop(target)]
+            shown = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
+                                   capture_output=True, text=True, timeout=30)
+            assert "unreachable" not in shown.stdout  # the mark went with the first answer
         finally:
             _unmount(mnt)
 

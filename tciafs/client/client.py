@@ -197,6 +197,11 @@ class NbiaClient:
         self._routing_lock = trio.Lock()
         self._fallback_logged: set[str] = set()
 
+    @property
+    def unreachable(self) -> dict[str, dict[str, object]]:
+        """Servers that could not be reached lately (see Transport)."""
+        return self._http.unreachable
+
     def __repr__(self) -> str:
         return (f"NbiaClient(server={self._servers[MAIN]!r}, api={self.api!r}, "
                 f"nlst_server={self._servers.get(NLST)!r}, user="

@@ -21,6 +21,7 @@ import datetime
 import email.utils
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -169,11 +170,17 @@ class Transport:
         # Servers (scheme://host:port) whose last request found no connection after all
         # its retries: until one answers, each request tries them once, so that offline
         # a file fails at once instead of after the back-off, and a return is seen at once.
-        self._unreachable: set[str] = set()
+        self._unreachable: dict[str, tuple[float, str]] = {}  # since (epoch), why
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await self._client.aclose()
+
+    @property
+    def unreachable(self) -> dict[str, dict[str, object]]:
+        """Servers marked unreachable: since when (epoch seconds) and the last reason."""
+        return {origin: {"since": since, "reason": reason}
+                for origin, (since, reason) in self._unreachable.items()}
 
     async def fetch(self, call: Call, deadline: float) -> Reply:
         """The whole body of the first answer that is not transient; retries the rest."""
@@ -243,7 +250,7 @@ class Transport:
             self._release(borrower)
             return _Failure("no answer before the deadline", None, None, final=True)
         elapsed = trio.current_time() - started
-        self._unreachable.discard(_origin(call.url))
+        self._unreachable.pop(_origin(call.url), None)
         log.debug("%s %s → %d (attempt %d, %.2f s to headers)", call.method, call.what,
                   response.status_code, attempt, elapsed)
         opened = OpenResponse(self, call, response, borrower, started)
@@ -280,7 +287,9 @@ class Transport:
     def _give_up(self, call: Call, attempt: int, failure: _Failure, why: str) -> None:
         self.stats.errors[call.endpoint] += 1
         if failure.unreachable:
-            self._unreachable.add(_origin(call.url))
+            origin = _origin(call.url)
+            since = self._unreachable.get(origin, (time.time(), ""))[0]
+            self._unreachable[origin] = (since, failure.reason)
         tries = "1 attempt" if attempt == 1 else f"{attempt} attempts"
         raise ServerError(f"{call.what}: {failure.reason} (gave up after {tries}{why})",
                           status=failure.status)
