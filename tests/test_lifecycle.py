@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -194,7 +195,7 @@ print(heap() - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 def test_steady_heap_keeps_large_buffers_out_of_the_heap() -> None:
     def growth(mode: str) -> int:
         done = subprocess.run([sys.executable, "-c", _HEAP_GROWTH, mode], check=True,
