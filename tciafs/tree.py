@@ -46,7 +46,8 @@ INSTANCE_SUFFIX = ".dcm"
 COLLECTION_SIDECARS = (".LICENSE", ".CITATION")
 SERIES_SIDECAR = ".series.json"
 # After the service failed a listing, stale listings are served as stored for this long:
-# each attempt costs the retries, which `ls -R` would pay once per directory.
+# `ls -R` would otherwise pay, once per directory, a connection attempt (a server found
+# unreachable) or the whole back-off (a service answering 503).
 DOWN_PAUSE = 60.0
 
 
