@@ -140,6 +140,7 @@ class Cache:
         self._lru: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._series_of: dict[str, str] = {}
         self._pinned: set[str] = set()
+        self._stale: set[str] = set()  # open files of a re-submitted series
         self._sizes: dict[str, int] = {}
         self._file_bytes = 0  # cached files plus reservations of downloads in progress
         self._open: collections.Counter[str] = collections.Counter()
@@ -260,6 +261,7 @@ class Cache:
 
     def _drop(self, sop: str) -> None:
         size = self._lru.pop(sop)
+        self._pinned.discard(sop)
         series = self._series_of.pop(sop, None)
         self.db.execute("UPDATE series SET complete=0 WHERE uid=?", (series,))
         self._file_bytes -= size
@@ -339,8 +341,16 @@ class Cache:
         self._open[sop] += 1
         self._busy_series[series] += 1
 
-    def release(self, entry: Entry) -> None:
+    def release(self, entry: Entry) -> bool:
+        """Let go of a hold; True when that dropped the file, as stale (drop_revised)."""
         self._release_counts(entry.sop, entry.series)
+        if entry.sop in self._open or entry.sop not in self._stale:
+            return False
+        self._stale.discard(entry.sop)
+        if entry.sop in self._lru:
+            self._drop(entry.sop)
+        self._forget_revised([entry.sop])
+        return True
 
     def _release_counts(self, sop: str, series: str) -> None:
         self._open[sop] -= 1
@@ -670,15 +680,36 @@ class Cache:
             (self._pinned.add if pinned else self._pinned.discard)(sop)
 
     def clear(self, series: str | None = None) -> int:
-        """Drop cached bytes (of one series, or all) that nobody holds open; return count."""
+        """Drop cached bytes (of one series, or all) that nobody holds open and nobody
+        pinned; return count."""
+        return len(self._clear(series, keep_pinned=True))
+
+    def drop_revised(self, series: str) -> tuple[list[str], bool]:
+        """The service re-submitted the series, so its cached files may be stale: drop
+        them, pinned ones too, but those held open. Returns the SOP UIDs dropped and
+        whether the series is pinned (then it wants fetching again)."""
+        row = self.db.execute("SELECT pinned FROM series WHERE uid=?", (series,)).fetchone()
+        dropped = self._clear(series, keep_pinned=False)
+        self._forget_revised(dropped)
+        # Files held open keep their bytes for now; the last release drops them.
+        self._stale.update(s for s in self._lru if self._series_of.get(s) == series)
+        return dropped, bool(row and row[0])
+
+    def _forget_revised(self, sops: list[str]) -> None:
+        """Forget all about files dropped as stale: the new ones may differ in size too."""
+        for sop in sops:
+            self._sizes.pop(sop, None)
+        self.db.executemany("DELETE FROM instances WHERE sop=?", [(sop,) for sop in sops])
+
+    def _clear(self, series: str | None, *, keep_pinned: bool) -> list[str]:
         victims = [s for s in list(self._lru)
                    if (series is None or self._series_of.get(s) == series)
-                   and not self._open[s] and s not in self._pinned]
+                   and not self._open[s] and not (keep_pinned and s in self._pinned)]
         for sop in victims:
             self._drop(sop)
         self.db.execute("UPDATE series SET complete=0 WHERE ? IS NULL OR uid=?",
                         (series, series))
-        return len(victims)
+        return victims
 
     def save_counters(self) -> None:
         self._flush_touches()

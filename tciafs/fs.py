@@ -120,6 +120,7 @@ class Operations(pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self.pages = PageFeeder(tree, cache)
         cache.on_refused = self.pages.refused
+        tree.on_series_revised = self.series_revised
         self._next_fh = 1
 
     # -- attributes ----------------------------------------------------------------------
@@ -220,6 +221,18 @@ class Operations(pyfuse3.Operations):
                 return
             self.lookups[child.ino] += 1
 
+    async def series_revised(self, series: Node) -> None:
+        """The service re-submitted the series: drop the cached bytes, which may be stale,
+        and what the kernel holds of them; a pinned series is fetched again."""
+        dropped, pinned = self.cache.drop_revised(series.ident)
+        log.warning("series %s: %d cached files dropped as possibly stale%s", series.ident,
+                    len(dropped), "; fetching it again, as it is pinned" if pinned else "")
+        for child in self.tree.catalog.children(series.ino):
+            if self.lookups[child.ino] > 0:  # the kernel may hold its size or pages
+                await self.pages.invalidate(child.ino)
+        if pinned:
+            self.cache.start_series_fetch(series.collection, series.ident)
+
     # -- files ---------------------------------------------------------------------------
 
     @fuse_errors
@@ -290,8 +303,8 @@ class Operations(pyfuse3.Operations):
             if handle.fd is not None:
                 os.close(handle.fd)
         finally:
-            if handle.entry is not None:
-                self.cache.release(handle.entry)
+            if handle.entry is not None and self.cache.release(handle.entry):
+                await self.pages.refused(handle.entry.sop)  # stale: the kernel's copy too
 
     @fuse_errors
     async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:

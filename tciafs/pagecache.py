@@ -90,7 +90,8 @@ class PageFeeder:
                     if await self._push_when_closed(ino, entry):
                         self.counters["pushed_ahead"] += 1
                 finally:
-                    self.cache.release(entry)
+                    if self.cache.release(entry):  # stale: take back what was pushed
+                        await self.refused(entry.sop)
                 # One file per turn: an open that arrived meanwhile is answered first.
                 await trio.lowlevel.checkpoint()
         finally:
@@ -131,10 +132,15 @@ class PageFeeder:
         the event loop answers.
         """
         ino = self._inode_of.get(sop)
-        if ino is None or self._pusher is None:  # never handed to the kernel, or no mount
+        if ino is not None:  # else never handed to the kernel
+            await self.invalidate(ino)
+
+    async def invalidate(self, ino: int) -> None:
+        """Have the kernel drop the inode's pages and attributes (a no-op unmounted)."""
+        if self._pusher is None:
             return
         self.forgotten(ino)
-        try:
+        try:  # from a worker thread: see refused()
             await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
         except OSError as exc:  # ENOENT: the kernel forgot the inode meanwhile
             log.debug("invalidating inode %d: %s", ino, exc)

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import cachetools
@@ -94,6 +94,10 @@ class Tree:
         # While the service is down, stale listings are served as stored, without a wait
         # for retries per directory (trio clock).
         self._down_until = -math.inf
+        # Called for each series the service re-submitted since it was last listed (its
+        # submission date moved), once the listing that showed it is stored.
+        self.on_series_revised: Callable[[Node], Awaitable[None]] | None = None
+        self._revised: list[int] = []
         # Route NLST collections from what a previous mount stored, without a listing.
         client.remember_hosts([Collection(n.ident, n.meta.get("host", "main"))
                                for n in catalog.children(ROOT_INODE)])
@@ -168,6 +172,7 @@ class Tree:
             return self._stored(ino)
         try:
             await self._fetch(node)
+            await self._report_revised()
         except NotFound:
             self.catalog.replace_children(ino, [])
         except ClientError as exc:
@@ -316,8 +321,30 @@ class Tree:
             kids = [NewChild(name, Kind.SERIES, s.series_uid, patient.collection,
                              s.series_uid, plain(s))
                     for name, s in zip(self._series_names(rows), rows, strict=True)]
+            submitted = {n.ident: n.meta.get("submission_date")
+                         for n in self.catalog.children(study.ino)}
             self.catalog.replace_children(study.ino, _unique(kids, "series"), listed)
             self._forget_listing(study.ino)
+            self._note_revised(study.ino, submitted)
+
+    def _note_revised(self, study: int, submitted: dict[str, str | None]) -> None:
+        """Series whose submission date moved: their instances are listed again and
+        their cached bytes reported (_report_revised)."""
+        for series in self.catalog.children(study):
+            before, now = submitted.get(series.ident), series.meta.get("submission_date")
+            if before and now and before != now:
+                log.warning("series %s was re-submitted to the service (%s, before %s)",
+                            series.ident, now, before)
+                self.catalog.mark_listed([series.ino], 0.0)  # stale, but kept for offline
+                self._forget_listing(series.ino)
+                self._nodes.pop(series.ino, None)
+                self._revised.append(series.ino)
+
+    async def _report_revised(self) -> None:
+        while self._revised:
+            node = self.node(self._revised.pop())
+            if node is not None and self.on_series_revised is not None:
+                await self.on_series_revised(node)
 
     def _study_names(self, firsts: list[Series], study_ids: dict[str, str]) -> list[str]:
         if self.layout != "descriptive":

@@ -318,3 +318,58 @@ async def test_a_full_cache_fails_every_open_but_is_logged_once(harness, caplog)
     for info in held:
         await ops.release(info.fh)
     await ops.release((await ops.open(files[2].st_ino, os.O_RDONLY, None)).fh)  # room again
+
+
+async def _read_whole(ops: Operations, ino: int) -> bytes:
+    info = await ops.open(ino, os.O_RDONLY, None)
+    try:
+        return await ops.read(info.fh, 0, 1 << 24)
+    finally:
+        await ops.release(info.fh)
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+async def test_a_series_re_submitted_to_the_service_is_fetched_again(
+        emulator, tmp_path: Path, pinned: bool) -> None:
+    client = NbiaClient(emulator.url, nlst_server=emulator.nlst_url, timeout=10)
+    catalog = Catalog(tmp_path / "catalog.sqlite", "test")
+    cache = Cache(tmp_path / "cache", 1 << 30, client, prefetch=False)
+    ops = Operations(Tree(client, catalog, listing_ttl=0), cache)
+    async with client, trio.open_nursery() as nursery:
+        await nursery.start(cache.run)
+        harness = Harness(ops, nursery)
+        series = (await harness.series())[0]
+        node = ops.tree.node(series.st_ino)
+        study = node.parent
+        (_, first), *_ = await harness.readdir(series.st_ino)
+        sop = ops.tree.node(first.st_ino).ident
+        original = await _read_whole(ops, first.st_ino)
+        if pinned:
+            cache.pin_series(node.ident, node.collection)
+        assert cache.is_cached(sop) and cache.known_size(sop) == len(original)
+
+        await ops.tree.children(study)  # listed again, same submission date: kept
+        assert cache.is_cached(sop)
+
+        # The stored listing is from before a re-submission (an older date).
+        catalog.db.execute("UPDATE nodes SET meta=json_set(meta, '$.submission_date', "
+                           "'2001-02-03') WHERE ino=?", (series.st_ino,))
+        reset_stats(emulator.url)
+        await ops.tree.children(study)
+        if pinned:  # fetched again by itself
+            with trio.fail_after(30):
+                while not cache.is_cached(sop):
+                    await trio.sleep(0.05)
+            assert count_requests(emulator.url, *IMAGE_ENDPOINTS) >= 1
+        else:
+            assert not cache.is_cached(sop) and cache.known_size(sop) is None
+            assert count_requests(emulator.url, *IMAGE_ENDPOINTS) == 0
+        assert await _read_whole(ops, first.st_ino) == original
+        assert count_requests(emulator.url, *IMAGE_ENDPOINTS) >= 1
+        assert ops.tree.catalog.get(series.st_ino).meta["submission_date"] != "2001-02-03"
+
+        reset_stats(emulator.url)
+        await ops.tree.children(study)  # the date now stored is the service's: kept
+        assert cache.is_cached(sop)
+        assert count_requests(emulator.url, *IMAGE_ENDPOINTS) == 0
+        nursery.cancel_scope.cancel()
