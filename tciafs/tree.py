@@ -321,24 +321,26 @@ class Tree:
             kids = [NewChild(name, Kind.SERIES, s.series_uid, patient.collection,
                              s.series_uid, plain(s))
                     for name, s in zip(self._series_names(rows), rows, strict=True)]
-            submitted = {n.ident: n.meta.get("submission_date")
-                         for n in self.catalog.children(study.ino)}
+            stored = {n.name: n for n in self.catalog.children(study.ino)}
             self.catalog.replace_children(study.ino, _unique(kids, "series"), listed)
             self._forget_listing(study.ino)
-            self._note_revised(study.ino, submitted)
+            self._note_revised(stored, kids)
 
-    def _note_revised(self, study: int, submitted: dict[str, str | None]) -> None:
+    def _note_revised(self, stored: dict[str, Node], listed: list[NewChild]) -> None:
         """Series whose submission date moved: their instances are listed again and
-        their cached bytes reported (_report_revised)."""
-        for series in self.catalog.children(study):
-            before, now = submitted.get(series.ident), series.meta.get("submission_date")
-            if before and now and before != now:
-                log.warning("series %s was re-submitted to the service (%s, before %s)",
-                            series.ident, now, before)
-                self.catalog.mark_listed([series.ino], 0.0)  # stale, but kept for offline
-                self._forget_listing(series.ino)
-                self._nodes.pop(series.ino, None)
-                self._revised.append(series.ino)
+        their cached bytes reported (_report_revised). A name that stays keeps its inode."""
+        for child in listed:
+            old = stored.get(child.name)
+            before = old.meta.get("submission_date") if old is not None else None
+            now = child.meta.get("submission_date")
+            if old is None or not before or not now or before == now:
+                continue
+            log.warning("series %s was re-submitted to the service (%s, before %s)",
+                        child.ident, now, before)
+            self.catalog.mark_listed([old.ino], 0.0)  # stale, but kept for offline
+            self._forget_listing(old.ino)
+            self._nodes.pop(old.ino, None)
+            self._revised.append(old.ino)
 
     async def _report_revised(self) -> None:
         while self._revised:

@@ -250,7 +250,8 @@ class Transport:
             self._release(borrower)
             return _Failure("no answer before the deadline", None, None, final=True)
         elapsed = trio.current_time() - started
-        self._unreachable.pop(_origin(call.url), None)
+        if self._unreachable:  # parse the URL only when some server is marked
+            self._unreachable.pop(_origin(call.url), None)
         log.debug("%s %s → %d (attempt %d, %.2f s to headers)", call.method, call.what,
                   response.status_code, attempt, elapsed)
         opened = OpenResponse(self, call, response, borrower, started)
