@@ -42,7 +42,7 @@ import trio
 from pydicom.filereader import read_partial
 from pydicom.tag import Tag
 
-from tciafs.catalog import open_db
+from tciafs.catalog import open_db, transaction
 from tciafs.client import (
     ChecksumMismatch,
     ClientError,
@@ -369,12 +369,6 @@ class Cache:
         self._unsaved_opens += 1
         if self._unsaved_opens >= 256:
             self.save_counters()
-
-    def _flush_touches(self) -> None:
-        with contextlib.suppress(sqlite3.Error):  # recency is a hint, never worth a crash
-            self.db.executemany("UPDATE instances SET last_access=? WHERE sop=?",
-                                [(t, sop) for sop, t in self._touched.items()])
-        self._touched.clear()
 
     async def _ensure_present(self, collection: str, series: str, sop: str,
                               series_bytes: int | None) -> None:
@@ -712,12 +706,14 @@ class Cache:
         return victims
 
     def save_counters(self) -> None:
-        self._flush_touches()
+        touched = [(t, sop) for sop, t in self._touched.items()]
+        counts = [("hits", str(self.stats.hits)), ("misses", str(self.stats.misses))]
+        self._touched.clear()
         self._unsaved_opens = 0
-        with contextlib.suppress(sqlite3.Error):  # statistics, never worth a failed open
-            self.db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)",
-                                [("hits", str(self.stats.hits)),
-                                 ("misses", str(self.stats.misses))])
+        # Recency and statistics are hints, never worth a failed open.
+        with contextlib.suppress(sqlite3.Error), transaction(self.db):
+            self.db.executemany("UPDATE instances SET last_access=? WHERE sop=?", touched)
+            self.db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)", counts)
 
     def close(self) -> None:
         self.save_counters()

@@ -7,12 +7,13 @@ holds names and metadata only, never image bytes.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ class Catalog:
                          listed: float | None = None) -> None:
         """Make `children` the listing of `parent`, keeping the inodes of names that stay."""
         listed = time.time() if listed is None else listed
-        with self._transaction():
+        with transaction(self.db):
             old = dict(self.db.execute(
                 "SELECT name, ino FROM nodes WHERE parent=? AND ino != ?", (parent, ROOT_INODE)))
             for child in children:
@@ -223,19 +224,18 @@ class Catalog:
             "SELECT n.ino FROM nodes n JOIN sub ON n.parent = sub.i WHERE n.ino != n.parent) "
             "DELETE FROM nodes WHERE ino IN (SELECT i FROM sub)", (ino,))
 
-    def _transaction(self) -> _Tx:
-        return _Tx(self.db)
 
-
-class _Tx:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One transaction for many statements on a connection in autocommit mode: a
+    commit per statement would write the WAL once per row."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _node(row: tuple) -> Node:

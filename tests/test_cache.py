@@ -644,6 +644,32 @@ def test_the_default_bound_is_a_tenth_of_the_cache_disk_at_most_10_gib(tmp_path:
         assert default_cache_size(tmp_path / "cache") == 10 << 30
 
 
+async def test_the_order_of_use_outlives_the_daemon(emulator, client, tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=False)
+    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
+    first, second = _sops(emulator.url, uid)[:2]
+
+    async def body() -> None:
+        for sop in (first, second):
+            cache.release(await cache.acquire("Demo-Lung CT_2024", uid, sop))
+        for _ in range(300):  # the first is used last, and saved once on the way
+            cache.release(await cache.acquire("Demo-Lung CT_2024", uid, first))
+
+    await _with_cache(cache, body)
+    cache.close()
+    index = sqlite3.connect(tmp_path / "c" / "index.sqlite")
+    try:
+        used = dict(index.execute("SELECT sop, last_access FROM instances"))
+    finally:
+        index.close()
+    assert used[first] > used[second] > 0
+    reopened = Cache(tmp_path / "c", 1 << 30, client, prefetch=False)
+    try:  # a new daemon evicts the second before the first
+        assert list(reopened._lru)[-2:] == [second, first]
+    finally:
+        reopened.close()
+
+
 async def test_stats_of_a_cache_in_use_show_recent_hits(emulator, client,
                                                         tmp_path: Path) -> None:
     cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=False)
