@@ -117,12 +117,15 @@ class PageFeeder:
 
     def forgotten(self, ino: int) -> None:
         """The kernel dropped the inode, and its pages with it."""
-        self._pushed.pop(ino, None)
+        self._pages_dropped(ino)
         sop = self._sop_of.pop(ino, None)
         if sop is not None and self._inode_of.get(sop) == ino:  # not since listed anew
             del self._inode_of[sop]
+
+    def _pages_dropped(self, ino: int) -> None:
+        self._pushed.pop(ino, None)
         queued = self._queue.pop(ino, None)
-        if queued is not None:  # nothing to push into any more
+        if queued is not None:  # not worth pushing now
             self.cache.release(queued)
 
     async def refused(self, sop: str) -> None:
@@ -139,7 +142,9 @@ class PageFeeder:
         """Have the kernel drop the inode's pages and attributes (a no-op unmounted)."""
         if self._pusher is None:
             return
-        self.forgotten(ino)
+        # The kernel still knows the inode, and a reader that holds it open may read its
+        # pages in again: keep its instance, so that the last release can drop them too.
+        self._pages_dropped(ino)
         try:  # from a worker thread: see refused()
             await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
         except OSError as exc:  # ENOENT: the kernel forgot the inode meanwhile

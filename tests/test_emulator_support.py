@@ -108,7 +108,8 @@ STUDY_DATES = {"s1": dt.date(2001, 2, 3), "s2": dt.date(2002, 3, 4), "s3": dt.da
                "s4": dt.date(2004, 5, 6), "s5": dt.date(2005, 6, 7), "s6": dt.date(2006, 7, 8)}
 
 
-def _dataset(plan: SeriesPlan, n: int, acq: int, inst_no: int) -> Dataset:
+def _dataset(plan: SeriesPlan, n: int, acq: int, inst_no: int,
+             comment: str | None = None) -> Dataset:
     sop_class = {"CT": CTImageStorage, "MR": MR_STORAGE, "SEG": SEG_STORAGE}[plan.modality]
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -142,6 +143,8 @@ def _dataset(plan: SeriesPlan, n: int, acq: int, inst_no: int) -> Dataset:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.PixelData = pixels.tobytes()
+    if comment is not None:
+        ds.ImageComments = comment
     return ds
 
 
@@ -167,13 +170,20 @@ class TinyArchive:
         self._studies = [StudyRecord(c, pid, uid(st), STUDY_DATES[st], f"Study {st}", st.upper(),
                                      "061Y") for c, pid, st in sorted(studies)]
 
-    def _add_series(self, plan: SeriesPlan) -> None:
+    def submit(self, plan: SeriesPlan, comment: str, submitted: dt.datetime) -> None:
+        """Add a series, or replace it as a site that re-submits it to NBIA does: the same
+        UIDs, other bytes (ImageComments `comment`), a later submission timestamp."""
+        self._series = [s for s in self._series if s.series_instance_uid != uid(plan.key)]
+        self._add_series(plan, comment, submitted)
+
+    def _add_series(self, plan: SeriesPlan, comment: str | None = None,
+                    submitted: dt.datetime = dt.datetime(2019, 5, 6, 7, 8, 9)) -> None:
         records = []
         per_acq = -(-plan.count // plan.acquisitions)
         # Store in a scrambled order: the server must not rely on instance order.
         for n in sorted(range(1, plan.count + 1), key=lambda k: (k * 7) % plan.count):
             acq = (n - 1) // per_acq + 1
-            data = _encode(_dataset(plan, n, acq, n))
+            data = _encode(_dataset(plan, n, acq, n, comment))
             self._files[(uid(plan.key), uid(plan.key, n))] = data
             sop_class = pydicom.dcmread(io.BytesIO(data)).SOPClassUID
             records.append(InstanceRecord(uid(plan.key, n), sop_class, n, acq, len(data),
@@ -184,7 +194,7 @@ class TinyArchive:
             f"protocol {plan.key}", STUDY_DATES[plan.study], f"Series {plan.key} (test)",
             plan.body_part, 3, plan.manufacturer, "Model, X" if plan.manufacturer else None,
             "1.0", "0.703125", "1.250000", len(records), sum(r.size for r in records),
-            dt.datetime(2019, 5, 6, 7, 8, 9)))
+            submitted))
 
     def patients(self, collection: str | None = None) -> list[PatientRecord]:
         return [p for p in self._patients if _ci(p.collection, collection)]
