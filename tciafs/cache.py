@@ -155,9 +155,12 @@ class Cache:
         self._nursery: trio.Nursery | None = None
         self.in_flight: dict[str, list[int]] = {}  # series → [bytes so far, instances so far]
         self.failed_series: dict[str, str] = {}  # series → why its last fetch failed
-        # The MD5s the service listed for files whose bytes disagreed: a file fetched
-        # again is checked against them, and served only if it matches.
-        self._service_md5: dict[str, str] = {}
+        # The MD5s the service listed for files whose bytes disagreed, by series: a file
+        # fetched again is checked against them, and served only if it matches.
+        self._service_md5: dict[str, dict[str, str]] = {}
+        # Counts each series' re-submissions seen: a download that began before the last
+        # one may carry the old bytes, and is not published.
+        self._revision: collections.Counter[str] = collections.Counter()
         self._reconcile()
 
     # -- start-up ------------------------------------------------------------------------
@@ -446,14 +449,15 @@ class Cache:
 
     async def _download_single(self, collection: str, series: str, sop: str) -> None:
         assert self.client is not None
+        revision = self._revision[series]
         async with (self.client.open_instance(collection, series, sop) as stream,
                     self._tmpfile(series, expected=stream.size) as tmp):
             async for chunk in stream.chunks():
                 await tmp.write(chunk)
             if stream.size is not None and tmp.size != stream.size:
                 raise FetchFailed(f"got {tmp.size} of {stream.size} bytes")
-            await self._publish(tmp, collection, series, expect_sop=sop,
-                                expect_md5=self._service_md5.get(sop))
+            await self._publish(tmp, collection, series, revision, expect_sop=sop,
+                                expect_md5=self._service_md5.get(series, {}).get(sop))
         self.stats.single_fetches += 1
 
     @asynccontextmanager
@@ -467,14 +471,17 @@ class Cache:
             self._tmpfiles.discard(tmp)
             tmp.discard()
 
-    async def _publish(self, tmp: _TmpFile, collection: str, series: str, *,
+    async def _publish(self, tmp: _TmpFile, collection: str, series: str, revision: int, *,
                        expect_sop: str | None = None, expect_md5: str | None = None
                        ) -> tuple[str, str]:
         """Check, fsync and rename a finished download into place; return its SOP UID
         and the MD5 of its bytes as stored. With expect_md5, only those bytes will do,
-        and the file is indexed as verified."""
+        and the file is indexed as verified. `revision`: the series' when the download
+        began."""
         sop, md5 = await trio.to_thread.run_sync(_finish_file, tmp.fd, tmp.path, self.root)
         tmp.close()
+        if self._revision[series] != revision:
+            raise FetchFailed(f"series {series} was re-submitted during the download")
         final = self._object_path(sop)
         if str(final.parent) not in self._dir_bytes:  # the thread may have just made it
             self._measure_dir(final.parent)
@@ -509,7 +516,7 @@ class Cache:
         if self.db.execute("SELECT pinned FROM instances WHERE sop=?", (sop,)).fetchone()[0]:
             self._pinned.add(sop)
         if expect_md5 is not None:
-            self._service_md5.pop(sop, None)
+            self._service_md5.get(series, {}).pop(sop, None)
         self.stats.bytes_fetched += tmp.size
         event = self._published.pop(sop, None)
         if event is not None:
@@ -586,6 +593,7 @@ class Cache:
     async def _download_series(self, collection: str, series: str) -> None:
         assert self.client is not None
         progress = self.in_flight[series] = [0, 0]
+        revision = self._revision[series]
         names: dict[str, tuple[str, str]] = {}  # entry name → (sop, md5)
         # Each file is hashed as stored, when it is published: not by the ZIP reader.
         async with self.client.open_series(collection, series, hash_entries=False) as stream:
@@ -594,9 +602,12 @@ class Cache:
                     async for chunk in member.chunks():
                         await tmp.write(chunk)
                         progress[0] += len(chunk)
-                    names[member.name] = await self._publish(tmp, collection, series)
+                    names[member.name] = await self._publish(tmp, collection, series,
+                                                             revision)
                     progress[1] += 1
             expected = stream.md5s
+        if self._revision[series] != revision:  # the list may be of the new bytes
+            raise FetchFailed(f"series {series} was re-submitted during the download")
         self.stats.series_fetches += 1
         bad = self._confirm_md5s(series, names, expected)
         if bad:
@@ -627,7 +638,7 @@ class Cache:
             if sop in self._lru:
                 self._drop(sop)  # unlinked: no new open sees it
             if want is not None:
-                self._service_md5[sop] = want
+                self._service_md5.setdefault(series, {})[sop] = want
         return bad
 
     async def _fetch_again(self, collection: str, series: str,
@@ -683,6 +694,9 @@ class Cache:
         them, pinned ones too, but those held open. Returns the SOP UIDs dropped and
         whether the series is pinned (then it wants fetching again)."""
         row = self.db.execute("SELECT pinned FROM series WHERE uid=?", (series,)).fetchone()
+        self._revision[series] += 1
+        self._service_md5.pop(series, None)  # listed for the bytes from before
+        self.failed_series.pop(series, None)  # the new ones may well fetch
         dropped = self._clear(series, keep_pinned=False)
         self._forget_revised(dropped)
         # Files held open keep their bytes for now; the last release drops them.

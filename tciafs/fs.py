@@ -364,11 +364,17 @@ class Operations(pyfuse3.Operations):
 
 
 def _node_time(node: Node) -> float:
-    """A stable timestamp (the release date) so that rsync and make see no change."""
-    released = node.meta.get("date_released")
-    if isinstance(released, str):
-        try:
-            return dt.datetime.fromisoformat(released).replace(tzinfo=dt.UTC).timestamp()
-        except ValueError:
-            pass
-    return _FALLBACK_TIME
+    """A stable timestamp, so that rsync and make see no change until the service makes
+    one: the later of the release date and the last submission, which moves when a
+    series is re-submitted (files of the same size would look unchanged to rsync)."""
+    stamps = [_day(node.meta.get(key)) for key in ("date_released", "submission_date")]
+    return max((s for s in stamps if s is not None), default=_FALLBACK_TIME)
+
+
+def _day(value: object) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(value).replace(tzinfo=dt.UTC).timestamp()
+    except ValueError:
+        return None

@@ -9,21 +9,30 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from test_emulator_support import CT_LUNG, SeriesPlan, TinyArchive, uid
 
+from tciafs.cache import Cache, FetchFailed
+from tciafs.client import NbiaClient
+from tciafs.emulator.faults import FaultConfig
 from tciafs.emulator.server import EmulatorServers, Options
 from tciafs.pagecache import PUSH_LIMIT
 
-from mountutil import mounted
+from mountutil import mounted, set_faults
 
 # Two instances of 2100 x 2100 16-bit pixels: each file is larger than what the daemon
 # hands to the kernel's page cache at open, so the kernel fills it through reads.
 LARGE = SeriesPlan("ct-large", CT_LUNG, "TCL 002/b", "s2", "CT", 2, "LUNG", None, size=2100)
-FIRST = dt.datetime(2019, 5, 6, 7, 8, 9)
+SMALL = SeriesPlan("ct-small", CT_LUNG, "TCL 002/b", "s2", "CT", 3, "LUNG", None)
+# 20 files of incompressible pixels, about 660 kB: slow enough to re-submit mid-download.
+NOISY = SeriesPlan("ct-noisy", CT_LUNG, "TCL 002/b", "s2", "CT", 20, "LUNG", None, size=128,
+                   noise=True)
+FIRST = dt.datetime(2019, 5, 6, 7, 8, 9)  # before the collection's release (2020-03-15)
 AGAIN = dt.datetime(2024, 1, 2, 3, 4, 5)
 
 
@@ -31,6 +40,8 @@ AGAIN = dt.datetime(2024, 1, 2, 3, 4, 5)
 def archive() -> Iterator[TinyArchive]:
     archive = TinyArchive()
     archive.submit(LARGE, "before", FIRST)
+    archive.submit(SMALL, "before", FIRST)
+    archive.submit(NOISY, "before", FIRST)
     yield archive
 
 
@@ -55,3 +66,83 @@ def test_a_large_file_held_open_across_a_re_submission_reads_anew_once_closed(
             assert held.read() == before  # an open file keeps its bytes until closed
         after = path.read_bytes()
         assert len(after) == len(before) and b"after " in after
+
+
+def test_rsync_of_a_re_submitted_series_brings_its_new_bytes(archive: TinyArchive,
+                                                            tmp_path: Path) -> None:
+    mnt, cache_dir, copy = tmp_path / "mnt", tmp_path / "cache", tmp_path / "copy"
+    with EmulatorServers(archive, Options()) as servers, \
+            mounted(servers, mnt, cache_dir, "--listing-ttl", "0"):
+        series = _instance(mnt, SMALL, 1).parent
+        _rsync(series, copy)
+        first = {p.name: (p.read_bytes(), p.stat().st_mtime) for p in copy.glob("*.dcm")}
+        assert len(first) == SMALL.count
+        assert all(b"before" in data for data, _ in first.values())
+
+        archive.submit(SMALL, "after ", AGAIN)  # the same sizes: only the time can tell
+        os.listdir(series.parent)  # the study, listed again
+        _rsync(series, copy)
+        for name, (data, mtime) in first.items():
+            now = copy / name
+            assert b"after " in now.read_bytes() and now.stat().st_size == len(data)
+            assert now.stat().st_mtime > mtime
+
+
+def _rsync(source: Path, dest: Path) -> None:
+    """What a researcher keeping a local mirror runs: size and time tell what changed."""
+    subprocess.run(["rsync", "-a", f"{source}/", str(dest)], check=True, timeout=120,
+                   capture_output=True)
+
+
+async def _read_series(cache: Cache, plan: SeriesPlan) -> list[bytes]:
+    out = []
+    for n in range(1, plan.count + 1):
+        entry = await cache.acquire(CT_LUNG, uid(plan.key), uid(plan.key, n))
+        try:
+            out.append(Path(entry.path).read_bytes())
+        finally:
+            cache.release(entry)
+    return out
+
+
+async def test_a_series_fetch_that_a_re_submission_overtakes_keeps_none_of_its_bytes(
+        archive: TinyArchive, tmp_path: Path) -> None:
+    series = uid(NOISY.key)
+    with EmulatorServers(archive, Options(faults=FaultConfig(bandwidth=400_000))) as servers:
+        async with NbiaClient(servers.url, timeout=10) as client, trio.open_nursery() as nursery:
+            cache = Cache(tmp_path / "c", 1 << 30, client)
+            await nursery.start(cache.run)
+            done = cache.start_series_fetch(CT_LUNG, series)
+            with trio.fail_after(30):
+                while cache.in_flight.get(series, [0, 0])[1] < 2:  # two files in
+                    await trio.sleep(0.01)
+            archive.submit(NOISY, "after ", AGAIN)
+            cache.drop_revised(series)  # as the mount does on seeing the new timestamp
+            with trio.fail_after(60):
+                await done.wait()
+            assert cache.series_complete(series), cache.failed_series
+            assert all(b"after " in data for data in await _read_series(cache, NOISY))
+            assert cache.stats.md5_mismatches == 0
+            nursery.cancel_scope.cancel()
+        cache.close()
+
+
+async def test_md5s_listed_for_the_old_bytes_do_not_refuse_the_new_ones(
+        archive: TinyArchive, tmp_path: Path) -> None:
+    series = uid(SMALL.key)
+    with EmulatorServers(archive, Options()) as servers:
+        async with NbiaClient(servers.url, timeout=10) as client, trio.open_nursery() as nursery:
+            cache = Cache(tmp_path / "c", 1 << 30, client, attempts=2)
+            await nursery.start(cache.run)
+            # Every image damaged on the way: the MD5 list refuses them all, for now.
+            set_faults(servers.url, pcorrupt=1.0, endpoints=["getImage", "getSingleImage"])
+            await cache.start_series_fetch(CT_LUNG, series).wait()
+            assert not cache.series_complete(series) and cache.stats.md5_mismatches
+            with pytest.raises(FetchFailed):
+                await _read_series(cache, SMALL)
+            set_faults(servers.url)
+            archive.submit(SMALL, "after ", AGAIN)
+            cache.drop_revised(series)
+            assert all(b"after " in data for data in await _read_series(cache, SMALL))
+            nursery.cancel_scope.cancel()
+        cache.close()

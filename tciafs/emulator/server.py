@@ -706,7 +706,8 @@ def _zip_reply(call: Call, series: SeriesRecord,
                ) -> Reply:
     """A series as a ZIP; `flavour` names what, beside the series, shapes the body."""
     disposition = f'attachment; filename="{series.series_instance_uid}.zip"'
-    key = (call.api, series.series_instance_uid, *flavour)
+    # A series re-submitted to the archive is another body: its submission time moved.
+    key = (call.api, series.series_instance_uid, series.max_submission_timestamp, *flavour)
     return Reply(200, content_type="application/octet-stream",
                  headers=[("Content-Disposition", disposition)],
                  stream=lambda sink: _write_zip(call, key, members, sink),
