@@ -699,8 +699,12 @@ class Cache:
         self.failed_series.pop(series, None)  # the new ones may well fetch
         dropped = self._clear(series, keep_pinned=False)
         self._forget_revised(dropped)
-        # Files held open keep their bytes for now; the last release drops them.
-        self._stale.update(s for s in self._lru if self._series_of.get(s) == series)
+        # Files held open keep their bytes for now; the last release drops them. The
+        # index forgets them at once: should the daemon die first, the next start
+        # deletes them as orphans instead of serving them.
+        held = [s for s in self._lru if self._series_of.get(s) == series]
+        self._stale.update(held)
+        self.db.executemany("UPDATE instances SET present=0 WHERE sop=?", [(s,) for s in held])
         return dropped, bool(row and row[0])
 
     def _forget_revised(self, sops: list[str]) -> None:

@@ -7,8 +7,10 @@ again, here at once (--listing-ttl 0).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +25,7 @@ from tciafs.emulator.faults import FaultConfig
 from tciafs.emulator.server import EmulatorServers, Options
 from tciafs.pagecache import PUSH_LIMIT
 
-from mountutil import mounted, set_faults
+from mountutil import lazy_unmount, mounted, set_faults
 
 # Two instances of 2100 x 2100 16-bit pixels: each file is larger than what the daemon
 # hands to the kernel's page cache at open, so the kernel fills it through reads.
@@ -66,6 +68,26 @@ def test_a_large_file_held_open_across_a_re_submission_reads_anew_once_closed(
             assert held.read() == before  # an open file keeps its bytes until closed
         after = path.read_bytes()
         assert len(after) == len(before) and b"after " in after
+
+
+def test_a_file_held_open_across_a_re_submission_is_not_served_after_a_crash(
+        archive: TinyArchive, tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    with EmulatorServers(archive, Options()) as servers:
+        with mounted(servers, mnt, cache_dir, "--listing-ttl", "0") as daemon:
+            path = _instance(mnt, SMALL, 1)
+            held = os.open(path, os.O_RDONLY)
+            assert b"before" in os.read(held, 1 << 20)
+            archive.submit(SMALL, "after ", AGAIN)
+            os.listdir(path.parent.parent)  # the study, listed again
+            os.kill(daemon.pid, signal.SIGKILL)  # before the last release
+            daemon.wait(timeout=10)
+            with contextlib.suppress(OSError):  # ENOTCONN: nobody answers the close
+                os.close(held)
+            lazy_unmount(mnt)
+        # The new timestamp is stored now: only the index can tell the copy is old.
+        with mounted(servers, mnt, cache_dir):
+            assert b"after " in _instance(mnt, SMALL, 1).read_bytes()
 
 
 def test_rsync_of_a_re_submitted_series_brings_its_new_bytes(archive: TinyArchive,
