@@ -210,6 +210,11 @@ class Cache:
                         total += entry.stat().st_size
         return total
 
+    def room_for_guesses(self) -> bool:
+        """Whether listings fetched on a guess may still grow the metadata, which counts
+        against the bound and is never evicted: while it takes under a quarter of it."""
+        return self._meta_bytes() < self.max_bytes // 4
+
     @property
     def used_bytes(self) -> int:
         return self._file_bytes + self._meta_bytes() + sum(self._dir_bytes.values())

@@ -160,6 +160,14 @@ class Catalog:
             "FROM nodes WHERE parent=? AND ino != ? ORDER BY ino", (parent, ROOT_INODE))
         return [_node(r) for r in rows]
 
+    def children_after(self, parent: int, ino: int, limit: int) -> list[Node]:
+        """Up to `limit` children of `parent` that follow `ino` in readdir order."""
+        rows = self.db.execute(
+            "SELECT ino, parent, name, kind, ident, collection, series_uid, meta, listed "
+            "FROM nodes WHERE parent=? AND ino > ? AND ino != ? ORDER BY ino LIMIT ?",
+            (parent, ino, ROOT_INODE, limit))
+        return [_node(r) for r in rows]
+
     def replace_children(self, parent: int, children: Sequence[NewChild],
                          listed: float | None = None) -> None:
         """Make `children` the listing of `parent`, keeping the inodes of names that stay."""

@@ -214,6 +214,9 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         children = await self.tree.children(fh)
+        if (start_id == 0 and (node := self.tree.node(fh)) and node.kind is Kind.SERIES
+                and self.cache.room_for_guesses()):
+            self.tree.list_ahead(node)
         for index in range(start_id, len(children)):
             child = children[index]
             if not pyfuse3.readdir_reply(token, os.fsencode(child.name),

@@ -367,6 +367,7 @@ async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None,
         async with trio.open_nursery() as nursery:
             await nursery.start(ops.cache.run)
             await nursery.start(ops.pages.run)
+            await nursery.start(ops.tree.run)
             await nursery.start(ops.tree.client.run_token_refresher)
             nursery.start_soon(_watch_signals, signalled)
             nursery.start_soon(_announce_ready, opts.mountpoint, ready_fd, note)

@@ -10,6 +10,10 @@ Requests per directory, by level:
   study directories cost nothing; for a collection of at most `bulk_patients`
   patients one getSeries per collection fills every patient at once instead;
 - series: getSOPInstanceUIDs.
+
+A traversal (find, ls -R, du, rsync) reads one series directory after another and would
+wait out one round trip for each: once it reads one, the listings of the next few series
+in its order are fetched alongside (`list_ahead`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ SERIES_SIDECAR = ".series.json"
 # `ls -R` would otherwise pay, once per directory, a connection attempt (a server found
 # unreachable) or the whole back-off (a service answering 503).
 DOWN_PAUSE = 60.0
+LIST_AHEAD = 8  # series listings fetched ahead of a traversal, at once at most
 
 
 class ListingUnavailable(Exception):
@@ -98,9 +103,19 @@ class Tree:
         # submission date moved), once the listing that showed it is stored.
         self.on_series_revised: Callable[[Node], Awaitable[None]] | None = None
         self._revised: list[int] = []
+        self._nursery: trio.Nursery | None = None
+        self._ahead: set[int] = set()  # series whose listing is fetched ahead now
+        self._ahead_limiter = trio.CapacityLimiter(LIST_AHEAD)
         # Route NLST collections from what a previous mount stored, without a listing.
         client.remember_hosts([Collection(n.ident, n.meta.get("host", "main"))
                                for n in catalog.children(ROOT_INODE)])
+
+    async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the listings fetched ahead; runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
 
     # -- reading -------------------------------------------------------------------------
 
@@ -137,6 +152,55 @@ class Tree:
         if names.is_junk(name):
             return None
         return (await self._listing(parent)).get(name)
+
+    def list_ahead(self, series: Node) -> None:
+        """A series directory is being read: fetch the listings of the series that a
+        traversal reads next, in the background, a few at a time. Only series whose
+        parents are listed already: a guess never costs a listing of a level above."""
+        if self._nursery is None:
+            return
+        for node in self._series_after(series, LIST_AHEAD):
+            if node.ino in self._ahead or node.ino in self._listings or self._fresh(node):
+                continue
+            self._ahead.add(node.ino)
+            self._nursery.start_soon(self._fetch_ahead, node.ino)
+
+    async def _fetch_ahead(self, ino: int) -> None:
+        try:
+            async with self._ahead_limiter:
+                await self._listing(ino)
+        except (ClientError, ListingUnavailable, NotADirectoryError) as exc:
+            log.debug("listing ahead of inode %d: %s", ino, exc)  # the reader will ask
+        finally:
+            self._ahead.discard(ino)
+
+    def _fresh(self, node: Node) -> bool:
+        return node.listed is not None and time.time() - node.listed < self.listing_ttl
+
+    def _series_after(self, node: Node, count: int) -> list[Node]:
+        """Up to `count` series that follow `node` in readdir order, within its
+        collection, from the stored listings."""
+        found: list[Node] = []
+        while node.kind is not Kind.COLLECTION and len(found) < count:
+            # A bounded look: a collection may hold 10^5 patients, most not listed yet.
+            for sibling in self.catalog.children_after(node.parent, node.ino, 4 * count):
+                self._series_under(sibling, count, found)
+                if len(found) >= count:
+                    break
+            parent = self.node(node.parent)
+            if parent is None:
+                break
+            node = parent
+        return found[:count]
+
+    def _series_under(self, node: Node, count: int, found: list[Node]) -> None:
+        if node.kind is Kind.SERIES:
+            found.append(node)
+        elif node.kind in (Kind.PATIENT, Kind.STUDY) and node.listed is not None:
+            for child in self.catalog.children(node.ino):
+                if len(found) >= count:
+                    return
+                self._series_under(child, count, found)
 
     def _forget_listing(self, ino: int) -> None:
         self._listings.pop(ino, None)

@@ -95,6 +95,30 @@ def test_listing_downloads_no_image(emulator, tmp_path: Path, cache_dir: Path) -
         assert listing_calls == 0
 
 
+def test_reading_a_series_lists_the_next_ones_ahead(emulator, tmp_path: Path,
+                                                   cache_dir: Path) -> None:
+    with mounted(emulator, tmp_path / "mnt", cache_dir):
+        collection = tmp_path / "mnt" / "Demo-Lung CT_2024"
+        series = [s.path for p in _dirs(collection) for st in _dirs(p) for s in _dirs(st)]
+        assert len(series) >= 3
+        reset_stats(emulator.url)
+        os.listdir(series[0])  # what `find` does next: the series after it, one by one
+        deadline = time.monotonic() + 20
+        while count_requests(emulator.url, "getSOPInstanceUIDs") < len(series):
+            assert time.monotonic() < deadline, "the next series were not listed ahead"
+            time.sleep(0.05)
+        reset_stats(emulator.url)
+        for path in series[1:]:
+            assert os.listdir(path)
+        assert count_requests(emulator.url, "getSOPInstanceUIDs") == 0  # listed already
+
+
+def _dirs(path: str | Path) -> list[os.DirEntry]:
+    """Subdirectories in readdir order, the order `find` walks."""
+    with os.scandir(path) as entries:
+        return [e for e in entries if e.is_dir()]
+
+
 def test_reads_are_exact_cold_and_warm(emulator, tmp_path: Path, cache_dir: Path) -> None:
     mnt = tmp_path / "mnt"
     with mounted(emulator, mnt, cache_dir):
