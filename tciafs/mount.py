@@ -323,6 +323,7 @@ async def _serve_tree(client: NbiaClient, catalog: Catalog, selection: list[Seri
     size = opts.cache_size or default_cache_size(opts.cache_dir)
     cache = Cache(opts.cache_dir, size, client, prefetch=opts.prefetch)
     tree = Tree(client, catalog, listing_ttl=opts.listing_ttl, layout=opts.layout,
+                ahead_at_once=opts.max_connections // 2,
                 selection=selection)
     if offline is not None:
         tree.service_down()

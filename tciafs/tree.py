@@ -53,7 +53,7 @@ SERIES_SIDECAR = ".series.json"
 # `ls -R` would otherwise pay, once per directory, a connection attempt (a server found
 # unreachable) or the whole back-off (a service answering 503).
 DOWN_PAUSE = 60.0
-LIST_AHEAD = 8  # series listings fetched ahead of a traversal, at once at most
+LIST_AHEAD = 8  # series listings fetched ahead of a traversal
 
 
 class ListingUnavailable(Exception):
@@ -78,7 +78,7 @@ class _Order:
 class Tree:
     def __init__(self, client: NbiaClient, catalog: Catalog, *, listing_ttl: float = 6 * 3600,
                  bulk_patients: int = 500, memory_entries: int = 4096, layout: str = "uid",
-                 selection: Sequence[Series] | None = None) -> None:
+                 selection: Sequence[Series] | None = None, ahead_at_once: int = 4) -> None:
         self.client = client
         self.catalog = catalog
         self.listing_ttl = listing_ttl
@@ -105,7 +105,9 @@ class Tree:
         self._revised: list[int] = []
         self._nursery: trio.Nursery | None = None
         self._ahead: set[int] = set()  # series whose listing is fetched ahead now
-        self._ahead_limiter = trio.CapacityLimiter(LIST_AHEAD)
+        # Fewer than the client's connections: a reader's own requests must not queue
+        # behind guesses.
+        self._ahead_limiter = trio.CapacityLimiter(max(1, ahead_at_once))
         # Route NLST collections from what a previous mount stored, without a listing.
         client.remember_hosts([Collection(n.ident, n.meta.get("host", "main"))
                                for n in catalog.children(ROOT_INODE)])
