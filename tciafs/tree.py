@@ -54,6 +54,9 @@ SERIES_SIDECAR = ".series.json"
 # unreachable) or the whole back-off (a service answering 503).
 DOWN_PAUSE = 60.0
 LIST_AHEAD = 8  # series listings fetched ahead of a traversal
+# Two different series read within this many seconds make a traversal; one series read
+# alone (`ls` of it, then a file opened) fetches nothing ahead.
+TRAVERSAL_GAP = 5.0
 
 
 class ListingUnavailable(Exception):
@@ -105,6 +108,7 @@ class Tree:
         self._revised: list[int] = []
         self._nursery: trio.Nursery | None = None
         self._ahead: set[int] = set()  # series whose listing is fetched ahead now
+        self._last_read: tuple[int, float] | None = None  # series read last, and when
         # Fewer than the client's connections: a reader's own requests must not queue
         # behind guesses.
         self._ahead_limiter = trio.CapacityLimiter(max(1, ahead_at_once))
@@ -156,10 +160,14 @@ class Tree:
         return (await self._listing(parent)).get(name)
 
     def list_ahead(self, series: Node) -> None:
-        """A series directory is being read: fetch the listings of the series that a
-        traversal reads next, in the background, a few at a time. Only series whose
-        parents are listed already: a guess never costs a listing of a level above."""
-        if self._nursery is None:
+        """A series directory is being read: if a traversal reads it, fetch the
+        listings of the series it reads next, in the background, a few at a time. Only
+        series whose parents are listed already: a guess never costs a listing of a
+        level above."""
+        now, last = trio.current_time(), self._last_read
+        self._last_read = (series.ino, now)
+        if (self._nursery is None or last is None or last[0] == series.ino
+                or now - last[1] > TRAVERSAL_GAP):
             return
         for node in self._series_after(series, LIST_AHEAD):
             if node.ino in self._ahead or node.ino in self._listings or self._fresh(node):

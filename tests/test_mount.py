@@ -100,15 +100,18 @@ def test_reading_a_series_lists_the_next_ones_ahead(emulator, tmp_path: Path,
     with mounted(emulator, tmp_path / "mnt", cache_dir):
         collection = tmp_path / "mnt" / "Demo-Lung CT_2024"
         series = [s.path for p in _dirs(collection) for st in _dirs(p) for s in _dirs(st)]
-        assert len(series) >= 3
+        assert len(series) >= 4
         reset_stats(emulator.url)
-        os.listdir(series[0])  # what `find` does next: the series after it, one by one
+        os.listdir(series[0])  # one series read alone: nothing is guessed from it
+        time.sleep(0.5)
+        assert count_requests(emulator.url, "getSOPInstanceUIDs") == 1
+        os.listdir(series[1])  # a second in a row: a traversal, like `find`
         deadline = time.monotonic() + 20
         while count_requests(emulator.url, "getSOPInstanceUIDs") < len(series):
             assert time.monotonic() < deadline, "the next series were not listed ahead"
             time.sleep(0.05)
         reset_stats(emulator.url)
-        for path in series[1:]:
+        for path in series[2:]:
             assert os.listdir(path)
         assert count_requests(emulator.url, "getSOPInstanceUIDs") == 0  # listed already
 
