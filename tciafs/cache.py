@@ -302,6 +302,11 @@ class Cache:
                               (sop,)).fetchone()
         return row[0] if row else None
 
+    def series_collection(self, series: str) -> str | None:
+        """The collection of a series the cache has held, or None."""
+        row = self.db.execute("SELECT collection FROM series WHERE uid=?", (series,)).fetchone()
+        return row[0] if row else None
+
     def series_complete(self, series: str) -> bool:
         row = self.db.execute("SELECT complete FROM series WHERE uid=?", (series,)).fetchone()
         return bool(row and row[0])

@@ -54,7 +54,12 @@ class Control:
             await self.tree.client.become_guest()
             log.info("logged out: the user's token is revoked; going on as the guest")
             return 0
-        node = await self.resolve(target)
+        try:
+            node = await self.resolve(target)
+        except TargetError:
+            if command in ("unpin", "clear") and self._cached_only(command, target.strip()):
+                return 0
+            raise
         if command == "clear" and node.kind is Kind.ROOT:
             self.cache.clear()  # everything: no need to walk (and list) the archive
             return 0
@@ -69,6 +74,19 @@ class Control:
             if command == "unpin":
                 return 0
         return self._start_job(target, series)
+
+    def _cached_only(self, command: str, uid: str) -> bool:
+        """A series the archive no longer lists (withdrawn) may still be in the cache,
+        pinned: unpin and clear take its bare UID, as `cache stats` shows it."""
+        collection = self.cache.series_collection(uid)
+        if collection is None:
+            return False
+        if command == "unpin":
+            self.cache.pin_series(uid, collection, False)
+        else:
+            self.cache.clear(uid)
+        log.info("%s of series %s, which the archive no longer lists", command, uid)
+        return True
 
     def _start_job(self, target: str, series: list[Node]) -> int:
         job = Job(target, series, total_bytes=sum(s.meta.get("file_size") or 0 for s in series))

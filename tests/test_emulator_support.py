@@ -176,6 +176,12 @@ class TinyArchive:
         self._series = [s for s in self._series if s.series_instance_uid != uid(plan.key)]
         self._add_series(plan, comment, submitted)
 
+    def withdraw(self, plan: SeriesPlan) -> None:
+        """Take a series out of the archive, as TCIA does with data it retracts."""
+        self._series = [s for s in self._series if s.series_instance_uid != uid(plan.key)]
+        self._instances.pop(uid(plan.key), None)
+        self._files = {k: v for k, v in self._files.items() if k[0] != uid(plan.key)}
+
     def _add_series(self, plan: SeriesPlan, comment: str | None = None,
                     submitted: dt.datetime = dt.datetime(2019, 5, 6, 7, 8, 9)) -> None:
         records = []

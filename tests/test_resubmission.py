@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,3 +170,34 @@ async def test_md5s_listed_for_the_old_bytes_do_not_refuse_the_new_ones(
             assert all(b"after " in data for data in await _read_series(cache, SMALL))
             nursery.cancel_scope.cancel()
         cache.close()
+
+
+def test_a_withdrawn_series_can_still_be_unpinned_and_cleared(archive: TinyArchive,
+                                                              tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    series_uid = uid(SMALL.key)
+    with EmulatorServers(archive, Options()) as servers, \
+            mounted(servers, mnt, cache_dir, "--listing-ttl", "0"):
+        series = _instance(mnt, SMALL, 1).parent
+        _cache_cli("pin", str(series))
+        assert _stats(cache_dir)["pinned"] == SMALL.count
+        archive.withdraw(SMALL)  # TCIA retracts it
+        assert series.name not in os.listdir(series.parent)  # the study, listed again
+        # Nothing on the mount names it now; `cache stats` still shows its UID.
+        _cache_cli("unpin", series_uid, "--mount", str(mnt))
+        assert _stats(cache_dir)["pinned"] == 0
+        _cache_cli("clear", series_uid, "--mount", str(mnt))
+        assert _stats(cache_dir)["entries"] == 0
+
+
+def _cache_cli(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "tciafs", "cache", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def _stats(cache_dir: Path) -> dict:
+    done = subprocess.run([sys.executable, "-m", "tciafs", "cache", "stats", "--json",
+                           "--cache-dir", str(cache_dir)], capture_output=True, text=True,
+                          timeout=60, check=True)
+    return json.loads(done.stdout)
