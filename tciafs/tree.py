@@ -110,8 +110,8 @@ class Tree:
         self._ahead: set[int] = set()  # series whose listing is fetched ahead now
         self._last_read: tuple[int, float] | None = None  # series read last, and when
         # Fewer than the client's connections: a reader's own requests must not queue
-        # behind guesses.
-        self._ahead_limiter = trio.CapacityLimiter(max(1, ahead_at_once))
+        # behind guesses (0: none fetched ahead).
+        self._ahead_limiter = trio.CapacityLimiter(ahead_at_once) if ahead_at_once else None
         # Route NLST collections from what a previous mount stored, without a listing.
         client.remember_hosts([Collection(n.ident, n.meta.get("host", "main"))
                                for n in catalog.children(ROOT_INODE)])
@@ -166,8 +166,8 @@ class Tree:
         level above."""
         now, last = trio.current_time(), self._last_read
         self._last_read = (series.ino, now)
-        if (self._nursery is None or last is None or last[0] == series.ino
-                or now - last[1] > TRAVERSAL_GAP):
+        if (self._nursery is None or self._ahead_limiter is None or last is None
+                or last[0] == series.ino or now - last[1] > TRAVERSAL_GAP):
             return
         for node in self._series_after(series, LIST_AHEAD):
             if node.ino in self._ahead or node.ino in self._listings or self._fresh(node):
@@ -176,11 +176,14 @@ class Tree:
             self._nursery.start_soon(self._fetch_ahead, node.ino)
 
     async def _fetch_ahead(self, ino: int) -> None:
+        assert self._ahead_limiter is not None
         try:
             async with self._ahead_limiter:
                 await self._listing(ino)
         except (ClientError, ListingUnavailable, NotADirectoryError) as exc:
             log.debug("listing ahead of inode %d: %s", ino, exc)  # the reader will ask
+        except Exception:  # a guess must never end the mount
+            log.exception("listing ahead of inode %d failed", ino)
         finally:
             self._ahead.discard(ino)
 
