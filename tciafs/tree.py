@@ -161,15 +161,15 @@ class Tree:
 
     def list_ahead(self, series: Node) -> None:
         """A series directory is being read: if a traversal reads it, fetch the
-        listings of the series it reads next, in the background, a few at a time. Only
-        series whose parents are listed already: a guess never costs a listing of a
-        level above."""
+        listings it reads next, in the background, a few at a time: the next series,
+        and the next patients not listed yet (a collection too large to list in bulk),
+        whose listing brings their series. Never a listing of a level above."""
         now, last = trio.current_time(), self._last_read
         self._last_read = (series.ino, now)
         if (self._nursery is None or self._ahead_limiter is None or last is None
                 or last[0] == series.ino or now - last[1] > TRAVERSAL_GAP):
             return
-        for node in self._series_after(series, LIST_AHEAD):
+        for node in self._listings_after(series, LIST_AHEAD):
             if node.ino in self._ahead or node.ino in self._listings or self._fresh(node):
                 continue
             self._ahead.add(node.ino)
@@ -190,14 +190,14 @@ class Tree:
     def _fresh(self, node: Node) -> bool:
         return node.listed is not None and time.time() - node.listed < self.listing_ttl
 
-    def _series_after(self, node: Node, count: int) -> list[Node]:
-        """Up to `count` series that follow `node` in readdir order, within its
-        collection, from the stored listings."""
+    def _listings_after(self, node: Node, count: int) -> list[Node]:
+        """Up to `count` directories, series or patients not listed yet, that follow
+        `node` in readdir order within its collection, from the stored listings."""
         found: list[Node] = []
         while node.kind is not Kind.COLLECTION and len(found) < count:
             # A bounded look: a collection may hold 10^5 patients, most not listed yet.
             for sibling in self.catalog.children_after(node.parent, node.ino, 4 * count):
-                self._series_under(sibling, count, found)
+                self._listings_under(sibling, count, found)
                 if len(found) >= count:
                     break
             parent = self.node(node.parent)
@@ -206,14 +206,14 @@ class Tree:
             node = parent
         return found[:count]
 
-    def _series_under(self, node: Node, count: int, found: list[Node]) -> None:
-        if node.kind is Kind.SERIES:
+    def _listings_under(self, node: Node, count: int, found: list[Node]) -> None:
+        if node.kind is Kind.SERIES or (node.kind is Kind.PATIENT and node.listed is None):
             found.append(node)
-        elif node.kind in (Kind.PATIENT, Kind.STUDY) and node.listed is not None:
+        elif node.kind in (Kind.PATIENT, Kind.STUDY):
             for child in self.catalog.children(node.ino):
                 if len(found) >= count:
                     return
-                self._series_under(child, count, found)
+                self._listings_under(child, count, found)
 
     def _forget_listing(self, ino: int) -> None:
         self._listings.pop(ino, None)

@@ -373,3 +373,28 @@ async def test_a_series_re_submitted_to_the_service_is_fetched_again(
         assert cache.is_cached(sop)
         assert count_requests(emulator.url, *IMAGE_ENDPOINTS) == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_traversal_lists_the_next_patients_ahead_when_not_listed_in_bulk(
+        emulator, tmp_path: Path) -> None:
+    async with NbiaClient(emulator.url, nlst_server=emulator.nlst_url, timeout=10) as client, \
+            trio.open_nursery() as nursery:
+        # bulk_patients=0: every patient is listed on its own, as in a collection of
+        # thousands of patients
+        tree = Tree(client, Catalog(tmp_path / "catalog.sqlite", "test"), bulk_patients=0)
+        await nursery.start(tree.run)
+        lung = next(n for n in await tree.children(ROOT_INODE)
+                    if n.name == "Demo-Lung CT_2024")
+        first, *others = await tree.children(lung.ino)
+        patients = [p for p in others if p.kind is Kind.PATIENT]
+        assert patients and all(tree.catalog.get(p.ino).listed is None for p in patients)
+        (study,) = await tree.children(first.ino)
+        series = [n for n in await tree.children(study.ino) if n.kind is Kind.SERIES]
+        assert len(series) >= 2
+        for node in series[:2]:  # a traversal reads one series after another
+            await tree.children(node.ino)
+            tree.list_ahead(node)
+        with trio.fail_after(20):
+            while any(tree.catalog.get(p.ino).listed is None for p in patients):
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
