@@ -398,3 +398,23 @@ async def test_a_traversal_lists_the_next_patients_ahead_when_not_listed_in_bulk
             while any(tree.catalog.get(p.ino).listed is None for p in patients):
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
+
+
+async def test_with_one_connection_nothing_is_listed_ahead(emulator, tmp_path: Path) -> None:
+    async with NbiaClient(emulator.url, nlst_server=emulator.nlst_url, timeout=10) as client, \
+            trio.open_nursery() as nursery:
+        # --max-connections 1 gives ahead_at_once 0: the one connection is the reader's
+        tree = Tree(client, Catalog(tmp_path / "catalog.sqlite", "test"), bulk_patients=0,
+                    ahead_at_once=0)
+        await nursery.start(tree.run)
+        lung = next(n for n in await tree.children(ROOT_INODE)
+                    if n.name == "Demo-Lung CT_2024")
+        first, *others = await tree.children(lung.ino)
+        (study,) = await tree.children(first.ino)
+        for node in [n for n in await tree.children(study.ino) if n.kind is Kind.SERIES][:2]:
+            await tree.children(node.ino)
+            tree.list_ahead(node)
+        await trio.sleep(0.5)
+        assert all(tree.catalog.get(p.ino).listed is None
+                   for p in others if p.kind is Kind.PATIENT)
+        nursery.cancel_scope.cancel()
