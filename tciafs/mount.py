@@ -335,6 +335,7 @@ async def _serve_tree(client: NbiaClient, catalog: Catalog, selection: list[Seri
                               client=client, cache=cache)
         doc["jobs"] = control.progress()
         doc["page_cache"] = {**ops.pages.counters, "read_ahead": ops.pages.state}
+        doc["listed_ahead"] = tree.listed_ahead
         if offline is not None:
             doc["offline_at_start"] = offline
         return doc

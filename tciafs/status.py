@@ -65,6 +65,9 @@ def render(mountpoint: Path, doc: dict[str, Any]) -> str:
     for endpoint, count in sorted(requests.get("requests", {}).items()):
         failed = f"  ({errors[endpoint]} failed)" if errors.get(endpoint) else ""
         lines.append(f"    {endpoint:<28} {count}{failed}")
+    if doc.get("listed_ahead"):
+        lines.append(f"    of which directories listed ahead of a traversal: "
+                     f"{doc['listed_ahead']}")
     flights = doc.get("in_flight", {})
     lines.append(f"  downloads in flight: {len(flights)}")
     for series, progress in flights.items():

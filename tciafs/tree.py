@@ -108,6 +108,7 @@ class Tree:
         self._revised: list[int] = []
         self._nursery: trio.Nursery | None = None
         self._ahead: set[int] = set()  # series whose listing is fetched ahead now
+        self.listed_ahead = 0  # listings fetched ahead of a traversal, for status
         self._last_read: tuple[int, float] | None = None  # series read last, and when
         # Fewer than the client's connections: a reader's own requests must not queue
         # behind guesses (0: none fetched ahead).
@@ -180,6 +181,7 @@ class Tree:
         try:
             async with self._ahead_limiter:
                 await self._listing(ino)
+            self.listed_ahead += 1
         except (ClientError, ListingUnavailable, NotADirectoryError) as exc:
             log.debug("listing ahead of inode %d: %s", ino, exc)  # the reader will ask
         except Exception:  # a guess must never end the mount

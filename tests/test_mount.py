@@ -8,6 +8,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -114,6 +115,9 @@ def test_reading_a_series_lists_the_next_ones_ahead(emulator, tmp_path: Path,
         for path in series[2:]:
             assert os.listdir(path)
         assert count_requests(emulator.url, "getSOPInstanceUIDs") == 0  # listed already
+        shown = subprocess.run([sys.executable, "-m", "tciafs", "status", str(tmp_path / "mnt")],
+                               capture_output=True, text=True, check=True).stdout
+        assert f"listed ahead of a traversal: {len(series) - 2}" in shown
 
 
 def _dirs(path: str | Path) -> list[os.DirEntry]:
