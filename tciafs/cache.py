@@ -490,8 +490,7 @@ class Cache:
         began."""
         sop, md5 = await trio.to_thread.run_sync(_finish_file, tmp.fd, tmp.path, self.root)
         tmp.close()
-        if self._revision[series] != revision:
-            raise FetchFailed(f"series {series} was re-submitted during the download")
+        self._check_revision(series, revision)
         final = self._object_path(sop)
         if str(final.parent) not in self._dir_bytes:  # the thread may have just made it
             self._measure_dir(final.parent)
@@ -532,6 +531,11 @@ class Cache:
         if event is not None:
             event.set()
         return sop, md5
+
+    def _check_revision(self, series: str, revision: int) -> None:
+        """Refuse what a download begun before the series' last re-submission brought."""
+        if self._revision[series] != revision:
+            raise FetchFailed(f"series {series} was re-submitted during the download")
 
     def _index(self, sop: str, series: str, collection: str, size: int, md5: str, *,
                verified: bool = False) -> None:
@@ -616,8 +620,7 @@ class Cache:
                                                              revision)
                     progress[1] += 1
             expected = stream.md5s
-        if self._revision[series] != revision:  # the list may be of the new bytes
-            raise FetchFailed(f"series {series} was re-submitted during the download")
+        self._check_revision(series, revision)  # the list may be of the new bytes
         self.stats.series_fetches += 1
         bad = self._confirm_md5s(series, names, expected)
         if bad:

@@ -149,22 +149,17 @@ class Catalog:
             return None
 
     def get(self, ino: int) -> Node | None:
-        row = self.db.execute(
-            "SELECT ino, parent, name, kind, ident, collection, series_uid, meta, listed "
-            "FROM nodes WHERE ino=?", (ino,)).fetchone()
+        row = self.db.execute(_SELECT_NODES + "WHERE ino=?", (ino,)).fetchone()
         return _node(row) if row else None
 
     def children(self, parent: int) -> list[Node]:
-        rows = self.db.execute(
-            "SELECT ino, parent, name, kind, ident, collection, series_uid, meta, listed "
-            "FROM nodes WHERE parent=? AND ino != ? ORDER BY ino", (parent, ROOT_INODE))
-        return [_node(r) for r in rows]
+        """The listing of `parent`, in readdir order."""
+        return self.children_after(parent, 0, -1)  # LIMIT -1: no limit
 
     def children_after(self, parent: int, ino: int, limit: int) -> list[Node]:
         """Up to `limit` children of `parent` that follow `ino` in readdir order."""
         rows = self.db.execute(
-            "SELECT ino, parent, name, kind, ident, collection, series_uid, meta, listed "
-            "FROM nodes WHERE parent=? AND ino > ? AND ino != ? ORDER BY ino LIMIT ?",
+            _SELECT_NODES + "WHERE parent=? AND ino > ? AND ino != ? ORDER BY ino LIMIT ?",
             (parent, ino, ROOT_INODE, limit))
         return [_node(r) for r in rows]
 
@@ -203,10 +198,8 @@ class Catalog:
         return facts
 
     def find_uid(self, uid: str) -> Node | None:
-        row = self.db.execute(
-            "SELECT ino, parent, name, kind, ident, collection, series_uid, meta, listed "
-            "FROM nodes WHERE ident=? AND kind IN (?, ?) LIMIT 1",
-            (uid, int(Kind.STUDY), int(Kind.SERIES))).fetchone()
+        row = self.db.execute(_SELECT_NODES + "WHERE ident=? AND kind IN (?, ?) LIMIT 1",
+                              (uid, int(Kind.STUDY), int(Kind.SERIES))).fetchone()
         return _node(row) if row else None
 
     def count(self) -> int:
@@ -244,6 +237,10 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+_SELECT_NODES = ("SELECT ino, parent, name, kind, ident, collection, series_uid, meta, listed "
+                 "FROM nodes ")
 
 
 def _node(row: tuple) -> Node:

@@ -18,7 +18,6 @@ in its order are fetched alongside (`list_ahead`).
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 import time
@@ -516,8 +515,8 @@ def _unique(children: list[NewChild], what: str) -> list[NewChild]:
 
 
 def _study_meta(series: Series, study_id: str | None) -> dict[str, Any]:
-    return {k: v.isoformat() if isinstance(v, dt.date) else v for k, v in {
+    return plain({
         "collection": series.collection, "patient_id": series.patient_id,
         "study_uid": series.study_uid, "study_date": series.study_date,
         "study_description": series.study_description, "study_id": study_id,
-        "date_released": series.date_released}.items() if v is not None}
+        "date_released": series.date_released})

@@ -87,9 +87,11 @@ class Series:
 
 
 def plain(record: Any) -> dict[str, Any]:
-    """A record's fields that are set, with dates as ISO strings: ready for JSON."""
+    """A record's fields (or a mapping's items) that are set, with dates as ISO strings:
+    ready for JSON."""
+    fields = record if isinstance(record, dict) else dataclasses.asdict(record)
     return {k: v.isoformat() if isinstance(v, datetime.date) else v
-            for k, v in dataclasses.asdict(record).items() if v is not None}
+            for k, v in fields.items() if v is not None}
 
 
 _SERIES_DATES = frozenset(f.name for f in dataclasses.fields(Series) if "date" in str(f.type))
