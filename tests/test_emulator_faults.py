@@ -129,6 +129,24 @@ def test_bandwidth_cap_slows_a_body(client: httpx.Client) -> None:
     assert capped >= 0.9 and capped > 3 * free
 
 
+def test_slow_last_byte(client: httpx.Client) -> None:
+    whole = client.get(V4 + "getImage", params=BIG).content
+    set_faults(client, last_byte_delay_ms=500, endpoints=["getImage"])
+    received, times = bytearray(), []
+    with client.stream("GET", V4 + "getImage", params=BIG) as r:
+        for chunk in r.iter_raw():
+            received += chunk
+            times.append((len(received), time.monotonic()))
+    assert bytes(received) == whole
+    # Everything but the last byte, then a wait, then the last byte.
+    (before, arrived), (total, last) = times[-2], times[-1]
+    assert before == len(whole) - 1 and total == len(whole)
+    assert last - arrived >= 0.45
+    assert faults_seen(client)["slow_last_byte"] == 1
+    client.get(V4 + "getSeries").raise_for_status()  # other endpoints are not slowed
+    assert faults_seen(client)["slow_last_byte"] == 1
+
+
 def test_slow_first_byte(client: httpx.Client) -> None:
     set_faults(client, first_byte_delay_ms=500, endpoints=["getSingleImage"])
     start = time.monotonic()

@@ -118,6 +118,10 @@ def _rsync(source: Path, dest: Path) -> None:
                    capture_output=True)
 
 
+def _client(servers: EmulatorServers) -> NbiaClient:
+    return NbiaClient(servers.url, nlst_server=None, timeout=10)  # the emulator serves no NLST
+
+
 async def _read_series(cache: Cache, plan: SeriesPlan) -> list[bytes]:
     out = []
     for n in range(1, plan.count + 1):
@@ -133,7 +137,7 @@ async def test_a_series_fetch_that_a_re_submission_overtakes_keeps_none_of_its_b
         archive: TinyArchive, tmp_path: Path) -> None:
     series = uid(NOISY.key)
     with EmulatorServers(archive, Options(faults=FaultConfig(bandwidth=400_000))) as servers:
-        async with NbiaClient(servers.url, timeout=10) as client, trio.open_nursery() as nursery:
+        async with _client(servers) as client, trio.open_nursery() as nursery:
             cache = Cache(tmp_path / "c", 1 << 30, client)
             await nursery.start(cache.run)
             done = cache.start_series_fetch(CT_LUNG, series)
@@ -151,11 +155,38 @@ async def test_a_series_fetch_that_a_re_submission_overtakes_keeps_none_of_its_b
         cache.close()
 
 
+async def test_a_re_submission_between_a_zips_last_file_and_its_end_is_caught(
+        archive: TinyArchive, tmp_path: Path) -> None:
+    """Every file of the old bytes is in, but the ZIP (and the MD5 list in it) has not
+    ended: the list and the files it vouches for belong to the old series."""
+    series = uid(SMALL.key)
+    slow_end = FaultConfig(last_byte_delay_ms=1500, endpoints=("getImage",))
+    with EmulatorServers(archive, Options(faults=slow_end)) as servers:
+        async with _client(servers) as client, trio.open_nursery() as nursery:
+            cache = Cache(tmp_path / "c", 1 << 30, client)
+            await nursery.start(cache.run)
+            done = cache.start_series_fetch(CT_LUNG, series)
+            with trio.fail_after(30):
+                while cache.in_flight.get(series, [0, 0])[1] < SMALL.count:
+                    await trio.sleep(0.01)
+            assert not done.is_set()  # the ZIP's last byte is still to come
+            archive.submit(SMALL, "after ", AGAIN)
+            cache.drop_revised(series)
+            set_faults(servers.url)
+            with trio.fail_after(60):
+                await done.wait()
+            assert cache.series_complete(series), cache.failed_series
+            assert all(b"after " in data for data in await _read_series(cache, SMALL))
+            assert cache.stats.md5_mismatches == 0
+            nursery.cancel_scope.cancel()
+        cache.close()
+
+
 async def test_md5s_listed_for_the_old_bytes_do_not_refuse_the_new_ones(
         archive: TinyArchive, tmp_path: Path) -> None:
     series = uid(SMALL.key)
     with EmulatorServers(archive, Options()) as servers:
-        async with NbiaClient(servers.url, timeout=10) as client, trio.open_nursery() as nursery:
+        async with _client(servers) as client, trio.open_nursery() as nursery:
             cache = Cache(tmp_path / "c", 1 << 30, client, attempts=2)
             await nursery.start(cache.run)
             # Every image damaged on the way: the MD5 list refuses them all, for now.

@@ -18,7 +18,9 @@ into the current configuration instead::
                                   # getSingleImage) has its last byte changed, as if
                                   # read from damaged storage: the ZIP's CRC covers the
                                   # change, the MD5 list still gives the stored hash
-      "first_byte_delay_ms": 0,   # sleep before the status line ...
+      "first_byte_delay_ms": 0,   # sleep before the status line,
+      "last_byte_delay_ms": 0,    # and before the body's last byte (a server slow to
+                                  # finish: a ZIP's reader waits at its very end) ...
       "pslow": 1.0,               # ... on this fraction of requests
       "endpoints": null,          # list of names the faults above apply to, e.g.
                                   # ["getImage", "v4/getSingleImage"]; null = every one
@@ -27,7 +29,7 @@ into the current configuration instead::
 
 Each eligible request rolls once for a status fault (p429 + p5xx must not exceed 1),
 once for a body fault (preset + ptruncate must not exceed 1) and once for the slow first
-byte; with ``pcorrupt``, once more for each image it sends.  A cut happens at a random
+and last byte; with ``pcorrupt``, once more for each image it sends.  A cut happens at a random
 point of the body; it always falls before the last body byte, and for an empty body it
 closes the connection before the status line.  A damaged image is the one fault that no
 transport check can see: only the MD5 list tells it.
@@ -43,7 +45,8 @@ Statistics (``GET /_emulator/stats``; ``POST /_emulator/reset`` clears them)::
       "status": {"200": 6, "429": 1},
       "bytes_sent": 123456,       # response body bytes actually written
       "faults": {"429": 1, "500": 0, "502": 0, "503": 0, "504": 0,
-                 "reset": 0, "truncate": 0, "slow_first_byte": 0, "corrupt": 0},
+                 "reset": 0, "truncate": 0, "slow_first_byte": 0, "slow_last_byte": 0,
+                 "corrupt": 0},
       "servers": {"main": {same keys but "since"}, "nlst": {...}}
     }
 
@@ -66,7 +69,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 STATUS_FAULTS = (429, 500, 502, 503, 504)
 FAULT_KINDS = ("429", "500", "502", "503", "504", "reset", "truncate", "slow_first_byte",
-               "corrupt")
+               "slow_last_byte", "corrupt")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class FaultConfig:
     ptruncate: float = 0.0
     pcorrupt: float = 0.0
     first_byte_delay_ms: float = 0.0
+    last_byte_delay_ms: float = 0.0
     pslow: float = 1.0
     endpoints: tuple[str, ...] | None = None
     seed: int | None = None
@@ -95,7 +99,8 @@ class FaultConfig:
 
 _PROBABILITIES = ("p429", "p500", "p502", "p503", "p504", "preset", "ptruncate", "pcorrupt",
                   "pslow")
-_NON_NEGATIVE = ("latency_ms", "bandwidth", "retry_after", "first_byte_delay_ms")
+_NON_NEGATIVE = ("latency_ms", "bandwidth", "retry_after", "first_byte_delay_ms",
+                 "last_byte_delay_ms")
 
 
 def parse_config(patch: dict[str, object], base: FaultConfig) -> FaultConfig:
@@ -151,6 +156,7 @@ class FaultPlan:
     cut: str | None = None  # "reset" | "truncate"
     cut_fraction: float = 0.5
     first_byte_delay: float = 0.0  # seconds
+    last_byte_delay: float = 0.0  # seconds
     corrupt: float = 0.0  # the chance that each image sent is damaged
     corrupt_seed: int = 0  # seeds the per-image rolls, so a plan decides them alone
 
@@ -186,10 +192,11 @@ class Faults:
         status = _pick_status(config, rolls[0])
         # An injected error page is the fault; it is not cut as well.
         cut = None if status is not None else _pick_cut(config, rolls[1])
+        slow = rolls[2] < config.pslow
         return replace(base, status=status, cut=cut, cut_fraction=0.1 + 0.8 * rolls[3],
                        corrupt=config.pcorrupt, corrupt_seed=corrupt_seed,
-                       first_byte_delay=(config.first_byte_delay_ms / 1000
-                                         if rolls[2] < config.pslow else 0.0))
+                       first_byte_delay=config.first_byte_delay_ms / 1000 if slow else 0.0,
+                       last_byte_delay=config.last_byte_delay_ms / 1000 if slow else 0.0)
 
 
 class Damage:

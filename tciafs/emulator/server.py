@@ -1202,6 +1202,12 @@ class _BodyWriter:
         if pending is not None and self._plan.cut:
             self._payload(pending[: len(pending) // 2])
             self._cut()
+        if pending is not None and self._plan.last_byte_delay > 0:
+            self._payload(pending[:-1])
+            pending = pending[-1:]
+            ctx = self._handler.server.ctx
+            ctx.stats.fault(ctx.host, "slow_last_byte")
+            time.sleep(self._plan.last_byte_delay)
         if pending is not None:
             self._payload(pending)
         if self._plan.cut:
