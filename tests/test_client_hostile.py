@@ -1,15 +1,17 @@
-"""The real NbiaClient facing hostile or broken replies, fed through httpx.MockTransport.
+"""The real NbiaClient facing hostile or broken replies from a scripted loopback server.
 
-Only the replies are fake: requests go through the client's transport, retry loop,
-token handling and parsers exactly as against a server.
+Each test writes the server's replies (tests/scripted_server.py); they reach the client
+over real HTTP, through its transport, retry loop, token handling and parsers.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import socket
 import zipfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
@@ -26,19 +28,21 @@ from tciafs.client import (
     TruncatedStream,
 )
 
-ROOT = "http://nbia.test"
+from scripted_server import Handler, ScriptedServer
+
+ROOT = "http://nbia.test"  # for the tests that send no request
 SERIES_ROW = {"SeriesInstanceUID": "1.2.3", "StudyInstanceUID": "1.2", "PatientID": "P1",
               "Collection": "C", "ImageCount": 1}
 PASSWORD = "s3cret-Pa55word"
 
-Handler = Callable[[httpx.Request], object]
-
-
-def make_client(handler: Handler, **kwargs: object) -> NbiaClient:
+@asynccontextmanager
+async def make_client(handler: Handler, **kwargs: object) -> AsyncIterator[NbiaClient]:
     options: dict[str, object] = {"nlst_server": None, "backoff_base": 0.01, "retries": 3,
                                   "request_deadline": 10.0}
     options.update(kwargs)
-    return NbiaClient(ROOT, transport=httpx.MockTransport(handler), **options)  # type: ignore[arg-type]
+    with ScriptedServer(handler) as url:
+        async with NbiaClient(url, **options) as client:  # type: ignore[arg-type]
+            yield client
 
 
 def json_reply(rows: object, status: int = 200) -> httpx.Response:
@@ -146,24 +150,29 @@ async def test_persistent_503_raises_after_the_retries() -> None:
     assert info.value.status == 503 and len(attempts) == 5
 
 
-async def test_connect_errors_are_retried_then_reported() -> None:
+async def test_connections_dropped_before_a_reply_are_retried() -> None:
     attempts = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         attempts.append(1)
         if len(attempts) < 3:
-            raise httpx.ConnectError("Connection refused", request=request)
+            raise ConnectionResetError  # the server resets the connection instead
         return json_reply([{"Collection": "C"}])
 
     async with make_client(handler) as client:
         assert [c.name for c in await client.collections()] == ["C"]
+    assert len(attempts) == 3
 
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("Connection refused", request=request)
 
-    async with make_client(refuse, retries=2) as client:
+async def test_a_refused_connection_is_retried_then_reported() -> None:
+    with socket.socket() as sock:  # a port that nothing listens on, once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with NbiaClient(f"http://127.0.0.1:{port}", nlst_server=None, backoff_base=0.01,
+                          retries=2) as client:
         with pytest.raises(ServerError, match=r"getCollectionValues.*ConnectError"):
             await client.collections()
+        assert client.stats.retries == 2
 
 
 async def test_a_listing_body_cut_short_is_fetched_again() -> None:
@@ -221,7 +230,7 @@ async def test_single_image_shorter_than_content_length() -> None:
     async with make_client(handler) as client, \
             client.open_instance("C", "1.2.3", "1.2.3.4") as stream:
         assert stream.size == 1000
-        with pytest.raises(TruncatedStream, match="got 600 bytes"):
+        with pytest.raises(TruncatedStream, match="600 of 1000 bytes"):
             await stream.read()
 
 
