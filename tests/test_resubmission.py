@@ -133,24 +133,38 @@ async def _read_series(cache: Cache, plan: SeriesPlan) -> list[bytes]:
     return out
 
 
+async def _fetch_until(cache: Cache, plan: SeriesPlan, files_in: int) -> trio.Event:
+    """Start fetching the series and return once `files_in` of its files are published;
+    returns the fetch's completion event."""
+    series = uid(plan.key)
+    done = cache.start_series_fetch(CT_LUNG, series)
+    with trio.fail_after(30):
+        while cache.in_flight.get(series, [0, 0])[1] < files_in:
+            await trio.sleep(0.01)
+    return done
+
+
+async def _re_submit_and_check(archive: TinyArchive, cache: Cache, plan: SeriesPlan,
+                               done: trio.Event) -> None:
+    """Re-submit the series mid-fetch: the fetch must end with only the new bytes."""
+    series = uid(plan.key)
+    archive.submit(plan, "after ", AGAIN)
+    cache.drop_revised(series)  # as the mount does on seeing the new timestamp
+    with trio.fail_after(60):
+        await done.wait()
+    assert cache.series_complete(series), cache.failed_series
+    assert all(b"after " in data for data in await _read_series(cache, plan))
+    assert cache.stats.md5_mismatches == 0
+
+
 async def test_a_series_fetch_that_a_re_submission_overtakes_keeps_none_of_its_bytes(
         archive: TinyArchive, tmp_path: Path) -> None:
-    series = uid(NOISY.key)
     with EmulatorServers(archive, Options(faults=FaultConfig(bandwidth=400_000))) as servers:
         async with _client(servers) as client, trio.open_nursery() as nursery:
             cache = Cache(tmp_path / "c", 1 << 30, client)
             await nursery.start(cache.run)
-            done = cache.start_series_fetch(CT_LUNG, series)
-            with trio.fail_after(30):
-                while cache.in_flight.get(series, [0, 0])[1] < 2:  # two files in
-                    await trio.sleep(0.01)
-            archive.submit(NOISY, "after ", AGAIN)
-            cache.drop_revised(series)  # as the mount does on seeing the new timestamp
-            with trio.fail_after(60):
-                await done.wait()
-            assert cache.series_complete(series), cache.failed_series
-            assert all(b"after " in data for data in await _read_series(cache, NOISY))
-            assert cache.stats.md5_mismatches == 0
+            done = await _fetch_until(cache, NOISY, files_in=2)
+            await _re_submit_and_check(archive, cache, NOISY, done)
             nursery.cancel_scope.cancel()
         cache.close()
 
@@ -159,25 +173,15 @@ async def test_a_re_submission_between_a_zips_last_file_and_its_end_is_caught(
         archive: TinyArchive, tmp_path: Path) -> None:
     """Every file of the old bytes is in, but the ZIP (and the MD5 list in it) has not
     ended: the list and the files it vouches for belong to the old series."""
-    series = uid(SMALL.key)
     slow_end = FaultConfig(last_byte_delay_ms=1500, endpoints=("getImage",))
     with EmulatorServers(archive, Options(faults=slow_end)) as servers:
         async with _client(servers) as client, trio.open_nursery() as nursery:
             cache = Cache(tmp_path / "c", 1 << 30, client)
             await nursery.start(cache.run)
-            done = cache.start_series_fetch(CT_LUNG, series)
-            with trio.fail_after(30):
-                while cache.in_flight.get(series, [0, 0])[1] < SMALL.count:
-                    await trio.sleep(0.01)
+            done = await _fetch_until(cache, SMALL, files_in=SMALL.count)
             assert not done.is_set()  # the ZIP's last byte is still to come
-            archive.submit(SMALL, "after ", AGAIN)
-            cache.drop_revised(series)
-            set_faults(servers.url)
-            with trio.fail_after(60):
-                await done.wait()
-            assert cache.series_complete(series), cache.failed_series
-            assert all(b"after " in data for data in await _read_series(cache, SMALL))
-            assert cache.stats.md5_mismatches == 0
+            set_faults(servers.url)  # the fetch begun anew ends at once
+            await _re_submit_and_check(archive, cache, SMALL, done)
             nursery.cancel_scope.cancel()
         cache.close()
 
