@@ -720,6 +720,20 @@ class Cache:
         self.db.executemany("UPDATE instances SET present=0 WHERE sop=?", [(s,) for s in held])
         return dropped, bool(row and row[0])
 
+    def series_withdrawn(self, series: str) -> tuple[int, int, int]:
+        """The archive no longer lists the series: its cached files, of no use unless it
+        comes back, are the first to go when room is needed. Nothing is deleted now, so a
+        listing that was wrong costs nothing. Returns files, bytes and pinned files."""
+        sops = [sop for sop, in self.db.execute(
+            "SELECT sop FROM instances WHERE series=? AND present=1", (series,))
+            if sop in self._lru]
+        for sop in sops:
+            self._lru.move_to_end(sop, last=False)
+            self._touched.pop(sop, None)  # their recency, kept on disk, is the oldest too
+        self.db.execute("UPDATE instances SET last_access=0 WHERE series=?", (series,))
+        return (len(sops), sum(self._lru[s] for s in sops),
+                sum(s in self._pinned for s in sops))
+
     def _forget_revised(self, sops: list[str]) -> None:
         """Forget all about files dropped as stale: the new ones may differ in size too."""
         for sop in sops:

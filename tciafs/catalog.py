@@ -76,6 +76,10 @@ CREATE TABLE IF NOT EXISTS nodes(
     listed REAL,
     UNIQUE(parent, name));
 CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS withdrawn(
+    series_uid TEXT PRIMARY KEY,
+    meta TEXT NOT NULL,
+    since REAL NOT NULL);
 """
 
 
@@ -118,6 +122,7 @@ class Catalog:
         row = self.db.execute("SELECT value FROM settings WHERE key='source'").fetchone()
         if row is not None and row[0] != source:
             self.db.execute("DELETE FROM nodes")
+            self.db.execute("DELETE FROM withdrawn")
             self.db.execute("DELETE FROM settings WHERE key='selection'")
         self.db.execute("INSERT OR REPLACE INTO settings VALUES ('source', ?)", (source,))
         self.db.execute("INSERT OR REPLACE INTO settings VALUES ('schema', ?)",
@@ -201,6 +206,36 @@ class Catalog:
         row = self.db.execute(_SELECT_NODES + "WHERE ident=? AND kind IN (?, ?) LIMIT 1",
                               (uid, int(Kind.STUDY), int(Kind.SERIES))).fetchone()
         return _node(row) if row else None
+
+    def series_under(self, ino: int) -> dict[str, Node]:
+        """The series stored anywhere below `ino`, by UID (instances are not walked)."""
+        rows = self.db.execute(
+            "WITH RECURSIVE sub(i) AS (SELECT ? UNION ALL SELECT n.ino FROM nodes n "
+            "JOIN sub ON n.parent = sub.i WHERE n.ino != n.parent AND n.kind <= ?) "
+            + _SELECT_NODES + "WHERE ino IN (SELECT i FROM sub) AND kind=?",
+            (ino, int(Kind.SERIES), int(Kind.SERIES)))
+        return {node.ident: node for node in map(_node, rows)}
+
+    def note_withdrawn(self, series: Iterable[Node]) -> None:
+        """Remember what series the archive stopped listing looked like, should they
+        come back: their metadata tells whether cached bytes may still be served."""
+        now = time.time()
+        self.db.executemany("INSERT OR REPLACE INTO withdrawn VALUES (?, ?, ?)",
+                            [(n.ident, json.dumps(n.meta, default=str), now) for n in series])
+
+    def take_withdrawn(self, uids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The stored metadata of those of `uids` once withdrawn, now listed again."""
+        if self.db.execute("SELECT 1 FROM withdrawn LIMIT 1").fetchone() is None:
+            return {}  # nearly always: no lookups per listed series
+        found = {}
+        for uid in uids:
+            row = self.db.execute("SELECT meta FROM withdrawn WHERE series_uid=?",
+                                  (uid,)).fetchone()
+            if row is not None:
+                found[uid] = json.loads(row[0])
+        self.db.executemany("DELETE FROM withdrawn WHERE series_uid=?",
+                            [(uid,) for uid in found])
+        return found
 
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM nodes").fetchone()[0]

@@ -121,6 +121,7 @@ class Operations(pyfuse3.Operations):
         self.pages = PageFeeder(tree, cache)
         cache.on_refused = self.pages.refused
         tree.on_series_revised = self.series_revised
+        tree.on_series_withdrawn = self.series_withdrawn
         self._next_fh = 1
 
     # -- attributes ----------------------------------------------------------------------
@@ -235,6 +236,15 @@ class Operations(pyfuse3.Operations):
                 await self.pages.invalidate(child.ino)
         if pinned:
             self.cache.start_series_fetch(series.collection, series.ident)
+
+    async def series_withdrawn(self, uids: list[str]) -> None:
+        for uid in uids:
+            files, nbytes, pinned = self.cache.series_withdrawn(uid)
+            if files:
+                log.warning("series %s is withdrawn: its %d cached files (%d bytes) go first "
+                            "when room is needed%s", uid, files, nbytes,
+                            f"; {pinned} are pinned and stay until `tciafs cache unpin {uid}`"
+                            if pinned else "")
 
     # -- files ---------------------------------------------------------------------------
 

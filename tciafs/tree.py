@@ -105,6 +105,9 @@ class Tree:
         # submission date moved), once the listing that showed it is stored.
         self.on_series_revised: Callable[[Node], Awaitable[None]] | None = None
         self._revised: list[int] = []
+        # Called with the UIDs of series that a listing which answered no longer shows.
+        self.on_series_withdrawn: Callable[[list[str]], Awaitable[None]] | None = None
+        self._withdrawn: list[str] = []
         self._nursery: trio.Nursery | None = None
         self._ahead: set[int] = set()  # series whose listing is fetched ahead now
         self.listed_ahead = 0  # listings fetched ahead of a traversal, for status
@@ -250,7 +253,7 @@ class Tree:
             return self._stored(ino)
         try:
             await self._fetch(node)
-            await self._report_revised()
+            await self._report_changes()
         except NotFound:
             self.catalog.replace_children(ino, [])
         except ClientError as exc:
@@ -330,7 +333,12 @@ class Tree:
                              coll.ident, meta=plain(p)) for p in patients]
         children += [NewChild(name, Kind.SIDECAR, name, coll.ident)
                      for name in COLLECTION_SIDECARS]
+        listed = {p.patient_id for p in patients}
+        gone = [self.catalog.series_under(n.ino) for n in self.catalog.children(coll.ino)
+                if n.kind is Kind.PATIENT and n.ident not in listed]
         self.catalog.replace_children(coll.ino, _unique(children, "patient"))
+        if patients and self.selection is None:
+            self._note_withdrawn([n for under in gone for n in under.values()])
 
     async def _fetch_patient(self, patient: Node | None) -> None:
         if patient is None:
@@ -357,6 +365,8 @@ class Tree:
                              who: str | None) -> None:
         """List the series of `who` (or of the whole collection) into `targets`."""
         series = await self._series_rows(patient.collection, who)
+        # An empty answer may be a glitch; a manifest's selection is no answer at all.
+        answered = bool(series) and self.selection is None
         study_ids = await self._study_ids(patient.collection, who)
         by_patient: dict[str, list[Series]] = defaultdict(list)
         for s in series:
@@ -364,7 +374,7 @@ class Tree:
         listed = time.time()
         for target in targets:
             self._store_patient(target, by_patient.get(target.ident.upper(), []), study_ids,
-                                listed)
+                                listed, answered=answered)
             self._forget_listing(target.ino)
         self.requests_saved += len(targets) - 1
 
@@ -384,7 +394,8 @@ class Tree:
         return {s.study_uid: s.study_id for s in studies if s.study_id}
 
     def _store_patient(self, patient: Node, series: Sequence[Series],
-                       study_ids: dict[str, str], listed: float) -> None:
+                       study_ids: dict[str, str], listed: float, *, answered: bool) -> None:
+        before = self.catalog.series_under(patient.ino)
         studies: dict[str, list[Series]] = defaultdict(list)
         for s in series:
             studies[s.study_uid].append(s)
@@ -399,32 +410,58 @@ class Tree:
             kids = [NewChild(name, Kind.SERIES, s.series_uid, patient.collection,
                              s.series_uid, plain(s))
                     for name, s in zip(self._series_names(rows), rows, strict=True)]
-            stored = {n.name: n for n in self.catalog.children(study.ino)}
             self.catalog.replace_children(study.ino, _unique(kids, "series"), listed)
             self._forget_listing(study.ino)
-            self._note_revised(stored, kids)
+        self._note_revised(before, series)
+        if answered:
+            listed = {s.series_uid for s in series}
+            self._note_withdrawn([n for uid, n in before.items() if uid not in listed])
 
-    def _note_revised(self, stored: dict[str, Node], listed: list[NewChild]) -> None:
-        """Series whose submission date moved: their instances are listed again and
-        their cached bytes reported (_report_revised). A name that stays keeps its inode."""
-        for child in listed:
-            old = stored.get(child.name)
-            before = old.meta.get("submission_date") if old is not None else None
-            now = child.meta.get("submission_date")
-            if old is None or not before or not now or before == now:
+    def _note_revised(self, before: dict[str, Node], listed: Sequence[Series]) -> None:
+        """Series whose submission date moved, or that come back after a withdrawal:
+        their instances are listed again and their cached bytes reported
+        (_report_changes)."""
+        returned = self.catalog.take_withdrawn(s.series_uid for s in listed
+                                               if s.series_uid not in before)
+        for s in listed:
+            old = before.get(s.series_uid)
+            meta = old.meta if old is not None else returned.get(s.series_uid)
+            if meta is None:
                 continue
-            log.warning("series %s was re-submitted to the service (%s, before %s)",
-                        child.ident, now, before)
-            self.catalog.mark_listed([old.ino], 0.0)  # stale, but kept for offline
-            self._forget_listing(old.ino)
-            self._nodes.pop(old.ino, None)
-            self._revised.append(old.ino)
+            was, now = meta.get("submission_date"), plain(s).get("submission_date")
+            if old is not None and (not was or not now or was == now):
+                continue  # listed before: a date must have moved
+            if old is None and was and was == now:
+                continue  # back as it was: its cached bytes stand
+            why = ("was re-submitted to the service" if old is not None
+                   else "is listed again after a withdrawal")
+            log.warning("series %s %s (%s, before %s)", s.series_uid, why, now, was)
+            node = self.catalog.get(old.ino) if old is not None else None
+            node = node or self.catalog.find_uid(s.series_uid)  # renamed, or new
+            if node is None:
+                continue
+            self.catalog.mark_listed([node.ino], 0.0)  # stale, but kept for offline
+            self._forget_listing(node.ino)
+            self._nodes.pop(node.ino, None)
+            self._revised.append(node.ino)
 
-    async def _report_revised(self) -> None:
+    def _note_withdrawn(self, gone: list[Node]) -> None:
+        """Series that a listing which did answer no longer shows: TCIA withdrew them."""
+        if not gone:
+            return
+        log.warning("%d series no longer listed by the service (withdrawn): %s", len(gone),
+                    ", ".join(n.ident for n in gone[:5]) + (", ..." if len(gone) > 5 else ""))
+        self.catalog.note_withdrawn(gone)
+        self._withdrawn.extend(n.ident for n in gone)
+
+    async def _report_changes(self) -> None:
         while self._revised:
             node = self.node(self._revised.pop())
             if node is not None and self.on_series_revised is not None:
                 await self.on_series_revised(node)
+        if self._withdrawn and self.on_series_withdrawn is not None:
+            gone, self._withdrawn = self._withdrawn, []
+            await self.on_series_withdrawn(gone)
 
     def _study_names(self, firsts: list[Series], study_ids: dict[str, str]) -> list[str]:
         if self.layout != "descriptive":

@@ -670,6 +670,36 @@ async def test_the_order_of_use_outlives_the_daemon(emulator, client, tmp_path: 
         reopened.close()
 
 
+async def test_a_withdrawn_series_is_evicted_first(emulator, client, tmp_path: Path) -> None:
+    older, withdrawn, newest = (r["SeriesInstanceUID"] for r in _series(emulator.url)[:3])
+    sops = {s: _sops(emulator.url, s)[0] for s in (older, withdrawn, newest)}
+    sizes: dict[str, int] = {}
+    cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=False)
+
+    async def read(series: str) -> None:
+        entry = await cache.acquire("Demo-Lung CT_2024", series, sops[series])
+        cache.release(entry)
+        sizes[series] = entry.size
+
+    async def body() -> None:
+        await read(older)
+        await read(withdrawn)  # used last, so evicted last, if not...
+        assert cache.series_withdrawn(withdrawn) == (1, sizes[withdrawn], 0)  # ...withdrawn
+        # Room for the newest file, but for only half of either cached one: one must go.
+        # (The index keeps the order for the next start: last_access 0, which
+        # test_the_order_of_use_outlives_the_daemon shows a start follows.)
+        newest_size = len(httpx.get(
+            f"{emulator.url}/nbia-api/services/v4/getSingleImage", timeout=30,
+            params={"SeriesInstanceUID": newest, "SOPInstanceUID": sops[newest]}).content)
+        cache.max_bytes = (cache.used_bytes + META_SLACK + newest_size
+                           - min(sizes.values()) // 2)
+        await read(newest)
+
+    await _with_cache(cache, body)
+    assert cache.is_cached(sops[older]) and not cache.is_cached(sops[withdrawn]), sizes
+    cache.close()
+
+
 async def test_stats_of_a_cache_in_use_show_recent_hits(emulator, client,
                                                         tmp_path: Path) -> None:
     cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=False)

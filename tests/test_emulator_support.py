@@ -181,6 +181,11 @@ class TinyArchive:
         self._series = [s for s in self._series if s.series_instance_uid != uid(plan.key)]
         self._instances.pop(uid(plan.key), None)
         self._files = {k: v for k, v in self._files.items() if k[0] != uid(plan.key)}
+        # The service lists patients and studies from their series: none left, none shown.
+        self._studies = [s for s in self._studies if any(
+            r.study_instance_uid == s.study_instance_uid for r in self._series)]
+        self._patients = [p for p in self._patients if any(
+            r.patient_id == p.patient_id for r in self._series)]
 
     def _add_series(self, plan: SeriesPlan, comment: str | None = None,
                     submitted: dt.datetime = dt.datetime(2019, 5, 6, 7, 8, 9)) -> None:

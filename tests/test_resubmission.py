@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_emulator_support import CT_LUNG, SeriesPlan, TinyArchive, uid
+from test_emulator_support import CT_LUNG, PLANS, SeriesPlan, TinyArchive, uid
 
 from tciafs.cache import Cache, FetchFailed
 from tciafs.client import NbiaClient
@@ -27,7 +28,14 @@ from tciafs.emulator.faults import FaultConfig
 from tciafs.emulator.server import EmulatorServers, Options
 from tciafs.pagecache import PUSH_LIMIT
 
-from mountutil import lazy_unmount, mounted, set_faults
+from mountutil import (
+    IMAGE_ENDPOINTS,
+    count_requests,
+    lazy_unmount,
+    mounted,
+    reset_stats,
+    set_faults,
+)
 
 # Two instances of 2100 x 2100 16-bit pixels: each file is larger than what the daemon
 # hands to the kernel's page cache at open, so the kernel fills it through reads.
@@ -223,6 +231,65 @@ def test_a_withdrawn_series_can_still_be_unpinned_and_cleared(archive: TinyArchi
         assert _stats(cache_dir)["pinned"] == 0
         _cache_cli("clear", series_uid, "--mount", str(mnt))
         assert _stats(cache_dir)["entries"] == 0
+
+
+def test_a_series_withdrawn_and_back_with_new_bytes_reads_as_it_is_now(
+        archive: TinyArchive, tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    with EmulatorServers(archive, Options()) as servers, \
+            mounted(servers, mnt, cache_dir, "--listing-ttl", "0"):
+        path = _instance(mnt, SMALL, 1)
+        assert b"before" in path.read_bytes()
+        study, name = path.parent.parent, path.parent.name
+        archive.withdraw(SMALL)
+        assert name not in os.listdir(study)
+        # Corrected and submitted again: the listing no longer holds the old timestamp
+        # to compare with, so only the withdrawal, remembered, can tell.
+        archive.submit(SMALL, "after ", AGAIN)
+        assert name in os.listdir(study)
+        assert all(b"after " in _instance(mnt, SMALL, n).read_bytes()
+                   for n in range(1, SMALL.count + 1))
+
+
+def test_a_withdrawn_series_goes_first_and_comes_back_as_it_was(archive: TinyArchive,
+                                                                 tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    with EmulatorServers(archive, Options()) as servers, \
+            mounted(servers, mnt, cache_dir, "--listing-ttl", "0"):
+        before = [_instance(mnt, SMALL, n).read_bytes() for n in range(1, SMALL.count + 1)]
+        _instance(mnt, LARGE, 1).read_bytes()  # used later, so evicted later, if not...
+        study, name = _instance(mnt, SMALL, 1).parent.parent, _instance(mnt, SMALL, 1).parent.name
+        archive.withdraw(SMALL)
+        assert name not in os.listdir(study)
+        assert _last_access(cache_dir, uid(SMALL.key)) == {0.0}  # ...withdrawn: first
+        assert _last_access(cache_dir, uid(LARGE.key)) != {0.0}
+        archive.submit(SMALL, "before", FIRST)  # back, the same bytes and timestamp
+        reset_stats(servers.url)
+        assert name in os.listdir(study)
+        assert [_instance(mnt, SMALL, n).read_bytes()
+                for n in range(1, SMALL.count + 1)] == before
+        assert count_requests(servers.url, *IMAGE_ENDPOINTS) == 0  # served from the cache
+
+
+def test_the_series_of_a_withdrawn_patient_go_first(archive: TinyArchive,
+                                                    tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    only = next(p for p in PLANS if p.key == "mr-e")  # its patient's one series
+    with EmulatorServers(archive, Options()) as servers, \
+            mounted(servers, mnt, cache_dir, "--listing-ttl", "0"):
+        for n in range(1, only.count + 1):  # all in: no fetch of it still under way
+            _instance(mnt, only, n).read_bytes()
+        patient = _instance(mnt, only, 1).parents[2]
+        archive.withdraw(only)  # and with it the patient, which has nothing left
+        assert patient.name not in os.listdir(patient.parent)  # the collection, listed again
+        assert _last_access(cache_dir, uid(only.key)) == {0.0}
+
+
+def _last_access(cache_dir: Path, series: str) -> set[float]:
+    """When the index says the series' cached files were last used (0: go first)."""
+    with contextlib.closing(sqlite3.connect(cache_dir / "index.sqlite")) as db:
+        return {t for t, in db.execute("SELECT last_access FROM instances WHERE series=? "
+                                       "AND present=1", (series,))}
 
 
 def _cache_cli(*args: str) -> None:
