@@ -8,6 +8,7 @@ clear also works on an unmounted cache directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -95,12 +96,17 @@ def _stats(args: argparse.Namespace) -> int:
     largest = db.execute(
         "SELECT series, collection, count(*), sum(size) FROM instances WHERE present=1 "
         "GROUP BY series ORDER BY sum(size) DESC LIMIT 5").fetchall()
+    withdrawn = [(uid, *db.execute(
+        "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(pinned), 0) FROM instances "
+        "WHERE series=? AND present=1", (uid,)).fetchone()) for uid in _withdrawn(root)]
     doc = {"cache_dir": str(root), "used": _dir_bytes(root), "files_bytes": stored,
            "bound": int(settings["bound"]) if "bound" in settings else None,
            "entries": entries, "pinned": pinned,
            "hits": int(settings.get("hits", 0)), "misses": int(settings.get("misses", 0)),
            "largest_series": [{"series": s, "collection": c, "files": n, "bytes": b}
-                              for s, c, n, b in largest]}
+                              for s, c, n, b in largest],
+           "withdrawn": [{"series": s, "files": n, "bytes": b, "pinned": p}
+                         for s, n, b, p in withdrawn if n]}
     looked = doc["hits"] + doc["misses"]
     doc["hit_ratio"] = doc["hits"] / looked if looked else 0.0
     if args.json:
@@ -115,7 +121,23 @@ def _stats(args: argparse.Namespace) -> int:
         for row in doc["largest_series"]:
             print(f"    {paths.format_size(row['bytes']):>10}  {row['files']:>5} files  "
                   f"{row['collection']}  {row['series']}")
+    if doc["withdrawn"]:
+        print("  withdrawn from the archive, evicted first (`tciafs cache clear UID` drops):")
+        for row in doc["withdrawn"]:
+            pinned_note = f", {row['pinned']} pinned" if row["pinned"] else ""
+            print(f"    {paths.format_size(row['bytes']):>10}  {row['files']:>5} files  "
+                  f"{row['series']}{pinned_note}")
     return 0
+
+
+def _withdrawn(root: Path) -> list[str]:
+    """Series the archive stopped listing, as the mounts' catalogs remember them."""
+    found: set[str] = set()
+    for path in root.glob("catalog-*.sqlite"):
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            if _has_table(db, "withdrawn"):
+                found.update(uid for uid, in db.execute("SELECT series_uid FROM withdrawn"))
+    return sorted(found)
 
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:

@@ -263,12 +263,15 @@ def test_a_withdrawn_series_goes_first_and_comes_back_as_it_was(archive: TinyArc
         assert name not in os.listdir(study)
         assert _last_access(cache_dir, uid(SMALL.key)) == {0.0}  # ...withdrawn: first
         assert _last_access(cache_dir, uid(LARGE.key)) != {0.0}
+        assert [(w["series"], w["files"]) for w in _stats(cache_dir)["withdrawn"]] == \
+            [(uid(SMALL.key), SMALL.count)]
         archive.submit(SMALL, "before", FIRST)  # back, the same bytes and timestamp
         reset_stats(servers.url)
         assert name in os.listdir(study)
         assert [_instance(mnt, SMALL, n).read_bytes()
                 for n in range(1, SMALL.count + 1)] == before
         assert count_requests(servers.url, *IMAGE_ENDPOINTS) == 0  # served from the cache
+        assert _stats(cache_dir)["withdrawn"] == []
 
 
 def test_the_series_of_a_withdrawn_patient_go_first(archive: TinyArchive,
