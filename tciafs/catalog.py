@@ -181,11 +181,6 @@ class Catalog:
                 self._delete_subtree(ino)
             self.db.execute("UPDATE nodes SET listed=? WHERE ino=?", (listed, parent))
 
-    def ensure_child(self, parent: int, child: NewChild) -> int:
-        row = self.db.execute("SELECT ino FROM nodes WHERE parent=? AND name=?",
-                              (parent, child.name)).fetchone()
-        return self._upsert(parent, child, row[0] if row else None)
-
     def mark_listed(self, inos: Iterable[int], listed: float) -> None:
         self.db.executemany("UPDATE nodes SET listed=? WHERE ino=?",
                             [(listed, ino) for ino in inos])
