@@ -573,14 +573,6 @@ class Cache:
             self._nursery.start_soon(self._series_task, collection, series, event)
         return event
 
-    async def fetch_series(self, collection: str, series: str) -> None:
-        """Fetch a whole series and wait for it (prefetch and pin commands)."""
-        if self.series_complete(series):
-            return
-        await self.start_series_fetch(collection, series).wait()
-        if not self.series_complete(series):
-            raise FetchFailed(f"series {series} could not be fetched; see the log")
-
     async def _series_task(self, collection: str, series: str, done: trio.Event) -> None:
         self._busy_series[series] += 1
         try:

@@ -115,7 +115,11 @@ def test_generation_is_byte_identical_for_a_seed(tmp_path: Path) -> None:
 
 def test_generated_sizes_md5s_and_chunks_match_bytes() -> None:
     archive = GeneratedArchive(tiny_profile(on_disk=False))
-    assert archive.planes_drawn == 0
+    for collection in archive.collections:
+        for patient in archive.patients(collection):
+            assert archive.studies(collection, patient.patient_id)
+            assert archive.series(collection, patient.patient_id)
+    assert archive.planes_drawn == 0  # listed down to the series, nothing drawn
     for series in archive.series():
         records = archive.instances(series.series_instance_uid)
         assert len(records) == series.image_count

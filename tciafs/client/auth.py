@@ -50,10 +50,6 @@ class Credentials:
     def password(self) -> str:
         return self._password
 
-    @property
-    def is_guest(self) -> bool:
-        return self.username == GUEST_USER
-
     def __repr__(self) -> str:
         return f"Credentials(username={self.username!r}, password=<hidden>)"
 

@@ -217,9 +217,10 @@ class _Materialised:
 class GeneratedArchive(_ListingArchive):
     """Every file made from the seed when asked for; nothing written to disk.
 
-    Listing never draws a pixel (`planes_drawn` counts the pixel planes drawn, so tests
-    can prove it). Drawn planes and instance records of recent series stay in bounded
-    LRU caches.
+    Listing patients, studies and series never draws a pixel (`planes_drawn` counts the
+    pixel planes drawn, so tests can prove it); listing a series' instances does, as
+    their records carry each file's MD5. Drawn planes and instance records of recent
+    series stay in bounded LRU caches.
     """
 
     def __init__(self, profile: Profile, *, payload_cache_bytes: int = 256 << 20,
