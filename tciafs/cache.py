@@ -32,7 +32,7 @@ import random
 import shutil
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +79,11 @@ CREATE TABLE IF NOT EXISTS series(
 
 class CacheFull(Exception):
     """Nothing more can be evicted to make room."""
+
+
+class CacheDiskError(Exception):
+    """The cache's own disk refused a write (read-only, an I/O error, no permission):
+    files not cached yet cannot be read until it is mended; cached ones still can."""
 
 
 class FetchFailed(Exception):
@@ -488,7 +493,9 @@ class Cache:
         and the MD5 of its bytes as stored. With expect_md5, only those bytes will do,
         and the file is indexed as verified. `revision`: the series' when the download
         began."""
-        sop, md5 = await trio.to_thread.run_sync(_finish_file, tmp.fd, tmp.path, self.root)
+        with _cache_disk(self.root):
+            sop, md5 = await trio.to_thread.run_sync(_finish_file, tmp.fd, tmp.path,
+                                                     self.root)
         tmp.close()
         self._check_revision(series, revision)
         final = self._object_path(sop)
@@ -503,13 +510,8 @@ class Cache:
         if sop in self._lru:  # another path delivered it first
             return sop, md5
         tmp.settle()
-        try:
+        with _cache_disk(self.root):  # full: the directory could not grow
             os.rename(tmp.path, final)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:  # the directory could not grow
-                raise CacheFull(f"disk full ({self.root}) while caching series {series}"
-                                ) from exc
-            raise
         # The file goes in before its row: a crash in between leaves an orphan, which
         # the next start deletes, never a row without its file.
         try:
@@ -550,6 +552,8 @@ class Cache:
                     (sop, series, collection, size, md5, int(verified), time.time(), series))
                 return
             except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF in _DB_DISK_ERRORS:
+                    raise CacheDiskError(f"cache index in {self.root}: {exc}") from exc
                 if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
                     raise
                 full = f"disk full ({self.root}): the cache index cannot grow"
@@ -580,7 +584,7 @@ class Cache:
                 await self._with_attempts(f"series {series}", self._download_series,
                                           collection, series)
             self.failed_series.pop(series, None)
-        except (ClientError, FetchFailed, CacheFull) as exc:
+        except (ClientError, FetchFailed, CacheFull, CacheDiskError) as exc:
             log.error("series fetch failed: %s", exc)
             self.failed_series[series] = str(exc)
         except Exception as exc:
@@ -770,7 +774,9 @@ class _TmpFile:
         self.series = series
         self.expected = expected
         self.path = cache.root / "tmp" / f"{os.getpid()}-{random.getrandbits(64):016x}"
-        self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with _cache_disk(cache.root):
+            self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                          0o600)
         self.size = 0
         self.reserved = 0
         self._kept = False
@@ -781,21 +787,19 @@ class _TmpFile:
         self.size += len(chunk)
         offset = self.size - len(chunk)
         try:
-            _write_all(self.fd, chunk, offset)
+            with _cache_disk(self.cache.root, full_too=False):
+                _write_all(self.fd, chunk, offset)
         except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-            # The disk filled for reasons outside the cache: make room once, then write
-            # the chunk again at its own offset (part of it may be there already).
+            # The disk (or the user's quota) filled for reasons outside the cache: make
+            # room once, then write the chunk again at its own offset (part of it may be
+            # there already).
             full = f"disk full ({self.cache.root}) while caching series {self.series}"
             try:
                 self.cache._evict(len(chunk), self.series)
             except CacheFull:
                 raise CacheFull(f"{full}; every cached file is open or pinned") from exc
-            try:
+            with _cache_disk(self.cache.root):
                 _write_all(self.fd, chunk, offset)
-            except OSError as again:
-                raise CacheFull(full) from again
 
     def _reserve_for(self, nbytes: int) -> None:
         """Reserve the expected rest of the file, or a MiB ahead: far fewer calls than one
@@ -834,6 +838,26 @@ class _TmpFile:
             self.cache._unreserve(self.reserved)
             self.reserved = 0
             self.path.unlink(missing_ok=True)
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DB_DISK_ERRORS = (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR)  # primary result codes
+
+
+@contextlib.contextmanager
+def _cache_disk(root: Path, *, full_too: bool = True) -> Iterator[None]:
+    """The cache disk's own failures as clear errors: CacheFull when it is full (unless
+    the caller handles that: then the OSError passes), CacheDiskError otherwise. Neither
+    is worth fetching again for."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FULL:
+            if not full_too:
+                raise
+            raise CacheFull(f"disk full ({root}): {exc.strerror}") from exc
+        raise CacheDiskError(f"cache directory {root} cannot be written: "
+                             f"{exc.strerror or exc}") from exc
 
 
 def _write_all(fd: int | None, data: bytes, offset: int) -> None:

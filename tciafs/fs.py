@@ -26,7 +26,7 @@ import pyfuse3
 import trio
 
 from tciafs import sidecars, xattrs
-from tciafs.cache import Cache, CacheFull, Entry, FetchFailed
+from tciafs.cache import Cache, CacheDiskError, CacheFull, Entry, FetchFailed
 from tciafs.catalog import ROOT_INODE, Kind, Node
 from tciafs.client import ClientError, NotFound
 from tciafs.control import CONTROL_NAME, Control, TargetError
@@ -66,6 +66,7 @@ class _Throttled:
 
 
 _cache_full = _Throttled()
+_cache_disk = _Throttled()
 
 
 def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -83,6 +84,9 @@ def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]
         except CacheFull as exc:
             _cache_full.error(str(exc))
             raise pyfuse3.FUSEError(errno.ENOSPC) from None
+        except CacheDiskError as exc:
+            _cache_disk.error(f"{exc}; only files cached already can be read")
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except (ClientError, FetchFailed, ListingUnavailable, trio.TooSlowError) as exc:
             log.error("%s failed: %s", handler.__name__, exc or type(exc).__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -405,6 +405,31 @@ async def test_a_full_disk_evicts_and_retries_then_fails_clearly(emulator, clien
         cache.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
+def test_a_cache_disk_that_refuses_writes_is_a_clear_error(emulator, tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
+    with mounted(emulator, mnt, cache_dir, "--no-prefetch"):
+        first, second = sorted(next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}")).glob("*.dcm"))[:2]
+        cached = first.read_bytes()
+        # Downloads land in tmp/ first: made read-only, as a disk that failed would be.
+        tmp = cache_dir / "tmp"
+        subprocess.run(["mount", "--bind", str(tmp), str(tmp)], check=True)
+        try:
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(tmp)], check=True)
+            for _ in range(3):
+                with pytest.raises(OSError) as err:
+                    second.read_bytes()
+                assert err.value.errno == errno.EIO
+            assert first.read_bytes() == cached  # what is cached still reads
+        finally:
+            subprocess.run(["umount", str(tmp)], check=True)
+        assert second.read_bytes() == _truth(emulator.url, uid)[second.stem]  # mended
+    log = (tmp_path / "mnt-daemon.log").read_text()
+    assert log.count("cannot be written: Read-only file system") == 1, log  # once, clearly
+    assert "Traceback" not in log
+
+
 def _leave_free(disk: Path, room: int) -> None:
     """Fill the disk with a file of its own until only `room` bytes (whole pages) are free."""
     filler = disk / "filler"
