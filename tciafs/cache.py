@@ -308,8 +308,10 @@ class Cache:
         return row[0] if row else None
 
     def series_collection(self, series: str) -> str | None:
-        """The collection of a series the cache has held, or None."""
-        row = self.db.execute("SELECT collection FROM series WHERE uid=?", (series,)).fetchone()
+        """The collection of a series the cache holds or has held, or None."""
+        row = self.db.execute("SELECT collection FROM series WHERE uid=? UNION ALL "
+                              "SELECT collection FROM instances WHERE series=? LIMIT 1",
+                              (series, series)).fetchone()
         return row[0] if row else None
 
     def series_complete(self, series: str) -> bool:

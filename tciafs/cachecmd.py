@@ -16,9 +16,13 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tciafs import paths, status
 from tciafs.control import CONTROL_NAME
+
+if TYPE_CHECKING:
+    from tciafs.cache import Cache
 
 
 def add_arguments(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +42,10 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
                        help="a path on a mount, or a bare Study/Series UID")
         c.add_argument("--mount", type=Path, default=None,
                        help="the mount that bare UIDs refer to (default: the only one)")
-        if name == "clear":
-            c.add_argument("--cache-dir", type=Path, default=None)
+        if name in ("clear", "unpin"):
+            c.add_argument("--cache-dir", type=Path, default=None,
+                           help="act on this cache directory, which no mount uses: "
+                                "PATHs are then Series UIDs")
         if name in ("prefetch", "pin"):
             c.add_argument("--no-wait", dest="wait", action="store_false",
                            help="start the fetch and return")
@@ -215,6 +221,8 @@ def _steer(args: argparse.Namespace) -> int:
     command = args.cache_command
     if command == "clear" and not args.paths:
         return _clear_all(args)
+    if getattr(args, "cache_dir", None) is not None:
+        return _in_cache_dir(args)
     targets = _targets(args)
     for mnt, target in targets:
         _send(mnt, command, target)
@@ -230,6 +238,12 @@ def _clear_all(args: argparse.Namespace) -> int:
         for mnt in mounts:
             _send(mnt, "clear", ".")
         return 0
+    return _in_cache_dir(args)
+
+
+def _in_cache_dir(args: argparse.Namespace) -> int:
+    """clear or unpin on the cache directory itself, which no mount may use: everything
+    (clear without PATH), or the series named by UID, withdrawn ones too."""
     from tciafs.cache import Cache
     from tciafs.mount import MountError, locked_cache_dir
 
@@ -238,11 +252,29 @@ def _clear_all(args: argparse.Namespace) -> int:
     try:
         with locked_cache_dir(root):
             cache = Cache(root, max_bytes=int(bound) if bound else 1 << 62)
-            print(f"dropped {cache.clear()} files")
-            cache.close()
+            try:
+                _change_series(cache, args.cache_command, args.paths, root)
+            finally:
+                cache.close()
     except MountError as exc:
         raise CommandError(str(exc)) from None
     return 0
+
+
+def _change_series(cache: Cache, command: str, uids: list[str], root: Path) -> None:
+    if not uids:
+        print(f"dropped {cache.clear()} files")
+        return
+    unknown = [uid for uid in uids if cache.series_collection(uid) is None]
+    if unknown:
+        raise CommandError(f"{', '.join(unknown)}: no series with this UID in {root}")
+    for uid in uids:
+        if command == "unpin":
+            cache.pin_series(uid, cache.series_collection(uid) or "", False)
+            print(f"{uid}: unpinned")
+        else:
+            print(f"{uid}: dropped {cache.clear(uid)} files"
+                  + (" (pinned files are kept: unpin first)" if cache.cached_count(uid) else ""))
 
 
 def _follow(mnt: Path, target: str) -> None:

@@ -295,10 +295,37 @@ def _last_access(cache_dir: Path, series: str) -> set[float]:
                                        "AND present=1", (series,))}
 
 
-def _cache_cli(*args: str) -> None:
+def test_withdrawn_series_can_be_unpinned_and_cleared_with_no_mount(archive: TinyArchive,
+                                                                    tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    pinned, single = uid(SMALL.key), uid(NOISY.key)
+    with EmulatorServers(archive, Options()) as servers, \
+            mounted(servers, mnt, cache_dir, "--listing-ttl", "0", "--no-prefetch"):
+        series = _instance(mnt, SMALL, 1).parent
+        _cache_cli("pin", str(series))  # fetched whole, and pinned
+        _instance(mnt, NOISY, 1).read_bytes()  # one file, fetched alone
+        archive.withdraw(SMALL)
+        archive.withdraw(NOISY)
+        os.listdir(series.parent)  # the study, listed again
+    assert {w["series"]: w["files"] for w in _stats(cache_dir)["withdrawn"]} == \
+        {pinned: SMALL.count, single: 1}
+    at = ("--cache-dir", str(cache_dir))
+    cleared = _cache_cli("clear", pinned, single, *at)
+    assert f"{single}: dropped 1 files" in cleared
+    assert f"{pinned}: dropped 0 files (pinned files are kept: unpin first)" in cleared
+    _cache_cli("unpin", pinned, *at)
+    assert f"{pinned}: dropped {SMALL.count} files" in _cache_cli("clear", pinned, *at)
+    assert _stats(cache_dir)["entries"] == 0
+    unknown = subprocess.run([sys.executable, "-m", "tciafs", "cache", "clear", "1.2.3", *at],
+                             capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 1 and "1.2.3: no series with this UID" in unknown.stderr
+
+
+def _cache_cli(*args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "tciafs", "cache", *args],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def _stats(cache_dir: Path) -> dict:
