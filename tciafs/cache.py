@@ -26,6 +26,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import json
 import logging
 import os
 import random
@@ -42,7 +43,7 @@ import trio
 from pydicom.filereader import read_partial
 from pydicom.tag import Tag
 
-from tciafs.catalog import open_db, transaction
+from tciafs.catalog import Kind, is_damaged, open_db, set_aside, transaction
 from tciafs.client import (
     ChecksumMismatch,
     ClientError,
@@ -136,8 +137,7 @@ class Cache:
                           *(root / "objects").iterdir()):
             self._measure_dir(directory)
         os.chmod(root, 0o700)
-        self.db = open_db(root / "index.sqlite")
-        self.db.executescript(_SCHEMA)
+        self.db, indexed = self._open_index(root / "index.sqlite")
         self.db.execute("INSERT OR REPLACE INTO settings VALUES ('bound', ?)", (str(max_bytes),))
         counters = dict(self.db.execute("SELECT key, value FROM settings"))
         self.stats.hits = int(counters.get("hits", 0))
@@ -166,16 +166,43 @@ class Cache:
         # Counts each series' re-submissions seen: a download that began before the last
         # one may carry the old bytes, and is not published.
         self._revision: collections.Counter[str] = collections.Counter()
-        self._reconcile()
+        self._reconcile(indexed)
 
     # -- start-up ------------------------------------------------------------------------
 
-    def _reconcile(self) -> None:
+    def _open_index(self, path: Path) -> tuple[sqlite3.Connection, list[tuple]]:
+        """The index and the files it lists; when it is damaged, a new index of the
+        cached files, from their own headers: a lost index must not cost the bytes."""
+        try:
+            db = open_db(path)
+        except sqlite3.DatabaseError as exc:
+            if not is_damaged(exc):
+                raise
+            return self._reindexed(path, exc)
+        try:
+            db.executescript(_SCHEMA)
+            return db, _indexed(db)
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            if not is_damaged(exc):
+                raise
+            return self._reindexed(path, exc)
+
+    def _reindexed(self, path: Path, damage: Exception) -> tuple[sqlite3.Connection, list]:
+        aside = set_aside(path)
+        db = open_db(path)
+        db.executescript(_SCHEMA)
+        started = time.monotonic()
+        files, nbytes = _reindex(db, self.root)
+        log.warning("cache index %s was damaged (%s); set aside as %s. %d cached files "
+                    "(%d bytes) indexed again from their own headers in %.1f s; pins and "
+                    "the service's MD5 confirmations were lost", path, damage, aside,
+                    files, nbytes, time.monotonic() - started)
+        return db, _indexed(db)
+
+    def _reconcile(self, rows: list[tuple]) -> None:
         shutil.rmtree(self.root / "tmp", ignore_errors=True)
         (self.root / "tmp").mkdir(mode=0o700)
-        rows = self.db.execute(
-            "SELECT sop, series, size, pinned FROM instances WHERE present=1 "
-            "ORDER BY last_access").fetchall()
         on_disk = {p.name: p for p in (self.root / "objects").glob("*/*")}
         gone = []
         for sop, series, size, pinned in rows:
@@ -765,6 +792,7 @@ class Cache:
 
 RESERVE_STEP = 1 << 20
 _SOP_INSTANCE_UID = Tag(0x0008, 0x0018)
+_SERIES_INSTANCE_UID = Tag(0x0020, 0x000E)
 _MD5 = functools.partial(hashlib.md5, usedforsecurity=False)  # a checksum, not security
 
 
@@ -883,25 +911,80 @@ def _finish_file(fd: int | None, path: Path, root: Path) -> tuple[str, str]:
     with open(path, "rb") as stored:
         md5 = hashlib.file_digest(stored, _MD5).hexdigest()
         stored.seek(0)
-        sop = _sop_instance_uid(stored)
+        sop = _instance_uids(stored, series_too=False)[0]
     parent = object_path(root, sop).parent
     if not parent.is_dir():
         parent.mkdir(exist_ok=True, mode=0o700)
     return sop, md5
 
 
-def _sop_instance_uid(stored: BinaryIO) -> str:
+def _instance_uids(stored: BinaryIO, *, series_too: bool = True) -> tuple[str, str]:
+    """SOPInstanceUID (and SeriesInstanceUID) from a file's header."""
+    last = _SERIES_INSTANCE_UID if series_too else _SOP_INSTANCE_UID
     try:
-        # Parsing stops past the UID: the rest of the header is never needed here.
-        ds = read_partial(
-            stored, stop_when=lambda tag, vr, length: tag > _SOP_INSTANCE_UID,
-            specific_tags=[_SOP_INSTANCE_UID])
+        # Parsing stops past the last UID wanted: the rest is never needed here.
+        ds = read_partial(stored, stop_when=lambda tag, vr, length: tag > last,
+                          specific_tags=[_SOP_INSTANCE_UID, last])
         sop = ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
+        series = ds.get("SeriesInstanceUID") if series_too else ""
     except Exception as exc:  # pydicom raises many kinds for a body that is not DICOM
         raise FetchFailed(f"not a DICOM file: {exc}") from exc
     if not sop:
         raise FetchFailed("DICOM file without a SOPInstanceUID")
-    return str(sop)
+    if series_too and not series:
+        raise FetchFailed("DICOM file without a SeriesInstanceUID")
+    return str(sop), str(series)
+
+
+def _indexed(db: sqlite3.Connection) -> list[tuple]:
+    """The files the index lists as present, least recently used first."""
+    return db.execute("SELECT sop, series, size, pinned FROM instances WHERE present=1 "
+                      "ORDER BY last_access").fetchall()
+
+
+def _reindex(db: sqlite3.Connection, root: Path) -> tuple[int, int]:
+    """Index every readable cached file anew (unverified); what cannot be read stays
+    out, and the reconcile that follows deletes it. Returns files and bytes."""
+    listed = _listed_series(root)
+    rows = []
+    for path in (root / "objects").glob("*/*"):
+        try:
+            with path.open("rb") as stored:
+                sop, series = _instance_uids(stored)
+                stored.seek(0)
+                md5 = hashlib.file_digest(stored, _MD5).hexdigest()
+            info = path.stat()
+        except (OSError, FetchFailed):
+            continue
+        if path.name == _object_name(sop):
+            collection = listed.get(series, ("", None))[0]
+            rows.append((sop, series, collection, info.st_size, md5, info.st_mtime))
+    with transaction(db):
+        db.executemany("INSERT OR REPLACE INTO instances(sop, series, collection, size, md5, "
+                       "verified, present, last_access, pinned) "
+                       "VALUES (?, ?, ?, ?, ?, 0, 1, ?, 0)", rows)
+        # A series holding as many files as its listing counted needs no fetch again.
+        counts = collections.Counter(row[1] for row in rows)
+        db.executemany("INSERT OR REPLACE INTO series(uid, collection, complete) "
+                       "VALUES (?, ?, 1)",
+                       [(series, listed[series][0]) for series, n in counts.items()
+                        if series in listed and listed[series][1] == n])
+    return len(rows), sum(row[3] for row in rows)
+
+
+def _listed_series(root: Path) -> dict[str, tuple[str, int | None]]:
+    """Collection and image count of each series the mounts' catalogs listed."""
+    found: dict[str, tuple[str, int | None]] = {}
+    for path in root.glob("catalog-*.sqlite"):
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                for uid, collection, meta in db.execute(
+                        "SELECT ident, collection, meta FROM nodes WHERE kind=?",
+                        (int(Kind.SERIES),)):
+                    found[uid] = (collection, json.loads(meta).get("image_count"))
+        except (sqlite3.Error, ValueError):
+            continue  # a damaged catalog: collections stay unknown
+    return found
 
 
 def object_path(root: Path, sop: str) -> Path:

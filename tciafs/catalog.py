@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from tciafs.client import Series, plain, series_from_plain
+
+log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 SCHEMA_VERSION = 2
@@ -89,24 +92,61 @@ def open_db(path: Path) -> sqlite3.Connection:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.close(fd)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    # Small checkpoints keep the WAL, which counts against the cache bound, small.
-    db.execute("PRAGMA wal_autocheckpoint=100")
-    db.execute("PRAGMA journal_size_limit=524288")
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        # Small checkpoints keep the WAL, which counts against the cache bound, small.
+        db.execute("PRAGMA wal_autocheckpoint=100")
+        db.execute("PRAGMA journal_size_limit=524288")
+    except BaseException:
+        db.close()
+        raise
     return db
+
+
+def is_damaged(exc: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite found the file itself damaged (not busy, not full)."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_CORRUPT,
+                                                           sqlite3.SQLITE_NOTADB)
+
+
+def set_aside(path: Path) -> Path:
+    """Move a damaged database out of the way, keeping the last one to look at; its
+    WAL belongs to it and goes."""
+    aside = path.with_name(path.name + ".damaged")
+    os.replace(path, aside)
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    return aside
 
 
 class Catalog:
     def __init__(self, path: Path, source: str) -> None:
         self.path = path
-        self.db = open_db(path)
-        self._migrate()
-        self.db.executescript(_SCHEMA)
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            if not is_damaged(exc):
+                raise
+            aside = set_aside(path)
+            log.warning("catalog %s was damaged (%s); set aside as %s: listings are "
+                        "fetched again", path, exc, aside)
+            self._open()
         self._check_source(source)
         self.db.execute(
             "INSERT OR IGNORE INTO nodes(ino, parent, name, kind, ident) VALUES (?, ?, '', ?, '')",
             (ROOT_INODE, ROOT_INODE, int(Kind.ROOT)))
+
+    def _open(self) -> None:
+        # Damage found later (a catalog of millions of rows is not read through here)
+        # fails the listing that meets it, as an I/O error.
+        self.db = open_db(self.path)
+        try:
+            self._migrate()
+            self.db.executescript(_SCHEMA)
+        except BaseException:
+            self.db.close()
+            raise
 
     def _migrate(self) -> None:
         """An older layout is dropped: the catalog only caches what the server says."""

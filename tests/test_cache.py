@@ -358,7 +358,7 @@ def test_a_file_whose_dataset_lacks_the_uid_is_named_by_its_meta_header(tmp_path
     path = tmp_path / "download"
     _dicom(path, sop="", meta_sop="1.2.3.5", implicit=False)
     with open(path, "rb") as stored:
-        assert cache_module._sop_instance_uid(stored) == "1.2.3.5"
+        assert cache_module._instance_uids(stored, series_too=False)[0] == "1.2.3.5"
 
 
 @contextlib.contextmanager

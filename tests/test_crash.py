@@ -15,7 +15,15 @@ import pytest
 from test_mount import _first_ct_series, _series_zip
 
 from conftest import start_emulator
-from mountutil import lazy_unmount, mounted, needs_fuse, stats
+from mountutil import (
+    IMAGE_ENDPOINTS,
+    count_requests,
+    lazy_unmount,
+    mounted,
+    needs_fuse,
+    reset_stats,
+    stats,
+)
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
@@ -82,3 +90,44 @@ def test_kill_9_ten_times_mid_download(slow_emulator, tmp_path: Path) -> None:
         got = {p.name.removesuffix(".dcm"): p.read_bytes() for p in series.glob("*.dcm")}
         assert got == truth
     assert _verify(cache_dir).returncode == 0
+
+
+def _damage(path: Path) -> None:
+    """Overwrite the SQLite header, as a disk fault or a stray write would."""
+    with path.open("r+b") as db:
+        db.write(b"not a database, not any more" * 4)
+
+
+def test_a_damaged_index_is_rebuilt_from_the_cached_files(emulator, tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    with mounted(emulator, mnt, cache_dir):
+        series = _first_ct_series(mnt)
+        truth = {p.name: p.read_bytes() for p in sorted(series.glob("*.dcm"))}
+        while len(_cached_files(series)) < len(truth):  # the prefetch finishes the rest
+            time.sleep(0.05)
+    cached = len(list(cache_dir.glob("objects/*/*")))  # sibling series were prefetched too
+    _damage(cache_dir / "index.sqlite")
+    with mounted(emulator, mnt, cache_dir):
+        reset_stats(emulator.url)
+        assert {p.name: p.read_bytes() for p in sorted(series.glob("*.dcm"))} == truth
+        # Known complete again (its listing counts as many files): nothing to prefetch.
+        subprocess.run([sys.executable, "-m", "tciafs", "cache", "prefetch", str(series)],
+                       check=True, capture_output=True, timeout=60)
+        assert count_requests(emulator.url, *IMAGE_ENDPOINTS) == 0  # nothing fetched again
+    log = (tmp_path / "mnt-daemon.log").read_text()
+    assert f"{cached} cached files" in log and "indexed again" in log
+    assert (cache_dir / "index.sqlite.damaged").exists()
+    checked = _verify(cache_dir)
+    assert checked.returncode == 0, checked.stdout
+    assert f"checked {cached} files: 0 bad, {cached} not yet confirmed" in checked.stdout
+
+
+def test_a_damaged_catalog_is_set_aside_and_listed_again(emulator, tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    with mounted(emulator, mnt, cache_dir):
+        before = sorted(os.listdir(mnt))
+    (catalog,) = cache_dir.glob("catalog-*.sqlite")
+    _damage(catalog)
+    with mounted(emulator, mnt, cache_dir):
+        assert sorted(os.listdir(mnt)) == before
+    assert catalog.with_name(catalog.name + ".damaged").exists()
