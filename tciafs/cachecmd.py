@@ -57,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
     except CommandError as exc:
         print(f"tciafs: {exc}", file=sys.stderr)
         return 1
+    except sqlite3.DatabaseError as exc:
+        print(f"tciafs: the cache's database cannot be read ({exc}); if it is damaged, "
+              "the next mount sets it aside and indexes the cached files again",
+              file=sys.stderr)
+        return 1
 
 
 class CommandError(Exception):

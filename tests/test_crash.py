@@ -107,6 +107,10 @@ def test_a_damaged_index_is_rebuilt_from_the_cached_files(emulator, tmp_path: Pa
             time.sleep(0.05)
     cached = len(list(cache_dir.glob("objects/*/*")))  # sibling series were prefetched too
     _damage(cache_dir / "index.sqlite")
+    stats_cmd = subprocess.run([sys.executable, "-m", "tciafs", "cache", "stats",
+                                "--cache-dir", str(cache_dir)], capture_output=True, text=True)
+    assert stats_cmd.returncode == 1 and "the next mount sets it aside" in stats_cmd.stderr
+    assert "Traceback" not in stats_cmd.stderr
     with mounted(emulator, mnt, cache_dir):
         reset_stats(emulator.url)
         assert {p.name: p.read_bytes() for p in sorted(series.glob("*.dcm"))} == truth
