@@ -83,6 +83,16 @@ def default_cache_size(cache_dir: Path) -> int:
 
 # -- checks before mounting ----------------------------------------------------------------
 
+def warn_if_remote(cache_dir: Path) -> None:
+    """Clusters put home directories, and so ~/.cache, on network file systems."""
+    fstype = paths.filesystem_type(cache_dir)
+    if fstype in paths.NETWORK_FILESYSTEMS:
+        log.warning("the cache directory %s is on a network file system (%s): the cache "
+                    "index needs a local disk for its locks and shared memory, and cached "
+                    "reads would cross the network; give --cache-dir on a local disk "
+                    "(node-local scratch)", cache_dir, fstype)
+
+
 def clear_stale_mount(mountpoint: Path) -> bool:
     """Unmount what a killed daemon left behind ('Transport endpoint is not connected')."""
     try:
@@ -178,6 +188,7 @@ def run_foreground(opts: MountOptions, ready_fd: int | None = None) -> int:
     steady_heap()
     try:
         preflight(opts.mountpoint)
+        warn_if_remote(opts.cache_dir)
         with locked_cache_dir(opts.cache_dir), contextlib.ExitStack() as stack:
             if opts.demo:
                 opts.server, opts.nlst_server = stack.enter_context(demo_emulator())

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+# Where SQLite's WAL (which shares memory through a file) and its locks are not safe,
+# and where a cache would read across the network: the cache belongs on a local disk.
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "lustre", "gpfs",
+    "beegfs", "ceph", "glusterfs", "fuse.glusterfs", "fuse.sshfs", "fuse.cephfs",
+    "fuse.s3fs", "fuse.rclone", "fuse.gcsfuse", "fuse.juicefs"})
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -55,3 +63,31 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:
+    """The type of the file system that holds `path`, or would once it is created."""
+    probe = path.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    probe = probe.resolve()
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return None
+    best, found = -1, None
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if "-" not in fields[6:] or len(fields) < 5:
+            continue
+        point = Path(_unescape(fields[4]))
+        # Of nested mounts the deepest holds the path; of stacked ones, the last.
+        if (point == probe or point in probe.parents) and len(point.parts) >= best:
+            best, found = len(point.parts), fields[fields.index("-", 6) + 1]
+    return found
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
