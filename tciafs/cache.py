@@ -171,34 +171,27 @@ class Cache:
     # -- start-up ------------------------------------------------------------------------
 
     def _open_index(self, path: Path) -> tuple[sqlite3.Connection, list[tuple]]:
-        """The index and the files it lists; when it is damaged, a new index of the
-        cached files, from their own headers: a lost index must not cost the bytes."""
+        """The index and the files it lists. An index found damaged, or gone while cached
+        files remain, is made anew from the files' own headers: losing the index must
+        not cost the bytes (the reconcile would delete every unlisted file)."""
+        lost = None if path.exists() else "missing"
         try:
-            db = open_db(path)
+            db, rows = _open_index_db(path)
         except sqlite3.DatabaseError as exc:
             if not is_damaged(exc):
                 raise
-            return self._reindexed(path, exc)
-        try:
-            db.executescript(_SCHEMA)
-            return db, _indexed(db)
-        except sqlite3.DatabaseError as exc:
-            db.close()
-            if not is_damaged(exc):
-                raise
-            return self._reindexed(path, exc)
-
-    def _reindexed(self, path: Path, damage: Exception) -> tuple[sqlite3.Connection, list]:
-        aside = set_aside(path)
-        db = open_db(path)
-        db.executescript(_SCHEMA)
-        started = time.monotonic()
-        files, nbytes = _reindex(db, self.root)
-        log.warning("cache index %s was damaged (%s); set aside as %s. %d cached files "
-                    "(%d bytes) indexed again from their own headers in %.1f s; pins and "
-                    "the service's MD5 confirmations were lost", path, damage, aside,
-                    files, nbytes, time.monotonic() - started)
-        return db, _indexed(db)
+            lost = f"damaged ({exc}); set aside as {set_aside(path)}"
+            db, rows = _open_index_db(path)
+        if lost is not None:
+            started = time.monotonic()
+            files, nbytes = _reindex(db, self.root)
+            if files:
+                log.warning("cache index %s was %s. %d cached files (%d bytes) indexed "
+                            "again from their own headers in %.1f s; pins and the "
+                            "service's MD5 confirmations were lost", path, lost, files,
+                            nbytes, time.monotonic() - started)
+                rows = _indexed(db)
+        return db, rows
 
     def _reconcile(self, rows: list[tuple]) -> None:
         shutil.rmtree(self.root / "tmp", ignore_errors=True)
@@ -934,6 +927,17 @@ def _instance_uids(stored: BinaryIO, *, series_too: bool = True) -> tuple[str, s
     if series_too and not series:
         raise FetchFailed("DICOM file without a SeriesInstanceUID")
     return str(sop), str(series)
+
+
+def _open_index_db(path: Path) -> tuple[sqlite3.Connection, list[tuple]]:
+    """The index, and the files it lists: reading them all shows damage now."""
+    db = open_db(path)
+    try:
+        db.executescript(_SCHEMA)
+        return db, _indexed(db)
+    except BaseException:
+        db.close()
+        raise
 
 
 def _indexed(db: sqlite3.Connection) -> list[tuple]:

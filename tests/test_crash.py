@@ -98,19 +98,27 @@ def _damage(path: Path) -> None:
         db.write(b"not a database, not any more" * 4)
 
 
-def test_a_damaged_index_is_rebuilt_from_the_cached_files(emulator, tmp_path: Path) -> None:
+@pytest.mark.parametrize("lost", ["damaged", "deleted"])
+def test_a_lost_index_is_rebuilt_from_the_cached_files(emulator, tmp_path: Path,
+                                                        lost: str) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    index = cache_dir / "index.sqlite"
     with mounted(emulator, mnt, cache_dir):
         series = _first_ct_series(mnt)
         truth = {p.name: p.read_bytes() for p in sorted(series.glob("*.dcm"))}
         while len(_cached_files(series)) < len(truth):  # the prefetch finishes the rest
             time.sleep(0.05)
     cached = len(list(cache_dir.glob("objects/*/*")))  # sibling series were prefetched too
-    _damage(cache_dir / "index.sqlite")
-    stats_cmd = subprocess.run([sys.executable, "-m", "tciafs", "cache", "stats",
-                                "--cache-dir", str(cache_dir)], capture_output=True, text=True)
-    assert stats_cmd.returncode == 1 and "the next mount sets it aside" in stats_cmd.stderr
-    assert "Traceback" not in stats_cmd.stderr
+    if lost == "damaged":
+        _damage(index)
+        stats_cmd = subprocess.run([sys.executable, "-m", "tciafs", "cache", "stats",
+                                    "--cache-dir", str(cache_dir)], capture_output=True,
+                                   text=True)
+        assert stats_cmd.returncode == 1 and "the next mount sets it aside" in stats_cmd.stderr
+        assert "Traceback" not in stats_cmd.stderr
+    else:  # as someone tidying up, or trying to mend it, would
+        for path in cache_dir.glob("index.sqlite*"):
+            path.unlink()
     with mounted(emulator, mnt, cache_dir):
         reset_stats(emulator.url)
         assert {p.name: p.read_bytes() for p in sorted(series.glob("*.dcm"))} == truth
@@ -120,7 +128,7 @@ def test_a_damaged_index_is_rebuilt_from_the_cached_files(emulator, tmp_path: Pa
         assert count_requests(emulator.url, *IMAGE_ENDPOINTS) == 0  # nothing fetched again
     log = (tmp_path / "mnt-daemon.log").read_text()
     assert f"{cached} cached files" in log and "indexed again" in log
-    assert (cache_dir / "index.sqlite.damaged").exists()
+    assert (index.with_name("index.sqlite.damaged").exists()) == (lost == "damaged")
     checked = _verify(cache_dir)
     assert checked.returncode == 0, checked.stdout
     assert f"checked {cached} files: 0 bad, {cached} not yet confirmed" in checked.stdout
