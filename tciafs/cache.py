@@ -374,6 +374,15 @@ class Cache:
         self._hold_counts(sop, series)
         return self._entry(sop, series)
 
+    async def fetch_lost(self, entry: Entry) -> Entry:
+        """The file of a held entry was deleted from outside: forget it and fetch it
+        again. The caller's hold carries over to the new file."""
+        if entry.sop in self._lru and not os.path.exists(entry.path):
+            self._drop(entry.sop)
+        collection = self.series_collection(entry.series) or ""
+        await self._fetch_one(collection, entry.series, entry.sop)  # not the whole series
+        return self._entry(entry.sop, entry.series)
+
     def _entry(self, sop: str, series: str) -> Entry:
         return Entry(sop, series, self._lru[sop], self._object_file(sop))
 
@@ -424,6 +433,11 @@ class Cache:
         elif streaming:
             with trio.move_on_after(self.hedge_delay):
                 await self._published_event(sop).wait()
+        await self._fetch_one(collection, series, sop)
+
+    async def _fetch_one(self, collection: str, series: str, sop: str) -> None:
+        """Fetch the instance alone, unless a fetch of it is under way: then wait for
+        that one (and try again should it fail)."""
         while sop not in self._lru:
             pending = self._fetching.get(sop)
             if pending is not None:
@@ -784,6 +798,7 @@ class Cache:
 
 
 RESERVE_STEP = 1 << 20
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL
 _SOP_INSTANCE_UID = Tag(0x0008, 0x0018)
 _SERIES_INSTANCE_UID = Tag(0x0020, 0x000E)
 _MD5 = functools.partial(hashlib.md5, usedforsecurity=False)  # a checksum, not security
@@ -798,8 +813,11 @@ class _TmpFile:
         self.expected = expected
         self.path = cache.root / "tmp" / f"{os.getpid()}-{random.getrandbits(64):016x}"
         with _cache_disk(cache.root):
-            self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                                          0o600)
+            try:
+                self.fd: int | None = os.open(self.path, _TMP_FLAGS, 0o600)
+            except FileNotFoundError:  # a cleaner of old, empty directories took tmp/
+                self.path.parent.mkdir(mode=0o700, exist_ok=True)
+                self.fd = os.open(self.path, _TMP_FLAGS, 0o600)
         self.size = 0
         self.reserved = 0
         self._kept = False
@@ -906,8 +924,8 @@ def _finish_file(fd: int | None, path: Path, root: Path) -> tuple[str, str]:
         stored.seek(0)
         sop = _instance_uids(stored, series_too=False)[0]
     parent = object_path(root, sop).parent
-    if not parent.is_dir():
-        parent.mkdir(exist_ok=True, mode=0o700)
+    if not parent.is_dir():  # objects/ too may have been taken, empty, by a cleaner
+        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     return sop, md5
 
 

@@ -310,8 +310,21 @@ class Operations(pyfuse3.Operations):
             return handle.data[off:off + size]
         self.pages.counters["reads_through_daemon"] += 1
         if handle.fd is None:  # most files are read from pages pushed at open, never here
-            handle.fd = os.open(handle.entry.path, os.O_RDONLY)
+            handle.fd = await self._cache_file(handle)
         return os.pread(handle.fd, size, off)
+
+    async def _cache_file(self, handle: OpenFile) -> int:
+        """Open the cache file behind a handle. One deleted from outside (a cleaner of
+        old files in /tmp, a hand) is fetched again under the same hold, not an EIO."""
+        assert handle.entry is not None
+        try:
+            return os.open(handle.entry.path, os.O_RDONLY)
+        except FileNotFoundError:
+            log.warning("the cached file of instance %s was deleted from outside the "
+                        "mount; fetching it again", handle.entry.sop)
+            with trio.fail_after(self.open_timeout):
+                handle.entry = await self.cache.fetch_lost(handle.entry)
+            return os.open(handle.entry.path, os.O_RDONLY)
 
     @fuse_errors
     async def release(self, fh: int) -> None:

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -609,6 +610,28 @@ def _present(cache_dir: Path, series: Path) -> int:
 def _read_all(series: Path) -> None:
     for path in sorted(series.glob("*.dcm")):
         path.read_bytes()
+
+
+def test_cached_files_deleted_from_outside_are_fetched_again(emulator, tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
+    truth = _truth(emulator.url, uid)
+    with mounted(emulator, mnt, cache_dir):
+        series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
+        files = sorted(series.glob("*.dcm"))
+        files[0].read_bytes()  # the series is fetched whole
+        deadline = time.monotonic() + 60
+        while _present(cache_dir, series) < len(files):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        last = files[-1]  # never opened, nor pushed ahead into the kernel's page cache
+        object_path(cache_dir, last.stem).unlink()  # as a cleaner of old files in /tmp does
+        shutil.rmtree(cache_dir / "tmp")  # and of old, empty directories
+        reset_stats(emulator.url)
+        assert last.read_bytes() == truth[last.stem]
+        assert stats(emulator.url)["requests"] == {"getSingleImage": 1}  # that file alone
+    log = (tmp_path / "mnt-daemon.log").read_text()
+    assert "deleted from outside the mount" in log and "Traceback" not in log
 
 
 def test_pin_unpin_stats_clear_and_a_resumed_prefetch(emulator, tmp_path: Path) -> None:
