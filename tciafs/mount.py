@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -186,6 +187,7 @@ def demo_emulator() -> Iterator[tuple[str, str]]:
 def run_foreground(opts: MountOptions, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted or signalled. Reports readiness on `ready_fd`."""
     steady_heap()
+    more_descriptors()
     try:
         preflight(opts.mountpoint)
         warn_if_remote(opts.cache_dir)
@@ -214,6 +216,18 @@ def steady_heap() -> bool:
     except (OSError, AttributeError):
         return False
     return mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+
+
+def more_descriptors(wanted: int = 65536) -> int:
+    """Raise the soft limit on open files toward the hard one, and return it: a file
+    read through the daemon holds a descriptor while open, and readers in parallel
+    soon pass the usual 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _report(ready_fd: int | None, message: str) -> None:

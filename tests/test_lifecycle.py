@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import resource
 import signal
 import socket
 import subprocess
@@ -204,3 +205,16 @@ def test_steady_heap_keeps_large_buffers_out_of_the_heap() -> None:
 
     assert growth("default") >= 12 << 20  # what the daemon avoids, shown on this libc
     assert growth("steady") < 2 << 20
+
+
+def test_the_daemon_raises_its_open_file_limit(emulator, tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))  # a login's default
+    try:
+        with mounted(emulator, tmp_path / "mnt", tmp_path / "cache") as daemon:
+            limits = Path(f"/proc/{daemon.pid}/limits").read_text()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
+    expected = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+    assert int(line.split()[3]) == expected  # the soft limit
