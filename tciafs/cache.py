@@ -171,10 +171,10 @@ class Cache:
     # -- start-up ------------------------------------------------------------------------
 
     def _open_index(self, path: Path) -> tuple[sqlite3.Connection, list[tuple]]:
-        """The index and the files it lists. An index found damaged, or gone while cached
-        files remain, is made anew from the files' own headers: losing the index must
-        not cost the bytes (the reconcile would delete every unlisted file)."""
-        lost = None if path.exists() else "missing"
+        """The index and the files it lists. An index found damaged, or gone (or empty)
+        while cached files remain, is made anew from the files' own headers: losing the
+        index must not cost the bytes (the reconcile would delete every unlisted file)."""
+        lost = None
         try:
             db, rows = _open_index_db(path)
         except sqlite3.DatabaseError as exc:
@@ -182,6 +182,8 @@ class Cache:
                 raise
             lost = f"damaged ({exc}); set aside as {set_aside(path)}"
             db, rows = _open_index_db(path)
+        if lost is None and db.execute("SELECT 1 FROM instances LIMIT 1").fetchone() is None:
+            lost = "missing or empty"  # deleted, or a rebuild was cut short
         if lost is not None:
             started = time.monotonic()
             files, nbytes = _reindex(db, self.root)

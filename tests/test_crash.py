@@ -3,9 +3,11 @@ ever served, and every remount verifies clean."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -98,7 +100,7 @@ def _damage(path: Path) -> None:
         db.write(b"not a database, not any more" * 4)
 
 
-@pytest.mark.parametrize("lost", ["damaged", "deleted"])
+@pytest.mark.parametrize("lost", ["damaged", "deleted", "emptied"])
 def test_a_lost_index_is_rebuilt_from_the_cached_files(emulator, tmp_path: Path,
                                                         lost: str) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
@@ -116,9 +118,12 @@ def test_a_lost_index_is_rebuilt_from_the_cached_files(emulator, tmp_path: Path,
                                    text=True)
         assert stats_cmd.returncode == 1 and "the next mount sets it aside" in stats_cmd.stderr
         assert "Traceback" not in stats_cmd.stderr
-    else:  # as someone tidying up, or trying to mend it, would
+    elif lost == "deleted":  # as someone tidying up, or trying to mend it, would
         for path in cache_dir.glob("index.sqlite*"):
             path.unlink()
+    else:  # as a rebuild killed before its one transaction ended leaves it
+        with contextlib.closing(sqlite3.connect(index)) as db, db:
+            db.execute("DELETE FROM instances")
     with mounted(emulator, mnt, cache_dir):
         reset_stats(emulator.url)
         assert {p.name: p.read_bytes() for p in sorted(series.glob("*.dcm"))} == truth
