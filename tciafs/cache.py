@@ -118,8 +118,12 @@ class CacheStats:
 class Cache:
     def __init__(self, root: Path, max_bytes: int, client: NbiaClient | None = None, *,
                  prefetch: bool = True, series_parallel: int = 4,
-                 hedge_delay: float = 0.5, attempts: int = 3) -> None:
+                 hedge_delay: float = 0.5, attempts: int = 3,
+                 still_starting: Callable[[], None] | None = None) -> None:
+        """`still_starting` is called now and then while a long start-up (rebuilding a
+        lost index) goes on, to tell a service manager not to give up on it."""
         self.root = root
+        self._still_starting = still_starting
         self.max_bytes = max_bytes
         self.client = client
         self.prefetch = prefetch
@@ -184,16 +188,24 @@ class Cache:
             db, rows = _open_index_db(path)
         if lost is None and db.execute("SELECT 1 FROM instances LIMIT 1").fetchone() is None:
             lost = "missing or empty"  # deleted, or a rebuild was cut short
-        if lost is not None:
-            started = time.monotonic()
-            files, nbytes = _reindex(db, self.root)
-            if files:
-                log.warning("cache index %s was %s. %d cached files (%d bytes) indexed "
-                            "again from their own headers in %.1f s; pins and the "
-                            "service's MD5 confirmations were lost", path, lost, files,
-                            nbytes, time.monotonic() - started)
-                rows = _indexed(db)
+        if lost is not None and next((self.root / "objects").glob("*/*"), None):
+            self._rebuild(db, path, lost)
+            rows = _indexed(db)
         return db, rows
+
+    def _rebuild(self, db: sqlite3.Connection, path: Path, lost: str) -> None:
+        log.warning("cache index %s is %s: indexing the cached files again", path,
+                    lost.split(";")[0])
+        started = time.monotonic()
+        files, nbytes = _reindex(db, self.root, self._reindex_progress)
+        log.warning("cache index %s was %s. %d cached files (%d bytes) indexed again from "
+                    "their own headers in %.1f s; pins and the service's MD5 confirmations "
+                    "were lost", path, lost, files, nbytes, time.monotonic() - started)
+
+    def _reindex_progress(self, files: int) -> None:
+        if self._still_starting is not None:
+            self._still_starting()
+        log.info("cache index: %d cached files indexed so far", files)
 
     def _reconcile(self, rows: list[tuple]) -> None:
         shutil.rmtree(self.root / "tmp", ignore_errors=True)
@@ -800,6 +812,7 @@ class Cache:
 
 
 RESERVE_STEP = 1 << 20
+REINDEX_REPORT_EVERY = 10.0  # seconds; systemd is told to wait 60 s more each time
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL
 _SOP_INSTANCE_UID = Tag(0x0008, 0x0018)
 _SERIES_INSTANCE_UID = Tag(0x0020, 0x000E)
@@ -966,12 +979,18 @@ def _indexed(db: sqlite3.Connection) -> list[tuple]:
                       "ORDER BY last_access").fetchall()
 
 
-def _reindex(db: sqlite3.Connection, root: Path) -> tuple[int, int]:
+def _reindex(db: sqlite3.Connection, root: Path,
+             progress: Callable[[int], None]) -> tuple[int, int]:
     """Index every readable cached file anew (unverified); what cannot be read stays
-    out, and the reconcile that follows deletes it. Returns files and bytes."""
+    out, and the reconcile that follows deletes it. Returns files and bytes; calls
+    `progress` with the count so far every REINDEX_REPORT_EVERY seconds."""
     listed = _listed_series(root)
     rows = []
+    next_report = time.monotonic() + REINDEX_REPORT_EVERY
     for path in (root / "objects").glob("*/*"):
+        if time.monotonic() >= next_report:
+            progress(len(rows))
+            next_report = time.monotonic() + REINDEX_REPORT_EVERY
         try:
             with path.open("rb") as stored:
                 sop, series = _instance_uids(stored)

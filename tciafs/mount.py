@@ -346,7 +346,8 @@ def _offline_selection(catalog: Catalog, opts: MountOptions,
 async def _serve_tree(client: NbiaClient, catalog: Catalog, selection: list[Series] | None,
                       opts: MountOptions, ready_fd: int | None, offline: str | None) -> None:
     size = opts.cache_size or default_cache_size(opts.cache_dir)
-    cache = Cache(opts.cache_dir, size, client, prefetch=opts.prefetch)
+    cache = Cache(opts.cache_dir, size, client, prefetch=opts.prefetch,
+                  still_starting=lambda: notify_systemd(f"EXTEND_TIMEOUT_USEC={60_000_000}"))
     tree = Tree(client, catalog, listing_ttl=opts.listing_ttl, layout=opts.layout,
                 ahead_at_once=opts.max_connections // 2,
                 selection=selection)

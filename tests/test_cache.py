@@ -750,6 +750,28 @@ async def test_a_withdrawn_series_is_evicted_first(emulator, client, tmp_path: P
     cache.close()
 
 
+async def test_a_long_rebuild_of_the_index_keeps_telling_it_is_starting(
+        emulator, client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
+    cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=False)
+
+    async def body() -> None:
+        for sop in _sops(emulator.url, uid)[:3]:
+            cache.release(await cache.acquire("Demo-Lung CT_2024", uid, sop))
+
+    await _with_cache(cache, body)
+    cache.close()
+    for path in (tmp_path / "c").glob("index.sqlite*"):
+        path.unlink()
+    monkeypatch.setattr(cache_module, "REINDEX_REPORT_EVERY", 0.0)  # as if each file were slow
+    ticks: list[float] = []
+    rebuilt = Cache(tmp_path / "c", 1 << 30, client, still_starting=lambda: ticks.append(1))
+    try:
+        assert rebuilt.entries == 3 and len(ticks) == 3
+    finally:
+        rebuilt.close()
+
+
 async def test_stats_of_a_cache_in_use_show_recent_hits(emulator, client,
                                                         tmp_path: Path) -> None:
     cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=False)
