@@ -145,6 +145,8 @@ def test_a_damaged_catalog_is_set_aside_and_listed_again(emulator, tmp_path: Pat
         before = sorted(os.listdir(mnt))
     (catalog,) = cache_dir.glob("catalog-*.sqlite")
     _damage(catalog)
+    subprocess.run([sys.executable, "-m", "tciafs", "cache", "stats", "--cache-dir",
+                    str(cache_dir)], check=True, capture_output=True)  # the index is fine
     with mounted(emulator, mnt, cache_dir):
         assert sorted(os.listdir(mnt)) == before
     assert catalog.with_name(catalog.name + ".damaged").exists()
