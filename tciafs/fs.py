@@ -344,7 +344,7 @@ class Operations(pyfuse3.Operations):
         data.f_blocks = self.cache.max_bytes // block
         data.f_bfree = data.f_bavail = max(0, self.cache.max_bytes - self.cache.used_bytes
                                            ) // block
-        data.f_files = self.tree.catalog.count()
+        data.f_files = self.tree.catalog.highest_inode()
         data.f_ffree = data.f_favail = 0
         data.f_namemax = 255
         return data

@@ -30,6 +30,9 @@ def test_vanished_entries_take_their_subtree_with_them(tmp_path: Path) -> None:
     cat.replace_children(ROOT_INODE, _kids("B"))
     assert [n.name for n in cat.children(ROOT_INODE)] == ["B"]
     assert cat.count() == 2  # root and B
+    # What statfs reports as inodes: cheap, and never fewer than the entries.
+    (b,) = cat.children(ROOT_INODE)
+    assert cat.highest_inode() == b.ino > cat.count()
 
 
 def test_another_source_starts_afresh(tmp_path: Path) -> None:
