@@ -82,3 +82,24 @@ def test_a_selection_is_kept_for_a_start_without_the_service(tmp_path: Path) -> 
     catalog = Catalog(path, "server|manifest:other")  # another source forgets it
     assert catalog.stored_selection() is None and not catalog.has_listings()
     catalog.close()
+
+
+def test_studies_and_series_are_found_by_uid_and_instances_not(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.sqlite", "src")
+    cat.replace_children(ROOT_INODE, _kids("A"))
+    (a,) = cat.children(ROOT_INODE)
+    cat.replace_children(a.ino, [NewChild("p", Kind.PATIENT, "p", "A")])
+    (p,) = cat.children(a.ino)
+    cat.replace_children(p.ino, [NewChild("1.2", Kind.STUDY, "1.2", "A")])
+    (study,) = cat.children(p.ino)
+    cat.replace_children(study.ino, [NewChild("1.2.3", Kind.SERIES, "1.2.3", "A", "1.2.3")])
+    (series,) = cat.children(study.ino)
+    cat.replace_children(series.ino, [NewChild("1.2.3.4.dcm", Kind.INSTANCE, "1.2.3.4", "A",
+                                               "1.2.3")])
+    assert cat.find_uid("1.2") == study and cat.find_uid("1.2.3") == series
+    assert cat.find_uid("1.2.3.4") is None and cat.find_uid("9.9") is None
+    cat.close()
+    reopened = Catalog(tmp_path / "c.sqlite", "src")  # the index is made for old catalogs too
+    assert reopened.db.execute("SELECT count(*) FROM sqlite_master WHERE name='nodes_uid'"
+                               ).fetchone()[0] == 1
+    assert reopened.find_uid("1.2.3") == series
