@@ -69,6 +69,7 @@ class NewChild:
 # Literal, in the partial index and in the queries that use it: given as parameters, the
 # kinds would not let SQLite see that the index covers a query.
 _UID_KINDS = f"{int(Kind.STUDY)}, {int(Kind.SERIES)}"
+_SERIES = int(Kind.SERIES)
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS nodes(
@@ -85,6 +86,7 @@ CREATE TABLE IF NOT EXISTS nodes(
 CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- Studies and series by UID, for commands that name one; instances, the millions, stay out.
 CREATE INDEX IF NOT EXISTS nodes_uid ON nodes(ident) WHERE kind IN ({_UID_KINDS});
+CREATE INDEX IF NOT EXISTS series_by_collection ON nodes(collection) WHERE kind = {_SERIES};
 CREATE TABLE IF NOT EXISTS withdrawn(
     series_uid TEXT PRIMARY KEY,
     meta TEXT NOT NULL,
@@ -234,9 +236,11 @@ class Catalog:
     def collection_facts(self, collection: str) -> dict[str, Any]:
         """The collection row's metadata merged with the first series row's license/DOI."""
         facts: dict[str, Any] = {}
-        for kind in (Kind.COLLECTION, Kind.SERIES):
-            row = self.db.execute("SELECT meta FROM nodes WHERE collection=? AND kind=? LIMIT 1",
-                                  (collection, int(kind))).fetchone()
+        # Collections are the first rows; a collection's first series may come after
+        # millions of other rows, and is found through series_by_collection.
+        for kind in (int(Kind.COLLECTION), _SERIES):
+            row = self.db.execute(f"SELECT meta FROM nodes WHERE collection=? AND kind={kind} "
+                                  "LIMIT 1", (collection,)).fetchone()
             if row:
                 meta = json.loads(row[0])
                 facts.update({k: meta[k] for k in ("host", "license_name", "license_uri",

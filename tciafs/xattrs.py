@@ -31,6 +31,8 @@ _DICOM_FIELDS: dict[Kind, dict[str, str]] = {
                   "StudyDescription": "study_description", "PatientID": "patient_id",
                   "StudyInstanceUID": "study_uid"},
 }
+# Every attribute's name starts with one of these (user.tciafs.status at the root).
+PREFIXES = (b"user.tcia.", b"user.dicom.", b"user.tciafs.")
 _LEVEL = {Kind.ROOT: "root", Kind.COLLECTION: "collection", Kind.PATIENT: "patient",
           Kind.STUDY: "study", Kind.SERIES: "series", Kind.INSTANCE: "instance",
           Kind.SIDECAR: "sidecar"}

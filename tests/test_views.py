@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -55,6 +56,10 @@ def test_sidecars_and_xattrs(emulator, tmp_path: Path) -> None:
         assert os.stat(coll / ".LICENSE").st_size == len((coll / ".LICENSE").read_bytes())
 
         assert _xattrs(coll)["user.tcia.level"] == "collection"
+        for foreign in ("security.selinux", "user.other"):  # what `ls -l` and others ask
+            with pytest.raises(OSError) as missing:
+                os.getxattr(coll, foreign)
+            assert missing.value.errno == errno.ENODATA
         assert _xattrs(coll)["user.tcia.license_uri"].startswith("http")
         patient = series.parent.parent
         pattrs = _xattrs(patient)
