@@ -50,23 +50,25 @@ class _Throttled:
     """Logs a condition when it starts, then at most once per interval while it lasts,
     with how often it recurred: a full cache fails every read, and must not flood the log."""
 
-    def __init__(self, interval: float = 60.0) -> None:
+    def __init__(self, level: int = logging.ERROR, interval: float = 60.0) -> None:
+        self.level = level
         self.interval = interval
         self._last = -interval
         self._since = 0
 
-    def error(self, message: str) -> None:
+    def note(self, message: str) -> None:
         now = time.monotonic()
         if now - self._last < self.interval:
             self._since += 1
             return
         again = f" (and {self._since} times more since the last message)" if self._since else ""
-        log.error("%s%s", message, again)
+        log.log(self.level, "%s%s", message, again)
         self._last, self._since = now, 0
 
 
 _cache_full = _Throttled()
 _cache_disk = _Throttled()
+_lost_files = _Throttled(logging.WARNING)  # a cleaner deletes them by the thousand
 
 
 def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -82,10 +84,10 @@ def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]
             log.info("%s: not found: %s", handler.__name__, exc)
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         except CacheFull as exc:
-            _cache_full.error(str(exc))
+            _cache_full.note(str(exc))
             raise pyfuse3.FUSEError(errno.ENOSPC) from None
         except CacheDiskError as exc:
-            _cache_disk.error(f"{exc}; only files cached already can be read")
+            _cache_disk.note(f"{exc}; only files cached already can be read")
             raise pyfuse3.FUSEError(errno.EIO) from None
         except (ClientError, FetchFailed, ListingUnavailable, trio.TooSlowError) as exc:
             log.error("%s failed: %s", handler.__name__, exc or type(exc).__name__)
@@ -320,8 +322,8 @@ class Operations(pyfuse3.Operations):
         try:
             return os.open(handle.entry.path, os.O_RDONLY)
         except FileNotFoundError:
-            log.warning("the cached file of instance %s was deleted from outside the "
-                        "mount; fetching it again", handle.entry.sop)
+            _lost_files.note(f"the cached file of instance {handle.entry.sop} was deleted "
+                             "from outside the mount; fetching it again")
             with trio.fail_after(self.open_timeout):
                 handle.entry = await self.cache.fetch_lost(handle.entry)
             return os.open(handle.entry.path, os.O_RDONLY)
