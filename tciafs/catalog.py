@@ -152,6 +152,7 @@ class Catalog:
         try:
             self._migrate()
             self.db.executescript(_SCHEMA)
+            self.children(ROOT_INODE)  # what a mount reads first: damage there shows now
         except BaseException:
             self.db.close()
             raise

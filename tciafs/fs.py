@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import sqlite3
 import stat
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ import trio
 
 from tciafs import sidecars, xattrs
 from tciafs.cache import Cache, CacheDiskError, CacheFull, Entry, FetchFailed
-from tciafs.catalog import ROOT_INODE, Kind, Node
+from tciafs.catalog import ROOT_INODE, Kind, Node, is_damaged
 from tciafs.client import ClientError, NotFound
 from tciafs.control import CONTROL_NAME, Control, TargetError
 from tciafs.pagecache import PageFeeder
@@ -69,6 +70,7 @@ class _Throttled:
 _cache_full = _Throttled()
 _cache_disk = _Throttled()
 _lost_files = _Throttled(logging.WARNING)  # a cleaner deletes them by the thousand
+_damaged_db = _Throttled()
 
 
 def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -94,6 +96,15 @@ def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]
             raise pyfuse3.FUSEError(errno.EIO) from None
         except NotADirectoryError:
             raise pyfuse3.FUSEError(errno.ENOTDIR) from None
+        except sqlite3.DatabaseError as exc:
+            if not is_damaged(exc):
+                log.exception("unexpected error in %s", handler.__name__)
+            else:  # found after start: the open-time check reads only part of a catalog
+                _damaged_db.note(f"{handler.__name__}: a database of the cache is damaged "
+                                 f"({exc}); unmount, and delete the catalog-*.sqlite files "
+                                 "(listings are fetched again) or index.sqlite (rebuilt "
+                                 "from the cached files) of the cache directory")
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
             log.exception("unexpected error in %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None

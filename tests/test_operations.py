@@ -418,3 +418,28 @@ async def test_with_one_connection_nothing_is_listed_ahead(emulator, tmp_path: P
         assert all(tree.catalog.get(p.ino).listed is None
                    for p in others if p.kind is Kind.PATIENT)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_catalog_found_damaged_after_start_is_eio_and_one_clear_line(
+        emulator, tmp_path: Path, caplog) -> None:
+    client, ops = _build(emulator, tmp_path)
+    async with client:
+        series = [a.st_ino for a in await Harness(ops, None).series()]  # all listed, stored
+    ops.tree.catalog.close()
+    ops.cache.close()
+    path = tmp_path / "catalog.sqlite"
+    size = path.stat().st_size
+    with path.open("r+b") as db:  # a disk fault in the rows stored last: the last series'
+        db.seek(size - size // 4)
+        db.write(b"\xde\xad" * (size // 8))
+    client, ops = _build(emulator, tmp_path)  # opens: the rows read at start are sound
+    async with client:
+        with caplog.at_level("ERROR", logger="tciafs.fs"):
+            for _ in range(3):
+                with pytest.raises(pyfuse3.FUSEError) as err:
+                    await Harness(ops, None).readdir(series[-1])
+                assert err.value.errno == errno.EIO
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("a database of the cache is damaged" in line for line in lines) == 1, lines
+    assert not any(r.exc_info for r in caplog.records)  # no traceback
+    ops.cache.close()
