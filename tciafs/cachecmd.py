@@ -15,6 +15,7 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,10 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
         c = csub.add_parser(name, help=text)
         c.add_argument("--cache-dir", type=Path, default=None)
         c.add_argument("--json", action="store_true")
+        if name == "verify":
+            c.add_argument("--repair", action="store_true",
+                           help="drop the bad files (no mount may use the cache), so "
+                                "that the next read fetches them again")
     for name, text in (("prefetch", "fetch collections, patients, studies or series now"),
                        ("pin", "fetch and keep: pinned data is never evicted"),
                        ("unpin", "let pinned data be evicted again"),
@@ -181,8 +186,10 @@ def _verify(args: argparse.Namespace) -> int:
             bad.append((sop, f"size {found} != {size}"))
         elif digest != md5:
             bad.append((sop, "MD5 mismatch"))
+    db.close()
+    repaired = _repair(root, [sop for sop, _ in bad]) if args.repair and bad else 0
     doc = {"checked": checked, "bad": [{"sop": s, "problem": p} for s, p in bad],
-           "not_confirmed_by_server_md5": unconfirmed}
+           "not_confirmed_by_server_md5": unconfirmed, "repaired": repaired}
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
@@ -190,7 +197,36 @@ def _verify(args: argparse.Namespace) -> int:
               "by a server MD5 list")
         for sop, problem in bad:
             print(f"  {sop}: {problem}")
-    return 1 if bad else 0
+        if repaired:
+            print(f"repaired: {repaired} bad files dropped; a read fetches them again")
+    return 1 if bad and repaired < len(bad) else 0
+
+
+def _repair(root: Path, sops: list[str]) -> int:
+    """Drop the bad files from a cache no mount uses; returns how many."""
+    # Opening it reconciles: files missing or of the wrong size are forgotten there.
+    with _offline_cache(root) as cache:
+        cache.discard(sops)
+    return len(sops)
+
+
+@contextlib.contextmanager
+def _offline_cache(root: Path) -> Iterator[Cache]:
+    """The cache directory itself, opened by this command: no mount may use it."""
+    from tciafs.cache import Cache
+    from tciafs.mount import MountError, locked_cache_dir
+
+    with contextlib.closing(_index(root)) as db:
+        bound = dict(db.execute("SELECT key, value FROM settings")).get("bound")
+    try:
+        with locked_cache_dir(root):
+            cache = Cache(root, max_bytes=int(bound) if bound else 1 << 62)
+            try:
+                yield cache
+            finally:
+                cache.close()
+    except MountError as exc:
+        raise CommandError(str(exc)) from None
 
 
 # -- through a mount -----------------------------------------------------------------------
@@ -253,20 +289,9 @@ def _clear_all(args: argparse.Namespace) -> int:
 def _in_cache_dir(args: argparse.Namespace) -> int:
     """clear or unpin on the cache directory itself, which no mount may use: everything
     (clear without PATH), or the series named by UID, withdrawn ones too."""
-    from tciafs.cache import Cache
-    from tciafs.mount import MountError, locked_cache_dir
-
     root = args.cache_dir or paths.cache_home()
-    bound = dict(_index(root).execute("SELECT key, value FROM settings")).get("bound")
-    try:
-        with locked_cache_dir(root):
-            cache = Cache(root, max_bytes=int(bound) if bound else 1 << 62)
-            try:
-                _change_series(cache, args.cache_command, args.paths, root)
-            finally:
-                cache.close()
-    except MountError as exc:
-        raise CommandError(str(exc)) from None
+    with _offline_cache(root) as cache:
+        _change_series(cache, args.cache_command, args.paths, root)
     return 0
 
 

@@ -267,7 +267,8 @@ async def test_verify_command_reports_a_corrupted_file(emulator, client,
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "checked 2 files: 0 bad" in ok.stdout
     path = object_path(tmp_path / "c", sops[1])
-    data = bytearray(path.read_bytes())
+    good = path.read_bytes()
+    data = bytearray(good)
     data[-1] ^= 0xFF  # same size, one flipped byte
     path.write_bytes(bytes(data))
     bad = subprocess.run(verify, capture_output=True, text=True)
@@ -281,6 +282,22 @@ async def test_verify_command_reports_a_corrupted_file(emulator, client,
     first.unlink()
     assert f"{sops[0]}: missing" in subprocess.run(verify, capture_output=True,
                                                    text=True).stdout
+    repair = subprocess.run([*verify, "--repair"], capture_output=True, text=True)
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    assert "repaired: 2 bad files dropped" in repair.stdout
+    after = subprocess.run(verify, capture_output=True, text=True)
+    assert after.returncode == 0 and "checked 0 files: 0 bad" in after.stdout
+    stats = json.loads(_cli("stats", "--json", "--cache-dir", str(tmp_path / "c")).stdout)
+    assert stats["bound"] == 1 << 30  # the command kept the cache's own bound
+    cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=False)
+
+    async def read_again() -> None:  # the damaged one is fetched anew, right this time
+        entry = await cache.acquire("Demo-Lung CT_2024", uid, sops[1])
+        assert Path(entry.path).read_bytes() == good
+        cache.release(entry)
+
+    await _with_cache(cache, read_again)
+    cache.close()
 
 
 async def test_eviction_makes_a_complete_series_incomplete(emulator, client,
