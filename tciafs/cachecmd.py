@@ -187,9 +187,15 @@ def _verify(args: argparse.Namespace) -> int:
         elif digest != md5:
             bad.append((sop, "MD5 mismatch"))
     db.close()
-    repaired = _repair(root, [sop for sop, _ in bad]) if args.repair and bad else 0
+    repaired, refused = 0, None
+    if args.repair and bad:
+        try:
+            repaired = _repair(root, [sop for sop, _ in bad])
+        except CommandError as exc:
+            refused = str(exc)
     doc = {"checked": checked, "bad": [{"sop": s, "problem": p} for s, p in bad],
-           "not_confirmed_by_server_md5": unconfirmed, "repaired": repaired}
+           "not_confirmed_by_server_md5": unconfirmed, "repaired": repaired,
+           "repair_refused": refused}
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
@@ -199,6 +205,8 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"  {sop}: {problem}")
         if repaired:
             print(f"repaired: {repaired} bad files dropped; a read fetches them again")
+        if refused:
+            print(f"not repaired: {refused}")
     return 1 if bad and repaired < len(bad) else 0
 
 
@@ -225,8 +233,9 @@ def _offline_cache(root: Path) -> Iterator[Cache]:
                 yield cache
             finally:
                 cache.close()
-    except MountError as exc:
-        raise CommandError(str(exc)) from None
+    except MountError:
+        raise CommandError(f"cache directory {root} is in use by a tciafs mount: unmount "
+                           "it first, or act through the mount (a PATH on it)") from None
 
 
 # -- through a mount -----------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -282,6 +283,11 @@ async def test_verify_command_reports_a_corrupted_file(emulator, client,
     first.unlink()
     assert f"{sops[0]}: missing" in subprocess.run(verify, capture_output=True,
                                                    text=True).stdout
+    with open(tmp_path / "c" / "lock", "a") as lock:  # as a running mount holds it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        refused = subprocess.run([*verify, "--repair"], capture_output=True, text=True)
+    assert refused.returncode == 1 and f"{sops[1]}: MD5 mismatch" in refused.stdout
+    assert "not repaired: cache directory" in refused.stdout and "unmount" in refused.stdout
     repair = subprocess.run([*verify, "--repair"], capture_output=True, text=True)
     assert repair.returncode == 0, repair.stdout + repair.stderr
     assert "repaired: 2 bad files dropped" in repair.stdout
