@@ -414,8 +414,8 @@ class Tree:
             self._forget_listing(study.ino)
         self._note_revised(before, series)
         if answered:
-            listed = {s.series_uid for s in series}
-            self._note_withdrawn([n for uid, n in before.items() if uid not in listed])
+            still = {s.series_uid for s in series}
+            self._note_withdrawn([n for uid, n in before.items() if uid not in still])
 
     def _note_revised(self, before: dict[str, Node], listed: Sequence[Series]) -> None:
         """Series whose submission date moved, or that come back after a withdrawal:
@@ -426,24 +426,19 @@ class Tree:
         for s in listed:
             old = before.get(s.series_uid)
             meta = old.meta if old is not None else returned.get(s.series_uid)
-            if meta is None:
+            was, now = (meta or {}).get("submission_date"), plain(s).get("submission_date")
+            if meta is None or not _stale(was, now, back=old is None):
                 continue
-            was, now = meta.get("submission_date"), plain(s).get("submission_date")
-            if old is not None and (not was or not now or was == now):
-                continue  # listed before: a date must have moved
-            if old is None and was and was == now:
-                continue  # back as it was: its cached bytes stand
             why = ("was re-submitted to the service" if old is not None
                    else "is listed again after a withdrawal")
             log.warning("series %s %s (%s, before %s)", s.series_uid, why, now, was)
             node = self.catalog.get(old.ino) if old is not None else None
             node = node or self.catalog.find_uid(s.series_uid)  # renamed, or new
-            if node is None:
-                continue
-            self.catalog.mark_listed([node.ino], 0.0)  # stale, but kept for offline
-            self._forget_listing(node.ino)
-            self._nodes.pop(node.ino, None)
-            self._revised.append(node.ino)
+            if node is not None:
+                self.catalog.mark_listed([node.ino], 0.0)  # stale, but kept for offline
+                self._forget_listing(node.ino)
+                self._nodes.pop(node.ino, None)
+                self._revised.append(node.ino)
 
     def _note_withdrawn(self, gone: list[Node]) -> None:
         """Series that a listing which did answer no longer shows: TCIA withdrew them."""
@@ -538,6 +533,17 @@ class Tree:
         self._forget_listing(ino)
         self.catalog.mark_listed([ino], 0.0)
         self._nodes.pop(ino, None)
+
+
+def _stale(was: str | None, now: str | None, *, back: bool) -> bool:
+    """Whether bytes cached under submission date `was` may differ from the series now.
+
+    A series listed all along is stale when its date moved (without both dates, nothing
+    can tell); one back from a withdrawal is trusted only with the very date it left with.
+    """
+    if back:
+        return not (was and was == now)
+    return bool(was and now and was != now)
 
 
 def _unique(children: list[NewChild], what: str) -> list[NewChild]:
