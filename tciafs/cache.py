@@ -170,6 +170,7 @@ class Cache:
         # Counts each series' re-submissions seen: a download that began before the last
         # one may carry the old bytes, and is not published.
         self._revision: collections.Counter[str] = collections.Counter()
+        self._withdrawn: set[str] = set()  # series the archive stopped listing, this run
         self._reconcile(indexed)
 
     # -- start-up ------------------------------------------------------------------------
@@ -573,6 +574,8 @@ class Cache:
         tmp.adopted()
         self._series_of[sop] = series
         self._lru[sop] = tmp.size
+        if series in self._withdrawn:  # a fetch still under way brought it
+            self._lru.move_to_end(sop, last=False)
         self._sizes[sop] = tmp.size
         if self.db.execute("SELECT pinned FROM instances WHERE sop=?", (sop,)).fetchone()[0]:
             self._pinned.add(sop)
@@ -599,7 +602,8 @@ class Cache:
                     "INSERT OR REPLACE INTO instances(sop, series, collection, size, md5, "
                     "verified, present, last_access, pinned) VALUES (?, ?, ?, ?, ?, ?, 1, ?, "
                     "(SELECT pinned FROM series WHERE uid=?))",
-                    (sop, series, collection, size, md5, int(verified), time.time(), series))
+                    (sop, series, collection, size, md5, int(verified),
+                     0.0 if series in self._withdrawn else time.time(), series))
                 return
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode & 0xFF in _DB_DISK_ERRORS:
@@ -760,6 +764,7 @@ class Cache:
         whether the series is pinned (then it wants fetching again)."""
         row = self.db.execute("SELECT pinned FROM series WHERE uid=?", (series,)).fetchone()
         self._revision[series] += 1
+        self._withdrawn.discard(series)  # back with new bytes, if it was withdrawn
         self._service_md5.pop(series, None)  # listed for the bytes from before
         self.failed_series.pop(series, None)  # the new ones may well fetch
         dropped = self._clear(series, keep_pinned=False)
@@ -775,7 +780,9 @@ class Cache:
     def series_withdrawn(self, series: str) -> tuple[int, int, int]:
         """The archive no longer lists the series: its cached files, of no use unless it
         comes back, are the first to go when room is needed. Nothing is deleted now, so a
-        listing that was wrong costs nothing. Returns files, bytes and pinned files."""
+        listing that was wrong costs nothing. Files a fetch under way still brings go
+        first too. Returns files, bytes and pinned files."""
+        self._withdrawn.add(series)
         sops = [sop for sop, in self.db.execute(
             "SELECT sop FROM instances WHERE series=? AND present=1", (series,))
             if sop in self._lru]
@@ -785,6 +792,10 @@ class Cache:
         self.db.execute("UPDATE instances SET last_access=0 WHERE series=?", (series,))
         return (len(sops), sum(self._lru[s] for s in sops),
                 sum(s in self._pinned for s in sops))
+
+    def series_back(self, series: str) -> None:
+        """Listed again as it was: files fetched from now on are used as any others."""
+        self._withdrawn.discard(series)
 
     def _forget_revised(self, sops: list[str]) -> None:
         """Forget all about files dropped as stale: the new ones may differ in size too."""

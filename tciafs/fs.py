@@ -254,7 +254,9 @@ class Operations(pyfuse3.Operations):
         if pinned:
             self.cache.start_series_fetch(series.collection, series.ident)
 
-    async def series_withdrawn(self, uids: list[str]) -> None:
+    async def series_withdrawn(self, uids: list[str], back: list[str]) -> None:
+        for uid in back:
+            self.cache.series_back(uid)
         for uid in uids:
             files, nbytes, pinned = self.cache.series_withdrawn(uid)
             if files:

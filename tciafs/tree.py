@@ -105,9 +105,11 @@ class Tree:
         # submission date moved), once the listing that showed it is stored.
         self.on_series_revised: Callable[[Node], Awaitable[None]] | None = None
         self._revised: list[int] = []
-        # Called with the UIDs of series that a listing which answered no longer shows.
-        self.on_series_withdrawn: Callable[[list[str]], Awaitable[None]] | None = None
+        # Called with the UIDs of series that a listing which answered no longer shows,
+        # and of those listed again as they were when withdrawn.
+        self.on_series_withdrawn: Callable[[list[str], list[str]], Awaitable[None]] | None = None
         self._withdrawn: list[str] = []
+        self._back: list[str] = []
         self._nursery: trio.Nursery | None = None
         self._ahead: set[int] = set()  # series whose listing is fetched ahead now
         self.listed_ahead = 0  # listings fetched ahead of a traversal, for status
@@ -427,7 +429,11 @@ class Tree:
             old = before.get(s.series_uid)
             meta = old.meta if old is not None else returned.get(s.series_uid)
             was, now = (meta or {}).get("submission_date"), plain(s).get("submission_date")
-            if meta is None or not _stale(was, now, back=old is None):
+            if meta is None:
+                continue
+            if not _stale(was, now, back=old is None):
+                if old is None:
+                    self._back.append(s.series_uid)
                 continue
             why = ("was re-submitted to the service" if old is not None
                    else "is listed again after a withdrawal")
@@ -454,9 +460,9 @@ class Tree:
             node = self.node(self._revised.pop())
             if node is not None and self.on_series_revised is not None:
                 await self.on_series_revised(node)
-        if self._withdrawn and self.on_series_withdrawn is not None:
-            gone, self._withdrawn = self._withdrawn, []
-            await self.on_series_withdrawn(gone)
+        if (self._withdrawn or self._back) and self.on_series_withdrawn is not None:
+            gone, back, self._withdrawn, self._back = self._withdrawn, self._back, [], []
+            await self.on_series_withdrawn(gone, back)
 
     def _study_names(self, firsts: list[Series], study_ids: dict[str, str]) -> list[str]:
         if self.layout != "descriptive":

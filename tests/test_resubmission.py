@@ -194,6 +194,32 @@ async def test_a_re_submission_between_a_zips_last_file_and_its_end_is_caught(
         cache.close()
 
 
+async def test_files_a_fetch_brings_after_a_withdrawal_go_first(archive: TinyArchive,
+                                                                tmp_path: Path) -> None:
+    series = uid(NOISY.key)
+    with EmulatorServers(archive, Options(faults=FaultConfig(bandwidth=400_000))) as servers:
+        async with _client(servers) as client, trio.open_nursery() as nursery:
+            cache = Cache(tmp_path / "c", 1 << 30, client)
+            await nursery.start(cache.run)
+            done = await _fetch_until(cache, NOISY, files_in=2)
+            cache.series_withdrawn(series)  # as the mount does, seeing it gone
+            await _read_series(cache, SMALL)  # used now: evicted after all of NOISY
+            assert not done.is_set()
+            with trio.fail_after(60):
+                await done.wait()
+            assert cache.cached_count(series) == NOISY.count
+            assert _last_access(tmp_path / "c", series) == {0.0}  # all 20 of them
+            ahead = list(cache._lru)[:NOISY.count]  # the first to go, in this run too
+            assert sorted(ahead) == sorted(uid(NOISY.key, n) for n in range(1, NOISY.count + 1))
+            # Back as it was: files fetched from then on are used as any others.
+            cache.series_back(series)
+            cache.clear(series)
+            await _read_series(cache, NOISY)
+            assert 0.0 not in _last_access(tmp_path / "c", series)
+            nursery.cancel_scope.cancel()
+        cache.close()
+
+
 async def test_md5s_listed_for_the_old_bytes_do_not_refuse_the_new_ones(
         archive: TinyArchive, tmp_path: Path) -> None:
     series = uid(SMALL.key)
