@@ -43,7 +43,7 @@ import trio
 from pydicom.filereader import read_partial
 from pydicom.tag import Tag
 
-from tciafs.catalog import Kind, is_damaged, open_db, set_aside, transaction
+from tciafs.catalog import Kind, is_damaged, open_db, set_aside, stored_rows, transaction
 from tciafs.client import (
     ChecksumMismatch,
     ClientError,
@@ -195,8 +195,7 @@ class Cache:
         return db, rows
 
     def _rebuild(self, db: sqlite3.Connection, path: Path, lost: str) -> None:
-        log.warning("cache index %s is %s: indexing the cached files again", path,
-                    lost.split(";")[0])
+        log.warning("cache index %s is %s: indexing the cached files again", path, lost)
         started = time.monotonic()
         files, nbytes = _reindex(db, self.root, self._reindex_progress)
         log.warning("cache index %s was %s. %d cached files (%d bytes) indexed again from "
@@ -1034,17 +1033,10 @@ def _reindex(db: sqlite3.Connection, root: Path,
 
 def _listed_series(root: Path) -> dict[str, tuple[str, int | None]]:
     """Collection and image count of each series the mounts' catalogs listed."""
-    found: dict[str, tuple[str, int | None]] = {}
-    for path in root.glob("catalog-*.sqlite"):
-        try:
-            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-                for uid, collection, meta in db.execute(
-                        "SELECT ident, collection, meta FROM nodes WHERE kind=?",
-                        (int(Kind.SERIES),)):
-                    found[uid] = (collection, json.loads(meta).get("image_count"))
-        except (sqlite3.Error, ValueError):
-            continue  # a damaged catalog: collections stay unknown
-    return found
+    rows = stored_rows(root, "SELECT ident, collection, meta FROM nodes WHERE kind=?",
+                       (int(Kind.SERIES),))
+    return {uid: (collection, json.loads(meta).get("image_count"))
+            for uid, collection, meta in rows}
 
 
 def object_path(root: Path, sop: str) -> Path:

@@ -148,16 +148,9 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _withdrawn(root: Path) -> list[str]:
     """Series the archive stopped listing, as the mounts' catalogs remember them."""
-    found: set[str] = set()
-    for path in root.glob("catalog-*.sqlite"):
-        try:
-            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-                if _has_table(db, "withdrawn"):
-                    found.update(uid for uid, in db.execute(
-                        "SELECT series_uid FROM withdrawn"))
-        except sqlite3.Error:
-            continue  # a damaged catalog, which the next mount sets aside
-    return sorted(found)
+    from tciafs.catalog import stored_rows
+
+    return sorted({uid for uid, in stored_rows(root, "SELECT series_uid FROM withdrawn")})
 
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:

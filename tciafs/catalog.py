@@ -66,10 +66,9 @@ class NewChild:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-# Literal, in the partial index and in the queries that use it: given as parameters, the
-# kinds would not let SQLite see that the index covers a query.
+# Written into the partial index and into find_uid's query: an IN list of parameters
+# would hide from SQLite that the index covers the query (a single `kind=?` does not).
 _UID_KINDS = f"{int(Kind.STUDY)}, {int(Kind.SERIES)}"
-_SERIES = int(Kind.SERIES)
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS nodes(
@@ -86,7 +85,8 @@ CREATE TABLE IF NOT EXISTS nodes(
 CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- Studies and series by UID, for commands that name one; instances, the millions, stay out.
 CREATE INDEX IF NOT EXISTS nodes_uid ON nodes(ident) WHERE kind IN ({_UID_KINDS});
-CREATE INDEX IF NOT EXISTS series_by_collection ON nodes(collection) WHERE kind = {_SERIES};
+CREATE INDEX IF NOT EXISTS series_by_collection ON nodes(collection)
+    WHERE kind = {int(Kind.SERIES)};
 CREATE TABLE IF NOT EXISTS withdrawn(
     series_uid TEXT PRIMARY KEY,
     meta TEXT NOT NULL,
@@ -126,6 +126,19 @@ def set_aside(path: Path) -> Path:
     for suffix in ("-wal", "-shm"):
         path.with_name(path.name + suffix).unlink(missing_ok=True)
     return aside
+
+
+def stored_rows(cache_dir: Path, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+    """Rows of a query over every catalog in a cache directory, read-only; a catalog
+    that cannot answer (damaged, or older than the table asked for) adds none."""
+    rows: list[tuple] = []
+    for path in sorted(cache_dir.glob("catalog-*.sqlite")):
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                rows += db.execute(sql, params).fetchall()
+        except sqlite3.Error:
+            continue
+    return rows
 
 
 class Catalog:
@@ -239,9 +252,9 @@ class Catalog:
         facts: dict[str, Any] = {}
         # Collections are the first rows; a collection's first series may come after
         # millions of other rows, and is found through series_by_collection.
-        for kind in (int(Kind.COLLECTION), _SERIES):
-            row = self.db.execute(f"SELECT meta FROM nodes WHERE collection=? AND kind={kind} "
-                                  "LIMIT 1", (collection,)).fetchone()
+        for kind in (Kind.COLLECTION, Kind.SERIES):
+            row = self.db.execute("SELECT meta FROM nodes WHERE collection=? AND kind=? LIMIT 1",
+                                  (collection, int(kind))).fetchone()
             if row:
                 meta = json.loads(row[0])
                 facts.update({k: meta[k] for k in ("host", "license_name", "license_uri",

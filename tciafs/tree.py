@@ -335,12 +335,14 @@ class Tree:
                              coll.ident, meta=plain(p)) for p in patients]
         children += [NewChild(name, Kind.SIDECAR, name, coll.ident)
                      for name in COLLECTION_SIDECARS]
-        listed = {p.patient_id for p in patients}
-        gone = [self.catalog.series_under(n.ino) for n in self.catalog.children(coll.ino)
-                if n.kind is Kind.PATIENT and n.ident not in listed]
+        gone: list[Node] = []
+        if patients and self.selection is None:  # an empty answer may be a glitch
+            listed = {p.patient_id for p in patients}
+            for n in self.catalog.children(coll.ino):
+                if n.kind is Kind.PATIENT and n.ident not in listed:
+                    gone += self.catalog.series_under(n.ino).values()
         self.catalog.replace_children(coll.ino, _unique(children, "patient"))
-        if patients and self.selection is None:
-            self._note_withdrawn([n for under in gone for n in under.values()])
+        self._note_withdrawn(gone)
 
     async def _fetch_patient(self, patient: Node | None) -> None:
         if patient is None:
@@ -428,9 +430,9 @@ class Tree:
         for s in listed:
             old = before.get(s.series_uid)
             meta = old.meta if old is not None else returned.get(s.series_uid)
-            was, now = (meta or {}).get("submission_date"), plain(s).get("submission_date")
             if meta is None:
                 continue
+            was, now = meta.get("submission_date"), plain(s).get("submission_date")
             if not _stale(was, now, back=old is None):
                 if old is None:
                     self._back.append(s.series_uid)
