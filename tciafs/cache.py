@@ -26,6 +26,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -111,6 +112,7 @@ class CacheStats:
     bytes_fetched: int = 0
     single_fetches: int = 0
     series_fetches: int = 0
+    series_resumed: int = 0  # series completed by fetching only their missing files
     evictions: int = 0
     md5_mismatches: int = 0
 
@@ -133,6 +135,9 @@ class Cache:
         # Told of each file whose bytes the service's MD5 list refused, once removed here:
         # copies of them elsewhere (the kernel's page cache) must go too.
         self.on_refused: Callable[[str], Awaitable[None]] | None = None
+        # The SOP Instance UIDs a series lists, or None when it is not known: a series
+        # already partly cached then fetches only the files it lacks.
+        self.instances_of: Callable[[str], Awaitable[list[str] | None]] | None = None
         for sub in ("objects", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         self._objects = str(root / "objects")
@@ -522,8 +527,19 @@ class Cache:
             if stream.size is not None and tmp.size != stream.size:
                 raise FetchFailed(f"got {tmp.size} of {stream.size} bytes")
             await self._publish(tmp, collection, series, revision, expect_sop=sop,
-                                expect_md5=self._service_md5.get(series, {}).get(sop))
+                                expect_md5=self._listed_md5(series, sop))
         self.stats.single_fetches += 1
+
+    def _listed_md5(self, series: str, sop: str) -> str | None:
+        """The MD5 the service listed for an instance, if any list named it: the one of
+        a fetch under way, else the one that confirmed an earlier copy, since evicted or
+        lost (a re-submission forgets those). A single image comes without one."""
+        listed = self._service_md5.get(series, {}).get(sop)
+        if listed is None:
+            row = self.db.execute("SELECT md5 FROM instances WHERE sop=? AND verified=1",
+                                  (sop,)).fetchone()
+            listed = row[0] if row else None
+        return listed
 
     @asynccontextmanager
     async def _tmpfile(self, series: str, expected: int | None = None
@@ -634,8 +650,12 @@ class Cache:
         self._busy_series[series] += 1
         try:
             async with self._series_limiter:
-                await self._with_attempts(f"series {series}", self._download_series,
-                                          collection, series)
+                missing = await self._missing(series)
+                if missing is None:
+                    await self._with_attempts(f"series {series}", self._download_series,
+                                              collection, series)
+                else:
+                    await self._download_missing(collection, series, missing)
             self.failed_series.pop(series, None)
         except (ClientError, FetchFailed, CacheFull, CacheDiskError) as exc:
             log.error("series fetch failed: %s", exc)
@@ -658,16 +678,22 @@ class Cache:
         progress = self.in_flight[series] = [0, 0]
         revision = self._revision[series]
         names: dict[str, tuple[str, str]] = {}  # entry name → (sop, md5)
+        partly_cached = self.cached_count(series) > 0
         # Each file is hashed as stored, when it is published: not by the ZIP reader.
         async with self.client.open_series(collection, series, hash_entries=False) as stream:
             async for member in stream.members():
-                async with self._tmpfile(series) as tmp:
-                    async for chunk in member.chunks():
-                        await tmp.write(chunk)
-                        progress[0] += len(chunk)
-                    names[member.name] = await self._publish(tmp, collection, series,
-                                                             revision)
-                    progress[1] += 1
+                blocks = member.chunks()
+                head = await _head_of(blocks) if partly_cached else []
+                known = self._cached_copy(head)
+                if known is None:
+                    known = await self._store(collection, series, revision, head, blocks,
+                                              progress)
+                else:  # cached already: not written again, but its CRC is still checked
+                    progress[0] += sum(map(len, head))
+                    async for block in blocks:
+                        progress[0] += len(block)
+                names[member.name] = known
+                progress[1] += 1
             expected = stream.md5s
         self._check_revision(series, revision)  # the list may be of the new bytes
         self.stats.series_fetches += 1
@@ -677,6 +703,103 @@ class Cache:
                 for sop in bad:
                     await self.on_refused(sop)
             await self._fetch_again(collection, series, bad)
+        self._mark_complete(series, collection)
+
+    async def _store(self, collection: str, series: str, revision: int, head: list[bytes],
+                     blocks: AsyncIterator[bytes], progress: list[int]) -> tuple[str, str]:
+        """Write one ZIP entry to the cache and publish it; its SOP UID and MD5."""
+        async with self._tmpfile(series) as tmp:
+            for block in head:
+                await tmp.write(block)
+            progress[0] += tmp.size
+            async for block in blocks:
+                await tmp.write(block)
+                progress[0] += len(block)
+            return await self._publish(tmp, collection, series, revision)
+
+    def _cached_copy(self, head: list[bytes]) -> tuple[str, str] | None:
+        """The SOP UID and stored MD5 of the instance whose file starts with `head`, when
+        the cache holds it already: the ZIP's copy need not be written again."""
+        if not head:
+            return None
+        try:
+            sop = _instance_uids(io.BytesIO(b"".join(head)), series_too=False,
+                                 meta_too=False)[0]
+        except FetchFailed:  # the header is longer than the head: store it as usual
+            return None
+        if sop not in self._lru or sop in self._stale:
+            return None
+        row = self.db.execute("SELECT md5 FROM instances WHERE sop=?", (sop,)).fetchone()
+        return (sop, row[0]) if row else None
+
+    async def _missing(self, series: str) -> list[str] | None:
+        """The files a partly cached series lacks, when fetching them one by one leaves it
+        as verified as the ZIP would, for less; None when the ZIP is the better way.
+
+        A few files evicted, deleted or dropped as damaged would otherwise cost the whole
+        series again. Every file the series lists must have been confirmed by an MD5 list
+        of the service before (the index keeps those MD5s after eviction), so that each
+        single fetched now is checked against its own. Single images come uncompressed,
+        the ZIP about 2-3 times smaller for CT: up to a quarter missing, singles win, and
+        they use several connections at once.
+        """
+        if self.instances_of is None or not self.cached_count(series):
+            return None
+        try:
+            listed = await self.instances_of(series)
+        except Exception as exc:  # no listing now: the ZIP needs none
+            log.info("series %s: fetching it whole, its listing failed: %s", series, exc)
+            return None
+        if not listed:
+            return None
+        confirmed = {sop for sop, in self.db.execute(
+            "SELECT sop FROM instances WHERE series=? AND verified=1", (series,))}
+        missing = [sop for sop in listed if sop not in self._lru]
+        if len(missing) * RESUME_SHARE > len(listed) or not confirmed.issuperset(listed):
+            return None
+        return missing
+
+    async def _download_missing(self, collection: str, series: str,
+                                missing: list[str]) -> None:
+        """Complete a partly cached series with getSingleImage, a few files at once."""
+        if missing:
+            log.info("series %s: fetching its %d missing files one by one", series,
+                     len(missing))
+        progress = self.in_flight[series] = [0, 0]
+        revision = self._revision[series]
+        todo = iter(missing)
+        failed: list[FetchFailed] = []
+        fatal: list[Exception] = []  # the cache itself cannot take more: stop at once
+
+        async def worker(scope: trio.CancelScope) -> None:
+            for sop in todo:
+                try:
+                    await self._fetch_one(collection, series, sop)
+                except FetchFailed as exc:
+                    failed.append(exc)
+                    continue
+                except (CacheFull, CacheDiskError) as exc:
+                    fatal.append(exc)
+                    scope.cancel()
+                    return
+                progress[0] += self._sizes.get(sop, 0)
+                progress[1] += 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(RESUME_PARALLEL, len(missing))):
+                nursery.start_soon(worker, nursery.cancel_scope)
+        if fatal:
+            raise fatal[0]
+        if failed:
+            raise FetchFailed(f"{len(failed)} of the {len(missing)} missing files of series "
+                              f"{series} could not be fetched; the first: {failed[0]}")
+        self._check_revision(series, revision)
+        if any(sop not in self._lru for sop in missing):  # evicted again meanwhile
+            raise FetchFailed(f"series {series} does not fit in the cache as it is now")
+        self.stats.series_resumed += 1
+        self._mark_complete(series, collection)
+
+    def _mark_complete(self, series: str, collection: str) -> None:
         self.db.execute("INSERT INTO series(uid, collection, complete, fetched) VALUES "
                         "(?, ?, 1, ?) ON CONFLICT(uid) DO UPDATE SET complete=1, fetched=?",
                         (series, collection, time.time(), time.time()))
@@ -766,8 +889,10 @@ class Cache:
         self._withdrawn.discard(series)  # back with new bytes, if it was withdrawn
         self._service_md5.pop(series, None)  # listed for the bytes from before
         self.failed_series.pop(series, None)  # the new ones may well fetch
+        evicted = [sop for sop, in self.db.execute(
+            "SELECT sop FROM instances WHERE series=? AND present=0", (series,))]
         dropped = self._clear(series, keep_pinned=False)
-        self._forget_revised(dropped)
+        self._forget_revised(dropped + evicted)  # sizes and MD5s of files evicted before too
         # Files held open keep their bytes for now; the last release drops them. The
         # index forgets them at once: should the daemon die first, the next start
         # deletes them as orphans instead of serving them.
@@ -828,6 +953,9 @@ class Cache:
 
 
 RESERVE_STEP = 1 << 20
+RESUME_SHARE = 4  # a confirmed series lacking at most 1/4 of its files gets singles
+RESUME_PARALLEL = 4  # singles of one series fetched at once
+HEAD_BYTES = 16 << 10  # DICOM headers name the SOP Instance UID well within this
 REINDEX_REPORT_EVERY = 10.0  # seconds; systemd is told to wait 60 s more each time
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL
 _SOP_INSTANCE_UID = Tag(0x0008, 0x0018)
@@ -932,6 +1060,19 @@ def _cache_disk(root: Path, *, full_too: bool = True) -> Iterator[None]:
                              f"{exc.strerror or exc}") from exc
 
 
+async def _head_of(blocks: AsyncIterator[bytes]) -> list[bytes]:
+    """The first blocks of a ZIP entry, enough to hold its DICOM header's UIDs."""
+    head: list[bytes] = []
+    size = 0
+    while size < HEAD_BYTES:
+        block = await anext(blocks, None)
+        if block is None:
+            break
+        head.append(block)
+        size += len(block)
+    return head
+
+
 def _write_all(fd: int | None, data: bytes, offset: int) -> None:
     assert fd is not None
     view = memoryview(data)
@@ -960,14 +1101,17 @@ def _finish_file(fd: int | None, path: Path, root: Path) -> tuple[str, str]:
     return sop, md5
 
 
-def _instance_uids(stored: BinaryIO, *, series_too: bool = True) -> tuple[str, str]:
-    """SOPInstanceUID (and SeriesInstanceUID) from a file's header."""
+def _instance_uids(stored: BinaryIO, *, series_too: bool = True,
+                   meta_too: bool = True) -> tuple[str, str]:
+    """SOPInstanceUID (and SeriesInstanceUID) from a file's header; with `meta_too`,
+    the file meta's MediaStorageSOPInstanceUID stands in for a missing one."""
     last = _SERIES_INSTANCE_UID if series_too else _SOP_INSTANCE_UID
     try:
         # Parsing stops past the last UID wanted: the rest is never needed here.
         ds = read_partial(stored, stop_when=lambda tag, vr, length: tag > last,
                           specific_tags=[_SOP_INSTANCE_UID, last])
-        sop = ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
+        sop = ds.get("SOPInstanceUID") or (
+            ds.file_meta.get("MediaStorageSOPInstanceUID") if meta_too else None)
         series = ds.get("SeriesInstanceUID") if series_too else ""
     except Exception as exc:  # pydicom raises many kinds for a body that is not DICOM
         raise FetchFailed(f"not a DICOM file: {exc}") from exc

@@ -137,6 +137,7 @@ class Operations(pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self.pages = PageFeeder(tree, cache)
         cache.on_refused = self.pages.refused
+        cache.instances_of = tree.instance_uids
         tree.on_series_revised = self.series_revised
         tree.on_series_withdrawn = self.series_withdrawn
         self._next_fh = 1

@@ -124,7 +124,8 @@ def snapshot(*, server: str, api: str, started: float, client: Any, cache: Any) 
                   "hits": s.hits, "misses": s.misses,
                   "hit_ratio": s.hits / looked if looked else 0.0,
                   "bytes_fetched": s.bytes_fetched, "single_fetches": s.single_fetches,
-                  "series_fetches": s.series_fetches, "evictions": s.evictions,
+                  "series_fetches": s.series_fetches, "series_resumed": s.series_resumed,
+                  "evictions": s.evictions,
                   "md5_mismatches": s.md5_mismatches},
         "in_flight": {k: {"bytes": v[0], "instances": v[1]}
                       for k, v in cache.in_flight.items()},

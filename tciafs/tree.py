@@ -145,6 +145,14 @@ class Tree:
     async def children(self, ino: int) -> list[Node]:
         return list((await self._listing(ino)).values())
 
+    async def instance_uids(self, series_uid: str) -> list[str] | None:
+        """The SOP Instance UIDs a series lists now (listing it if need be), or None for
+        a series the catalog does not hold."""
+        node = self.catalog.find_uid(series_uid)
+        if node is None or node.kind is not Kind.SERIES:
+            return None
+        return [c.ident for c in await self.children(node.ino) if c.kind is Kind.INSTANCE]
+
     def following(self, node: Node, count: int) -> list[Node]:
         """Up to `count` entries after `node` in its directory, in the order `ls` shows.
 

@@ -550,6 +550,27 @@ async def test_files_the_service_stores_damaged_are_never_served(
     assert _verified(tmp_path / "c", uid) == {sops[-1]: 1}
 
 
+async def test_a_file_fetched_again_alone_is_checked_against_the_md5_listed_before(
+        emulator, client, damage, tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=False, attempts=2)
+    uid = _series(emulator.url)[1]["SeriesInstanceUID"]
+    sop = _sops(emulator.url, uid)[0]
+
+    async def body() -> None:
+        await cache.start_series_fetch("Demo-Lung CT_2024", uid).wait()
+        cache.clear(uid)  # evicted; the index keeps what the service's list confirmed
+        damage(1.0, "getSingleImage")
+        with pytest.raises(cache_module.FetchFailed, match="MD5"):
+            await cache.acquire("Demo-Lung CT_2024", uid, sop)
+        damage(0.0)
+        entry = await cache.acquire("Demo-Lung CT_2024", uid, sop)
+        cache.release(entry)
+
+    await _with_cache(cache, body)
+    cache.close()
+    assert _verified(tmp_path / "c", uid)[sop] == 1
+
+
 def test_a_persistent_md5_mismatch_is_eio_through_the_mount(emulator, damage,
                                                             tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
@@ -655,6 +676,51 @@ def test_cached_files_deleted_from_outside_are_fetched_again(emulator, tmp_path:
         assert stats(emulator.url)["requests"] == {"getSingleImage": 1}  # that file alone
     log = (tmp_path / "mnt-daemon.log").read_text()
     assert "deleted from outside the mount" in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("lost", ["three", "three unconfirmed", "most"])
+def test_a_partly_cached_series_fetches_only_what_it_lacks(emulator, tmp_path: Path,
+                                                           lost: str) -> None:
+    """A few files lost (evicted, deleted, dropped as damaged) cost those files alone,
+    each checked against the MD5 the service listed before. With no such MD5 (a ZIP
+    cut short before its list), or most files lost, the ZIP again; the files cached
+    already are not written again."""
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
+    truth = _truth(emulator.url, uid)
+    with mounted(emulator, mnt, cache_dir):
+        series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
+        assert _cli("prefetch", str(series)).returncode == 0
+    sops = sorted(truth)
+    gone = sops[::7][:3] if lost.startswith("three") else sops[:len(sops) * 3 // 4]
+    for sop in gone:
+        object_path(cache_dir, sop).unlink()
+    if lost == "three unconfirmed":
+        with contextlib.closing(sqlite3.connect(cache_dir / "index.sqlite")) as db, db:
+            db.execute("UPDATE instances SET verified=0")
+    with mounted(emulator, mnt, cache_dir) as daemon:
+        reset_stats(emulator.url)
+        written = _bytes_written(daemon.pid)
+        resumed = _cli("prefetch", str(series))
+        assert resumed.returncode == 0, resumed.stderr
+        written = _bytes_written(daemon.pid) - written
+        want = ({"getSOPInstanceUIDs": 1, "getSingleImage": 3} if lost == "three"
+                else {"getSOPInstanceUIDs": 1, "getImage": 1})
+        assert stats(emulator.url)["requests"] == want
+        lost_bytes = sum(len(truth[sop]) for sop in gone)
+        kept_bytes = sum(map(len, truth.values())) - lost_bytes
+        assert written < lost_bytes + kept_bytes // 2  # the index's writes are small
+        assert {p.stem: p.read_bytes() for p in series.glob("*.dcm")} == truth
+        assert stats(emulator.url)["requests"] == want  # the reads fetched nothing more
+    assert set(_verified(cache_dir, uid).values()) == {1}
+    log = (tmp_path / "mnt-daemon.log").read_text()
+    assert ("fetching its 3 missing files one by one" in log) == (lost == "three")
+
+
+def _bytes_written(pid: int) -> int:
+    """What a process has passed to write() so far."""
+    io_counts = Path(f"/proc/{pid}/io").read_text().split()
+    return int(io_counts[io_counts.index("wchar:") + 1])
 
 
 def test_pin_unpin_stats_clear_and_a_resumed_prefetch(emulator, tmp_path: Path) -> None:

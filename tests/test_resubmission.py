@@ -241,6 +241,32 @@ async def test_md5s_listed_for_the_old_bytes_do_not_refuse_the_new_ones(
         cache.close()
 
 
+async def test_md5s_that_confirmed_evicted_copies_do_not_refuse_the_new_bytes(
+        archive: TinyArchive, tmp_path: Path) -> None:
+    series = uid(SMALL.key)
+    with EmulatorServers(archive, Options()) as servers:
+        async with _client(servers) as client, trio.open_nursery() as nursery:
+            cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=False, attempts=2)
+            await nursery.start(cache.run)
+            await cache.start_series_fetch(CT_LUNG, series).wait()
+            assert set(_verified(tmp_path / "c", series)) == {1}
+            cache.clear(series)  # evicted: the index keeps their sizes and MD5s
+            archive.submit(SMALL, "after ", AGAIN)
+            cache.drop_revised(series)
+            assert all(b"after " in data for data in await _read_series(cache, SMALL))
+            nursery.cancel_scope.cancel()
+        cache.close()
+
+
+def _verified(root: Path, series: str) -> list[int]:
+    db = sqlite3.connect(root / "index.sqlite")
+    try:
+        return [v for v, in db.execute("SELECT verified FROM instances WHERE series=?",
+                                       (series,))]
+    finally:
+        db.close()
+
+
 def test_a_withdrawn_series_can_still_be_unpinned_and_cleared(archive: TinyArchive,
                                                               tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
