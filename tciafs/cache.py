@@ -869,11 +869,13 @@ class Cache:
         for sop, in self.db.execute("SELECT sop FROM instances WHERE series=?", (series,)):
             (self._pinned.add if pinned else self._pinned.discard)(sop)
 
-    def discard(self, sops: list[str]) -> None:
-        """Drop files found damaged on disk, pinned ones too: no copy beats a bad one."""
-        for sop in sops:
-            if sop in self._lru and not self._open[sop]:
-                self._drop(sop)
+    def discard(self, sops: list[str]) -> list[str]:
+        """Drop files found damaged on disk, pinned ones too: no copy beats a bad one.
+        Open ones stay, as their readers may hold their pages. Returns those dropped."""
+        dropped = [sop for sop in sops if sop in self._lru and not self._open[sop]]
+        for sop in dropped:
+            self._drop(sop)
+        return dropped
 
     def clear(self, series: str | None = None) -> int:
         """Drop cached bytes (of one series, or all) that nobody holds open and nobody

@@ -36,8 +36,9 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
         c.add_argument("--json", action="store_true")
         if name == "verify":
             c.add_argument("--repair", action="store_true",
-                           help="drop the bad files (no mount may use the cache), so "
-                                "that the next read fetches them again")
+                           help="drop the bad files (through the mount that uses the "
+                                "cache, if one does), so that the next read fetches "
+                                "them again")
     for name, text in (("prefetch", "fetch collections, patients, studies or series now"),
                        ("pin", "fetch and keep: pinned data is never evicted"),
                        ("unpin", "let pinned data be evicted again"),
@@ -171,7 +172,8 @@ def _verify(args: argparse.Namespace) -> int:
                 found = os.fstat(stored.fileno()).st_size
                 digest = hashlib.file_digest(stored, "md5").hexdigest()
         except FileNotFoundError:
-            bad.append((sop, "missing"))
+            if _still_present(db, sop):  # else a mount evicted it while we looked
+                bad.append((sop, "missing"))
             continue
         checked += 1
         unconfirmed += not verified
@@ -186,6 +188,9 @@ def _verify(args: argparse.Namespace) -> int:
             repaired = _repair(root, [sop for sop, _ in bad])
         except CommandError as exc:
             refused = str(exc)
+        if refused is None and repaired < len(bad):
+            refused = (f"{len(bad) - repaired} are open now: run it again once they are "
+                       "closed")
     doc = {"checked": checked, "bad": [{"sop": s, "problem": p} for s, p in bad],
            "not_confirmed_by_server_md5": unconfirmed, "repaired": repaired,
            "repair_refused": refused}
@@ -203,12 +208,36 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if bad and repaired < len(bad) else 0
 
 
+def _still_present(db: sqlite3.Connection, sop: str) -> bool:
+    row = db.execute("SELECT present FROM instances WHERE sop=?", (sop,)).fetchone()
+    return bool(row and row[0])
+
+
 def _repair(root: Path, sops: list[str]) -> int:
-    """Drop the bad files from a cache no mount uses; returns how many."""
-    # Opening it reconciles: files missing or of the wrong size are forgotten there.
-    with _offline_cache(root) as cache:
-        cache.discard(sops)
-    return len(sops)
+    """Drop the bad files, through the mount that uses the cache if one does; returns
+    how many are gone (a mount keeps those open now)."""
+    mnt = _mount_using(root)
+    if mnt is None:
+        # Opening it reconciles: files missing or of the wrong size are forgotten there.
+        with _offline_cache(root) as cache:
+            cache.discard(sops)
+        return len(sops)
+    for start in range(0, len(sops), DROP_BATCH):
+        _send(mnt, "drop", "\n".join(sops[start:start + DROP_BATCH]))
+    with contextlib.closing(_index(root)) as db:
+        return sum(not _still_present(db, sop) for sop in sops)
+
+
+def _mount_using(root: Path) -> Path | None:
+    """The running mount whose cache directory is `root`, if any."""
+    for mnt in status.mounted_tciafs():
+        try:
+            used = status.read_status(mnt).get("cache_dir")
+        except (OSError, ValueError):  # another user's, or a daemon that hangs up
+            continue
+        if used and Path(used).resolve() == root.resolve():
+            return mnt
+    return None
 
 
 @contextlib.contextmanager
@@ -363,6 +392,8 @@ class _Progress:
             self.last_line = elapsed
         sys.stderr.flush()
 
+
+DROP_BATCH = 500  # SOP UIDs per xattr value, well under the kernel's 64 KiB
 
 _COMMANDS = {"stats": _stats, "verify": _verify, "prefetch": _steer, "pin": _steer,
              "unpin": _steer, "clear": _steer}

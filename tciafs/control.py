@@ -1,9 +1,10 @@
 """Commands a running mount accepts through its control file.
 
-`tciafs cache prefetch|pin|unpin|clear` write an xattr on the hidden control file
-`.__tciafs__` at the mount root (owner-writable, so the kernel lets the call through
-on an otherwise read-only tree). The value names the target: a path relative to the
-mount root, or a bare Study/Series UID. Prefetch jobs run in the background; their
+`tciafs cache prefetch|pin|unpin|clear` (and `verify --repair`, as "drop") write an
+xattr on the hidden control file `.__tciafs__` at the mount root (owner-writable, so
+the kernel lets the call through on an otherwise read-only tree). The value names the
+target: a path relative to the mount root, or a bare Study/Series UID; for "drop", the
+SOP Instance UIDs of the files to drop. Prefetch jobs run in the background; their
 progress is part of the status document.
 """
 
@@ -21,7 +22,7 @@ from tciafs.tree import Tree
 log = logging.getLogger(__name__)
 
 CONTROL_NAME = ".__tciafs__"
-COMMANDS = ("prefetch", "pin", "unpin", "clear", "logout")
+COMMANDS = ("prefetch", "pin", "unpin", "clear", "logout", "drop")
 
 
 class TargetError(Exception):
@@ -54,6 +55,9 @@ class Control:
             await self.tree.client.become_guest()
             log.info("logged out: the user's token is revoked; going on as the guest")
             return 0
+        if command == "drop":
+            await self._drop(target.split())
+            return 0
         try:
             node = await self.resolve(target)
         except TargetError:
@@ -74,6 +78,17 @@ class Control:
             if command == "unpin":
                 return 0
         return self._start_job(target, series)
+
+    async def _drop(self, sops: list[str]) -> None:
+        """Files `cache verify --repair` found damaged on disk (SOP UIDs): dropped, with
+        the kernel's copies, so that the next read fetches them again. Open ones stay."""
+        dropped = self.cache.discard(sops)
+        if self.cache.on_refused is not None:
+            for sop in dropped:
+                await self.cache.on_refused(sop)
+        log.warning("dropped %d cached files found damaged on disk%s", len(dropped),
+                    f"; {len(sops) - len(dropped)} open or gone already were left"
+                    if len(dropped) < len(sops) else "")
 
     def _cached_only(self, command: str, uid: str) -> bool:
         """A series the archive no longer lists (withdrawn) may still be in the cache,

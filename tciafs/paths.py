@@ -81,13 +81,13 @@ def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:
         fields = line.split(" ")
         if "-" not in fields[6:] or len(fields) < 5:
             continue
-        point = Path(_unescape(fields[4]))
+        point = Path(unescape_mount_field(fields[4]))
         # Of nested mounts the deepest holds the path; of stacked ones, the last.
         if (point == probe or point in probe.parents) and len(point.parts) >= best:
             best, found = len(point.parts), fields[fields.index("-", 6) + 1]
     return found
 
 
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+def unescape_mount_field(field: str) -> str:
+    """/proc mount tables write space, tab, newline and backslash as octal escapes."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tciafs import paths
 from tciafs.paths import format_size
 
 STATUS_XATTR = "user.tciafs.status"
@@ -25,7 +26,7 @@ def mounted_tciafs() -> list[Path]:
         for line in mounts:
             fields = line.split()
             if len(fields) > 2 and fields[2] == "fuse.tciafs":
-                found.append(Path(fields[1].replace("\\040", " ")))
+                found.append(Path(paths.unescape_mount_field(fields[1])))
     return found
 
 
@@ -118,6 +119,7 @@ def snapshot(*, server: str, api: str, started: float, client: Any, cache: Any) 
     looked = s.hits + s.misses
     return {
         "pid": os.getpid(), "server": server, "api": api, "uptime": time.time() - started,
+        "cache_dir": str(cache.root),
         "requests": client.stats.as_dict(),
         "unreachable": client.unreachable,
         "cache": {"used": cache.used_bytes, "bound": cache.max_bytes, "entries": cache.entries,

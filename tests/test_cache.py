@@ -306,6 +306,35 @@ async def test_verify_command_reports_a_corrupted_file(emulator, client,
     cache.close()
 
 
+def test_verify_repairs_a_mounted_cache_through_its_mount(emulator, tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
+    truth = _truth(emulator.url, uid)
+    verify = ["verify", "--repair", "--cache-dir", str(cache_dir)]
+    with mounted(emulator, mnt, cache_dir, "--no-prefetch"):  # no sibling series fetched
+        series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
+        assert _cli("prefetch", str(series)).returncode == 0  # nothing opened: no pages
+        held, other = sorted(series.glob("*.dcm"))[:2]
+        for path in (held, other):
+            damaged = bytearray(truth[path.stem])
+            damaged[-1] ^= 0xFF
+            object_path(cache_dir, path.stem).write_bytes(bytes(damaged))
+        with held.open("rb") as reader:  # open files stay: their readers hold their pages
+            first = _cli(*verify)
+            assert first.returncode == 1, first.stdout + first.stderr
+            assert "repaired: 1 bad files dropped" in first.stdout
+            assert "1 are open now" in first.stdout
+            assert reader.read() != truth[held.stem]
+        reset_stats(emulator.url)
+        assert other.read_bytes() == truth[other.stem]
+        second = _cli(*verify)
+        assert second.returncode == 0 and "repaired: 1 bad files dropped" in second.stdout
+        assert held.read_bytes() == truth[held.stem]  # the kernel's copy went too
+        assert stats(emulator.url)["requests"] == {"getSingleImage": 2}
+        assert _cli("verify", "--cache-dir", str(cache_dir)).returncode == 0
+    assert set(_verified(cache_dir, uid).values()) == {1}
+
+
 async def test_eviction_makes_a_complete_series_incomplete(emulator, client,
                                                          tmp_path: Path) -> None:
     cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=True)
