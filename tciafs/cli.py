@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import os
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="settings file (default $XDG_CONFIG_HOME/tciafs/config.toml)")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--log-file", type=Path, default=None, help=argparse.SUPPRESS)
 
 
 def _add_umount(sub: argparse._SubParsersAction) -> None:
@@ -105,11 +107,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(debug: bool) -> None:
+LOG_BYTES = 16 << 20  # a detached daemon's log file, before it is rotated
+LOG_BACKUPS = 3
+
+
+class DaemonLog(logging.handlers.RotatingFileHandler):
+    """A detached daemon's log, bounded (a --debug mount logs every request), with its
+    stdout and stderr following the current file, so that whatever bypasses logging
+    (a traceback at exit) lands beside the rest."""
+
+    def __init__(self, path: Path, max_bytes: int = LOG_BYTES,
+                 backups: int = LOG_BACKUPS) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups)
+        self._follow()
+
+    def doRollover(self) -> None:  # noqa: N802 (the logging module's name)
+        super().doRollover()
+        self._follow()
+
+    def _follow(self) -> None:
+        if self.stream is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd in (1, 2):
+                os.dup2(self.stream.fileno(), fd)
+
+
+def setup_logging(debug: bool, log_file: Path | None = None) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr)
+        handlers=[DaemonLog(log_file) if log_file else logging.StreamHandler(sys.stderr)])
     # httpx logs every request at INFO: our client logs what matters itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
@@ -137,7 +165,7 @@ def _cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
     opts = _mount_options(args)
     try:
         if args.foreground:
-            setup_logging(args.debug)
+            setup_logging(args.debug, args.log_file)
             return mount.run_foreground(opts, args.ready_fd)
         return mount.spawn_daemon(argv, opts)
     except mount.MountError as exc:

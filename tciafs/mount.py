@@ -449,7 +449,8 @@ def spawn_daemon(argv: list[str], opts: MountOptions, timeout: float = 300.0) ->
     with open(log_path, "ab", buffering=0) as logf:
         os.chmod(log_path, 0o600)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tciafs", *argv, "--foreground", "--ready-fd", str(write_fd)],
+            [sys.executable, "-m", "tciafs", *argv, "--foreground", "--ready-fd", str(write_fd),
+             "--log-file", str(log_path)],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(write_fd,),
             start_new_session=True)
     os.close(write_fd)

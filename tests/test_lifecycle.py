@@ -55,6 +55,8 @@ def test_background_mount_and_umount(emulator, tmp_path: Path) -> None:
         pid = _daemon_pid(mnt)
         logs = list((tmp_path / "state" / "tciafs").glob("mount-*.log"))
         assert logs and all(p.stat().st_mode & 0o077 == 0 for p in logs)
+        assert os.readlink(f"/proc/{pid}/fd/2") == str(logs[0])  # stderr goes there too
+        assert "mounted" in logs[0].read_text()
         stopped = _tciafs(tmp_path, "umount", str(mnt))
         assert stopped.returncode == 0, stopped.stderr
         assert not os.path.ismount(mnt)
@@ -64,6 +66,26 @@ def test_background_mount_and_umount(emulator, tmp_path: Path) -> None:
         assert not os.path.exists(f"/proc/{pid}")  # the daemon went with its mount
     finally:
         lazy_unmount(mnt)
+
+
+def test_a_detached_daemons_log_is_bounded_and_takes_its_stderr(tmp_path: Path) -> None:
+    log = tmp_path / "daemon.log"
+    script = f"""
+import logging, os
+from pathlib import Path
+from tciafs.cli import DaemonLog
+logging.basicConfig(level=logging.INFO, format="%(message)s",
+                    handlers=[DaemonLog(Path({str(log)!r}), max_bytes=2000, backups=2)])
+for n in range(200):
+    logging.info("line %03d %s", n, "x" * 40)
+os.write(2, b"straight to stderr\\n")
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "daemon.log", "daemon.log.1", "daemon.log.2"]
+    assert all(p.stat().st_size <= 2000 + 60 for p in tmp_path.iterdir())
+    current = log.read_text()
+    assert "line 199" in current and current.endswith("straight to stderr\n")
 
 
 def test_sigterm_unmounts_cleanly(emulator, tmp_path: Path) -> None:
