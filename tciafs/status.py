@@ -43,6 +43,10 @@ def render(mountpoint: Path, doc: dict[str, Any]) -> str:
         f"({cache['entries']} files), hit ratio {cache['hit_ratio']:.0%}, "
         f"{format_size(cache['bytes_fetched'])} fetched",
     ]
+    if cache.get("series_fetches") or cache.get("series_resumed") or cache.get("single_fetches"):
+        lines.append(f"  fetched  {cache.get('series_fetches', 0)} series whole, "
+                     f"{cache.get('series_resumed', 0)} completed from their missing files, "
+                     f"{cache.get('single_fetches', 0)} single files")
     if doc.get("offline_at_start"):
         lines.append(f"  started {doc['offline_at_start']}")
     for origin, down in doc.get("unreachable", {}).items():

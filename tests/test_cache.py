@@ -741,6 +741,10 @@ def test_a_partly_cached_series_fetches_only_what_it_lacks(emulator, tmp_path: P
         assert written < lost_bytes + kept_bytes // 2  # the index's writes are small
         assert {p.stem: p.read_bytes() for p in series.glob("*.dcm")} == truth
         assert stats(emulator.url)["requests"] == want  # the reads fetched nothing more
+        status = json.loads(subprocess.run(
+            [sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
+            capture_output=True, text=True, check=True).stdout)
+        assert status["cache"]["series_resumed"] == (lost == "three")
     assert set(_verified(cache_dir, uid).values()) == {1}
     log = (tmp_path / "mnt-daemon.log").read_text()
     assert ("fetching its 3 missing files one by one" in log) == (lost == "three")

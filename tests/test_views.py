@@ -99,6 +99,7 @@ def test_status_json_follows_activity(emulator, tmp_path: Path) -> None:
                              capture_output=True, text=True, check=True).stdout
         doc = json.loads(out)
         assert doc["server"] == emulator.url and doc["api"] == "v4"
+        assert doc["cache_dir"] == str(tmp_path / "cache")
         assert doc["cache"]["bound"] == 200 * 2**20
         assert 0 < doc["cache"]["used"] <= doc["cache"]["bound"]
         assert doc["cache"]["entries"] >= 1 and doc["cache"]["misses"] >= 1
@@ -112,6 +113,8 @@ def test_status_json_follows_activity(emulator, tmp_path: Path) -> None:
         text = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
                               capture_output=True, text=True, check=True).stdout
         assert "prefetch jobs: 1, 0 running" in text
+        assert re.search(r"fetched  \\d+ series whole, 0 completed from their missing files, "
+                         r"\d+ single files", text), text
 
 
 def test_descriptive_layout(emulator, tmp_path: Path) -> None:
