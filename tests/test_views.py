@@ -113,7 +113,7 @@ def test_status_json_follows_activity(emulator, tmp_path: Path) -> None:
         text = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
                               capture_output=True, text=True, check=True).stdout
         assert "prefetch jobs: 1, 0 running" in text
-        assert re.search(r"fetched  \\d+ series whole, 0 completed from their missing files, "
+        assert re.search(r"fetched  \d+ series whole, 0 completed from their missing files, "
                          r"\d+ single files", text), text
 
 
