@@ -1,4 +1,4 @@
-"""The eight figures. Each compares tciafs with a baseline measured in the same run,
+"""The nine figures. Each compares tciafs with a baseline measured in the same run,
 under the same shaping, and keeps the median of its repetitions.
 
 Every timing is time.perf_counter around a real command run as a subprocess (`cp`,
@@ -108,6 +108,9 @@ def declare() -> list[Figure]:
                "requests, baseline = the cold run's", "", Target("==", 0, "value", "requests")),
         Figure("8_peak_rss", "daemon VmHWM at the end of `cp -r`: value = the ~1 GB CT, "
                "baseline = the ~100 MB MR", "MB", Target("<=", 30, "difference", "MB")),
+        Figure("9_resumed_series_copy", "`cp -r` of the 200-slice CT series after a tenth "
+               "of its cached files were lost vs `curl` getImage + `unzip` (fetching it "
+               "again whole)", "s", Target("<=", 0.5)),
     ]
 
 
@@ -584,3 +587,45 @@ def fig8(ctx: Context) -> None:
     fig.note = (f"~1 GB: {big.images} files, {big.size / MB:.0f} MB copied in "
                 f"{secs['big']:.1f} s; ~100 MB: {small.images} files, {small.size / MB:.0f} MB "
                 f"in {secs['small']:.1f} s; both verified; VmHWM includes the daemon's start-up")
+
+
+# -- 9: a series that lost a tenth of its cached files -----------------------------------
+
+LOST_EVERY = 10  # every tenth file of the series is lost from the cache
+
+
+def fig9(ctx: Context) -> None:
+    s = ctx.bench.ct200
+    ctx.refs.expected(s)
+    resumed: list[float] = []
+    raw_s: list[float] = []
+    for i in range(ctx.reps()):
+        alternate(i, lambda i=i: resumed.append(resumed_copy(ctx, f"fig9-rep{i}", s)),
+                  lambda: raw_s.append(curl_unzip(ctx, s)))
+    fig = ctx.fig("9_resumed_series_copy")
+    fig.samples = {"cp_s": resumed, "curl_unzip_s": raw_s}
+    fig.set(median(resumed), median(raw_s))
+    fig.note = (f"{len(range(0, s.images, LOST_EVERY))} of {s.images} files deleted from a "
+                "cache that held the whole series, verified (as eviction, a cleaner or "
+                "`cache verify --repair` leaves it); the copy is checked against the MD5 list")
+
+
+def resumed_copy(ctx: Context, label: str, s: Series) -> float:
+    """Fill a cache with the series, lose every LOST_EVERY-th file, then time `cp -r`."""
+    from tciafs.cache import object_path
+
+    cache, dest = ctx.work.fresh("cache"), ctx.work.fresh("copy")
+    try:
+        with session(ctx, f"{label}-fill", cache) as mount:
+            subprocess.run([sys.executable, "-m", "tciafs", "cache", "prefetch",
+                            str(s.path(mount.mountpoint))], check=True, capture_output=True)
+        for sop in sorted(ctx.refs.expected(s))[::LOST_EVERY]:
+            object_path(cache, sop).unlink()
+        with session(ctx, label, cache) as mount:
+            src = s.path(mount.mountpoint)
+            os.stat(src)
+            seconds = run_timed(["cp", "-r", src, dest])
+        check_copy(dest, ctx.refs.expected(s), label)
+        return seconds
+    finally:
+        ctx.work.discard(cache, dest)
