@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from .archive import BenchSet, References, Series, image_url, single_image_url, study_path
 from .procs import (
@@ -43,6 +44,7 @@ MB = 1e6
 FULL_SCALE = ("--profile", "scale")  # 1,000 series, 100,000 instances
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 QUICK_SCALE = (4, 5)  # collections, patients: 200 series, 20,000 instances
+T = TypeVar("T")
 
 
 class Workspace:
@@ -232,14 +234,23 @@ def median(samples: list[float]) -> float:
 
 # -- 1: cold series copy --------------------------------------------------------------------
 
-def fig1(ctx: Context) -> None:
-    s = ctx.bench.ct200
+def against_download(ctx: Context, s: Series, copy: Callable[[int], T]
+                     ) -> tuple[list[T], list[float]]:
+    """Each repetition's copy through the mount, alternated with `curl` + `unzip` of the
+    same series; both lists of results."""
     ctx.refs.expected(s)
-    copies: list[Copy] = []
+    copies: list[T] = []
     raw_s: list[float] = []
     for i in range(ctx.reps()):
-        alternate(i, lambda i=i: copies.append(cold_copy(ctx, f"fig1-rep{i}", s.path, [s])),
+        alternate(i, lambda i=i: copies.append(copy(i)),
                   lambda: raw_s.append(curl_unzip(ctx, s)))
+    return copies, raw_s
+
+
+def fig1(ctx: Context) -> None:
+    s = ctx.bench.ct200
+    copies, raw_s = against_download(
+        ctx, s, lambda i: cold_copy(ctx, f"fig1-rep{i}", s.path, [s]))
     fig = ctx.fig("1_cold_series_copy")
     fig.samples = {**copy_samples(copies), "curl_unzip_s": raw_s}
     fig.set(median(fig.samples["cp_s"]), median(raw_s))
@@ -596,12 +607,7 @@ LOST_EVERY = 10  # every tenth file of the series is lost from the cache
 
 def fig9(ctx: Context) -> None:
     s = ctx.bench.ct200
-    ctx.refs.expected(s)
-    resumed: list[float] = []
-    raw_s: list[float] = []
-    for i in range(ctx.reps()):
-        alternate(i, lambda i=i: resumed.append(resumed_copy(ctx, f"fig9-rep{i}", s)),
-                  lambda: raw_s.append(curl_unzip(ctx, s)))
+    resumed, raw_s = against_download(ctx, s, lambda i: resumed_copy(ctx, f"fig9-rep{i}", s))
     fig = ctx.fig("9_resumed_series_copy")
     fig.samples = {"cp_s": resumed, "curl_unzip_s": raw_s}
     fig.set(median(resumed), median(raw_s))
