@@ -76,8 +76,22 @@ class CommandError(Exception):
 
 # -- offline views -------------------------------------------------------------------------
 
+def cache_root(cache_dir: Path | None) -> Path:
+    """--cache-dir, else the directory a mount would use: TCIAFS_CACHE_DIR, then the
+    config file's cache_dir, then the XDG default."""
+    if cache_dir is not None:
+        return cache_dir
+    from tciafs import cli, config
+
+    try:
+        configured = config.mount_setting(cli.build_parser(), "cache_dir")
+    except config.ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    return configured or paths.cache_home()
+
+
 def _index(cache_dir: Path | None) -> sqlite3.Connection:
-    root = (cache_dir or paths.cache_home())
+    root = cache_root(cache_dir)
     path = root / "index.sqlite"
     if not path.exists():
         raise CommandError(f"no cache at {root}")
@@ -102,7 +116,7 @@ def _dir_bytes(root: Path) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    root = args.cache_dir or paths.cache_home()
+    root = cache_root(args.cache_dir)
     db = _index(root)
     entries, stored = db.execute(
         "SELECT count(*), coalesce(sum(size), 0) FROM instances WHERE present=1").fetchone()
@@ -161,7 +175,7 @@ def _has_table(db: sqlite3.Connection, name: str) -> bool:
 def _verify(args: argparse.Namespace) -> int:
     from tciafs.cache import object_path
 
-    root = args.cache_dir or paths.cache_home()
+    root = cache_root(args.cache_dir)
     db = _index(root)
     bad, checked, unconfirmed = [], 0, 0
     for sop, size, md5, verified in db.execute(
@@ -320,7 +334,7 @@ def _clear_all(args: argparse.Namespace) -> int:
 def _in_cache_dir(args: argparse.Namespace) -> int:
     """clear or unpin on the cache directory itself, which no mount may use: everything
     (clear without PATH), or the series named by UID, withdrawn ones too."""
-    root = args.cache_dir or paths.cache_home()
+    root = cache_root(args.cache_dir)
     with _offline_cache(root) as cache:
         _change_series(cache, args.cache_command, args.paths, root)
     return 0

@@ -87,6 +87,19 @@ def load_settings(parser: argparse.ArgumentParser, env: Mapping[str, str],
     return values
 
 
+def mount_setting(parser: argparse.ArgumentParser, key: str,
+                  env: Mapping[str, str] | None = None) -> Any:
+    """What the environment and the config file set for a `tciafs mount` option (None if
+    neither does): other commands that must agree with the mount ask here, as the cache
+    commands do for the cache directory."""
+    env = os.environ if env is None else env
+    sub = _subparser(parser, "mount")
+    if sub is None:
+        return None
+    path, required = config_path(None, env)
+    return load_settings(sub, env, path, required).get(key)
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str],
                env: Mapping[str, str] | None = None, command: str = "mount") -> argparse.Namespace:
     """`parser.parse_args(argv)` with the settings of `command` defaulted from env and file."""

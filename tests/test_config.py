@@ -234,3 +234,29 @@ def test_file_structure_errors(mount_parser, tmp_path, text, match) -> None:
     with pytest.raises(config.ConfigError, match=match) as err:
         config.load_settings(mount_parser, {}, path)
     assert str(path) in str(err.value)
+
+
+def test_cache_commands_find_the_cache_the_mount_would_use(xdg, tmp_path) -> None:
+    """A cache_dir set in the config file or the environment is where `tciafs cache`
+    looks too, not the XDG default; --cache-dir still wins."""
+    import os
+    import subprocess
+    import sys
+
+    default_file(xdg, '[mount]\ncache_dir = "big-disk/tcia"\n')
+    env = {**os.environ, **xdg, "XDG_CACHE_HOME": str(tmp_path / "xdg-cache")}
+    env.pop("TCIAFS_CACHE_DIR", None)
+
+    def stats(*extra: str, **more: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "tciafs", "cache", "stats", *extra],
+                              capture_output=True, text=True, env={**env, **more}, timeout=60)
+        assert done.returncode == 1
+        return done.stderr
+
+    from_file = Path(xdg["XDG_CONFIG_HOME"]) / "tciafs" / "big-disk" / "tcia"
+    assert f"no cache at {from_file}" in stats()
+    assert f"no cache at {tmp_path / 'env'}" in stats(TCIAFS_CACHE_DIR=str(tmp_path / "env"))
+    assert f"no cache at {tmp_path / 'cli'}" in stats("--cache-dir", str(tmp_path / "cli"),
+                                                     TCIAFS_CACHE_DIR=str(tmp_path / "env"))
+    default_file(xdg, "[mount]\ncache_dir = 5\n")
+    assert "cache_dir" in stats()  # a broken file is reported, not skipped
