@@ -19,6 +19,10 @@ TABLE = {
     "tciafs-system@.service": ("system", "tciafs-system@mnt-tcia.service"),
     "mnt-tcia.mount": ("system", "mnt-tcia.mount"),
     "mnt-tcia.automount": ("system", "mnt-tcia.automount"),
+    "tciafs-verify.service": ("user", "tciafs-verify.service"),
+    "tciafs-verify.timer": ("user", "tciafs-verify.timer"),
+    "tciafs-system-verify@.service": ("system", "tciafs-system-verify@mnt-tcia.service"),
+    "tciafs-system-verify@.timer": ("system", "tciafs-system-verify@mnt-tcia.timer"),
 }
 # Where the units expect the tciafs command; the test puts a real one there.
 SYSTEM_TCIAFS = "/usr/local/bin/tciafs"
@@ -132,3 +136,18 @@ def test_mount_units_match_the_fstab_example() -> None:
     assert mount["Where"] == auto["Where"] == ["/mnt/tcia"]
     assert mount["Options"] == ["_netdev,nofail,cache_size=50G,api=v4"]
     assert auto["TimeoutIdleSec"]
+
+
+@pytest.mark.parametrize(("service", "mount"), [
+    ("tciafs-verify.service", "tciafs@.service"),
+    ("tciafs-system-verify@.service", "tciafs-system@.service")])
+def test_verify_services_check_the_cache_their_mount_uses(service: str, mount: str) -> None:
+    s, m = settings(service), settings(mount)
+    assert s["Type"] == ["oneshot"]
+    assert s["ExecStart"] == [m["ExecStart"][0].replace("mount %f --foreground",
+                                                         "cache verify --repair")]
+    assert s.get("Environment") == m.get("Environment")  # the same config and cache dir
+    assert s.get("User") == m.get("User")
+    assert s["IOSchedulingClass"] == ["idle"]
+    timer = settings(service.replace(".service", ".timer"))
+    assert timer["OnCalendar"] == ["weekly"] and timer["Persistent"] == ["true"]
