@@ -353,6 +353,9 @@ class Cache:
                               (series, series)).fetchone()
         return row[0] if row else None
 
+    def is_fetching(self, series: str) -> bool:
+        return series in self._series_tasks
+
     def series_complete(self, series: str) -> bool:
         row = self.db.execute("SELECT complete FROM series WHERE uid=?", (series,)).fetchone()
         return bool(row and row[0])
@@ -703,7 +706,19 @@ class Cache:
                 for sop in bad:
                     await self.on_refused(sop)
             await self._fetch_again(collection, series, bad)
+        self._finish(series, collection, [sop for sop, _ in names.values()])
+
+    def _finish(self, series: str, collection: str, sops: list[str]) -> bool:
+        """Mark the series complete, unless some of the files just fetched were evicted
+        again to make room for the rest (nothing else could go): a prefetch job then
+        reports it as lost, and a read fetches those files again."""
+        gone = sum(sop not in self._lru for sop in sops)
+        if gone:
+            log.warning("series %s: %d of the %d files fetched were evicted again: the "
+                        "cache cannot hold it beside the data in use", series, gone, len(sops))
+            return False
         self._mark_complete(series, collection)
+        return True
 
     async def _store(self, collection: str, series: str, revision: int, head: list[bytes],
                      blocks: AsyncIterator[bytes], progress: list[int]) -> tuple[str, str]:
@@ -794,10 +809,8 @@ class Cache:
             raise FetchFailed(f"{len(failed)} of the {len(missing)} missing files of series "
                               f"{series} could not be fetched; the first: {failed[0]}")
         self._check_revision(series, revision)
-        if any(sop not in self._lru for sop in missing):  # evicted again meanwhile
-            raise FetchFailed(f"series {series} does not fit in the cache as it is now")
-        self.stats.series_resumed += 1
-        self._mark_complete(series, collection)
+        if self._finish(series, collection, missing):
+            self.stats.series_resumed += 1
 
     def _mark_complete(self, series: str, collection: str) -> None:
         self.db.execute("INSERT INTO series(uid, collection, complete, fetched) VALUES "

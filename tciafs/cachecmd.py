@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -304,6 +305,11 @@ def _send(mnt: Path, command: str, target: str) -> None:
     try:
         os.setxattr(mnt / CONTROL_NAME, f"user.tciafs.{command}", target.encode())
     except OSError as exc:
+        if exc.errno == errno.ENOSPC and command in ("prefetch", "pin"):
+            bound = status.read_status(mnt)["cache"]["bound"]
+            raise CommandError(f"{target}: larger than the cache can hold (its bound is "
+                               f"{paths.format_size(bound)}); {command} a part of it, or "
+                               "mount with a larger --cache-size") from None
         raise CommandError(f"{target}: {command} failed: {exc.strerror}") from None
 
 
@@ -367,14 +373,19 @@ def _follow(mnt: Path, target: str) -> None:
         if not mine:
             raise CommandError(f"{target}: the mount shows no such job")
         job = mine[-1]
-        failed = job.get("series_failed", 0)
-        finished = job["series_done"] + failed >= job["series"]
+        failed, lost = job.get("series_failed", 0), job.get("series_lost", 0)
+        finished = job["series_done"] + failed + lost >= job["series"]
         progress.draw(job, time.monotonic() - start, final=finished)
         if finished:
             if failed:
                 reasons = "; ".join(f"{k}: {v}" for k, v in job.get("failures", {}).items())
                 raise CommandError(f"{target}: {failed} of {job['series']} series failed "
                                    f"({reasons}); run the command again to retry them")
+            if lost:
+                raise CommandError(f"{target}: {lost} of {job['series']} series were fetched "
+                                   "but did not stay: the cache cannot hold them beside the "
+                                   "data in use now; prefetch less at once, or mount with a "
+                                   "larger --cache-size")
             return
         time.sleep(0.5)
 

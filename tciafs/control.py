@@ -15,8 +15,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from tciafs.cache import Cache
+import trio
+
+from tciafs.cache import Cache, CacheFull
 from tciafs.catalog import ROOT_INODE, Kind, Node
+from tciafs.paths import format_size
 from tciafs.tree import Tree
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,8 @@ class Job:
     series: list[Node]
     started: float = field(default_factory=time.time)
     total_bytes: int = 0
+    # Each series' fetch, set once it has ended (set from the start for one complete then).
+    fetches: dict[str, trio.Event] = field(default_factory=dict)
 
 
 class Control:
@@ -72,12 +77,23 @@ class Control:
             for s in series:
                 self.cache.clear(s.ident)
             return 0
+        if command in ("prefetch", "pin"):
+            self._check_fits(target, series)
         if command in ("pin", "unpin"):
             for s in series:
                 self.cache.pin_series(s.ident, s.collection, command == "pin")
             if command == "unpin":
                 return 0
         return self._start_job(target, series)
+
+    def _check_fits(self, target: str, series: list[Node]) -> None:
+        """Refuse what the cache can never hold at once: the job would evict its own first
+        series to fetch its last ones, and never finish."""
+        total = _total_bytes(series)
+        if total > self.cache.max_bytes:
+            raise CacheFull(f"{target}: its {format_size(total)} exceed the cache's bound of "
+                            f"{format_size(self.cache.max_bytes)}; prefetch a part of it, or "
+                            "mount with a larger --cache-size")
 
     async def _drop(self, sops: list[str]) -> None:
         """Files `cache verify --repair` found damaged on disk (SOP UIDs): dropped, with
@@ -104,14 +120,16 @@ class Control:
         return True
 
     def _start_job(self, target: str, series: list[Node]) -> int:
-        job = Job(target, series, total_bytes=sum(s.meta.get("file_size") or 0 for s in series))
+        job = Job(target, series, total_bytes=_total_bytes(series))
         job_id = next(self._ids)
         self.jobs[job_id] = job
         self._forget_finished()
         for s in series:
             self.cache.failed_series.pop(s.ident, None)  # an explicit request tries again
-            if not self.cache.series_complete(s.ident):
-                self.cache.start_series_fetch(s.collection, s.ident)
+            if self.cache.series_complete(s.ident):
+                job.fetches[s.ident] = _ENDED
+            else:
+                job.fetches[s.ident] = self.cache.start_series_fetch(s.collection, s.ident)
         log.info("prefetch job %d: %d series under %s", job_id, len(series), target)
         return job_id
 
@@ -149,21 +167,46 @@ class Control:
     def _forget_finished(self) -> None:
         """Keep the last KEPT_JOBS jobs: status reports every kept one, at a query per series."""
         for job_id in list(self.jobs)[:-KEPT_JOBS]:
-            if all(self.cache.series_complete(s.ident) or s.ident in self.cache.failed_series
-                   for s in self.jobs[job_id].series):
+            job = self.jobs[job_id]
+            if all(self._state(job, s.ident) != "running" for s in job.series):
                 del self.jobs[job_id]
+
+    def _state(self, job: Job, series: str) -> str:
+        """done, failed, lost (fetched, then evicted again before the job ended) or running."""
+        if self.cache.series_complete(series):
+            return "done"
+        if series in self.cache.failed_series:
+            return "failed"
+        fetch = job.fetches.get(series)
+        if fetch is not None and fetch.is_set() and not self.cache.is_fetching(series):
+            return "lost"
+        return "running"
 
     def progress(self) -> dict[str, dict]:
         out = {}
         for job_id, job in self.jobs.items():
-            done = sum(self.cache.series_complete(s.ident) for s in job.series)
-            failed = {s.ident: self.cache.failed_series[s.ident] for s in job.series
-                      if s.ident in self.cache.failed_series
-                      and not self.cache.series_complete(s.ident)}
+            states = {s.ident: self._state(job, s.ident) for s in job.series}
+            failed = {uid: self.cache.failed_series[uid] for uid, state in states.items()
+                      if state == "failed"}
             have = sum(self.cache.cached_bytes(s.ident) for s in job.series)
             out[str(job_id)] = {"target": job.target, "series": len(job.series),
-                                "series_done": done, "series_failed": len(failed),
+                                "series_done": list(states.values()).count("done"),
+                                "series_failed": len(failed),
+                                "series_lost": list(states.values()).count("lost"),
                                 "failures": dict(list(failed.items())[:5]), "bytes": have,
                                 "total_bytes": job.total_bytes,
                                 "elapsed": time.time() - job.started}
         return out
+
+
+def _total_bytes(series: list[Node]) -> int:
+    return sum(s.meta.get("file_size") or 0 for s in series)
+
+
+def _ended() -> trio.Event:
+    event = trio.Event()
+    event.set()
+    return event
+
+
+_ENDED = _ended()  # the fetch of a series complete already: nothing to wait for

@@ -79,11 +79,14 @@ def render(mountpoint: Path, doc: dict[str, Any]) -> str:
         lines.append(f"    {series}  {format_size(progress['bytes'])}, "
                      f"{progress['instances']} files")
     jobs = doc.get("jobs", {})
-    running = [j for j in jobs.values() if j["series_done"] + j["series_failed"] < j["series"]]
+    running = [j for j in jobs.values()
+               if j["series_done"] + j["series_failed"] + j.get("series_lost", 0) < j["series"]]
     if jobs:
         lines.append(f"  prefetch jobs: {len(jobs)}, {len(running)} running")
     for job in running:
         failed = f", {job['series_failed']} failed" if job["series_failed"] else ""
+        if job.get("series_lost"):
+            failed += f", {job['series_lost']} fetched but evicted again"
         lines.append(f"    {job['target']}  {job['series_done']} of {job['series']} series"
                      f"{failed}, {format_size(job['bytes'])} of "
                      f"{format_size(job['total_bytes'])}")

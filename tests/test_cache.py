@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -424,6 +425,28 @@ def _small_disk(path: Path, size: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_prefetch_the_cache_cannot_hold_ends_with_the_reason(emulator, tmp_path: Path) -> None:
+    """Before, such a job evicted its own first series to fetch its last ones and never
+    ended: `cache prefetch` waited forever."""
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    with mounted(emulator, mnt, cache_dir, "--cache-size", "30M"):
+        lung = mnt / "Demo-Lung CT_2024"
+        reset_stats(emulator.url)
+        whole = _cli("prefetch", str(lung))  # 46 MB
+        assert whole.returncode == 1
+        assert "larger than the cache can hold (its bound is 30.0 MiB)" in whole.stderr
+        assert "getImage" not in stats(emulator.url)["requests"]
+        assert _cli("pin", str(mnt / "Demo_PET-CT Lymphoma")).returncode == 0  # 11 MB stay
+        crowded = _cli("prefetch", str(lung / "LUNG-001"))  # 21 MB: not beside the pinned
+        assert crowded.returncode == 1, crowded.stderr
+        assert re.search(r"[12] of 2 series were fetched but did not stay", crowded.stderr)
+        text = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
+                              capture_output=True, text=True, check=True).stdout
+        assert ", 0 running" in text
+    log = (tmp_path / "mnt-daemon.log").read_text()
+    assert "were evicted again: the cache cannot hold it beside the data in use" in log
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
