@@ -367,7 +367,12 @@ def _follow(mnt: Path, target: str) -> None:
     start = time.monotonic()
     progress = _Progress(sys.stderr.isatty())
     while True:
-        jobs = status.read_status(mnt).get("jobs", {})
+        try:
+            jobs = status.read_status(mnt).get("jobs", {})
+        except OSError as exc:  # unmounted, or its daemon killed, meanwhile
+            raise CommandError(f"{mnt}: the mount went away while {target} was fetched "
+                               f"({exc.strerror}); what it fetched stays cached: run the "
+                               "command again once it is mounted to go on") from None
         mine = [j for _, j in sorted(jobs.items(), key=lambda kv: int(kv[0]))
                 if j["target"] == target]
         if not mine:

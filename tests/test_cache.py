@@ -427,6 +427,27 @@ def _small_disk(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def test_a_prefetch_whose_mount_goes_away_says_so(emulator, tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
+    with mounted(emulator, mnt, cache_dir):
+        series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
+        set_faults(emulator.url, bandwidth=500_000)  # 21 MB: about 40 s
+        try:
+            follower = subprocess.Popen(
+                [sys.executable, "-m", "tciafs", "cache", "prefetch", str(series)],
+                stderr=subprocess.PIPE, text=True)
+            deadline = time.monotonic() + 30
+            while not _present(cache_dir, series):  # under way
+                assert time.monotonic() < deadline and follower.poll() is None
+                time.sleep(0.1)
+        finally:
+            set_faults(emulator.url)
+    _, err = follower.communicate(timeout=60)
+    assert follower.returncode == 1, err
+    assert "the mount went away while" in err and "Traceback" not in err
+
+
 def test_a_prefetch_the_cache_cannot_hold_ends_with_the_reason(emulator, tmp_path: Path) -> None:
     """Before, such a job evicted its own first series to fetch its last ones and never
     ended: `cache prefetch` waited forever."""
