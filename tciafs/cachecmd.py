@@ -228,6 +228,9 @@ def _still_present(db: sqlite3.Connection, sop: str) -> bool:
     return bool(row and row[0])
 
 
+DROP_BATCH = 500  # SOP UIDs per xattr value, well under the kernel's 64 KiB
+
+
 def _repair(root: Path, sops: list[str]) -> int:
     """Drop the bad files, through the mount that uses the cache if one does; returns
     how many are gone (a mount keeps those open now)."""
@@ -422,8 +425,6 @@ class _Progress:
             self.last_line = elapsed
         sys.stderr.flush()
 
-
-DROP_BATCH = 500  # SOP UIDs per xattr value, well under the kernel's 64 KiB
 
 _COMMANDS = {"stats": _stats, "verify": _verify, "prefetch": _steer, "pin": _steer,
              "unpin": _steer, "clear": _steer}
