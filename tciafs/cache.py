@@ -46,10 +46,13 @@ from pydicom.tag import Tag
 
 from tciafs.catalog import Kind, is_damaged, open_db, set_aside, stored_rows, transaction
 from tciafs.client import (
+    AuthError,
     ChecksumMismatch,
     ClientError,
+    MalformedResponse,
     NbiaClient,
     NotFound,
+    ServerError,
     TruncatedStream,
 )
 
@@ -169,6 +172,7 @@ class Cache:
         self._nursery: trio.Nursery | None = None
         self.in_flight: dict[str, list[int]] = {}  # series → [bytes so far, instances so far]
         self.failed_series: dict[str, str] = {}  # series → why its last fetch failed
+        self._may_pass: set[str] = set()  # ... when the service or the network was at fault
         # The MD5s the service listed for files whose bytes disagreed, by series: a file
         # fetched again is checked against them, and served only if it matches.
         self._service_md5: dict[str, dict[str, str]] = {}
@@ -355,6 +359,11 @@ class Cache:
 
     def is_fetching(self, series: str) -> bool:
         return series in self._series_tasks
+
+    def failed_for_now(self, series: str) -> bool:
+        """The series' last fetch failed for a reason that may pass (the service down,
+        the network gone, a body cut short): worth trying again later."""
+        return series in self.failed_series and series in self._may_pass
 
     def series_complete(self, series: str) -> bool:
         row = self.db.execute("SELECT complete FROM series WHERE uid=?", (series,)).fetchone()
@@ -660,9 +669,11 @@ class Cache:
                 else:
                     await self._download_missing(collection, series, missing)
             self.failed_series.pop(series, None)
+            self._may_pass.discard(series)
         except (ClientError, FetchFailed, CacheFull, CacheDiskError) as exc:
             log.error("series fetch failed: %s", exc)
             self.failed_series[series] = str(exc)
+            (self._may_pass.add if _may_pass(exc) else self._may_pass.discard)(series)
         except Exception as exc:
             # A disk or database fault in a background fetch must not end the mount:
             # the readers fetch what they need one by one.
@@ -807,7 +818,8 @@ class Cache:
             raise fatal[0]
         if failed:
             raise FetchFailed(f"{len(failed)} of the {len(missing)} missing files of series "
-                              f"{series} could not be fetched; the first: {failed[0]}")
+                              f"{series} could not be fetched; the first: {failed[0]}"
+                              ) from failed[0]
         self._check_revision(series, revision)
         if self._finish(series, collection, missing):
             self.stats.series_resumed += 1
@@ -1057,6 +1069,18 @@ class _TmpFile:
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _DB_DISK_ERRORS = (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR)  # primary result codes
+
+
+def _may_pass(exc: BaseException | None) -> bool:
+    """Whether a failure is the service's or the network's, which may pass, rather than
+    a refusal (unknown series, no permission), damage or a full cache."""
+    while exc is not None:
+        if isinstance(exc, (ServerError, MalformedResponse)):
+            return True
+        if isinstance(exc, (NotFound, AuthError, IntegrityError, CacheFull, CacheDiskError)):
+            return False
+        exc = exc.__cause__
+    return False
 
 
 @contextlib.contextmanager

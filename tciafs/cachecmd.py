@@ -417,13 +417,22 @@ class _Progress:
         bar = "#" * int(min(1.0, have / total) * 30)
         text = (f"[{bar:<30}] {paths.format_size(have)} / {paths.format_size(total)}"
                 f"  {paths.format_size(rate)}/s  ETA {eta}  "
-                f"({job['series_done']}/{job['series']} series)")
+                f"({job['series_done']}/{job['series']} series{_waiting(job)})")
         if self.terminal:
             sys.stderr.write(f"\r{text}" + ("\n" if final else ""))
         elif final or elapsed - self.last_line >= self.EVERY:
             sys.stderr.write(text + "\n")
             self.last_line = elapsed
         sys.stderr.flush()
+
+
+def _waiting(job: dict) -> str:
+    """Series that failed for now and will be fetched again, and when."""
+    if not job.get("series_waiting"):
+        return ""
+    when = (time.strftime(" at %H:%M:%S", time.localtime(job["retry_at"]))
+            if job.get("retry_at") else "")
+    return f", {job['series_waiting']} to try again{when}: {job.get('waiting_reason')}"
 
 
 _COMMANDS = {"stats": _stats, "verify": _verify, "prefetch": _steer, "pin": _steer,

@@ -33,6 +33,12 @@ class TargetError(Exception):
 
 
 KEPT_JOBS = 20
+# A job fetches again the series that failed for the service's or the network's sake,
+# first after RETRY_FIRST seconds, then twice as long each time up to RETRY_MAX, for up
+# to RETRY_FOR after it began: an outage overnight does not end a long prefetch.
+RETRY_FIRST = 30.0
+RETRY_MAX = 900.0
+RETRY_FOR = 24 * 3600.0
 
 
 @dataclass
@@ -43,14 +49,27 @@ class Job:
     total_bytes: int = 0
     # Each series' fetch, set once it has ended (set from the start for one complete then).
     fetches: dict[str, trio.Event] = field(default_factory=dict)
+    patient: bool = False  # series that failed for now will be fetched again
+    retry_at: float | None = None
 
 
 class Control:
-    def __init__(self, tree: Tree, cache: Cache) -> None:
+    def __init__(self, tree: Tree, cache: Cache, *, retry_first: float = RETRY_FIRST,
+                 retry_max: float = RETRY_MAX, retry_for: float = RETRY_FOR) -> None:
         self.tree = tree
         self.cache = cache
         self.jobs: dict[int, Job] = {}
         self._ids = itertools.count(1)
+        self.retry_first, self.retry_max, self.retry_for = retry_first, retry_max, retry_for
+        self._nursery: trio.Nursery | None = None
+
+    async def run_jobs(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED
+                       ) -> None:
+        """Host the jobs' retries; runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
 
     async def run(self, command: str, target: str) -> int:
         """Carry out a command; returns the job id for prefetch/pin, else 0."""
@@ -130,6 +149,9 @@ class Control:
                 job.fetches[s.ident] = _ENDED
             else:
                 job.fetches[s.ident] = self.cache.start_series_fetch(s.collection, s.ident)
+        if self._nursery is not None:
+            job.patient = True
+            self._nursery.start_soon(self._see_through, job)
         log.info("prefetch job %d: %d series under %s", job_id, len(series), target)
         return job_id
 
@@ -164,19 +186,48 @@ class Control:
             found.extend(await self.series_under(child))
         return found
 
+    async def _see_through(self, job: Job) -> None:
+        """Fetch again the series that failed for a reason that may pass, waiting longer
+        each time, until retry_for after the job began; the rest stay failed."""
+        delay = self.retry_first
+        try:
+            while True:
+                for fetch in list(job.fetches.values()):
+                    await fetch.wait()
+                again = [s for s in job.series if self.cache.failed_for_now(s.ident)]
+                if not again or time.time() + delay > job.started + self.retry_for:
+                    return
+                job.retry_at = time.time() + delay
+                log.warning("prefetch of %s: %d series failed for now (%s); trying them "
+                            "again in %.0f s", job.target, len(again),
+                            self.cache.failed_series[again[0].ident], delay)
+                await trio.sleep(delay)
+                job.retry_at = None
+                for s in again:
+                    if self.cache.failed_for_now(s.ident):  # no reader fetched it meanwhile
+                        self.cache.failed_series.pop(s.ident, None)
+                        job.fetches[s.ident] = self.cache.start_series_fetch(s.collection,
+                                                                             s.ident)
+                delay = min(delay * 2, self.retry_max)
+        finally:
+            job.patient = False
+            job.retry_at = None
+
     def _forget_finished(self) -> None:
         """Keep the last KEPT_JOBS jobs: status reports every kept one, at a query per series."""
         for job_id in list(self.jobs)[:-KEPT_JOBS]:
             job = self.jobs[job_id]
-            if all(self._state(job, s.ident) != "running" for s in job.series):
+            if all(self._state(job, s.ident) not in ("running", "waiting")
+                   for s in job.series):
                 del self.jobs[job_id]
 
     def _state(self, job: Job, series: str) -> str:
-        """done, failed, lost (fetched, then evicted again before the job ended) or running."""
+        """done, failed, waiting (failed for now, to be tried again), lost (fetched, then
+        evicted again before the job ended) or running."""
         if self.cache.series_complete(series):
             return "done"
         if series in self.cache.failed_series:
-            return "failed"
+            return "waiting" if job.patient and self.cache.failed_for_now(series) else "failed"
         fetch = job.fetches.get(series)
         if fetch is not None and fetch.is_set() and not self.cache.is_fetching(series):
             return "lost"
@@ -193,6 +244,11 @@ class Control:
                                 "series_done": list(states.values()).count("done"),
                                 "series_failed": len(failed),
                                 "series_lost": list(states.values()).count("lost"),
+                                "series_waiting": list(states.values()).count("waiting"),
+                                "retry_at": job.retry_at,
+                                "waiting_reason": next(
+                                    (self.cache.failed_series[uid] for uid, state in
+                                     states.items() if state == "waiting"), None),
                                 "failures": dict(list(failed.items())[:5]), "bytes": have,
                                 "total_bytes": job.total_bytes,
                                 "elapsed": time.time() - job.started}

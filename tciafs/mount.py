@@ -394,6 +394,8 @@ async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None,
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(ops.cache.run)
+            if ops.control is not None:
+                await nursery.start(ops.control.run_jobs)
             await nursery.start(ops.pages.run)
             await nursery.start(ops.tree.run)
             await nursery.start(ops.tree.client.run_token_refresher)

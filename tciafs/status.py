@@ -87,6 +87,8 @@ def render(mountpoint: Path, doc: dict[str, Any]) -> str:
         failed = f", {job['series_failed']} failed" if job["series_failed"] else ""
         if job.get("series_lost"):
             failed += f", {job['series_lost']} fetched but evicted again"
+        if job.get("series_waiting"):
+            failed += f", {job['series_waiting']} failed for now, to be fetched again"
         lines.append(f"    {job['target']}  {job['series_done']} of {job['series']} series"
                      f"{failed}, {format_size(job['bytes'])} of "
                      f"{format_size(job['total_bytes'])}")

@@ -427,6 +427,56 @@ def _small_disk(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+async def test_a_prefetch_job_waits_out_an_outage(emulator, tmp_path: Path) -> None:
+    """A series that failed because the service did (503 here; a network gone the same)
+    is fetched again later; one the service refuses (an unknown UID) fails at once."""
+    uid = _series(emulator.url)[2]["SeriesInstanceUID"]
+
+    def series(ident: str) -> Node:
+        return Node(0, 0, ident, Kind.SERIES, ident, "Demo-Lung CT_2024", ident)
+
+    async def progress(control: Control, job: int, until) -> dict:  # noqa: ANN001
+        with trio.fail_after(30):
+            while not until(doc := control.progress()[str(job)]):
+                await trio.sleep(0.05)
+        return doc
+
+    set_faults(emulator.url, p503=1.0, endpoints=["getImage"])
+    try:
+        async with (NbiaClient(emulator.url, nlst_server=None, timeout=10,
+                               retries=0) as client, trio.open_nursery() as nursery):
+            cache = Cache(tmp_path / "c", 1 << 30, client)
+            patient = Control(tree=None, cache=cache, retry_first=0.3,  # type: ignore[arg-type]
+                              retry_max=0.6, retry_for=60)
+            await nursery.start(cache.run)
+            await nursery.start(patient.run_jobs)
+            job = patient._start_job("t", [series(uid)])
+            doc = await progress(patient, job, lambda d: d["series_waiting"] == 1)
+            assert doc["series_failed"] == 0 and "503" in doc["waiting_reason"]
+            assert doc["retry_at"] is not None
+            set_faults(emulator.url)  # the service is back
+            doc = await progress(patient, job, lambda d: d["series_done"] == 1)
+            assert doc["series_waiting"] == 0 and cache.series_complete(uid)
+
+            job = patient._start_job("t", [series("1.2.840.99.1")])  # no such series
+            doc = await progress(patient, job, lambda d: d["series_failed"] == 1)
+            assert doc["series_waiting"] == 0
+
+            set_faults(emulator.url, p503=1.0, endpoints=["getImage"])
+            cache.clear(uid)
+            cache.db.execute("UPDATE series SET complete=0")
+            hasty = Control(tree=None, cache=cache, retry_first=0.3,  # type: ignore[arg-type]
+                            retry_for=0.1)
+            hasty._nursery = patient._nursery
+            job = hasty._start_job("t", [series(uid)])
+            doc = await progress(hasty, job, lambda d: d["series_failed"] == 1)
+            assert doc["series_waiting"] == 0  # out of patience: failed for good
+            nursery.cancel_scope.cancel()
+        cache.close()
+    finally:
+        set_faults(emulator.url)
+
+
 def test_a_prefetch_whose_mount_goes_away_says_so(emulator, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     uid = _series(emulator.url)[0]["SeriesInstanceUID"]
