@@ -188,7 +188,10 @@ class Control:
 
     async def _see_through(self, job: Job) -> None:
         """Fetch again the series that failed for a reason that may pass, waiting longer
-        each time, until retry_for after the job began; the rest stay failed."""
+        each time, until retry_for after the job began; the rest stay failed.
+
+        One series goes first: while it fails again, the others wait too, so that a
+        service that is down sees one request per retry, not one per series."""
         delay = self.retry_first
         try:
             while True:
@@ -198,20 +201,28 @@ class Control:
                 if not again or time.time() + delay > job.started + self.retry_for:
                     return
                 job.retry_at = time.time() + delay
-                log.warning("prefetch of %s: %d series failed for now (%s); trying them "
-                            "again in %.0f s", job.target, len(again),
+                log.warning("prefetch of %s: %d series failed for now (%s); trying again "
+                            "in %.0f s", job.target, len(again),
                             self.cache.failed_series[again[0].ident], delay)
                 await trio.sleep(delay)
                 job.retry_at = None
-                for s in again:
-                    if self.cache.failed_for_now(s.ident):  # no reader fetched it meanwhile
-                        self.cache.failed_series.pop(s.ident, None)
-                        job.fetches[s.ident] = self.cache.start_series_fetch(s.collection,
-                                                                             s.ident)
-                delay = min(delay * 2, self.retry_max)
+                await self._fetch_again(job, again[0]).wait()
+                if self.cache.failed_for_now(again[0].ident):
+                    delay = min(delay * 2, self.retry_max)
+                    continue
+                for s in again[1:]:
+                    self._fetch_again(job, s)
+                delay = self.retry_first
         finally:
             job.patient = False
             job.retry_at = None
+
+    def _fetch_again(self, job: Job, series: Node) -> trio.Event:
+        if self.cache.failed_for_now(series.ident):  # else a reader fetched it meanwhile
+            self.cache.failed_series.pop(series.ident, None)
+            job.fetches[series.ident] = self.cache.start_series_fetch(series.collection,
+                                                                      series.ident)
+        return job.fetches[series.ident]
 
     def _forget_finished(self) -> None:
         """Keep the last KEPT_JOBS jobs: status reports every kept one, at a query per series."""

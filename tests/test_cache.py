@@ -430,7 +430,7 @@ def _small_disk(path: Path, size: str):
 async def test_a_prefetch_job_waits_out_an_outage(emulator, tmp_path: Path) -> None:
     """A series that failed because the service did (503 here; a network gone the same)
     is fetched again later; one the service refuses (an unknown UID) fails at once."""
-    uid = _series(emulator.url)[2]["SeriesInstanceUID"]
+    uid, other = (row["SeriesInstanceUID"] for row in _series(emulator.url)[2:4])
 
     def series(ident: str) -> Node:
         return Node(0, 0, ident, Kind.SERIES, ident, "Demo-Lung CT_2024", ident)
@@ -450,13 +450,20 @@ async def test_a_prefetch_job_waits_out_an_outage(emulator, tmp_path: Path) -> N
                               retry_max=0.6, retry_for=60)
             await nursery.start(cache.run)
             await nursery.start(patient.run_jobs)
-            job = patient._start_job("t", [series(uid)])
-            doc = await progress(patient, job, lambda d: d["series_waiting"] == 1)
+            job = patient._start_job("t", [series(uid), series(other)])
+            doc = await progress(patient, job, lambda d: d["series_waiting"] == 2)
             assert doc["series_failed"] == 0 and "503" in doc["waiting_reason"]
             assert doc["retry_at"] is not None
+            first = dict(patient.jobs[job].fetches)
+            # One series goes first; while it fails again, the other is not asked for.
+            with trio.fail_after(30):
+                while patient.jobs[job].fetches[uid] is first[uid] or patient._state(
+                        patient.jobs[job], uid) != "waiting":
+                    await trio.sleep(0.05)
+            assert patient.jobs[job].fetches[other] is first[other]
             set_faults(emulator.url)  # the service is back
-            doc = await progress(patient, job, lambda d: d["series_done"] == 1)
-            assert doc["series_waiting"] == 0 and cache.series_complete(uid)
+            doc = await progress(patient, job, lambda d: d["series_done"] == 2)
+            assert doc["series_waiting"] == 0 and cache.series_complete(other)
 
             job = patient._start_job("t", [series("1.2.840.99.1")])  # no such series
             doc = await progress(patient, job, lambda d: d["series_failed"] == 1)
