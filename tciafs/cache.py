@@ -717,9 +717,9 @@ class Cache:
                 for sop in bad:
                     await self.on_refused(sop)
             await self._fetch_again(collection, series, bad)
-        self._finish(series, collection, [sop for sop, _ in names.values()])
+        self._complete_if_kept(series, collection, [sop for sop, _ in names.values()])
 
-    def _finish(self, series: str, collection: str, sops: list[str]) -> bool:
+    def _complete_if_kept(self, series: str, collection: str, sops: list[str]) -> bool:
         """Mark the series complete, unless some of the files just fetched were evicted
         again to make room for the rest (nothing else could go): a prefetch job then
         reports it as lost, and a read fetches those files again."""
@@ -821,7 +821,7 @@ class Cache:
                               f"{series} could not be fetched; the first: {failed[0]}"
                               ) from failed[0]
         self._check_revision(series, revision)
-        if self._finish(series, collection, missing):
+        if self._complete_if_kept(series, collection, missing):
             self.stats.series_resumed += 1
 
     def _mark_complete(self, series: str, collection: str) -> None:
