@@ -91,6 +91,12 @@ CREATE TABLE IF NOT EXISTS withdrawn(
     series_uid TEXT PRIMARY KEY,
     meta TEXT NOT NULL,
     since REAL NOT NULL);
+-- Prefetch and pin jobs not yet ended: the next mount takes them up again.
+CREATE TABLE IF NOT EXISTS jobs(
+    command TEXT NOT NULL,
+    target TEXT NOT NULL,
+    started REAL NOT NULL,
+    PRIMARY KEY(command, target));
 """
 
 
@@ -185,6 +191,7 @@ class Catalog:
         if row is not None and row[0] != source:
             self.db.execute("DELETE FROM nodes")
             self.db.execute("DELETE FROM withdrawn")
+            self.db.execute("DELETE FROM jobs")
             self.db.execute("DELETE FROM settings WHERE key='selection'")
         self.db.execute("INSERT OR REPLACE INTO settings VALUES ('source', ?)", (source,))
         self.db.execute("INSERT OR REPLACE INTO settings VALUES ('schema', ?)",
@@ -295,6 +302,18 @@ class Catalog:
         self.db.executemany("DELETE FROM withdrawn WHERE series_uid=?",
                             [(uid,) for uid in found])
         return found
+
+    def save_job(self, command: str, target: str, started: float) -> None:
+        self.db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?)",
+                        (command, target, started))
+
+    def forget_job(self, command: str, target: str) -> None:
+        self.db.execute("DELETE FROM jobs WHERE command=? AND target=?", (command, target))
+
+    def stored_jobs(self) -> list[tuple[str, str, float]]:
+        """(command, target, started) of the jobs a mount left unfinished, oldest first."""
+        return self.db.execute("SELECT command, target, started FROM jobs "
+                               "ORDER BY started").fetchall()
 
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM nodes").fetchone()[0]

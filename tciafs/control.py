@@ -45,12 +45,14 @@ RETRY_FOR = 24 * 3600.0
 class Job:
     target: str
     series: list[Node]
+    command: str = "prefetch"
     started: float = field(default_factory=time.time)
     total_bytes: int = 0
     # Each series' fetch, set once it has ended (set from the start for one complete then).
     fetches: dict[str, trio.Event] = field(default_factory=dict)
     patient: bool = False  # series that failed for now will be fetched again
     retry_at: float | None = None
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)  # of its retries
 
 
 class Control:
@@ -69,10 +71,13 @@ class Control:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
+            if self.tree is not None:
+                nursery.start_soon(self._resume_stored)
             await trio.sleep_forever()
 
-    async def run(self, command: str, target: str) -> int:
-        """Carry out a command; returns the job id for prefetch/pin, else 0."""
+    async def run(self, command: str, target: str, *, started: float | None = None) -> int:
+        """Carry out a command; returns the job id for prefetch/pin, else 0. `started`:
+        when a job taken up again from a previous mount began."""
         if command not in COMMANDS:
             raise ValueError(command)
         if command == "logout":
@@ -92,6 +97,8 @@ class Control:
             self.cache.clear()  # everything: no need to walk (and list) the archive
             return 0
         series = await self.series_under(node)
+        if command in ("clear", "unpin"):
+            self._cancel_jobs("prefetch" if command == "clear" else "pin", target)
         if command == "clear":
             for s in series:
                 self.cache.clear(s.ident)
@@ -103,7 +110,34 @@ class Control:
                 self.cache.pin_series(s.ident, s.collection, command == "pin")
             if command == "unpin":
                 return 0
-        return self._start_job(target, series)
+        job_id = self._start_job(target, series, command, started)
+        self.tree.catalog.save_job(command, target, self.jobs[job_id].started)
+        return job_id
+
+    async def _resume_stored(self) -> None:
+        """Take up the jobs a previous mount left unfinished (a restart, a crash, a
+        reboot): what they fetched is cached, and they go on from there."""
+        for command, target, started in self.tree.catalog.stored_jobs():
+            try:
+                await self.run(command, target, started=started)
+            except (TargetError, CacheFull) as exc:  # gone from the archive, or too big now
+                log.warning("%s of %s, left unfinished by the last mount, is dropped: %s",
+                            command, target, exc)
+                self.tree.catalog.forget_job(command, target)
+                continue
+            except Exception as exc:  # offline with nothing listed, say: the next mount
+                log.warning("%s of %s, left unfinished by the last mount, could not be "
+                            "taken up: %s", command, target, exc)
+                continue
+            log.info("%s of %s, left unfinished by the last mount, goes on", command, target)
+
+    def _cancel_jobs(self, command: str, target: str) -> None:
+        """clear PATH ends the prefetch jobs of PATH, unpin PATH its pin jobs: no retries,
+        and no taking them up again at the next mount."""
+        self.tree.catalog.forget_job(command, target)
+        for job in self.jobs.values():
+            if job.command == command and job.target == target:
+                job.cancel.cancel()
 
     def _check_fits(self, target: str, series: list[Node]) -> None:
         """Refuse what the cache can never hold at once: the job would evict its own first
@@ -138,8 +172,10 @@ class Control:
         log.info("%s of series %s, which the archive no longer lists", command, uid)
         return True
 
-    def _start_job(self, target: str, series: list[Node]) -> int:
-        job = Job(target, series, total_bytes=_total_bytes(series))
+    def _start_job(self, target: str, series: list[Node], command: str = "prefetch",
+                   started: float | None = None) -> int:
+        job = Job(target, series, command=command, total_bytes=_total_bytes(series),
+                  started=started or time.time())
         job_id = next(self._ids)
         self.jobs[job_id] = job
         self._forget_finished()
@@ -192,30 +228,36 @@ class Control:
 
         One series goes first: while it fails again, the others wait too, so that a
         service that is down sees one request per retry, not one per series."""
-        delay = self.retry_first
         try:
-            while True:
-                for fetch in list(job.fetches.values()):
-                    await fetch.wait()
-                again = [s for s in job.series if self.cache.failed_for_now(s.ident)]
-                if not again or time.time() + delay > job.started + self.retry_for:
-                    return
-                job.retry_at = time.time() + delay
-                log.warning("prefetch of %s: %d series failed for now (%s); trying again "
-                            "in %.0f s", job.target, len(again),
-                            self.cache.failed_series[again[0].ident], delay)
-                await trio.sleep(delay)
-                job.retry_at = None
-                await self._fetch_again(job, again[0]).wait()
-                if self.cache.failed_for_now(again[0].ident):
-                    delay = min(delay * 2, self.retry_max)
-                    continue
-                for s in again[1:]:
-                    self._fetch_again(job, s)
-                delay = self.retry_first
+            with job.cancel:
+                await self._retry(job)
         finally:
             job.patient = False
             job.retry_at = None
+
+    async def _retry(self, job: Job) -> None:
+        delay = self.retry_first
+        while True:
+            for fetch in list(job.fetches.values()):
+                await fetch.wait()
+            again = [s for s in job.series if self.cache.failed_for_now(s.ident)]
+            if not again or time.time() + delay > job.started + self.retry_for:
+                if self.tree is not None:  # ended: nothing to take up at the next mount
+                    self.tree.catalog.forget_job(job.command, job.target)
+                return
+            job.retry_at = time.time() + delay
+            log.warning("prefetch of %s: %d series failed for now (%s); trying again "
+                        "in %.0f s", job.target, len(again),
+                        self.cache.failed_series[again[0].ident], delay)
+            await trio.sleep(delay)
+            job.retry_at = None
+            await self._fetch_again(job, again[0]).wait()
+            if self.cache.failed_for_now(again[0].ident):
+                delay = min(delay * 2, self.retry_max)
+                continue
+            for s in again[1:]:
+                self._fetch_again(job, s)
+            delay = self.retry_first
 
     def _fetch_again(self, job: Job, series: Node) -> trio.Event:
         if self.cache.failed_for_now(series.ident):  # else a reader fetched it meanwhile

@@ -30,7 +30,7 @@ from tciafs.catalog import Kind, Node
 from tciafs.client import NbiaClient
 from tciafs.control import Control
 
-from mountutil import mounted, reset_stats, set_faults, stats
+from mountutil import lazy_unmount, mounted, reset_stats, set_faults, stats
 
 
 def _series(url: str) -> list[dict]:
@@ -482,6 +482,63 @@ async def test_a_prefetch_job_waits_out_an_outage(emulator, tmp_path: Path) -> N
         cache.close()
     finally:
         set_faults(emulator.url)
+
+
+def test_a_prefetch_left_by_a_killed_daemon_goes_on_at_the_next_mount(emulator,
+                                                                      tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
+    set_faults(emulator.url, bandwidth=1_000_000, endpoints=["getImage"])  # 21 MB: ~20 s
+    try:
+        with mounted(emulator, mnt, cache_dir) as daemon:
+            series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
+            target = str(series.relative_to(mnt))
+            assert _cli("prefetch", "--no-wait", str(series)).returncode == 0
+            deadline = time.monotonic() + 30
+            while not _present(cache_dir, series):  # under way
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            daemon.kill()  # a crash, an OOM kill, a reboot
+            daemon.wait()
+            lazy_unmount(mnt)
+    finally:
+        set_faults(emulator.url)
+    count = len(_truth(emulator.url, uid))
+    with mounted(emulator, mnt, cache_dir):  # nobody asks again: the mount goes on by itself
+        deadline = time.monotonic() + 60
+        while _present(cache_dir, series) < count:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        jobs = json.loads(subprocess.run(
+            [sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
+            capture_output=True, text=True, check=True).stdout)["jobs"]
+        assert [j["target"] for j in jobs.values()] == [target]
+    log = (tmp_path / "mnt-daemon.log").read_text()
+    assert f"prefetch of {target}, left unfinished by the last mount, goes on" in log
+    with mounted(emulator, mnt, cache_dir):  # it ended: nothing to take up any more
+        status = json.loads(subprocess.run(
+            [sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
+            capture_output=True, text=True, check=True).stdout)
+        assert status["jobs"] == {}
+
+
+def test_clear_ends_a_prefetch_for_good(emulator, tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
+    set_faults(emulator.url, bandwidth=1_000_000, endpoints=["getImage"])
+    try:
+        with mounted(emulator, mnt, cache_dir):
+            series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
+            assert _cli("prefetch", "--no-wait", str(series)).returncode == 0
+            assert _cli("clear", str(series)).returncode == 0
+    finally:
+        set_faults(emulator.url)
+    with mounted(emulator, mnt, cache_dir):
+        status = json.loads(subprocess.run(
+            [sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
+            capture_output=True, text=True, check=True).stdout)
+        assert status["jobs"] == {}
+    assert "left unfinished by the last mount" not in (tmp_path / "mnt-daemon.log").read_text()
 
 
 def test_a_prefetch_whose_mount_goes_away_says_so(emulator, tmp_path: Path) -> None:
