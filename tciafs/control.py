@@ -94,6 +94,7 @@ class Control:
                 return 0
             raise
         if command == "clear" and node.kind is Kind.ROOT:
+            self._cancel_jobs("prefetch")
             self.cache.clear()  # everything: no need to walk (and list) the archive
             return 0
         series = await self.series_under(node)
@@ -131,12 +132,14 @@ class Control:
                 continue
             log.info("%s of %s, left unfinished by the last mount, goes on", command, target)
 
-    def _cancel_jobs(self, command: str, target: str) -> None:
-        """clear PATH ends the prefetch jobs of PATH, unpin PATH its pin jobs: no retries,
-        and no taking them up again at the next mount."""
-        self.tree.catalog.forget_job(command, target)
+    def _cancel_jobs(self, command: str, target: str | None = None) -> None:
+        """clear PATH ends the prefetch jobs of PATH (clear without PATH, every one),
+        unpin PATH its pin jobs: no retries, and no taking them up at the next mount."""
+        for stored_command, stored_target, _ in self.tree.catalog.stored_jobs():
+            if stored_command == command and target in (None, stored_target):
+                self.tree.catalog.forget_job(stored_command, stored_target)
         for job in self.jobs.values():
-            if job.command == command and job.target == target:
+            if job.command == command and target in (None, job.target):
                 job.cancel.cancel()
 
     def _check_fits(self, target: str, series: list[Node]) -> None:

@@ -522,7 +522,8 @@ def test_a_prefetch_left_by_a_killed_daemon_goes_on_at_the_next_mount(emulator,
         assert status["jobs"] == {}
 
 
-def test_clear_ends_a_prefetch_for_good(emulator, tmp_path: Path) -> None:
+@pytest.mark.parametrize("what", ["the series", "everything"])
+def test_clear_ends_a_prefetch_for_good(emulator, tmp_path: Path, what: str) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     uid = _series(emulator.url)[0]["SeriesInstanceUID"]
     set_faults(emulator.url, bandwidth=1_000_000, endpoints=["getImage"])
@@ -530,7 +531,8 @@ def test_clear_ends_a_prefetch_for_good(emulator, tmp_path: Path) -> None:
         with mounted(emulator, mnt, cache_dir):
             series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
             assert _cli("prefetch", "--no-wait", str(series)).returncode == 0
-            assert _cli("clear", str(series)).returncode == 0
+            clear = _cli("clear", *([str(series)] if what == "the series" else []))
+            assert clear.returncode == 0, clear.stderr
     finally:
         set_faults(emulator.url)
     with mounted(emulator, mnt, cache_dir):
