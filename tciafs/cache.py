@@ -180,7 +180,12 @@ class Cache:
         # one may carry the old bytes, and is not published.
         self._revision: collections.Counter[str] = collections.Counter()
         self._withdrawn: set[str] = set()  # series the archive stopped listing, this run
+        # Per series, in memory: status reads them for every series of a job, each time.
+        self._series_files: collections.Counter[str] = collections.Counter()
+        self._series_bytes: collections.Counter[str] = collections.Counter()
         self._reconcile(indexed)
+        self._complete = {uid for uid, in self.db.execute(
+            "SELECT uid FROM series WHERE complete=1")}
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -243,6 +248,8 @@ class Cache:
     def _add_present(self, sop: str, series: str, size: int, pinned: bool) -> None:
         self._lru[sop] = size
         self._series_of[sop] = series
+        self._series_files[series] += 1
+        self._series_bytes[series] += size
         self._file_bytes += size
         if pinned:
             self._pinned.add(sop)
@@ -319,6 +326,10 @@ class Cache:
         size = self._lru.pop(sop)
         self._pinned.discard(sop)
         series = self._series_of.pop(sop, None)
+        if series is not None:
+            self._series_files[series] -= 1
+            self._series_bytes[series] -= size
+        self._complete.discard(series or "")
         self.db.execute("UPDATE series SET complete=0 WHERE uid=?", (series,))
         self._file_bytes -= size
         self.stats.evictions += 1
@@ -337,13 +348,10 @@ class Cache:
         return sop in self._lru
 
     def cached_count(self, series: str) -> int:
-        return self.db.execute("SELECT count(*) FROM instances WHERE series=? AND present=1",
-                               (series,)).fetchone()[0]
+        return self._series_files[series]
 
     def cached_bytes(self, series: str) -> int:
-        row = self.db.execute("SELECT sum(size) FROM instances WHERE series=? AND present=1",
-                              (series,)).fetchone()
-        return row[0] or 0
+        return self._series_bytes[series]
 
     def md5_of(self, sop: str) -> str | None:
         row = self.db.execute("SELECT md5 FROM instances WHERE sop=? AND verified=1",
@@ -366,8 +374,7 @@ class Cache:
         return series in self.failed_series and series in self._may_pass
 
     def series_complete(self, series: str) -> bool:
-        row = self.db.execute("SELECT complete FROM series WHERE uid=?", (series,)).fetchone()
-        return bool(row and row[0])
+        return series in self._complete
 
     def _object_path(self, sop: str) -> Path:
         return object_path(self.root, sop)
@@ -600,6 +607,8 @@ class Cache:
         self._measure_dir(final.parent)
         tmp.adopted()
         self._series_of[sop] = series
+        self._series_files[series] += 1
+        self._series_bytes[series] += tmp.size
         self._lru[sop] = tmp.size
         if series in self._withdrawn:  # a fetch still under way brought it
             self._lru.move_to_end(sop, last=False)
@@ -828,6 +837,7 @@ class Cache:
         self.db.execute("INSERT INTO series(uid, collection, complete, fetched) VALUES "
                         "(?, ?, 1, ?) ON CONFLICT(uid) DO UPDATE SET complete=1, fetched=?",
                         (series, collection, time.time(), time.time()))
+        self._complete.add(series)
 
     def _confirm_md5s(self, series: str, names: dict[str, tuple[str, str]],
                       expected: dict[str, str]) -> dict[str, str | None]:
@@ -962,6 +972,10 @@ class Cache:
             self._drop(sop)
         self.db.execute("UPDATE series SET complete=0 WHERE ? IS NULL OR uid=?",
                         (series, series))
+        if series is None:
+            self._complete.clear()
+        else:
+            self._complete.discard(series)
         return victims
 
     def save_counters(self) -> None:

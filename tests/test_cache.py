@@ -359,7 +359,7 @@ async def test_eviction_makes_a_complete_series_incomplete(emulator, client,
 def test_finished_prefetch_jobs_are_forgotten_beyond_the_last_twenty(tmp_path: Path) -> None:
     cache = Cache(tmp_path / "cache", 100 << 20)
     control = Control(tree=None, cache=cache)  # type: ignore[arg-type]  # unused here
-    cache.db.execute("INSERT INTO series(uid, collection, complete) VALUES ('done', 'C', 1)")
+    cache._mark_complete("done", "C")
     for uid in ("running", "failing"):  # fetches under way: a job does not restart them
         cache._series_tasks[uid] = trio.Event()
 
@@ -471,7 +471,6 @@ async def test_a_prefetch_job_waits_out_an_outage(emulator, tmp_path: Path) -> N
 
             set_faults(emulator.url, p503=1.0, endpoints=["getImage"])
             cache.clear(uid)
-            cache.db.execute("UPDATE series SET complete=0")
             hasty = Control(tree=None, cache=cache, retry_first=0.3,  # type: ignore[arg-type]
                             retry_for=0.1)
             hasty._nursery = patient._nursery
