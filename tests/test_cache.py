@@ -483,6 +483,35 @@ async def test_a_prefetch_job_waits_out_an_outage(emulator, tmp_path: Path) -> N
         set_faults(emulator.url)
 
 
+async def test_a_job_starts_its_series_a_few_at_a_time(emulator, client,
+                                                      tmp_path: Path) -> None:
+    """A task per series waiting its turn costs about 4 kB: a job of 200,000 series would
+    hold 800 MB before fetching anything."""
+    from tciafs import control as control_module
+
+    cache = Cache(tmp_path / "c", 1 << 30, client)
+    control = Control(tree=None, cache=cache)  # type: ignore[arg-type]  # unused here
+    series = [Node(0, 0, f"1.2.840.99.{n}", Kind.SERIES, f"1.2.840.99.{n}",
+                   "Demo-Lung CT_2024", f"1.2.840.99.{n}") for n in range(60)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run)
+        await nursery.start(control.run_jobs)
+        slots = [object() for _ in range(4)]
+        for slot in slots:  # every fetch started waits for its turn
+            await cache._series_limiter.acquire_on_behalf_of(slot)
+        job = str(control._start_job("t", series))
+        await trio.sleep(0.2)
+        assert len(cache._series_tasks) == control_module.JOB_WINDOW
+        for slot in slots:
+            cache._series_limiter.release_on_behalf_of(slot)
+        with trio.fail_after(60):  # unknown series fail at once, the rest follow in turn
+            while control.progress()[job]["series_failed"] < len(series):
+                assert len(cache._series_tasks) <= control_module.JOB_WINDOW
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    cache.close()
+
+
 def test_a_prefetch_left_by_a_killed_daemon_goes_on_at_the_next_mount(emulator,
                                                                       tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
