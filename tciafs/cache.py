@@ -671,12 +671,12 @@ class Cache:
         self._busy_series[series] += 1
         try:
             async with self._series_limiter:
-                missing = await self._missing(series)
-                if missing is None:
+                listed = await self._resumable(series)
+                if listed is None:
                     await self._with_attempts(f"series {series}", self._download_series,
                                               collection, series)
                 else:
-                    await self._download_missing(collection, series, missing)
+                    await self._download_missing(collection, series, listed)
             self.failed_series.pop(series, None)
             self._may_pass.discard(series)
         except (ClientError, FetchFailed, CacheFull, CacheDiskError) as exc:
@@ -767,9 +767,9 @@ class Cache:
         row = self.db.execute("SELECT md5 FROM instances WHERE sop=?", (sop,)).fetchone()
         return (sop, row[0]) if row else None
 
-    async def _missing(self, series: str) -> list[str] | None:
-        """The files a partly cached series lacks, when fetching them one by one leaves it
-        as verified as the ZIP would, for less; None when the ZIP is the better way.
+    async def _resumable(self, series: str) -> list[str] | None:
+        """The files a partly cached series lists, when fetching those it lacks one by one
+        leaves it as verified as the ZIP would, for less; None when the ZIP is better.
 
         A few files evicted, deleted or dropped as damaged would otherwise cost the whole
         series again. Every file the series lists must have been confirmed by an MD5 list
@@ -792,11 +792,12 @@ class Cache:
         missing = [sop for sop in listed if sop not in self._lru]
         if len(missing) * RESUME_SHARE > len(listed) or not confirmed.issuperset(listed):
             return None
-        return missing
+        return listed
 
     async def _download_missing(self, collection: str, series: str,
-                                missing: list[str]) -> None:
+                                listed: list[str]) -> None:
         """Complete a partly cached series with getSingleImage, a few files at once."""
+        missing = [sop for sop in listed if sop not in self._lru]
         if missing:
             log.info("series %s: fetching its %d missing files one by one", series,
                      len(missing))
@@ -830,7 +831,7 @@ class Cache:
                               f"{series} could not be fetched; the first: {failed[0]}"
                               ) from failed[0]
         self._check_revision(series, revision)
-        if self._complete_if_kept(series, collection, missing):
+        if self._complete_if_kept(series, collection, listed):
             self.stats.series_resumed += 1
 
     def _mark_complete(self, series: str, collection: str) -> None:
