@@ -350,14 +350,22 @@ def _in_cache_dir(args: argparse.Namespace) -> int:
 
 
 def _change_series(cache: Cache, command: str, uids: list[str], root: Path) -> None:
+    from tciafs.catalog import forget_stored_jobs
+
+    # As through a mount: a job of what is cleared (or unpinned) is not taken up again.
+    job = "prefetch" if command == "clear" else "pin"
     if not uids:
+        forget_stored_jobs(root, job)
         print(f"dropped {cache.clear()} files")
         return
-    unknown = [uid for uid in uids if cache.series_collection(uid) is None]
+    ended = {uid: forget_stored_jobs(root, job, uid) for uid in uids}
+    unknown = [uid for uid in uids if cache.series_collection(uid) is None and not ended[uid]]
     if unknown:
         raise CommandError(f"{', '.join(unknown)}: no series with this UID in {root}")
     for uid in uids:
-        if command == "unpin":
+        if cache.series_collection(uid) is None:  # nothing cached yet, only the job
+            print(f"{uid}: its {job} job ended")
+        elif command == "unpin":
             cache.pin_series(uid, cache.series_collection(uid) or "", False)
             print(f"{uid}: unpinned")
         else:

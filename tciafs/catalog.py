@@ -147,6 +147,22 @@ def stored_rows(cache_dir: Path, sql: str, params: Sequence[Any] = ()) -> list[t
     return rows
 
 
+def forget_stored_jobs(cache_dir: Path, command: str, series: str | None = None) -> int:
+    """End, in every catalog of an unmounted cache directory, the stored jobs of
+    `command`: all of them, or those whose target is the series' UID or a path to it.
+    Returns how many; a catalog that cannot answer is left as it is."""
+    forgotten = 0
+    for path in sorted(cache_dir.glob("catalog-*.sqlite")):
+        try:
+            with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+                forgotten += db.execute(
+                    "DELETE FROM jobs WHERE command=? AND (? IS NULL OR target=? "
+                    "OR target LIKE '%/' || ?)", (command, series, series, series)).rowcount
+        except sqlite3.Error:
+            continue
+    return forgotten
+
+
 class Catalog:
     def __init__(self, path: Path, source: str) -> None:
         self.path = path
