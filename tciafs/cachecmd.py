@@ -131,6 +131,7 @@ def _stats(args: argparse.Namespace) -> int:
     withdrawn = [(uid, *db.execute(
         "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(pinned), 0) FROM instances "
         "WHERE series=? AND present=1", (uid,)).fetchone()) for uid in _withdrawn(root)]
+    jobs = _stored_jobs(root)
     doc = {"cache_dir": str(root), "used": _dir_bytes(root), "files_bytes": stored,
            "bound": int(settings["bound"]) if "bound" in settings else None,
            "entries": entries, "pinned": pinned,
@@ -138,7 +139,9 @@ def _stats(args: argparse.Namespace) -> int:
            "largest_series": [{"series": s, "collection": c, "files": n, "bytes": b}
                               for s, c, n, b in largest],
            "withdrawn": [{"series": s, "files": n, "bytes": b, "pinned": p}
-                         for s, n, b, p in withdrawn if n]}
+                         for s, n, b, p in withdrawn if n],
+           "unfinished_jobs": [{"command": c, "target": t, "started": when}
+                               for c, t, when in jobs]}
     looked = doc["hits"] + doc["misses"]
     doc["hit_ratio"] = doc["hits"] / looked if looked else 0.0
     if args.json:
@@ -159,7 +162,20 @@ def _stats(args: argparse.Namespace) -> int:
             pinned_note = f", {row['pinned']} pinned" if row["pinned"] else ""
             print(f"    {paths.format_size(row['bytes']):>10}  {row['files']:>5} files  "
                   f"{row['series']}{pinned_note}")
+    if jobs:
+        print("  jobs not yet ended (a mount goes on with them; `tciafs cache clear PATH` "
+              "ends one):")
+        for command, target, when in jobs:
+            since = time.strftime("%Y-%m-%d %H:%M", time.localtime(when))
+            print(f"    {command:<8}  {target}  (since {since})")
     return 0
+
+
+def _stored_jobs(root: Path) -> list[tuple[str, str, float]]:
+    from tciafs.catalog import stored_rows
+
+    return sorted(stored_rows(root, "SELECT command, target, started FROM jobs"),
+                  key=lambda row: row[2])
 
 
 def _withdrawn(root: Path) -> list[str]:

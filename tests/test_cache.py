@@ -531,6 +531,10 @@ def test_a_prefetch_left_by_a_killed_daemon_goes_on_at_the_next_mount(emulator,
             lazy_unmount(mnt)
     finally:
         set_faults(emulator.url)
+    left = json.loads(_cli("stats", "--json", "--cache-dir", str(cache_dir)).stdout)
+    assert [(j["command"], j["target"]) for j in left["unfinished_jobs"]] == [
+        ("prefetch", target)]
+    assert f"prefetch  {target}  (since " in _cli("stats", "--cache-dir", str(cache_dir)).stdout
     count = len(_truth(emulator.url, uid))
     with mounted(emulator, mnt, cache_dir):  # nobody asks again: the mount goes on by itself
         deadline = time.monotonic() + 60
@@ -548,6 +552,8 @@ def test_a_prefetch_left_by_a_killed_daemon_goes_on_at_the_next_mount(emulator,
             [sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
             capture_output=True, text=True, check=True).stdout)
         assert status["jobs"] == {}
+    left = json.loads(_cli("stats", "--json", "--cache-dir", str(cache_dir)).stdout)
+    assert left["unfinished_jobs"] == []
 
 
 @pytest.mark.parametrize("what", ["the series", "everything", "the series, unmounted",
