@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import shlex
 import sqlite3
 import sys
 import time
@@ -342,8 +343,16 @@ def _steer(args: argparse.Namespace) -> int:
     for mnt, target in targets:
         _send(mnt, command, target)
     if command in ("prefetch", "pin") and args.wait:
-        for mnt, target in targets:
-            _follow(mnt, target)
+        for raw, (mnt, target) in zip(args.paths, targets, strict=True):
+            try:
+                _follow(mnt, target)
+            except KeyboardInterrupt:
+                # Only the following stops: the job is the daemon's, and outlives it.
+                undo = "clear" if command == "prefetch" else "unpin"
+                print(f"\ntciafs: the {command} of {raw} goes on in the mount, and after a "
+                      f"restart; `tciafs cache {undo} {shlex.quote(raw)}` ends it",
+                      file=sys.stderr)
+                return 130
     return 0
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -581,6 +582,33 @@ def test_clear_ends_a_prefetch_for_good(emulator, tmp_path: Path, what: str) -> 
             capture_output=True, text=True, check=True).stdout)
         assert status["jobs"] == {}
     assert "left unfinished by the last mount" not in (tmp_path / "mnt-daemon.log").read_text()
+
+
+def test_ctrl_c_stops_following_a_prefetch_not_the_prefetch(emulator, tmp_path: Path) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
+    with mounted(emulator, mnt, cache_dir):
+        series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
+        set_faults(emulator.url, bandwidth=500_000)
+        try:
+            follower = subprocess.Popen(
+                [sys.executable, "-m", "tciafs", "cache", "prefetch", str(series)],
+                stderr=subprocess.PIPE, text=True)
+            deadline = time.monotonic() + 30
+            while not _present(cache_dir, series):  # under way
+                assert time.monotonic() < deadline and follower.poll() is None
+                time.sleep(0.1)
+            follower.send_signal(signal.SIGINT)
+            _, err = follower.communicate(timeout=30)
+            assert follower.returncode == 130, err
+            assert "goes on in the mount" in err and "tciafs cache clear" in err
+            assert "Traceback" not in err
+            status = json.loads(subprocess.run(
+                [sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
+                capture_output=True, text=True, check=True).stdout)
+            assert status["in_flight"]  # still fetching
+        finally:
+            set_faults(emulator.url)
 
 
 def test_a_prefetch_whose_mount_goes_away_says_so(emulator, tmp_path: Path) -> None:
