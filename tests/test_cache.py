@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -584,51 +585,47 @@ def test_clear_ends_a_prefetch_for_good(emulator, tmp_path: Path, what: str) -> 
     assert "left unfinished by the last mount" not in (tmp_path / "mnt-daemon.log").read_text()
 
 
+@contextlib.contextmanager
+def _slow_prefetch(emulator, mnt: Path, cache_dir: Path  # noqa: ANN001
+                   ) -> Iterator[subprocess.Popen]:
+    """`cache prefetch` of the largest lung series at 500 kB/s (21 MB: about 40 s),
+    yielded once under way."""
+    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
+    series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
+    set_faults(emulator.url, bandwidth=500_000)
+    try:
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "tciafs", "cache", "prefetch", str(series)],
+            stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not _present(cache_dir, series):
+            assert time.monotonic() < deadline and follower.poll() is None
+            time.sleep(0.1)
+        yield follower
+    finally:
+        set_faults(emulator.url)
+
+
 def test_ctrl_c_stops_following_a_prefetch_not_the_prefetch(emulator, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
-    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
-    with mounted(emulator, mnt, cache_dir):
-        series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
-        set_faults(emulator.url, bandwidth=500_000)
-        try:
-            follower = subprocess.Popen(
-                [sys.executable, "-m", "tciafs", "cache", "prefetch", str(series)],
-                stderr=subprocess.PIPE, text=True)
-            deadline = time.monotonic() + 30
-            while not _present(cache_dir, series):  # under way
-                assert time.monotonic() < deadline and follower.poll() is None
-                time.sleep(0.1)
-            follower.send_signal(signal.SIGINT)
-            _, err = follower.communicate(timeout=30)
-            assert follower.returncode == 130, err
-            assert "goes on in the mount" in err and "tciafs cache clear" in err
-            assert "Traceback" not in err
-            status = json.loads(subprocess.run(
-                [sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
-                capture_output=True, text=True, check=True).stdout)
-            assert status["in_flight"]  # still fetching
-        finally:
-            set_faults(emulator.url)
+    with mounted(emulator, mnt, cache_dir), _slow_prefetch(emulator, mnt, cache_dir) as cli:
+        cli.send_signal(signal.SIGINT)
+        _, err = cli.communicate(timeout=30)
+        assert cli.returncode == 130, err
+        assert "goes on in the mount" in err and "tciafs cache clear" in err
+        assert "Traceback" not in err
+        status = json.loads(subprocess.run(
+            [sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
+            capture_output=True, text=True, check=True).stdout)
+        assert status["in_flight"]  # still fetching
 
 
 def test_a_prefetch_whose_mount_goes_away_says_so(emulator, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
-    uid = _series(emulator.url)[0]["SeriesInstanceUID"]
-    with mounted(emulator, mnt, cache_dir):
-        series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
-        set_faults(emulator.url, bandwidth=500_000)  # 21 MB: about 40 s
-        try:
-            follower = subprocess.Popen(
-                [sys.executable, "-m", "tciafs", "cache", "prefetch", str(series)],
-                stderr=subprocess.PIPE, text=True)
-            deadline = time.monotonic() + 30
-            while not _present(cache_dir, series):  # under way
-                assert time.monotonic() < deadline and follower.poll() is None
-                time.sleep(0.1)
-        finally:
-            set_faults(emulator.url)
-    _, err = follower.communicate(timeout=60)
-    assert follower.returncode == 1, err
+    with mounted(emulator, mnt, cache_dir), _slow_prefetch(emulator, mnt, cache_dir) as cli:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=30)
+        _, err = cli.communicate(timeout=60)
+    assert cli.returncode == 1, err
     assert "the mount went away while" in err and "Traceback" not in err
 
 
