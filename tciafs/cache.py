@@ -329,8 +329,7 @@ class Cache:
         if series is not None:
             self._series_files[series] -= 1
             self._series_bytes[series] -= size
-        self._complete.discard(series or "")
-        self.db.execute("UPDATE series SET complete=0 WHERE uid=?", (series,))
+            self._mark_incomplete(series)
         self._file_bytes -= size
         self.stats.evictions += 1
         self._object_path(sop).unlink(missing_ok=True)
@@ -840,6 +839,15 @@ class Cache:
                         (series, collection, time.time(), time.time()))
         self._complete.add(series)
 
+    def _mark_incomplete(self, series: str | None) -> None:
+        """One series, or all of them (None), no longer hold every file."""
+        self.db.execute("UPDATE series SET complete=0 WHERE ? IS NULL OR uid=?",
+                        (series, series))
+        if series is None:
+            self._complete.clear()
+        else:
+            self._complete.discard(series)
+
     def _confirm_md5s(self, series: str, names: dict[str, tuple[str, str]],
                       expected: dict[str, str]) -> dict[str, str | None]:
         """Mark the files that match the service's MD5 list verified; remove the others
@@ -971,12 +979,7 @@ class Cache:
                    and not self._open[s] and not (keep_pinned and s in self._pinned)]
         for sop in victims:
             self._drop(sop)
-        self.db.execute("UPDATE series SET complete=0 WHERE ? IS NULL OR uid=?",
-                        (series, series))
-        if series is None:
-            self._complete.clear()
-        else:
-            self._complete.discard(series)
+        self._mark_incomplete(series)
         return victims
 
     def save_counters(self) -> None:

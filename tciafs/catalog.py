@@ -147,17 +147,27 @@ def stored_rows(cache_dir: Path, sql: str, params: Sequence[Any] = ()) -> list[t
     return rows
 
 
-def forget_stored_jobs(cache_dir: Path, command: str, series: str | None = None) -> int:
-    """End, in every catalog of an unmounted cache directory, the stored jobs of
-    `command`: all of them, or those whose target is the series' UID or a path to it.
-    Returns how many; a catalog that cannot answer is left as it is."""
+# The stored jobs of a command that `clear` or `unpin` of `target` ends: every one for
+# no target, else those of the target itself or of a path ending in it (a UID).
+_FORGET_JOBS = ("DELETE FROM jobs WHERE command=? AND (? IS NULL OR target=? "
+                "OR target LIKE '%/' || ?)")
+
+
+def job_ended_by(job_target: str, target: str | None) -> bool:
+    """The same rule, for a job held in memory."""
+    return target is None or job_target == target or job_target.endswith("/" + target)
+
+
+def forget_stored_jobs(cache_dir: Path, command: str, target: str | None = None) -> int:
+    """End the stored jobs of `command` that `target` ends, in every catalog of an
+    unmounted cache directory. Returns how many; a catalog that cannot answer is left
+    as it is."""
     forgotten = 0
     for path in sorted(cache_dir.glob("catalog-*.sqlite")):
         try:
             with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-                forgotten += db.execute(
-                    "DELETE FROM jobs WHERE command=? AND (? IS NULL OR target=? "
-                    "OR target LIKE '%/' || ?)", (command, series, series, series)).rowcount
+                forgotten += db.execute(_FORGET_JOBS, (command, target, target, target)
+                                        ).rowcount
         except sqlite3.Error:
             continue
     return forgotten
@@ -324,7 +334,12 @@ class Catalog:
                         (command, target, started))
 
     def forget_job(self, command: str, target: str) -> None:
+        """A job that ended, or that the next mount cannot take up."""
         self.db.execute("DELETE FROM jobs WHERE command=? AND target=?", (command, target))
+
+    def forget_jobs_ended_by(self, command: str, target: str | None) -> None:
+        """The stored jobs that `clear` or `unpin` of `target` ends (all, for None)."""
+        self.db.execute(_FORGET_JOBS, (command, target, target, target))
 
     def stored_jobs(self) -> list[tuple[str, str, float]]:
         """(command, target, started) of the jobs a mount left unfinished, oldest first."""

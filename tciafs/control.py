@@ -20,7 +20,7 @@ from typing import NamedTuple
 import trio
 
 from tciafs.cache import Cache, CacheFull
-from tciafs.catalog import ROOT_INODE, Kind, Node
+from tciafs.catalog import ROOT_INODE, Kind, Node, job_ended_by
 from tciafs.paths import format_size
 from tciafs.tree import Tree
 
@@ -146,13 +146,12 @@ class Control:
             log.info("%s of %s, left unfinished by the last mount, goes on", command, target)
 
     def _cancel_jobs(self, command: str, target: str | None = None) -> None:
-        """clear PATH ends the prefetch jobs of PATH (clear without PATH, every one),
-        unpin PATH its pin jobs: no retries, and no taking them up at the next mount."""
-        for stored_command, stored_target, _ in self.tree.catalog.stored_jobs():
-            if stored_command == command and target in (None, stored_target):
-                self.tree.catalog.forget_job(stored_command, stored_target)
+        """clear PATH ends the prefetch jobs of PATH, or of a path ending in it (a bare
+        UID; clear without PATH, every one), unpin PATH its pin jobs: no retries, and no
+        taking them up at the next mount."""
+        self.tree.catalog.forget_jobs_ended_by(command, target)
         for job in self.jobs.values():
-            if job.command == command and target in (None, job.target):
+            if job.command == command and job_ended_by(job.target, target):
                 job.cancel.cancel()
 
     def _check_fits(self, target: str, series: list[Node]) -> None:

@@ -558,8 +558,8 @@ def test_a_prefetch_left_by_a_killed_daemon_goes_on_at_the_next_mount(emulator,
     assert left["unfinished_jobs"] == []
 
 
-@pytest.mark.parametrize("what", ["the series", "everything", "the series, unmounted",
-                                  "everything, unmounted"])
+@pytest.mark.parametrize("what", ["the series", "its UID", "everything",
+                                  "the series, unmounted", "everything, unmounted"])
 def test_clear_ends_a_prefetch_for_good(emulator, tmp_path: Path, what: str) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     uid = _series(emulator.url)[0]["SeriesInstanceUID"]
@@ -569,7 +569,8 @@ def test_clear_ends_a_prefetch_for_good(emulator, tmp_path: Path, what: str) -> 
             series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
             assert _cli("prefetch", "--no-wait", str(series)).returncode == 0
             if not what.endswith("unmounted"):
-                clear = _cli("clear", *([str(series)] if what == "the series" else []))
+                named = {"the series": [str(series)], "its UID": [uid]}.get(what, [])
+                clear = _cli("clear", *named)  # a job started by path, ended by UID too
                 assert clear.returncode == 0, clear.stderr
         if what.endswith("unmounted"):  # the job was cut short: stored for the next mount
             clear = _cli("clear", "--cache-dir", str(cache_dir),
