@@ -728,13 +728,15 @@ class Cache:
         self._complete_if_kept(series, collection, [sop for sop, _ in names.values()])
 
     def _complete_if_kept(self, series: str, collection: str, sops: list[str]) -> bool:
-        """Mark the series complete, unless some of the files just fetched were evicted
-        again to make room for the rest (nothing else could go): a prefetch job then
-        reports it as lost, and a read fetches those files again."""
+        """Mark the series complete, unless some of its files went before the rest came:
+        evicted to make room for them (nothing else could go), or dropped as damaged on
+        disk meanwhile. A prefetch job then reports it as lost, and a read fetches those
+        files again."""
         gone = sum(sop not in self._lru for sop in sops)
         if gone:
-            log.warning("series %s: %d of the %d files fetched were evicted again: the "
-                        "cache cannot hold it beside the data in use", series, gone, len(sops))
+            log.warning("series %s: %d of its %d files went before the rest came: evicted, "
+                        "as the cache cannot hold it beside the data in use, or dropped",
+                        series, gone, len(sops))
             return False
         self._mark_complete(series, collection)
         return True

@@ -32,7 +32,7 @@ from tciafs.catalog import Kind, Node
 from tciafs.client import NbiaClient
 from tciafs.control import Control
 
-from mountutil import lazy_unmount, mounted, reset_stats, set_faults, stats
+from mountutil import count_requests, lazy_unmount, mounted, reset_stats, set_faults, stats
 
 
 def _series(url: str) -> list[dict]:
@@ -358,6 +358,47 @@ async def test_eviction_makes_a_complete_series_incomplete(emulator, client,
     cache.close()
 
 
+async def test_a_series_completed_from_its_missing_files_needs_the_others_still_there(
+        emulator, client, tmp_path: Path) -> None:
+    """A file the series held when its missing ones were asked for, dropped before they
+    came (as `verify --repair` does), leaves the series incomplete, so a read or the next
+    prefetch fetches it again."""
+    cache = Cache(tmp_path / "c", 1 << 30, client, prefetch=True)
+    uid = _series(emulator.url)[1]["SeriesInstanceUID"]
+    sops = _sops(emulator.url, uid)
+
+    async def listed(series: str) -> list[str]:
+        return await client.instance_uids("Demo-Lung CT_2024", series)
+
+    cache.instances_of = listed
+
+    async def body() -> None:
+        with trio.fail_after(60):
+            await cache.start_series_fetch("Demo-Lung CT_2024", uid).wait()
+        cache.discard(sops[:2])
+        set_faults(emulator.url, first_byte_delay_ms=1500, endpoints=["getSingleImage"])
+        reset_stats(emulator.url)
+        try:
+            with trio.fail_after(60):
+                fetch = cache.start_series_fetch("Demo-Lung CT_2024", uid)
+                while not count_requests(emulator.url, "getSingleImage"):
+                    await trio.sleep(0.05)
+                assert cache.discard([sops[-1]]) == [sops[-1]]
+                await fetch.wait()
+        finally:
+            set_faults(emulator.url)
+        assert stats(emulator.url)["requests"] == {"getSOPInstanceUIDs": 1,
+                                                   "getSingleImage": 2}
+        assert cache.is_cached(sops[0]) and not cache.is_cached(sops[-1])
+        assert not cache.series_complete(uid)
+        with trio.fail_after(60):
+            await cache.start_series_fetch("Demo-Lung CT_2024", uid).wait()
+        assert cache.series_complete(uid) and cache.stats.series_resumed == 1
+
+    await _with_cache(cache, body)
+    cache.close()
+
+
 def test_finished_prefetch_jobs_are_forgotten_beyond_the_last_twenty(tmp_path: Path) -> None:
     cache = Cache(tmp_path / "cache", 100 << 20)
     control = Control(tree=None, cache=cache)  # type: ignore[arg-type]  # unused here
@@ -649,7 +690,7 @@ def test_a_prefetch_the_cache_cannot_hold_ends_with_the_reason(emulator, tmp_pat
                               capture_output=True, text=True, check=True).stdout
         assert ", 0 running" in text
     log = (tmp_path / "mnt-daemon.log").read_text()
-    assert "were evicted again: the cache cannot hold it beside the data in use" in log
+    assert "evicted, as the cache cannot hold it beside the data in use" in log
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
