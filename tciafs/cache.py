@@ -116,6 +116,7 @@ class CacheStats:
     single_fetches: int = 0
     series_fetches: int = 0
     series_resumed: int = 0  # series completed by fetching only their missing files
+    series_cut_short: int = 0  # of those, series whose ZIP no attempt brought whole
     evictions: int = 0
     md5_mismatches: int = 0
 
@@ -411,10 +412,23 @@ class Cache:
         self._hold_counts(sop, series)
         return self._entry(sop, series)
 
+    @staticmethod
+    def harm(entry: Entry) -> str | None:
+        """How the file of an entry was changed from outside the mount, if it was:
+        "deleted" (a cleaner of old files in /tmp), "cut short" (a copy or restore of the
+        cache dir that ran out of room) or "grown". A stat: cheap beside an open."""
+        try:
+            size = os.stat(entry.path).st_size
+        except FileNotFoundError:
+            return "deleted"
+        if size == entry.size:
+            return None
+        return "cut short" if size < entry.size else "grown"
+
     async def fetch_lost(self, entry: Entry) -> Entry:
-        """The file of a held entry was deleted from outside: forget it and fetch it
+        """The file of a held entry was harmed from outside: forget it and fetch it
         again. The caller's hold carries over to the new file."""
-        if entry.sop in self._lru and not os.path.exists(entry.path):
+        if entry.sop in self._lru and self.harm(entry):
             self._drop(entry.sop)
         collection = self.series_collection(entry.series) or ""
         await self._fetch_one(collection, entry.series, entry.sop)  # not the whole series
@@ -672,9 +686,8 @@ class Cache:
             async with self._series_limiter:
                 listed = await self._resumable(series)
                 if listed is None:
-                    await self._with_attempts(f"series {series}", self._download_series,
-                                              collection, series)
-                else:
+                    listed = await self._download_whole(collection, series)
+                if listed is not None:
                     await self._download_missing(collection, series, listed)
             self.failed_series.pop(series, None)
             self._may_pass.discard(series)
@@ -694,6 +707,41 @@ class Cache:
             self.in_flight.pop(series, None)
             del self._series_tasks[series]
             done.set()
+
+    async def _download_whole(self, collection: str, series: str) -> list[str] | None:
+        """Fetch the series' ZIP; None once done. When every attempt was cut short, the
+        files the series lists instead, so that those it lacks come one by one.
+
+        Some servers cut large ZIPs, and a link may drop more often than a ZIP lasts:
+        there, no number of attempts brings the whole ZIP, while single files, each lost
+        alone, always end. The files it brings are not confirmed by MD5 (the list ends
+        the ZIP); the ZIP's entries were checked against their CRCs.
+        """
+        try:
+            await self._with_attempts(f"series {series}", self._download_series,
+                                      collection, series)
+            return None
+        except FetchFailed as exc:
+            if not isinstance(exc.__cause__, TruncatedStream):
+                raise
+            listed = await self._listing(series)
+            if not listed:
+                raise
+            log.warning("series %s: its ZIP was cut short at each of %d attempts (%s); "
+                        "fetching the files it lacks one by one, which no MD5 list "
+                        "confirms", series, self.attempts, exc.__cause__)
+            self.stats.series_cut_short += 1
+            return listed
+
+    async def _listing(self, series: str) -> list[str] | None:
+        """The SOP UIDs the series lists now; None when that is not known."""
+        if self.instances_of is None:
+            return None
+        try:
+            return await self.instances_of(series)
+        except Exception as exc:  # no listing now: only the ZIP can bring the series
+            log.info("series %s: its listing failed: %s", series, exc)
+            return None
 
     async def _download_series(self, collection: str, series: str) -> None:
         assert self.client is not None
@@ -779,13 +827,9 @@ class Cache:
         the ZIP about 2-3 times smaller for CT: up to a quarter missing, singles win, and
         they use several connections at once.
         """
-        if self.instances_of is None or not self.cached_count(series):
+        if not self.cached_count(series):
             return None
-        try:
-            listed = await self.instances_of(series)
-        except Exception as exc:  # no listing now: the ZIP needs none
-            log.info("series %s: fetching it whole, its listing failed: %s", series, exc)
-            return None
+        listed = await self._listing(series)
         if not listed:
             return None
         confirmed = {sop for sop, in self.db.execute(

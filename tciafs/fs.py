@@ -285,6 +285,7 @@ class Operations(pyfuse3.Operations):
                 entry = await self.cache.acquire(node.collection, node.series_uid,
                                                  node.ident, self._series_bytes(node))
         try:
+            entry = await self._unharmed(entry)
             await self.pages.opened(node, entry)
         except BaseException:
             self.cache.release(entry)
@@ -327,20 +328,34 @@ class Operations(pyfuse3.Operations):
         self.pages.counters["reads_through_daemon"] += 1
         if handle.fd is None:  # most files are read from pages pushed at open, never here
             handle.fd = await self._cache_file(handle)
-        return os.pread(handle.fd, size, off)
+        data = os.pread(handle.fd, size, off)
+        if len(data) < min(size, handle.entry.size - off):  # cut short since it was opened
+            os.close(handle.fd)
+            handle.fd = None
+            handle.entry = await self._unharmed(handle.entry)
+            handle.fd = await self._cache_file(handle)
+            data = os.pread(handle.fd, size, off)
+        return data
 
     async def _cache_file(self, handle: OpenFile) -> int:
-        """Open the cache file behind a handle. One deleted from outside (a cleaner of
-        old files in /tmp, a hand) is fetched again under the same hold, not an EIO."""
+        """Open the cache file behind a handle, fetched again if deleted since open."""
         assert handle.entry is not None
         try:
             return os.open(handle.entry.path, os.O_RDONLY)
         except FileNotFoundError:
-            _lost_files.note(f"the cached file of instance {handle.entry.sop} was deleted "
-                             "from outside the mount; fetching it again")
-            with trio.fail_after(self.open_timeout):
-                handle.entry = await self.cache.fetch_lost(handle.entry)
+            handle.entry = await self._unharmed(handle.entry)
             return os.open(handle.entry.path, os.O_RDONLY)
+
+    async def _unharmed(self, entry: Entry) -> Entry:
+        """The entry, or, when its file was deleted or changed from outside the mount,
+        the entry of that file fetched again under the same hold: never a short read."""
+        harm = self.cache.harm(entry)
+        if harm is None:
+            return entry
+        _lost_files.note(f"the cached file of instance {entry.sop} was {harm} from outside "
+                         "the mount; fetching it again")
+        with trio.fail_after(self.open_timeout):
+            return await self.cache.fetch_lost(entry)
 
     @fuse_errors
     async def release(self, fh: int) -> None:

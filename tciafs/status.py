@@ -47,6 +47,9 @@ def render(mountpoint: Path, doc: dict[str, Any]) -> str:
         lines.append(f"  fetched  {cache.get('series_fetches', 0)} series whole, "
                      f"{cache.get('series_resumed', 0)} completed from their missing files, "
                      f"{cache.get('single_fetches', 0)} single files")
+    if cache.get("series_cut_short"):
+        lines.append(f"  {cache['series_cut_short']} series came file by file, as their ZIP "
+                     "was cut short at every attempt (no MD5 list confirms them)")
     if doc.get("offline_at_start"):
         lines.append(f"  started {doc['offline_at_start']}")
     for origin, down in doc.get("unreachable", {}).items():
@@ -136,6 +139,7 @@ def snapshot(*, server: str, api: str, started: float, client: Any, cache: Any) 
                   "hit_ratio": s.hits / looked if looked else 0.0,
                   "bytes_fetched": s.bytes_fetched, "single_fetches": s.single_fetches,
                   "series_fetches": s.series_fetches, "series_resumed": s.series_resumed,
+                  "series_cut_short": s.series_cut_short,
                   "evictions": s.evictions,
                   "md5_mismatches": s.md5_mismatches},
         "in_flight": {k: {"bytes": v[0], "instances": v[1]}

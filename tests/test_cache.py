@@ -952,7 +952,11 @@ def _read_all(series: Path) -> None:
         path.read_bytes()
 
 
-def test_cached_files_deleted_from_outside_are_fetched_again(emulator, tmp_path: Path) -> None:
+@pytest.mark.parametrize("harm", ["deleted", "cut short"])
+def test_cached_files_harmed_from_outside_are_fetched_again(emulator, tmp_path: Path,
+                                                            harm: str) -> None:
+    """A cached file deleted (a cleaner of old files in /tmp) or cut short (a copy or a
+    restore of the cache dir that ran out of room) is fetched again, never served short."""
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     uid = _series(emulator.url)[0]["SeriesInstanceUID"]
     truth = _truth(emulator.url, uid)
@@ -965,13 +969,50 @@ def test_cached_files_deleted_from_outside_are_fetched_again(emulator, tmp_path:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         last = files[-1]  # never opened, nor pushed ahead into the kernel's page cache
-        object_path(cache_dir, last.stem).unlink()  # as a cleaner of old files in /tmp does
-        shutil.rmtree(cache_dir / "tmp")  # and of old, empty directories
+        if harm == "deleted":
+            object_path(cache_dir, last.stem).unlink()
+            shutil.rmtree(cache_dir / "tmp")  # a cleaner takes old, empty directories too
+        else:
+            os.truncate(object_path(cache_dir, last.stem), len(truth[last.stem]) // 2)
         reset_stats(emulator.url)
         assert last.read_bytes() == truth[last.stem]
         assert stats(emulator.url)["requests"] == {"getSingleImage": 1}  # that file alone
+        assert os.path.getsize(object_path(cache_dir, last.stem)) == len(truth[last.stem])
+        pages = json.loads(subprocess.run(
+            [sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
+            capture_output=True, text=True, check=True).stdout)["page_cache"]
+        assert pages["failed"] == 0 and pages["reads_through_daemon"] == 0, pages  # at open
     log = (tmp_path / "mnt-daemon.log").read_text()
-    assert "deleted from outside the mount" in log and "Traceback" not in log
+    assert f"{harm} from outside the mount" in log and "Traceback" not in log
+
+
+def test_a_series_whose_zip_is_always_cut_short_comes_file_by_file(emulator,
+                                                                   tmp_path: Path) -> None:
+    """Some servers cut large ZIPs, and a link may drop more often than a ZIP lasts: no
+    attempt brings the ZIP whole, so the files it lacks after them come one by one."""
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    uid = _series(emulator.url)[1]["SeriesInstanceUID"]
+    truth = _truth(emulator.url, uid)
+    with mounted(emulator, mnt, cache_dir):
+        series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
+        set_faults(emulator.url, ptruncate=1.0, endpoints=["getImage", "getImageWithMD5Hash"])
+        reset_stats(emulator.url)
+        try:
+            fetched = _cli("prefetch", str(series))
+        finally:
+            set_faults(emulator.url)
+        assert fetched.returncode == 0, fetched.stderr
+        requests = stats(emulator.url)["requests"]
+        assert requests.get("getImage", 0) + requests.get("getImageWithMD5Hash", 0) == 3
+        assert 0 < requests["getSingleImage"] < len(truth)  # the cut ZIPs brought the rest
+        assert {p.stem: p.read_bytes() for p in series.glob("*.dcm")} == truth
+        assert stats(emulator.url)["requests"] == requests  # the reads fetched nothing more
+        status = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
+                                capture_output=True, text=True, check=True).stdout
+        assert "1 series came file by file" in status
+    assert set(_verified(cache_dir, uid).values()) == {0}  # no MD5 list confirmed them
+    log = (tmp_path / "mnt-daemon.log").read_text()
+    assert "its ZIP was cut short at each of 3 attempts" in log
 
 
 @pytest.mark.parametrize("lost", ["three", "three unconfirmed", "most"])

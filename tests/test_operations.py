@@ -112,6 +112,29 @@ async def test_open_makes_size_exact_and_reads_match(harness, emulator) -> None:
     await ops.release(info.fh)
 
 
+@pytest.mark.parametrize("harm", ["deleted", "cut short"])
+async def test_a_file_harmed_while_open_is_fetched_again_not_read_short(
+        harness, emulator, harm: str) -> None:
+    series = (await harness.series())[0]
+    (_, attr), *_ = await harness.readdir(series.st_ino)
+    ops = harness.ops
+    info = await ops.open(attr.st_ino, os.O_RDONLY, None)
+    size = (await ops.getattr(attr.st_ino, None)).st_size
+    entry = ops._files[info.fh].entry
+    if harm == "deleted":  # before the first read opens it
+        whole = Path(entry.path).read_bytes()
+        os.unlink(entry.path)
+    else:
+        whole = await ops.read(info.fh, 0, size)
+        os.truncate(entry.path, size // 2)  # the inode the handle has open
+    reset_stats(emulator.url)
+    assert await ops.read(info.fh, 0, size) == whole
+    assert await ops.read(info.fh, size - 10, 100) == whole[-10:]
+    assert stats(emulator.url)["requests"] == {"getSingleImage": 1}
+    await ops.release(info.fh)
+    assert os.path.getsize(entry.path) == size
+
+
 async def test_writes_are_refused(harness) -> None:
     series = (await harness.series())[0]
     (_, attr), *_ = await harness.readdir(series.st_ino)
