@@ -133,10 +133,11 @@ def _stats(args: argparse.Namespace) -> int:
         "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(pinned), 0) FROM instances "
         "WHERE series=? AND present=1", (uid,)).fetchone()) for uid in _withdrawn(root)]
     jobs = _stored_jobs(root)
-    doc = {"cache_dir": str(root), "used": _dir_bytes(root), "files_bytes": stored,
+    mnt, counts = _counts(root, settings)
+    doc = {"cache_dir": str(root), "mounted_at": str(mnt) if mnt else None,
+           "used": _dir_bytes(root), "files_bytes": stored,
            "bound": int(settings["bound"]) if "bound" in settings else None,
-           "entries": entries, "pinned": pinned,
-           "hits": int(settings.get("hits", 0)), "misses": int(settings.get("misses", 0)),
+           "entries": entries, "pinned": pinned, **counts,
            "largest_series": [{"series": s, "collection": c, "files": n, "bytes": b}
                               for s, c, n, b in largest],
            "withdrawn": [{"series": s, "files": n, "bytes": b, "pinned": p}
@@ -149,19 +150,20 @@ def _stats(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     bound = paths.format_size(doc["bound"]) if doc["bound"] else "unknown"
-    print(f"cache {root}\n  used     {paths.format_size(doc['used'])} of {bound}\n"
-          f"  entries  {entries} files ({pinned} pinned)\n"
+    print(f"cache {root}" + (f" (in use by the mount at {mnt})" if mnt else "")
+          + f"\n  used     {paths.format_size(doc['used'])} of {bound}\n"
+          f"  entries  {_files(entries)} ({pinned} pinned)\n"
           f"  hits     {doc['hits']} of {looked} opens ({doc['hit_ratio']:.0%})")
     if largest:
         print("  largest series:")
         for row in doc["largest_series"]:
-            print(f"    {paths.format_size(row['bytes']):>10}  {row['files']:>5} files  "
+            print(f"    {paths.format_size(row['bytes']):>10}  {_files(row['files']):>11}  "
                   f"{row['collection']}  {row['series']}")
     if doc["withdrawn"]:
         print("  withdrawn from the archive, evicted first (`tciafs cache clear UID` drops):")
         for row in doc["withdrawn"]:
             pinned_note = f", {row['pinned']} pinned" if row["pinned"] else ""
-            print(f"    {paths.format_size(row['bytes']):>10}  {row['files']:>5} files  "
+            print(f"    {paths.format_size(row['bytes']):>10}  {_files(row['files']):>11}  "
                   f"{row['series']}{pinned_note}")
     if jobs:
         print("  jobs not yet ended (a mount goes on with them; `tciafs cache clear PATH` "
@@ -170,6 +172,21 @@ def _stats(args: argparse.Namespace) -> int:
             since = time.strftime("%Y-%m-%d %H:%M", time.localtime(when))
             print(f"    {command:<8}  {target}  (since {since})")
     return 0
+
+
+def _counts(root: Path, settings: dict[str, str]) -> tuple[Path | None, dict[str, int]]:
+    """The mount using the cache, if one does, and the hit and miss counts: a mount's own,
+    as it saves them to the index only every few hundred opens."""
+    mnt = _mount_using(root)
+    live = {}
+    if mnt is not None:
+        with contextlib.suppress(OSError, ValueError):  # it went away meanwhile
+            live = status.read_status(mnt).get("cache", {})
+    return mnt, {key: int(live.get(key, settings.get(key, 0))) for key in ("hits", "misses")}
+
+
+def _files(count: int) -> str:
+    return f"{count} file" if count == 1 else f"{count} files"
 
 
 def _stored_jobs(root: Path) -> list[tuple[str, str, float]]:

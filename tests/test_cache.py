@@ -1090,6 +1090,8 @@ def test_pin_unpin_stats_clear_and_a_resumed_prefetch(emulator, tmp_path: Path) 
             assert stats(emulator.url)["requests_total"] == 0
         finally:
             set_faults(emulator.url)
+        doc = json.loads(_cli("stats", "--json", "--cache-dir", str(cache_dir)).stdout)
+        assert doc["mounted_at"] == str(mnt) and doc["hits"] >= count  # the mount's own
 
         assert _cli("unpin", str(pinned)).returncode == 0
         assert "(0 pinned)" in _cli("stats", "--cache-dir", str(cache_dir)).stdout
