@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tciafs import paths, status
-from tciafs.control import CONTROL_NAME
+from tciafs.control import CONTROL_NAME, names_uid
 
 if TYPE_CHECKING:
     from tciafs.cache import Cache
@@ -347,6 +347,11 @@ def _send(mnt: Path, command: str, target: str) -> None:
             raise CommandError(f"{target}: larger than the cache can hold (its bound is "
                                f"{paths.format_size(bound)}); {command} a part of it, or "
                                "mount with a larger --cache-size") from None
+        if exc.errno == errno.ENOENT and command != "drop":
+            raise CommandError(
+                f"{target}: no study or series with this UID is listed on {mnt} (list its "
+                "patient's directory first, or give its path)" if names_uid(target)
+                else f"{mnt / target}: no such entry") from None
         raise CommandError(f"{target}: {command} failed: {exc.strerror}") from None
 
 

@@ -30,6 +30,11 @@ CONTROL_NAME = ".__tciafs__"
 COMMANDS = ("prefetch", "pin", "unpin", "clear", "logout", "drop")
 
 
+def names_uid(target: str) -> bool:
+    """Whether a target is a bare Study or Series UID rather than a path on the mount."""
+    return "/" not in target and target.count(".") >= 3
+
+
 class TargetError(Exception):
     """The target names nothing in the archive."""
 
@@ -209,7 +214,7 @@ class Control:
 
     async def resolve(self, target: str) -> Node:
         target = target.strip()
-        if "/" not in target and target.count(".") >= 3:
+        if names_uid(target):
             node = self.tree.catalog.find_uid(target)
             if node is None:
                 raise TargetError(f"no listed study or series has UID {target} "

@@ -1078,6 +1078,11 @@ def test_pin_unpin_stats_clear_and_a_resumed_prefetch(emulator, tmp_path: Path) 
         assert _present(cache_dir, pinned) == count
         stats_text = _cli("stats", "--cache-dir", str(cache_dir)).stdout
         assert f"({count} pinned)" in stats_text and "of 30.0 MiB" in stats_text
+        unknown = _cli("pin", "--mount", str(mnt), "1.2.3.4.5")
+        assert unknown.returncode == 1 and "no study or series with this UID is listed" in (
+            unknown.stderr)
+        unknown = _cli("pin", str(lung / "nobody"))
+        assert unknown.returncode == 1 and unknown.stderr.endswith("nobody: no such entry\n")
 
         _read_all(big)
         _read_all(other)  # 38 MB through a 30 MB cache: evictions, but not the pinned
