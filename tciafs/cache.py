@@ -685,10 +685,13 @@ class Cache:
         try:
             async with self._series_limiter:
                 listed = await self._resumable(series)
+                cut_short = False
                 if listed is None:
                     listed = await self._download_whole(collection, series)
+                    cut_short = listed is not None
                 if listed is not None:
                     await self._download_missing(collection, series, listed)
+                    self.stats.series_cut_short += cut_short
             self.failed_series.pop(series, None)
             self._may_pass.discard(series)
         except (ClientError, FetchFailed, CacheFull, CacheDiskError) as exc:
@@ -730,7 +733,6 @@ class Cache:
             log.warning("series %s: its ZIP was cut short at each of %d attempts (%s); "
                         "fetching the files it lacks one by one, which no MD5 list "
                         "confirms", series, self.attempts, exc.__cause__)
-            self.stats.series_cut_short += 1
             return listed
 
     async def _listing(self, series: str) -> list[str] | None:
