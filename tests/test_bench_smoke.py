@@ -126,10 +126,10 @@ def test_reference_zip_maps_md5_to_sop_uid(tmp_path: Path) -> None:
 def test_json_shape_and_png_chart(tmp_path: Path) -> None:
     declared = figures.declare()
     by_key = {f.key: f for f in declared}
-    assert {figures.number(k) for k in by_key} == set(range(1, 10))
+    assert {figures.number(k) for k in by_key} == set(range(1, 11))
     # 5b needs root to drop the page cache, and is declared only where it can run.
     assert ("5b_warm_read_from_disk" in by_key) == figures.can_drop_caches()
-    assert len(declared) == 10 + figures.can_drop_caches()
+    assert len(declared) == 11 + figures.can_drop_caches()
     by_key["1_cold_series_copy"].set(2.0, 2.5)
     by_key["2_cold_study_copy"].error = "emulator gone"
     by_key["8_peak_rss"].set(70.0, 60.0)
