@@ -116,7 +116,7 @@ class CacheStats:
     single_fetches: int = 0
     series_fetches: int = 0
     series_resumed: int = 0  # series completed by fetching only their missing files
-    series_cut_short: int = 0  # of those, series whose ZIP no attempt brought whole
+    series_cut_short: int = 0  # series finished file by file: no attempt brought the ZIP
     evictions: int = 0
     md5_mismatches: int = 0
 

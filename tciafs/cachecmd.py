@@ -177,11 +177,8 @@ def _stats(args: argparse.Namespace) -> int:
 def _counts(root: Path, settings: dict[str, str]) -> tuple[Path | None, dict[str, int]]:
     """The mount using the cache, if one does, and the hit and miss counts: a mount's own,
     as it saves them to the index only every few hundred opens."""
-    mnt = _mount_using(root)
-    live = {}
-    if mnt is not None:
-        with contextlib.suppress(OSError, ValueError):  # it went away meanwhile
-            live = status.read_status(mnt).get("cache", {})
+    mnt, doc = _mount_using(root)
+    live = doc.get("cache", {})
     return mnt, {key: int(live.get(key, settings.get(key, 0))) for key in ("hits", "misses")}
 
 
@@ -268,7 +265,7 @@ DROP_BATCH = 500  # SOP UIDs per xattr value, well under the kernel's 64 KiB
 def _repair(root: Path, sops: list[str]) -> int:
     """Drop the bad files, through the mount that uses the cache if one does; returns
     how many are gone (a mount keeps those open now)."""
-    mnt = _mount_using(root)
+    mnt, _ = _mount_using(root)
     if mnt is None:
         # Opening it reconciles: files missing or of the wrong size are forgotten there.
         with _offline_cache(root) as cache:
@@ -280,16 +277,18 @@ def _repair(root: Path, sops: list[str]) -> int:
         return sum(not _still_present(db, sop) for sop in sops)
 
 
-def _mount_using(root: Path) -> Path | None:
-    """The running mount whose cache directory is `root`, if any."""
+def _mount_using(root: Path) -> tuple[Path | None, dict]:
+    """The running mount whose cache directory is `root`, and its status; (None, {})
+    when no mount uses it."""
     for mnt in status.mounted_tciafs():
         try:
-            used = status.read_status(mnt).get("cache_dir")
+            doc = status.read_status(mnt)
         except (OSError, ValueError):  # another user's, or a daemon that hangs up
             continue
+        used = doc.get("cache_dir")
         if used and Path(used).resolve() == root.resolve():
-            return mnt
-    return None
+            return mnt, doc
+    return None, {}
 
 
 @contextlib.contextmanager
