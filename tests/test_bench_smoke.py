@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 verify = importlib.import_module("benchlib.verify")
 report = importlib.import_module("benchlib.report")
 figures = importlib.import_module("benchlib.figures")
+fig_walk = importlib.import_module("benchlib.fig_walk")
 procs = importlib.import_module("benchlib.procs")
 
 FIELDS = {"value", "baseline", "ratio", "target", "holds"}
@@ -222,7 +223,7 @@ def test_find_listing_count(tmp_path: Path) -> None:
     lines = [mnt, f"{mnt}/C", f"{mnt}/C/P", f"{mnt}/C/.LICENSE", f"{mnt}/C/P/S",
              f"{mnt}/C/P/S/R", f"{mnt}/C/P/S/R/1.dcm", f"{mnt}/C/P/S/R/2.dcm"]
     listing.write_text("\n".join(lines) + "\n")
-    assert figures.count_listing(listing) == (5, 8)
+    assert fig_walk.count_listing(listing) == (5, 8)
 
 
 # -- a tiny real run ------------------------------------------------------------------------
