@@ -2,7 +2,8 @@
 
 Checks the pieces, never the timings: the copy verifier catches a wrong byte, a
 missing or an extra file; the reference parser maps MD5s to SOPInstanceUIDs; the JSON
-has the documented shape and the chart is a valid PNG; a tiny real run (figures 1 and
+has the documented shape; the chart is a PNG and an SVG naming every figure, with the
+bars coloured by verdict and each target restated as a ratio; a tiny real run (figures 1 and
 4, one repetition, no shaping) completes; SIGTERM leaves no mount behind; the
 do-nothing file system that figure 5 compares opens with mounts, lists and unmounts.
 """
@@ -16,16 +17,16 @@ import io
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
 import zipfile
-import zlib
 from pathlib import Path
+from types import ModuleType
 
 import pydicom
 import pytest
+from PIL import Image  # Pillow comes with matplotlib, the bench extra
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -36,8 +37,8 @@ BENCH = ROOT / "scripts" / "bench"
 sys.path.insert(0, str(ROOT / "scripts"))
 verify = importlib.import_module("benchlib.verify")
 report = importlib.import_module("benchlib.report")
-png = importlib.import_module("benchlib.png")
 figures = importlib.import_module("benchlib.figures")
+fig_walk = importlib.import_module("benchlib.fig_walk")
 procs = importlib.import_module("benchlib.procs")
 
 FIELDS = {"value", "baseline", "ratio", "target", "holds"}
@@ -123,16 +124,21 @@ def test_reference_zip_maps_md5_to_sop_uid(tmp_path: Path) -> None:
     assert len(verify.verify_copy(copy, expected)) == 2
 
 
-def test_json_shape_and_png_chart(tmp_path: Path) -> None:
+def _declared_with_results() -> list:
     declared = figures.declare()
     by_key = {f.key: f for f in declared}
-    assert {figures.number(k) for k in by_key} == set(range(1, 11))
-    # 5b needs root to drop the page cache, and is declared only where it can run.
-    assert ("5b_warm_read_from_disk" in by_key) == figures.can_drop_caches()
-    assert len(declared) == 11 + figures.can_drop_caches()
     by_key["1_cold_series_copy"].set(2.0, 2.5)
     by_key["2_cold_study_copy"].error = "emulator gone"
     by_key["8_peak_rss"].set(70.0, 60.0)
+    return declared
+
+
+def test_json_shape(tmp_path: Path) -> None:
+    declared = _declared_with_results()
+    assert {figures.number(f.key) for f in declared} == set(range(1, 11))
+    # 5b needs root to drop the page cache, and is declared only where it can run.
+    assert any(f.key == "5b_warm_read_from_disk" for f in declared) == figures.can_drop_caches()
+    assert len(declared) == 11 + figures.can_drop_caches()
     doc = report.figures_json(declared)
     for key, entry in doc.items():
         assert set(entry) >= FIELDS, key
@@ -142,16 +148,73 @@ def test_json_shape_and_png_chart(tmp_path: Path) -> None:
     assert doc["2_cold_study_copy"]["holds"] is False and "error" in doc["2_cold_study_copy"]
     assert doc["8_peak_rss"]["holds"] is True  # 10 MB apart: within 30 MB
     assert "ratio" in report.table(declared)
-    _check_png(png.chart(declared, "smoke"))
 
 
-def _check_png(data: bytes) -> None:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    idat_len = struct.unpack(">I", data[33:37])[0]
-    assert data[37:41] == b"IDAT"
-    raw = zlib.decompress(data[41:41 + idat_len])
-    assert len(raw) == height * (1 + 3 * width)
+@pytest.mark.parametrize(("target", "baseline", "limit"), [
+    (report.Target("<=", 1.25), None, 1.25),
+    (report.Target("==", 0, "value", "requests"), 1000.0, 0.0),
+    (report.Target("<=", 30, "difference", "MB"), 60.0, 1.5),
+    (report.Target("<=", 30, "difference", "MB"), 0.0, None),
+])
+def test_target_as_a_ratio_limit(target: report.Target, baseline: float | None,
+                                 limit: float | None) -> None:
+    assert target.ratio_limit(baseline) == limit
+    if limit is None or baseline is None:
+        return
+    # The chart's tick is where the target itself changes its verdict.
+    below, at, above = ([target.holds(r * baseline, baseline, r)
+                         for r in (limit - 0.01, limit, limit + 0.01)])
+    assert (below, at, above) == {"<=": (True, True, False),
+                                  "==": (False, True, False)}[target.op]
+
+
+RED = (0xCF, 0x22, 0x2E)  # chart.COLOURS["misses"]
+
+
+def _red_pixels(png: Path) -> int:
+    with Image.open(png) as image:
+        return sum(n for n, colour in image.convert("RGB").getcolors(1 << 20) if colour == RED)
+
+
+@pytest.fixture(scope="module")
+def chart(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    """benchlib.chart, with matplotlib's font cache kept out of the user's own ~/.cache."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("matplotlib")))
+        return importlib.import_module("benchlib.chart")
+
+
+def test_chart_is_written_with_every_figure_and_its_verdict(chart: ModuleType,
+                                                             tmp_path: Path) -> None:
+    declared = _declared_with_results()
+    holding, missing = tmp_path / "holding", tmp_path / "missing"
+    _write_chart(chart, holding, declared)
+    declared[0].set(5.0, 2.0)  # figure 1 now misses its target, ratio <= 1.25
+    _write_chart(chart, missing, declared)
+    _check_chart(missing, [f.key for f in declared])
+    with Image.open(missing / "chart.png") as image:
+        assert image.width > 800 and image.height > 40 * len(declared)
+    # Only the legend is red while every measured figure holds; a miss adds its red bar.
+    assert _red_pixels(missing / "chart.png") > _red_pixels(holding / "chart.png") + 2000
+    svg = (missing / "chart.svg").read_text()
+    assert "abc1234" in svg and "emulator gone" in svg
+
+
+def _write_chart(chart: ModuleType, folder: Path, shown: list) -> None:
+    folder.mkdir()
+    paths = chart.write_chart(folder, shown, "tciafs bench (smoke) at abc1234 on host",
+                              "latency 1 ms")
+    assert paths == [folder / "chart.png", folder / "chart.svg"]
+
+
+def _check_chart(folder: Path, keys: list[str]) -> None:
+    with Image.open(folder / "chart.png") as image:
+        assert image.format == "PNG"
+        image.verify()
+    svg = (folder / "chart.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "</svg>" in svg
+    for key in keys:
+        assert key in svg, key
 
 
 def test_find_listing_count(tmp_path: Path) -> None:
@@ -160,7 +223,7 @@ def test_find_listing_count(tmp_path: Path) -> None:
     lines = [mnt, f"{mnt}/C", f"{mnt}/C/P", f"{mnt}/C/.LICENSE", f"{mnt}/C/P/S",
              f"{mnt}/C/P/S/R", f"{mnt}/C/P/S/R/1.dcm", f"{mnt}/C/P/S/R/2.dcm"]
     listing.write_text("\n".join(lines) + "\n")
-    assert figures.count_listing(listing) == (5, 8)
+    assert fig_walk.count_listing(listing) == (5, 8)
 
 
 # -- a tiny real run ------------------------------------------------------------------------
@@ -174,7 +237,8 @@ def _tciafs_mounts_under(root: Path) -> list[str]:
 def _bench_env(tmp_path: Path) -> dict[str, str]:
     scratch = tmp_path / "scratch"
     scratch.mkdir(exist_ok=True)
-    return {**os.environ, "TMPDIR": str(scratch)}  # the harness's mounts live in here
+    return {**os.environ, "TMPDIR": str(scratch),  # the harness's mounts live in here
+            "MPLCONFIGDIR": str(tmp_path / "matplotlib")}  # not the user's own ~/.cache
 
 
 @needs_fuse
@@ -194,7 +258,7 @@ def test_quick_run_of_figures_1_and_4(tmp_path: Path) -> None:
         assert all(isinstance(entry[k], float | int) for k in ("value", "baseline", "ratio"))
         assert isinstance(entry["holds"], bool)
     assert json.loads((out / "results.json").read_text()) == doc
-    _check_png((out / "chart.png").read_bytes())
+    _check_chart(out, list(doc))
     assert "1_cold_series_copy" in done.stdout and "wall time" in done.stdout
     assert _tciafs_mounts_under(tmp_path) == []
 

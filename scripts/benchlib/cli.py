@@ -1,4 +1,4 @@
-"""`scripts/bench`: run the figures, print the table, write JSON and a PNG chart."""
+"""`scripts/bench`: run the figures, print the table, write JSON and a chart."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -17,7 +18,7 @@ from types import FrameType
 
 from . import figures as F
 from .archive import References, discover
-from .png import write_chart
+from .chart import write_chart
 from .procs import Shaping, emulator
 from .report import Figure, figures_json, table, write_json
 
@@ -155,15 +156,32 @@ def write_outputs(args: argparse.Namespace, results: Path, chosen: list[Figure],
             "only": sorted(args.only), "host": platform.node(), "cpus": os.cpu_count(),
             "loadavg_at_end": os.getloadavg(), "python": sys.version,
             "command": " ".join(["scripts/bench", *sys.argv[1:]]),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "commit": commit()}
     write_json(results / "meta.json", meta)
-    title = (f"tciafs bench ({mode}) latency {shaping.latency_ms:g} ms, "
-             f"{shaping.bandwidth / 1e6:g} MB/s per connection")
-    write_chart(results / "chart.png", chosen, title)
+    write_chart(results, chosen, f"tciafs bench ({mode}) at {meta['commit']} on {meta['host']}",
+                f"latency {shaping.latency_ms:g} ms, {_bandwidth(shaping.bandwidth)}, "
+                f"{args.repeat} repetition(s); {meta['cpus']} CPUs; {meta['date']}")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     text = table(chosen) + (f"\n\n{mode} run: wall time {wall:.1f} s; {args.repeat} "
                             f"repetition(s); {os.cpu_count()} CPUs, load average now {load}; "
                             f"results in {results} (results.json, meta.json, table.txt, "
-                            "chart.png drawn by a built-in PNG writer, logs/, status/)")
+                            "chart.png, chart.svg, logs/, status/)")
     (results / "table.txt").write_text(text + "\n")
     print(text)
+
+
+def commit() -> str:
+    """The short hash of the code measured, marked when the work tree has changes."""
+    def git(*words: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *words], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown commit"  # not a git checkout, or git is missing
+    return f"{head} (modified)" if changed else head
+
+
+def _bandwidth(bytes_per_s: int) -> str:
+    return f"{bytes_per_s / 1e6:g} MB/s per connection" if bytes_per_s else "no bandwidth cap"

@@ -34,14 +34,17 @@ class Target:
     def holds(self, value: float, baseline: float, ratio: float) -> bool:
         return _OPS[self.op](self.subject(value, baseline, ratio), self.limit)
 
-    def score(self, value: float, baseline: float, ratio: float) -> float:
-        """How far from the target, as a multiple of it: <= 1 holds (for the chart)."""
-        got = self.subject(value, baseline, ratio)
-        if self.op == ">=":
-            return self.limit / got if got > 0 else math.inf
-        if self.limit == 0:
-            return 0.0 if got == 0 else math.inf
-        return got / self.limit
+    def ratio_limit(self, baseline: float | None) -> float | None:
+        """The limit restated as a ratio to `baseline`, so that one axis holds every figure.
+
+        value <= L is ratio <= L / baseline, and value - baseline <= L is
+        ratio <= 1 + L / baseline; neither can be restated without a positive baseline.
+        """
+        if self.of == "ratio":
+            return self.limit
+        if baseline is None or baseline <= 0:
+            return None
+        return self.limit / baseline + (1.0 if self.of == "difference" else 0.0)
 
 
 @dataclass
@@ -72,12 +75,6 @@ class Figure:
             return False
         assert self.value is not None and self.baseline is not None and self.ratio is not None
         return self.target.holds(self.value, self.baseline, self.ratio)
-
-    def score(self) -> float | None:
-        if not self.measured:
-            return None
-        assert self.value is not None and self.baseline is not None and self.ratio is not None
-        return self.target.score(self.value, self.baseline, self.ratio)
 
     def as_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
