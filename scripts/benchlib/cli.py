@@ -61,7 +61,7 @@ def _numbers(text: str) -> frozenset[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of figure numbers: {text!r}") from None
     if not chosen or not chosen <= ALL:
-        raise argparse.ArgumentTypeError("figure numbers are 1 to 9")
+        raise argparse.ArgumentTypeError("figure numbers are 1 to 10")
     # Figures measured from the same runs come together: 2 with 3, 5 with 6.
     for pair in ({2, 3}, {5, 6}):
         if chosen & pair:
