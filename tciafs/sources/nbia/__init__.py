@@ -1,48 +1,29 @@
-"""The NBIA wire client: typed records, streams, retries, tokens. Knows nothing of files."""
+"""NBIA, the service behind TCIA, as a tciafs source.
+
+`NbiaSource` is what the rest of tciafs uses (through tciafs.sources.build("nbia")).
+Below it, the wire client: typed records, streams, retries, tokens, all four API
+generations and the NLST server; it knows nothing of files.
+"""
 
 from .auth import Credentials, Token, TokenManager
-from .client import InstanceStream, NbiaClient, SeriesStream
+from .client import NbiaClient, SeriesZipStream, SingleImageStream
 from .http import ClientStats, RetryPolicy
-from .records import (
-    AuthError,
-    ChecksumMismatch,
-    ClientError,
-    Collection,
-    MalformedResponse,
-    NotFound,
-    Patient,
-    Series,
-    ServerError,
-    Study,
-    TruncatedStream,
-    plain,
-    series_from_plain,
-)
+from .source import NbiaSource, build, check_login
 from .zipstream import ZipMember, ZipStreamReader, parse_md5_csv
 
 __all__ = [
-    "AuthError",
-    "ChecksumMismatch",
-    "ClientError",
     "ClientStats",
-    "Collection",
     "Credentials",
-    "InstanceStream",
-    "MalformedResponse",
     "NbiaClient",
-    "NotFound",
-    "Patient",
+    "NbiaSource",
     "RetryPolicy",
-    "Series",
-    "SeriesStream",
-    "ServerError",
-    "Study",
+    "SeriesZipStream",
+    "SingleImageStream",
     "Token",
     "TokenManager",
-    "TruncatedStream",
     "ZipMember",
     "ZipStreamReader",
+    "build",
+    "check_login",
     "parse_md5_csv",
-    "plain",
-    "series_from_plain",
 ]
