@@ -45,14 +45,14 @@ from pydicom.filereader import read_partial
 from pydicom.tag import Tag
 
 from tciafs.catalog import Kind, is_damaged, open_db, set_aside, stored_rows, transaction
-from tciafs.client import (
+from tciafs.sources.base import (
     AuthError,
     ChecksumMismatch,
     ClientError,
     MalformedResponse,
-    NbiaClient,
     NotFound,
     ServerError,
+    Source,
     TruncatedStream,
 )
 
@@ -122,7 +122,7 @@ class CacheStats:
 
 
 class Cache:
-    def __init__(self, root: Path, max_bytes: int, client: NbiaClient | None = None, *,
+    def __init__(self, root: Path, max_bytes: int, client: Source | None = None, *,
                  prefetch: bool = True, series_parallel: int = 4,
                  hedge_delay: float = 0.5, attempts: int = 3,
                  still_starting: Callable[[], None] | None = None) -> None:

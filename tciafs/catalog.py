@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tciafs.client import Series, plain, series_from_plain
+from tciafs.sources.base import Series, plain, series_from_plain
 
 log = logging.getLogger(__name__)
 

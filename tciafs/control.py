@@ -99,7 +99,7 @@ class Control:
         if command not in COMMANDS:
             raise ValueError(command)
         if command == "logout":
-            await self.tree.client.become_guest()
+            await self.tree.source.become_guest()
             log.info("logged out: the user's token is revoked; going on as the guest")
             return 0
         if command == "drop":

@@ -29,9 +29,9 @@ import trio
 from tciafs import sidecars, xattrs
 from tciafs.cache import Cache, CacheDiskError, CacheFull, Entry, FetchFailed
 from tciafs.catalog import ROOT_INODE, Kind, Node, is_damaged
-from tciafs.client import ClientError, NotFound
 from tciafs.control import CONTROL_NAME, Control, TargetError
 from tciafs.pagecache import PageFeeder
+from tciafs.sources.base import ClientError, NotFound
 from tciafs.status import STATUS_XATTR
 from tciafs.tree import ListingUnavailable, Tree
 

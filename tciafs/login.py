@@ -10,16 +10,10 @@ import sys
 import trio
 
 from tciafs import credentials, status
-from tciafs.client import AuthError, ClientError, Credentials, NbiaClient
 from tciafs.control import CONTROL_NAME
 from tciafs.mount import DEFAULT_SERVER
-
-
-async def check(server: str, login: credentials.Login) -> None:
-    """Ask the token endpoint; the client revokes the token again on the way out."""
-    async with NbiaClient(server, api="v2", nlst_server=None,
-                          credentials=Credentials(login.user, login.password)) as client:
-        await client.tokens["main"].login()
+from tciafs.sources.base import AuthError, ClientError
+from tciafs.sources.nbia import check_login
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     password = getpass.getpass(f"password for {user}: ")
     login = credentials.Login(user, password, "prompt")
     try:
-        trio.run(check, args.server or DEFAULT_SERVER, login)
+        trio.run(check_login, args.server or DEFAULT_SERVER, login)
     except AuthError as exc:
         print(f"tciafs: {exc}", file=sys.stderr)
         return 1

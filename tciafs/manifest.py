@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from tciafs.client import NbiaClient, Series
+from tciafs.sources.base import Series, Source
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,14 @@ def read(path: Path) -> list[str]:
     return uids
 
 
-async def resolve(client: NbiaClient, uids: list[str], parallel: int = 8) -> list[Series]:
+async def resolve(source: Source, uids: list[str], parallel: int = 8) -> list[Series]:
     """The records of the manifest's series, in manifest order; unknown ones are logged."""
     found: dict[str, Series] = {}
     limiter = trio.CapacityLimiter(parallel)
 
     async def one(uid: str) -> None:
         async with limiter:
-            rows = await client.series_by_uid(uid)
+            rows = await source.series_by_uid(uid)
         if rows:
             found[uid] = rows[0]
 

@@ -23,20 +23,19 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from tciafs import credentials, manifest, paths, status
+from tciafs import credentials, manifest, paths, sources, status
 from tciafs.cache import Cache
 from tciafs.catalog import Catalog
-from tciafs.client import (
-    AuthError,
-    ClientError,
-    Credentials,
-    MalformedResponse,
-    NbiaClient,
-    Series,
-    ServerError,
-)
 from tciafs.control import Control
 from tciafs.fs import Operations
+from tciafs.sources.base import (
+    AuthError,
+    ClientError,
+    MalformedResponse,
+    Series,
+    ServerError,
+    Source,
+)
 from tciafs.tree import Tree
 
 log = logging.getLogger(__name__)
@@ -249,7 +248,7 @@ def _source_key(opts: MountOptions) -> str:
     return f"{server}|{opts.layout}|{selection}"
 
 
-async def _selection(client: NbiaClient, opts: MountOptions) -> list[Series] | None:
+async def _selection(client: Source, opts: MountOptions) -> list[Series] | None:
     """The series a manifest or a shared cart names, or None for the whole archive."""
     if opts.manifest is not None:
         try:
@@ -269,7 +268,7 @@ async def _selection(client: NbiaClient, opts: MountOptions) -> list[Series] | N
     return chosen
 
 
-def _client(opts: MountOptions) -> NbiaClient:
+def _client(opts: MountOptions) -> Source:
     try:
         login = credentials.find(os.environ, opts.credentials_file)
         api_key = credentials.read_secret(opts.api_key_file) if opts.api_key_file else None
@@ -278,10 +277,9 @@ def _client(opts: MountOptions) -> NbiaClient:
     if login is not None:
         log.info("logging in as %s", login)
     try:
-        return NbiaClient(opts.server, api=opts.api, nlst_server=opts.nlst_server,
-                          credentials=Credentials(login.user, login.password) if login else None,
-                          api_key=api_key, max_connections=opts.max_connections,
-                          timeout=opts.timeout)
+        return sources.build("nbia", server=opts.server, api=opts.api,
+                             nlst_server=opts.nlst_server, login=login, api_key=api_key,
+                             max_connections=opts.max_connections, timeout=opts.timeout)
     except ValueError as exc:  # a malformed server URL
         raise MountError(str(exc)) from None
 
@@ -306,7 +304,7 @@ async def _serve(opts: MountOptions, ready_fd: int | None) -> None:
             catalog.close()
 
 
-async def _probe(client: NbiaClient, opts: MountOptions) -> ClientError | None:
+async def _probe(client: Source, opts: MountOptions) -> ClientError | None:
     """Log in and ask the service for its collections; the error if it cannot be reached
     or does not answer like NBIA, which a cache that holds listings can live with."""
     try:
@@ -320,7 +318,7 @@ async def _probe(client: NbiaClient, opts: MountOptions) -> ClientError | None:
     return None
 
 
-async def _online_selection(client: NbiaClient, opts: MountOptions,
+async def _online_selection(client: Source, opts: MountOptions,
                             catalog: Catalog) -> list[Series] | None:
     try:
         selection = await _selection(client, opts)
@@ -343,7 +341,7 @@ def _offline_selection(catalog: Catalog, opts: MountOptions,
     raise MountError(f"cannot reach {opts.server}: {unreachable}")
 
 
-async def _serve_tree(client: NbiaClient, catalog: Catalog, selection: list[Series] | None,
+async def _serve_tree(client: Source, catalog: Catalog, selection: list[Series] | None,
                       opts: MountOptions, ready_fd: int | None, offline: str | None) -> None:
     size = opts.cache_size or default_cache_size(opts.cache_dir)
     cache = Cache(opts.cache_dir, size, client, prefetch=opts.prefetch,
@@ -398,7 +396,7 @@ async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None,
                 await nursery.start(ops.control.run_jobs)
             await nursery.start(ops.pages.run)
             await nursery.start(ops.tree.run)
-            await nursery.start(ops.tree.client.run_token_refresher)
+            await nursery.start(ops.tree.source.run)
             nursery.start_soon(_watch_signals, signalled)
             nursery.start_soon(_announce_ready, opts.mountpoint, ready_fd, note)
             await pyfuse3.main()

@@ -2,7 +2,7 @@
 
 - `<collection>/.LICENSE`: the collection's license, as the service states it in its
   ZIPs, so that the data usage policy travels with copies;
-- `<collection>/.CITATION`: how to cite the collection (its DOI);
+- `<collection>/.CITATION`: how to cite the collection (its DOI) and its archive;
 - `<series>/.series.json`: the series' metadata record.
 """
 
@@ -33,13 +33,11 @@ def _license(collection: str, facts: dict) -> bytes:
 
 def _citation(collection: str, facts: dict) -> bytes:
     doi = facts.get("data_description_uri")
-    lines = [f"Data from the {collection} collection, The Cancer Imaging Archive (TCIA)."]
+    lines = [f"Data from the {collection} collection, {facts.get('archive') or 'the archive'}."]
     if doi:
         lines.append(f"Cite the data set as: {doi}")
-    lines.append("Cite TCIA as: Clark K, Vendt B, Smith K, et al. The Cancer Imaging Archive "
-                 "(TCIA): Maintaining and Operating a Public Information Repository. "
-                 "J Digit Imaging 26(6), 1045-1057 (2013). "
-                 "https://doi.org/10.1007/s10278-013-9622-7")
+    if facts.get("archive_citation"):  # how the source asks to be cited
+        lines.append(facts["archive_citation"])
     return ("\n".join(lines) + "\n").encode()
 
 

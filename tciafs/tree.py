@@ -1,15 +1,17 @@
 """The archive model: Collection → Patient → Study → Series → Instance, as directories.
 
-The tree turns the client's records into named nodes with stable inodes (via the
-catalog) and answers listings and lookups. It never downloads image bytes.
+The tree turns a source's records (tciafs.sources.base) into named nodes with stable
+inodes (via the catalog) and answers listings and lookups. It never downloads image
+bytes, and knows no source but through the Source protocol.
 
-Requests per directory, by level:
-- root: getCollectionValues (merged over the main and NLST servers);
-- collection: getPatient;
-- patient: getSeries for that patient, which also fills its studies and series, so
-  study directories cost nothing; for a collection of at most `bulk_patients`
-  patients one getSeries per collection fills every patient at once instead;
-- series: getSOPInstanceUIDs.
+Listings per directory, by level (NBIA's endpoints in brackets):
+- root: the collections (getCollectionValues, over the main and NLST servers);
+- collection: the patients (getPatient);
+- patient: the series of that patient (getSeries), which also fill its studies and
+  series, so study directories cost nothing; for a collection of at most
+  `bulk_patients` patients the series of the whole collection fill every patient at
+  once instead;
+- series: the instances (getSOPInstanceUIDs).
 
 A traversal (find, ls -R, du, rsync) reads one series directory after another and would
 wait out one round trip for each: once it reads one, the listings of the next few series
@@ -30,14 +32,15 @@ import trio
 
 from tciafs import layout, names
 from tciafs.catalog import ROOT_INODE, Catalog, Kind, NewChild, Node
-from tciafs.client import (
+from tciafs.sources.base import (
+    MAIN_HOST,
     ClientError,
     Collection,
-    NbiaClient,
     NotFound,
     Patient,
     Series,
     ServerError,
+    Source,
     plain,
 )
 
@@ -78,10 +81,10 @@ class _Order:
 
 
 class Tree:
-    def __init__(self, client: NbiaClient, catalog: Catalog, *, listing_ttl: float = 6 * 3600,
+    def __init__(self, source: Source, catalog: Catalog, *, listing_ttl: float = 6 * 3600,
                  bulk_patients: int = 500, memory_entries: int = 4096, layout: str = "uid",
                  selection: Sequence[Series] | None = None, ahead_at_once: int = 4) -> None:
-        self.client = client
+        self.source = source
         self.catalog = catalog
         self.listing_ttl = listing_ttl
         self.bulk_patients = bulk_patients
@@ -114,12 +117,11 @@ class Tree:
         self._ahead: set[int] = set()  # series whose listing is fetched ahead now
         self.listed_ahead = 0  # listings fetched ahead of a traversal, for status
         self._last_read: tuple[int, float] | None = None  # series read last, and when
-        # Fewer than the client's connections: a reader's own requests must not queue
+        # Fewer than the source's connections: a reader's own requests must not queue
         # behind guesses (0: none fetched ahead).
         self._ahead_limiter = trio.CapacityLimiter(ahead_at_once) if ahead_at_once else None
-        # Route NLST collections from what a previous mount stored, without a listing.
-        client.remember_hosts([Collection(n.ident, n.meta.get("host", "main"))
-                               for n in catalog.children(ROOT_INODE)])
+        # Requests reach the right server from what a previous mount stored, unlisted.
+        source.remember_collections(self._stored_collections())
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Host the listings fetched ahead; runs until cancelled."""
@@ -309,36 +311,24 @@ class Tree:
 
     async def _fetch_root(self, root: Node) -> None:
         if self.selection is not None:
-            collections = [Collection(c, self.client.host_of(c) or "main")
+            collections = [self.source.collection_named(c)
                            for c in dict.fromkeys(s.collection for s in self.selection)]
         else:
-            collections = await self._nonempty(self.client.collections)
-            collections += self._unanswered_nlst(collections)
+            collections = await self.source.collections(self._stored_collections())
         children = [NewChild(names.encode(c.name), Kind.COLLECTION, c.name, c.name,
                              meta={"host": c.host}) for c in collections]
         self.catalog.replace_children(root.ino, _unique(children, "collection"))
 
-    def _unanswered_nlst(self, collections: list[Collection]) -> list[Collection]:
-        """Stored NLST collections to keep when the NLST server did not answer this time.
-
-        The client leaves a silent NLST server out of the listing rather than failing
-        it; that must not erase what a previous listing stored under those collections.
-        """
-        if any(c.host == "nlst" for c in collections) or not self.client.has_nlst_server:
-            return []
-        kept = [Collection(n.ident, "nlst") for n in self.catalog.children(ROOT_INODE)
-                if n.kind is Kind.COLLECTION and n.meta.get("host") == "nlst"]
-        if kept:
-            log.warning("the NLST server did not answer; keeping its %d stored collections",
-                        len(kept))
-        return kept
+    def _stored_collections(self) -> list[Collection]:
+        return [Collection(n.ident, n.meta.get("host", MAIN_HOST))
+                for n in self.catalog.children(ROOT_INODE) if n.kind is Kind.COLLECTION]
 
     async def _fetch_collection(self, coll: Node) -> None:
         if self.selection is not None:
             patients = [Patient(coll.ident, pid) for pid in dict.fromkeys(
                 s.patient_id for s in self.selection if s.collection == coll.ident)]
         else:
-            patients = await self._nonempty(self.client.patients, coll.ident)
+            patients = await self.source.patients(coll.ident)
         children = [NewChild(names.encode(p.patient_id), Kind.PATIENT, p.patient_id,
                              coll.ident, meta=plain(p)) for p in patients]
         children += [NewChild(name, Kind.SIDECAR, name, coll.ident)
@@ -394,15 +384,13 @@ class Tree:
         if self.selection is not None:
             return [s for s in self.selection if s.collection == collection
                     and (patient_id is None or s.patient_id.upper() == patient_id.upper())]
-        if patient_id is None:
-            return await self._nonempty(self.client.series, collection)
-        return await self._nonempty(self.client.series, collection, patient_id)
+        return await self.source.series(collection, patient_id)
 
     async def _study_ids(self, collection: str, patient_id: str | None) -> dict[str, str]:
         """StudyID by study UID: only the descriptive names need it (one more request)."""
         if self.layout != "descriptive":
             return {}
-        studies = await self.client.studies(collection, patient_id)
+        studies = await self.source.studies(collection, patient_id)
         return {s.study_uid: s.study_id for s in studies if s.study_id}
 
     def _store_patient(self, patient: Node, series: Sequence[Series],
@@ -487,34 +475,24 @@ class Tree:
             s.series_uid, s.series_number, s.series_description, n))
 
     async def _fetch_series(self, series: Node) -> None:
-        uids = await self._nonempty(self.client.instance_uids, series.collection, series.ident)
-        children = [NewChild(names.encode(uid, INSTANCE_SUFFIX), Kind.INSTANCE, uid,
-                             series.collection, series.ident) for uid in uids]
+        instances = await self.source.instances(series.collection, series.ident)
+        children = [NewChild(names.encode(i.uid, INSTANCE_SUFFIX), Kind.INSTANCE, i.uid,
+                             series.collection, series.ident,
+                             {"size": i.size} if i.size is not None else {})
+                    for i in instances]
         children.append(NewChild(SERIES_SIDECAR, Kind.SIDECAR, SERIES_SIDECAR,
                                  series.collection, series.ident))
         self.catalog.replace_children(series.ino, _unique(children, "instance"))
 
-    async def _nonempty(self, fetch: Any, *args: str) -> list:
-        """Ask once more after a token renewal before believing an empty answer.
-
-        The real service answers several listings with an empty 200 when the token
-        has expired; an empty directory must never be stored for that reason. The
-        client already re-asks answers that came back on an old token; this covers a
-        token whose renewal is overdue or failed.
-        """
-        rows = await fetch(*args)
-        if not rows and self.client.token_may_be_stale():
-            await self.client.ensure_fresh_token()
-            rows = await fetch(*args)
-        return rows
-
     # -- facts for attributes and sidecars -----------------------------------------------
 
     def collection_facts(self, collection: str) -> dict[str, Any]:
-        """License, DOI and server of a collection, from any series already listed."""
+        """License, DOI, citation and server of a collection: what the source says of it,
+        completed by the first series already listed."""
         facts = self._facts.get(collection)
         if facts is None:
-            facts = self.catalog.collection_facts(collection)
+            facts = {**self.source.collection_facts(collection).as_meta(),
+                     **self.catalog.collection_facts(collection)}
             if "license_name" in facts:  # complete: worth remembering
                 self._facts[collection] = facts
         return facts

@@ -29,8 +29,8 @@ import trio
 from tciafs import cache as cache_module
 from tciafs.cache import META_SLACK, Cache, CacheFull, object_path
 from tciafs.catalog import Kind, Node
-from tciafs.client import NbiaClient
 from tciafs.control import Control
+from tciafs.sources.nbia import NbiaClient
 
 from mountutil import count_requests, lazy_unmount, mounted, reset_stats, set_faults, stats
 

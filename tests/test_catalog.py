@@ -2,7 +2,7 @@ import datetime
 from pathlib import Path
 
 from tciafs.catalog import ROOT_INODE, Catalog, Kind, NewChild
-from tciafs.client import Series
+from tciafs.sources.base import Series
 
 
 def _kids(*idents: str) -> list[NewChild]:

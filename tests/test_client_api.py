@@ -1,7 +1,7 @@
 """Per-generation request spellings and response parsing, from literal wire bodies.
 
-The bodies are copied in shape from /work/shared/reference/nbia-wire.md (recorded v1
-output, the v4 getSeries sample, Jettison's `{}` rows and dropped NULL keys).
+The bodies have the shapes the services answer with (recorded v1 output, the v4
+getSeries sample, Jettison's `{}` rows and dropped NULL keys).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from tciafs.client import api
-from tciafs.client.records import Collection, MalformedResponse
+from tciafs.sources.base import Collection, MalformedResponse
+from tciafs.sources.nbia import api
 
 V4, V2, V1, LEGACY = (api.generation(n) for n in ("v4", "v2", "v1", "legacy"))
 

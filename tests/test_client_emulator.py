@@ -19,15 +19,8 @@ import httpx
 import pytest
 import trio
 
-from tciafs.client import (
-    AuthError,
-    Credentials,
-    NbiaClient,
-    NotFound,
-    Series,
-    ServerError,
-    TruncatedStream,
-)
+from tciafs.sources.base import AuthError, NotFound, Series, ServerError, TruncatedStream
+from tciafs.sources.nbia import Credentials, NbiaClient
 
 from conftest import EmulatorProcess, start_emulator
 

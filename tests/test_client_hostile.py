@@ -17,16 +17,15 @@ import httpx
 import pytest
 import trio
 
-from tciafs.client import (
+from tciafs.sources.base import (
     AuthError,
     ClientError,
-    Credentials,
     MalformedResponse,
-    NbiaClient,
     NotFound,
     ServerError,
     TruncatedStream,
 )
+from tciafs.sources.nbia import Credentials, NbiaClient
 
 from scripted_server import Handler, ScriptedServer
 

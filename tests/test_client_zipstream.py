@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tciafs.client.records import ChecksumMismatch, MalformedResponse, TruncatedStream
-from tciafs.client.zipstream import ZipStreamReader, parse_md5_csv
+from tciafs.sources.base import ChecksumMismatch, MalformedResponse, TruncatedStream
+from tciafs.sources.nbia.zipstream import ZipStreamReader, parse_md5_csv
 
 ENTRIES = [
     ("LICENSE", b"License Information. The X collection is distributed under CC BY 4.0."),

@@ -15,8 +15,8 @@ import trio.testing
 
 from tciafs.cache import META_SLACK, Cache
 from tciafs.catalog import ROOT_INODE, Catalog, Kind
-from tciafs.client import NbiaClient
 from tciafs.fs import Operations
+from tciafs.sources.nbia import NbiaSource
 from tciafs.tree import Tree
 
 from mountutil import IMAGE_ENDPOINTS, count_requests, reset_stats, set_faults, stats
@@ -56,8 +56,8 @@ def _collect_readdir(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _build(emulator, root: Path, *, max_bytes: int = 1 << 30, prefetch: bool = False
-           ) -> tuple[NbiaClient, Operations]:
-    client = NbiaClient(emulator.url, nlst_server=emulator.nlst_url, timeout=10)
+           ) -> tuple[NbiaSource, Operations]:
+    client = NbiaSource(emulator.url, nlst_server=emulator.nlst_url, timeout=10)
     catalog = Catalog(root / "catalog.sqlite", "test")
     cache = Cache(root / "cache", max_bytes, client, prefetch=prefetch)
     return client, Operations(Tree(client, catalog), cache)
@@ -194,12 +194,12 @@ async def test_server_failure_is_eio_within_bounds(harness, emulator) -> None:
 async def test_a_silent_nlst_server_does_not_erase_its_stored_collections(emulator,
                                                                          tmp_path: Path
                                                                          ) -> None:
-    async with NbiaClient(emulator.url, nlst_server=emulator.nlst_url, timeout=5) as client:
+    async with NbiaSource(emulator.url, nlst_server=emulator.nlst_url, timeout=5) as client:
         tree = Tree(client, Catalog(tmp_path / "catalog.sqlite", "test"), listing_ttl=0)
         first = {n.name for n in await tree.children(ROOT_INODE)}
         assert "NLST-Demo" in first
     dead = "http://127.0.0.1:9"  # nothing listens on the discard port here
-    async with NbiaClient(emulator.url, nlst_server=dead, timeout=2, retries=0) as client:
+    async with NbiaSource(emulator.url, nlst_server=dead, timeout=2, retries=0) as client:
         tree = Tree(client, Catalog(tmp_path / "catalog.sqlite", "test"), listing_ttl=0)
         again = {n.name for n in await tree.children(ROOT_INODE)}
     assert again == first
@@ -207,7 +207,7 @@ async def test_a_silent_nlst_server_does_not_erase_its_stored_collections(emulat
 
 async def test_once_the_service_fails_a_listing_stale_ones_are_served_without_asking(
         emulator, tmp_path: Path) -> None:
-    async with NbiaClient(emulator.url, nlst_server=emulator.nlst_url, timeout=5,
+    async with NbiaSource(emulator.url, nlst_server=emulator.nlst_url, timeout=5,
                           retries=0) as client:
         tree = Tree(client, Catalog(tmp_path / "catalog.sqlite", "test"), listing_ttl=0)
         listed = await tree.children(ROOT_INODE)
@@ -354,7 +354,7 @@ async def _read_whole(ops: Operations, ino: int) -> bytes:
 @pytest.mark.parametrize("pinned", [False, True])
 async def test_a_series_re_submitted_to_the_service_is_fetched_again(
         emulator, tmp_path: Path, pinned: bool) -> None:
-    client = NbiaClient(emulator.url, nlst_server=emulator.nlst_url, timeout=10)
+    client = NbiaSource(emulator.url, nlst_server=emulator.nlst_url, timeout=10)
     catalog = Catalog(tmp_path / "catalog.sqlite", "test")
     cache = Cache(tmp_path / "cache", 1 << 30, client, prefetch=False)
     ops = Operations(Tree(client, catalog, listing_ttl=0), cache)
@@ -400,7 +400,7 @@ async def test_a_series_re_submitted_to_the_service_is_fetched_again(
 
 async def test_a_traversal_lists_the_next_patients_ahead_when_not_listed_in_bulk(
         emulator, tmp_path: Path) -> None:
-    async with NbiaClient(emulator.url, nlst_server=emulator.nlst_url, timeout=10) as client, \
+    async with NbiaSource(emulator.url, nlst_server=emulator.nlst_url, timeout=10) as client, \
             trio.open_nursery() as nursery:
         # bulk_patients=0: every patient is listed on its own, as in a collection of
         # thousands of patients
@@ -424,7 +424,7 @@ async def test_a_traversal_lists_the_next_patients_ahead_when_not_listed_in_bulk
 
 
 async def test_with_one_connection_nothing_is_listed_ahead(emulator, tmp_path: Path) -> None:
-    async with NbiaClient(emulator.url, nlst_server=emulator.nlst_url, timeout=10) as client, \
+    async with NbiaSource(emulator.url, nlst_server=emulator.nlst_url, timeout=10) as client, \
             trio.open_nursery() as nursery:
         # --max-connections 1 gives ahead_at_once 0: the one connection is the reader's
         tree = Tree(client, Catalog(tmp_path / "catalog.sqlite", "test"), bulk_patients=0,

@@ -23,10 +23,10 @@ import trio
 from test_emulator_support import CT_LUNG, PLANS, SeriesPlan, TinyArchive, uid
 
 from tciafs.cache import Cache, FetchFailed
-from tciafs.client import NbiaClient
 from tciafs.emulator.faults import FaultConfig
 from tciafs.emulator.server import EmulatorServers, Options
 from tciafs.pagecache import PUSH_LIMIT
+from tciafs.sources.nbia import NbiaClient
 
 from mountutil import (
     IMAGE_ENDPOINTS,

@@ -51,8 +51,13 @@ def test_sidecars_and_xattrs(emulator, tmp_path: Path) -> None:
         uri = meta["license_uri"]
         assert uri in in_zip and uri in ours and meta["license_name"] in ours
         assert ours.startswith(f"License Information. The {LUNG} collection is distributed")
-        citation = (coll / ".CITATION").read_text()
-        assert "https://doi.org/" in citation and LUNG in citation
+        citation = (coll / ".CITATION").read_text().splitlines()
+        # The collection's DOI from its series, then the archive's own citation.
+        assert citation[0] == f"Data from the {LUNG} collection, The Cancer Imaging " \
+            "Archive (TCIA)."
+        assert citation[1] == f"Cite the data set as: {meta['data_description_uri']}"
+        assert citation[2].startswith("Cite TCIA as: Clark K") and "https://doi.org/" in \
+            citation[2]
         assert os.stat(coll / ".LICENSE").st_size == len((coll / ".LICENSE").read_bytes())
 
         assert _xattrs(coll)["user.tcia.level"] == "collection"

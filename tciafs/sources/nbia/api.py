@@ -1,7 +1,8 @@
 """The NBIA API generations on the wire: paths, parameter spellings, response keys.
 
 Everything here is pure (no I/O), so each generation's shapes are testable from literal
-bodies. Facts follow /work/shared/reference/nbia-wire.md, which beats the official docs:
+bodies. The facts below are how the services answer, which is not always what their
+documentation says:
 
 - v4 is strict about parameter names (an unknown one is a 400), v1/v2 ignore unknown
   ones and then return *everything*, so we send only the spellings each endpoint knows
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from .records import Collection, MalformedResponse, Patient, Series, Study
+from tciafs.sources.base import Collection, MalformedResponse, Patient, Series, Study
 
 log = logging.getLogger("tciafs.client")
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
-from .records import ServerError
+from tciafs.sources.base import ServerError
 
 log = logging.getLogger("tciafs.client")
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import trio
 
+from tciafs.sources.base import AuthError, ClientError, MalformedResponse
+
 from .http import Call, HeaderSource, Reply, Transport
-from .records import AuthError, ClientError, MalformedResponse
 
 log = logging.getLogger("tciafs.client")
 

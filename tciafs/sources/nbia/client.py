@@ -16,7 +16,7 @@ an empty body when the token has expired, exactly as it does for "nothing here".
 
 So an empty list the client returns was obtained on a token at most
 `empty_recheck_age` seconds old, or with no token at all (v1, legacy, v4 guest).
-`token_may_be_stale()` and `ensure_fresh_token()` let the tree add its own re-check.
+`token_may_be_stale()` and `ensure_fresh_token()` let NbiaSource add its own re-check.
 """
 
 from __future__ import annotations
@@ -29,12 +29,8 @@ from typing import Any
 import httpx
 import trio
 
-from . import api
-from .api import Generation, Request
-from .api import generation as api_generation
-from .auth import Credentials, Token, TokenManager
-from .http import RETRY_STATUSES, Call, ClientStats, OpenResponse, Reply, RetryPolicy, Transport
-from .records import (
+from tciafs.sources.base import (
+    MAIN_HOST,
     AuthError,
     ClientError,
     Collection,
@@ -45,18 +41,24 @@ from .records import (
     Study,
     TruncatedStream,
 )
+
+from . import api
+from .api import Generation, Request
+from .api import generation as api_generation
+from .auth import Credentials, Token, TokenManager
+from .http import RETRY_STATUSES, Call, ClientStats, OpenResponse, Reply, RetryPolicy, Transport
 from .zipstream import ZipMember, ZipStreamReader, parse_md5_csv
 
 log = logging.getLogger("tciafs.client")
 
-MAIN, NLST = "main", "nlst"
+MAIN, NLST = MAIN_HOST, "nlst"
 _LICENSE_CAP = 1024 * 1024
 _SINGLE_IMAGE_NOT_FOUND = "server was not able to process your request"
 
 Builder = Callable[[Generation], Request]
 
 
-class InstanceStream:
+class SingleImageStream:
     """The body of one getSingleImage answer; `size` is its Content-Length when sent."""
 
     def __init__(self, opened: OpenResponse, what: str) -> None:
@@ -85,7 +87,7 @@ class InstanceStream:
         return b"".join([chunk async for chunk in self.chunks()])
 
 
-class SeriesStream:
+class SeriesZipStream:
     """The whole-series ZIP, entry by entry, with the LICENSE and MD5 list taken aside.
 
     After `members()` is exhausted: `md5s` maps entry names to the server's lowercase
@@ -105,7 +107,7 @@ class SeriesStream:
 
     async def members(self) -> AsyncIterator[ZipMember]:
         if self._started:
-            raise RuntimeError("SeriesStream.members() can be iterated only once")
+            raise RuntimeError("SeriesZipStream.members() can be iterated only once")
         self._started = True
         reader = ZipStreamReader(self._body(), label=self.what,
                                  compute_md5=self.hash_entries)
@@ -404,7 +406,7 @@ class NbiaClient:
 
     @asynccontextmanager
     async def open_instance(self, collection: str, series_uid: str,
-                            sop_uid: str) -> AsyncIterator[InstanceStream]:
+                            sop_uid: str) -> AsyncIterator[SingleImageStream]:
         """One DICOM file (getSingleImage). Retries happen before the first byte only."""
         host = await self._host_for(collection)
         deadline = trio.current_time() + self.request_deadline
@@ -425,14 +427,14 @@ class NbiaClient:
                 continue
             raise self._status_error(reply, what, "getSingleImage", binary=True)
         try:
-            yield InstanceStream(opened, what)
+            yield SingleImageStream(opened, what)
         finally:
             await opened.aclose()
 
     @asynccontextmanager
     async def open_series(self, collection: str, series_uid: str, *, md5: bool = True,
-                          hash_entries: bool = True) -> AsyncIterator[SeriesStream]:
-        """The whole-series ZIP, streamed; see SeriesStream. Retries before the first byte.
+                          hash_entries: bool = True) -> AsyncIterator[SeriesZipStream]:
+        """The whole-series ZIP, streamed; see SeriesZipStream. Retries before the first byte.
 
         md5 asks the service for its MD5 list; hash_entries=False leaves the entries'
         own MD5s to the caller (then `computed_md5s` stays empty).
@@ -456,7 +458,7 @@ class NbiaClient:
                 reply = await _error_reply(opened)
                 raise self._status_error(reply, what, build(self.gen).endpoint, binary=True)
             try:
-                yield SeriesStream(opened, what, hash_entries)
+                yield SeriesZipStream(opened, what, hash_entries)
             finally:
                 await opened.aclose()
         finally:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 # as fast, with the same interface: this is where a cold copy spends its CPU.
 from zlib_ng import zlib_ng as zlib
 
-from .records import ChecksumMismatch, MalformedResponse, TruncatedStream
+from tciafs.sources.base import ChecksumMismatch, MalformedResponse, TruncatedStream
 
 __all__ = ["ZipMember", "ZipStreamReader", "parse_md5_csv"]
 
