@@ -68,13 +68,12 @@ def free_port() -> int:
 SYSTEM_CAS = "/etc/ssl/certs/ca-certificates.crt"
 
 
-def render_site_config(upstream: str, nlst_upstream: str, main_port: int, nlst_port: int,
-                       cache_dir: Path, access_log: Path, ca_bundle: str = SYSTEM_CAS) -> str:
+def render_site_config(upstream: str, nlst_upstream: str, port: int, cache_dir: Path,
+                       access_log: Path, ca_bundle: str = SYSTEM_CAS) -> str:
     """The repository's config with its SITE: values replaced, and nothing else."""
     site_values = {
         SYSTEM_CAS: ca_bundle,
-        "listen 8080;": f"listen 127.0.0.1:{main_port};",
-        "listen 8081;": f"listen 127.0.0.1:{nlst_port};",
+        "listen 8080;": f"listen 127.0.0.1:{port};",
         "https://services.cancerimagingarchive.net": upstream,
         "https://nlst.cancerimagingarchive.net": nlst_upstream,
         "/var/cache/nginx/tciafs ": f"{cache_dir} ",
@@ -95,45 +94,22 @@ def render_site_config(upstream: str, nlst_upstream: str, main_port: int, nlst_p
 
 
 @dataclass
-class SiteCache:
-    """One nginx master run in the foreground; `url` and `nlst_url` are what nodes use."""
+class Nginx:
+    """One nginx master run in the foreground, with everything of its own under `root`."""
 
     root: Path
-    upstream: EmulatorProcess
-    main_port: int
-    nlst_port: int
+    ports: tuple[int, ...]
     proc: subprocess.Popen | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.main_port}"
-
-    @property
-    def nlst_url(self) -> str:
-        return f"http://127.0.0.1:{self.nlst_port}"
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.root / "cache"
-
-    @property
-    def access_log(self) -> Path:
-        return self.root / "access.log"
-
-    def write_config(self, site_text: str | None = None) -> Path:
-        """nginx.conf around `site_text` (default: the rendered repository config)."""
-        assert self.upstream.nlst_url is not None
-        for sub in ("cache", "temp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        site = self.root / "tciafs-site-cache.conf"
-        site.write_text(site_text or render_site_config(
-            self.upstream.url, self.upstream.nlst_url, self.main_port, self.nlst_port,
-            self.cache_dir, self.access_log))
+    def configure(self, http_text: str) -> None:
+        """nginx.conf around `http_text`, as Debian's /etc/nginx/nginx.conf is at a site."""
         temp = self.root / "temp"
+        temp.mkdir(parents=True, exist_ok=True)
+        site = self.root / "site.conf"
+        site.write_text(http_text)
         # As root, workers would run as "nobody", who cannot enter pytest's 0700 tmp.
         user = "user root;\n" if os.geteuid() == 0 else ""
-        main = self.root / "nginx.conf"
-        main.write_text(
+        (self.root / "nginx.conf").write_text(
             f"{user}worker_processes 2;\npid {self.root}/nginx.pid;\n"
             f"error_log {self.root}/error.log info;\n"
             "events { worker_connections 512; }\n"
@@ -141,16 +117,15 @@ class SiteCache:
             + "".join(f"    {kind}_temp_path {temp}/{kind};\n"
                       for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
             + f"    include {site};\n}}\n")
-        return main
 
     def start(self) -> None:
         assert NGINX is not None and self.proc is None
-        main = self.root / "nginx.conf"
         self.proc = subprocess.Popen(
-            [NGINX, "-c", str(main), "-p", str(self.root), "-e", str(self.root / "error.log"),
-             "-g", "daemon off;"], stdin=subprocess.DEVNULL)
+            [NGINX, "-c", str(self.root / "nginx.conf"), "-p", str(self.root),
+             "-e", str(self.root / "error.log"), "-g", "daemon off;"],
+            stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while not all(_listening(port) for port in (self.main_port, self.nlst_port)):
+        while not all(_listening(port) for port in self.ports):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"nginx did not start:\n{self.error_log()}")
             time.sleep(0.02)
@@ -172,6 +147,38 @@ class SiteCache:
         path = self.root / "error.log"
         return path.read_text() if path.exists() else ""
 
+
+class SiteCache(Nginx):
+    """The repository's config in front of `upstream`; `url` and `nlst_url` are what the
+    nodes are given as --server and --nlst-server."""
+
+    def __init__(self, root: Path, upstream: str, nlst_upstream: str,
+                 ca_bundle: str = SYSTEM_CAS) -> None:
+        super().__init__(root, (free_port(),))
+        self.cache_dir.mkdir(parents=True)
+        self.configure(render_site_config(upstream, nlst_upstream, self.port, self.cache_dir,
+                                          self.access_log, ca_bundle))
+
+    @property
+    def port(self) -> int:
+        return self.ports[0]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def nlst_url(self) -> str:
+        return f"{self.url}/nlst"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def access_log(self) -> Path:
+        return self.root / "access.log"
+
     def log(self) -> list[LogLine]:
         """The access log, one entry per request nginx answered."""
         if not self.access_log.exists():
@@ -185,15 +192,14 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-LOG_RE = re.compile(r'^\S+ \S+ (?P<port>\d+) "(?P<method>\S+) (?P<uri>\S+) [^"]*" '
+LOG_RE = re.compile(r'^\S+ \S+ "(?P<method>\S+) (?P<uri>\S+) [^"]*" '
                     r'(?P<status>\d+) \d+ cache=(?P<cache>\S+) ')
 
 
 @dataclass(frozen=True)
 class LogLine:
-    port: int
     method: str
-    uri: str
+    uri: str  # as the node sent it: /nlst/... for the NLST host
     status: int
     cache: str  # HIT, MISS, BYPASS, EXPIRED, ... or "-" when the cache was not asked
 
@@ -202,7 +208,7 @@ class LogLine:
         m = LOG_RE.match(line)
         if m is None:
             return None
-        return cls(int(m["port"]), m["method"], m["uri"], int(m["status"]), m["cache"])
+        return cls(m["method"], m["uri"], int(m["status"]), m["cache"])
 
     @property
     def endpoint(self) -> str:
@@ -236,8 +242,8 @@ def upstream(demo_data_dir: Path, users_file: Path) -> Iterator[EmulatorProcess]
 def site(upstream: EmulatorProcess, tmp_path: Path) -> Iterator[SiteCache]:
     """A fresh nginx and an empty cache per test; the service's counters start at zero."""
     set_faults(upstream.url)
-    cache = SiteCache(tmp_path / "nginx", upstream, free_port(), free_port())
-    cache.write_config()
+    assert upstream.nlst_url is not None
+    cache = SiteCache(tmp_path / "nginx", upstream.url, upstream.nlst_url)
     cache.start()
     reset_stats(upstream.url)
     try:
@@ -340,6 +346,16 @@ def the_study(mnt: Path, collection: str) -> Path:
     """The collection's study with the most series, relative to the mount point."""
     studies = sorted((mnt / collection).glob("*/*"))
     return max(studies, key=lambda study: len(list(study.iterdir()))).relative_to(mnt)
+
+
+def assert_nodes_asked_for(site: SiteCache, url: str) -> None:
+    """The nodes' series requests were the very one the test put in the cache, so they
+    were served the cached copy (else the test would prove nothing)."""
+    primed = url.removeprefix(site.url)
+    uid = primed.split("SeriesInstanceUID=", 1)[1].split("&", 1)[0]
+    asked = [line for line in site.log() if line.endpoint == "getImage" and uid in line.uri]
+    assert {line.uri for line in asked} == {primed}
+    assert [line for line in asked if line.cache == "HIT"]
 
 
 def settled(series_dir: Path, truth: dict[str, bytes], wait: float = 60.0) -> bool:
@@ -455,6 +471,30 @@ def test_the_refetch_header_replaces_the_cached_copy(
     assert upstream_count(upstream.url, "getImage") == 2
 
 
+def test_a_node_that_leaves_mid_download_still_fills_the_cache(
+        site: SiteCache, upstream: EmulatorProcess) -> None:
+    """A cacheable answer is fetched to its end though its client went: a node killed
+    mid-copy wastes nothing, and the nodes waiting on the lock get the whole ZIP."""
+    series = series_of(site.url, LUNG)[0]
+    url = zip_url(site.url, series["SeriesInstanceUID"])
+    set_faults(upstream.url, bandwidth=4_000_000)
+    with httpx.stream("GET", url, timeout=60) as partial:
+        received = 0
+        for chunk in partial.iter_bytes():
+            received += len(chunk)
+            if received > 500_000:
+                break
+    deadline = time.monotonic() + 30
+    while not any(line.endpoint == "getImage" for line in site.log()):
+        assert time.monotonic() < deadline, "nginx never finished the ZIP"
+        time.sleep(0.2)
+    set_faults(upstream.url)
+    whole = httpx.get(url, timeout=60)
+    assert whole.headers["x-cache-status"] == "HIT"
+    assert_zip_whole(whole.content, series["ImageCount"])
+    assert upstream_count(upstream.url, "getImage") == 1
+
+
 def test_errors_and_cut_bodies_are_not_kept(site: SiteCache, upstream: EmulatorProcess) -> None:
     listing = f"{site.url}{V4}/getSeries?Collection=Demo-Lung%20CT_2024"
     set_faults(upstream.url, p500=1.0, endpoints=["getSeries"])
@@ -482,12 +522,11 @@ def test_over_http_1_0_a_cut_zip_would_be_kept_as_whole(
     """Why the config says proxy_http_version 1.1: the same file with 1.0 caches a ZIP
     that the service cut short, because the body then ends at the close."""
     set_faults(upstream.url)
-    variant = SiteCache(tmp_path / "nginx10", upstream, free_port(), free_port())
     assert upstream.nlst_url is not None
-    text = render_site_config(upstream.url, upstream.nlst_url, variant.main_port,
-                              variant.nlst_port, variant.cache_dir, variant.access_log)
-    assert text.count("proxy_http_version 1.1;") == 2
-    variant.write_config(text.replace("proxy_http_version 1.1;", "proxy_http_version 1.0;"))
+    variant = SiteCache(tmp_path / "nginx10", upstream.url, upstream.nlst_url)
+    text = (variant.root / "site.conf").read_text()
+    assert text.count("proxy_http_version 1.1;") == 1
+    variant.configure(text.replace("proxy_http_version 1.1;", "proxy_http_version 1.0;"))
     variant.start()
     try:
         series = series_of(upstream.url, LUNG)[0]
@@ -545,18 +584,15 @@ def test_an_https_upstream_is_named_and_verified(upstream: EmulatorProcess,
     certificate the cache works; with the system's CAs alone it refuses the service."""
     set_faults(upstream.url)
     ca, cert, key = make_certificates(tmp_path / "tls")
-    front = SiteCache(tmp_path / "front", upstream, free_port(), free_port())
-    front.write_config(tls_front(upstream, front.main_port, front.nlst_port, cert, key))
+    front = Nginx(tmp_path / "front", (free_port(), free_port()))
+    front.configure(tls_front(upstream, *front.ports, cert, key))
     front.start()
-    caches = []
+    main, nlst = (f"https://localhost:{port}" for port in front.ports)
+    caches: list[SiteCache] = []
     try:
         for name, bundle in (("trusting", str(ca)), ("system", SYSTEM_CAS)):
-            cache = SiteCache(tmp_path / name, upstream, free_port(), free_port())
-            cache.write_config(render_site_config(
-                f"https://localhost:{front.main_port}", f"https://localhost:{front.nlst_port}",
-                cache.main_port, cache.nlst_port, cache.cache_dir, cache.access_log, bundle))
-            cache.start()
-            caches.append(cache)
+            caches.append(SiteCache(tmp_path / name, main, nlst, bundle))
+            caches[-1].start()
         trusting, system = caches
         for base, collection in ((trusting.url, LUNG), (trusting.nlst_url, NLST)):
             rows = series_of(base, collection)
@@ -611,8 +647,8 @@ def test_four_nodes_share_each_listing(site: SiteCache, upstream: EmulatorProces
     assert seen[0] > 0 and len(set(seen)) == 1
     served = [line for line in site.log() if line.endpoint not in IMAGE_ENDPOINTS]
     assert served and not [line for line in served if line.cache == "BYPASS"]
-    by_uri = Counter((line.port, line.uri) for line in served)
-    went_up = Counter((line.port, line.uri) for line in served if line.upstream)
+    by_uri = Counter(line.uri for line in served)
+    went_up = Counter(line.uri for line in served if line.upstream)
     # One trip to the service per endpoint and parameters, whichever node asked first ...
     assert set(went_up.values()) == {1}
     assert went_up.keys() == by_uri.keys()
@@ -621,7 +657,8 @@ def test_four_nodes_share_each_listing(site: SiteCache, upstream: EmulatorProces
     counted = {k: v for k, v in stats(upstream.url)["requests"].items()
                if k not in IMAGE_ENDPOINTS}
     assert counted == dict(upstream_by_endpoint)
-    assert by_uri[(site.main_port, f"{V4}/getCollectionValues")] >= 4
+    assert by_uri[f"{V4}/getCollectionValues"] >= 4
+    assert by_uri[f"/nlst{V4}/getCollectionValues"] >= 4
 
 
 @pytest.mark.timeout(240)
@@ -710,6 +747,7 @@ def test_a_damaged_zip_in_the_site_cache_is_replaced(
         copy_on_all(points, rel.relative_to(points[0]), tmp_path, "copy")
         for mnt in points:
             assert settled(mnt / rel.relative_to(points[0]), truth)
+    assert_nodes_asked_for(site, url)
     assert_zip_whole(httpx.get(url, timeout=60).content, row["ImageCount"])
 
 
@@ -731,5 +769,6 @@ def test_a_series_cut_short_once_ends_whole_on_every_node(
     with nodes(site, tmp_path, 4) as points:
         rel = next((points[0] / LUNG).glob(f"*/*/{row['SeriesInstanceUID']}"))
         copies = copy_on_all(points, rel.relative_to(points[0]), tmp_path, "copy")
+    assert_nodes_asked_for(site, url)
     assert_copies_whole(upstream, copies, [row["SeriesInstanceUID"]], upstream.url)
     assert_zip_whole(httpx.get(url, timeout=60).content, row["ImageCount"])
