@@ -2,7 +2,7 @@
 emulator, and four mounts behind it as four nodes of a cluster.
 
 The config file is the one from the repository: only its lines marked "SITE:" (listen
-addresses, upstream URLs, cache directory, log file) are rewritten for loopback. A small
+address, upstream URLs, cache directory, log file, CA bundle) are rewritten for loopback. A small
 main config around it gives nginx what Debian's /etc/nginx/nginx.conf gives it at a site
 (pid file, error log, temp paths), all under the test's tmp directory.
 
@@ -307,10 +307,10 @@ def token_for(url: str, user: str, password: str) -> str:
     return r.json()["access_token"]
 
 
-def get_all(urls: list[str], headers: dict[str, str] | None = None) -> list[httpx.Response]:
+def get_all(urls: list[str]) -> list[httpx.Response]:
     """GET every URL at once, each from its own thread and connection."""
     def one(url: str) -> httpx.Response:
-        return httpx.get(url, headers=headers, timeout=120)
+        return httpx.get(url, timeout=120)
 
     with ThreadPoolExecutor(len(urls)) as pool:
         return list(pool.map(one, urls))
@@ -321,13 +321,13 @@ def node_files(copy: Path) -> dict[str, bytes]:
 
 
 @contextlib.contextmanager
-def nodes(site: SiteCache, tmp_path: Path, count: int, *extra: str) -> Iterator[list[Path]]:
+def nodes(site: SiteCache, tmp_path: Path, count: int) -> Iterator[list[Path]]:
     """`count` mounts, each with its own cache directory, all pointed at the site cache."""
     with contextlib.ExitStack() as stack:
         points = []
         for i in range(count):
             mnt = tmp_path / f"node{i}" / "mnt"
-            stack.enter_context(mounted(site, mnt, tmp_path / f"node{i}" / "cache", *extra,
+            stack.enter_context(mounted(site, mnt, tmp_path / f"node{i}" / "cache",
                                         "--timeout", "120"))
             points.append(mnt)
         yield points
@@ -369,8 +369,7 @@ def settled(series_dir: Path, truth: dict[str, bytes], wait: float = 60.0) -> bo
     return True
 
 
-def assert_copies_whole(upstream: EmulatorProcess, copies: list[Path], series: list[str],
-                        url: str) -> None:
+def assert_copies_whole(copies: list[Path], series: list[str], url: str) -> None:
     """Every node has every file of every series, byte for byte as the service stores it."""
     truth: dict[str, bytes] = {}
     for uid in series:
@@ -623,8 +622,8 @@ def test_four_nodes_copy_one_study_with_one_download_per_series(
                                    [(lung, "lung"), (nlst, "nlst")]))
     assert upstream_count(upstream.url, "getImage", "main") == len(lung_series)
     assert upstream_count(upstream.url, "getImage", "nlst") == len(nlst_series)
-    assert_copies_whole(upstream, copies[0], lung_series, upstream.url)
-    assert_copies_whole(upstream, copies[1], nlst_series, upstream.nlst_url)
+    assert_copies_whole(copies[0], lung_series, upstream.url)
+    assert_copies_whole(copies[1], nlst_series, upstream.nlst_url)
 
 
 def _walk(mnt: Path) -> int:
@@ -719,7 +718,7 @@ def test_the_proxy_restarts_mid_copy_and_the_nodes_go_on(
         copier.join(timeout=200)
         assert not copier.is_alive() and result
         set_faults(upstream.url)
-    assert_copies_whole(upstream, result[0], series, upstream.url)
+    assert_copies_whole(result[0], series, upstream.url)
     # And what the cache holds now is whole too.
     for row in series_of(upstream.url, LUNG):
         if row["SeriesInstanceUID"] in series:
@@ -770,5 +769,5 @@ def test_a_series_cut_short_once_ends_whole_on_every_node(
         rel = next((points[0] / LUNG).glob(f"*/*/{row['SeriesInstanceUID']}"))
         copies = copy_on_all(points, rel.relative_to(points[0]), tmp_path, "copy")
     assert_nodes_asked_for(site, url)
-    assert_copies_whole(upstream, copies, [row["SeriesInstanceUID"]], upstream.url)
+    assert_copies_whole(copies, [row["SeriesInstanceUID"]], upstream.url)
     assert_zip_whole(httpx.get(url, timeout=60).content, row["ImageCount"])
