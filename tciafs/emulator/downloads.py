@@ -1,8 +1,8 @@
-"""Image bodies: a series as a streamed ZIP, one instance as DICOM, with damaged images.
+"""Image bodies: a series as a streamed ZIP, one instance as DICOM, with content faults.
 
 Both the NBIA and the legacy endpoints send their images through here.  A ZIP body is
-kept for replay (:class:`tciafs.emulator.zipstream.BodyCache`) unless a fault may damage
-its images (pcorrupt).
+kept for replay (:class:`tciafs.emulator.zipstream.BodyCache`) unless a fault changes
+what it holds: damaged images (pcorrupt) or a ZIP closed early (pshort).
 """
 
 from __future__ import annotations
@@ -13,18 +13,19 @@ from dataclasses import dataclass
 
 from tciafs.emulator import wire, zipstream
 from tciafs.emulator.context import Call
-from tciafs.emulator.faults import Damage, damaged
+from tciafs.emulator.faults import ContentFaults, damaged
 from tciafs.emulator.model import InstanceRecord, SeriesRecord
 from tciafs.emulator.wire import Reply
 
-#: The pcorrupt fault of the request this thread is answering; set by the server.
-DAMAGE: contextvars.ContextVar[Damage | None] = contextvars.ContextVar("damage", default=None)
+#: The content faults of the request this thread is answering; set by the server.
+CONTENT_FAULTS: contextvars.ContextVar[ContentFaults | None] = contextvars.ContextVar(
+    "content_faults", default=None)
 
 
 def image_chunks(call: Call, uid: str, sop: str) -> Iterator[bytes]:
     chunks = call.archive.iter_instance_chunks(uid, sop)
-    damage = DAMAGE.get()
-    if damage is not None and damage.strikes():
+    faults = CONTENT_FAULTS.get()
+    if faults is not None and faults.strikes():
         call.ctx.stats.fault(call.ctx.host, "corrupt")
         return damaged(chunks)
     return chunks
@@ -60,13 +61,15 @@ class SeriesZip:
     license: str | None = None
     md5: bool = False
 
-    def members(self, call: Call) -> Iterator[zipstream.ZipMember]:
+    def members(self, call: Call, images: int | None = None) -> Iterator[zipstream.ZipMember]:
+        """Every member, or with `images` only the first that many images and nothing
+        after them: NBIA closes the ZIP where writing an image failed."""
         when = self.series.max_submission_timestamp
         if self.license is not None:
             yield zipstream.bytes_member("LICENSE", self.license.encode(), when)
-        for name, inst in self.named:
+        for name, inst in self.named[:images]:
             yield _instance_member(call, self.series, name, inst)
-        if self.md5:
+        if self.md5 and images is None:
             yield zipstream.bytes_member("md5hashes.csv", md5_table(self.named), when)
 
 
@@ -84,11 +87,15 @@ def zip_reply(call: Call, content: SeriesZip, *flavour: object) -> Reply:
 
 def _write_zip(call: Call, key: tuple[object, ...], content: SeriesZip,
                sink: wire.Sink) -> None:
-    damage = DAMAGE.get()
-    if damage is not None and damage.possible:  # a damaged body is neither kept nor replayed
-        zipstream.write_zip(content.members(call), sink)
-    else:
+    faults = CONTENT_FAULTS.get()
+    if faults is None or not faults.possible:
         call.ctx.bodies.write(key, lambda: content.members(call), sink)
+        return
+    # A faulted body is neither kept nor replayed.
+    kept = faults.images_kept(len(content.named))
+    if kept is not None:
+        call.ctx.stats.fault(call.ctx.host, "short")
+    zipstream.write_zip(content.members(call, kept), sink)
 
 
 def dicom_reply(call: Call, uid: str, inst: InstanceRecord, disposition: str) -> Reply:

@@ -39,8 +39,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from tciafs.emulator import wire, zipstream
 from tciafs.emulator.auth import Auth, TokenStore, UserDB
 from tciafs.emulator.context import Context, Request
-from tciafs.emulator.downloads import DAMAGE
-from tciafs.emulator.faults import Damage, FaultConfig, FaultPlan, Faults, Stats
+from tciafs.emulator.downloads import CONTENT_FAULTS
+from tciafs.emulator.faults import ContentFaults, FaultConfig, FaultPlan, Faults, Stats
 from tciafs.emulator.legacy import LEGACY, run_legacy
 from tciafs.emulator.model import Archive
 from tciafs.emulator.nbia import NBIA, run_nbia
@@ -242,7 +242,7 @@ class Handler(BaseHTTPRequestHandler):
         plan = ctx.faults.plan([target.name, target.qualified])
         if plan.latency > 0:
             time.sleep(plan.latency)
-        damage = DAMAGE.set(Damage(plan))  # bodies are made while they are sent
+        content = CONTENT_FAULTS.set(ContentFaults(plan))  # bodies are made as they are sent
         try:
             if plan.status is not None:
                 ctx.stats.fault(ctx.host, str(plan.status))
@@ -251,7 +251,7 @@ class Handler(BaseHTTPRequestHandler):
                 reply = self._run(target)
             self._send(reply, plan)
         finally:
-            DAMAGE.reset(damage)
+            CONTENT_FAULTS.reset(content)
 
     def _run(self, target: Route) -> Reply:
         try:
