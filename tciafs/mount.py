@@ -162,23 +162,18 @@ def locked_cache_dir(cache_dir: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def demo_emulator() -> Iterator[tuple[str, str]]:
     """Run the bundled emulator with the demo archive for as long as the mount lives."""
+    # Only the demo starts an emulator: the daemon loads the launcher just then.
+    from tciafs.emulator import launch
+
     data_dir = paths.data_home() / "emulator" / "demo"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tciafs.emulator", "--host", "127.0.0.1", "--port", "0",
-         "--nlst-port", "0", "--profile", "demo", "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
-        assert proc.stdout is not None
-        url, nlst_url = proc.stdout.readline().strip(), proc.stdout.readline().strip()
-        if not url.startswith("http"):
-            raise MountError("the demo emulator did not start; see the log")
-        yield url, nlst_url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        emu = launch.start("--host", "127.0.0.1", "--profile", "demo", data_dir=data_dir,
+                           nlst=True)
+    except launch.EmulatorStartError as exc:
+        raise MountError("the demo emulator did not start; see the log") from exc
+    with emu:
+        assert emu.nlst_url is not None  # asked for with nlst=True
+        yield emu.url, emu.nlst_url
 
 
 # -- the daemon ----------------------------------------------------------------------------

@@ -2,55 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tciafs.emulator import launch
+
 from mountutil import abort_fuse_mounts_under
 
-
-@dataclass
-class EmulatorProcess:
-    url: str
-    nlst_url: str | None
-    proc: subprocess.Popen
-    data_dir: Path
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                return self.proc.wait(timeout=5)
-        return self.proc.returncode
+#: An emulator started by a test (see tciafs.emulator.launch).
+EmulatorProcess = launch.RunningEmulator
 
 
 def start_emulator(data_dir: Path, *args: str, nlst: bool = False,
                    timeout: float = 180.0) -> EmulatorProcess:
     """Start `python -m tciafs.emulator` on a free port and wait for its URL line(s)."""
-    cmd = [sys.executable, "-m", "tciafs.emulator", "--port", "0",
-           "--data-dir", str(data_dir), *args]
-    if nlst:
-        cmd += ["--nlst-port", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.stdout is not None
-    # The emulator prints its root URL(s) only once it serves; generation may precede it.
-    url = proc.stdout.readline().strip()
-    nlst_url = proc.stdout.readline().strip() if nlst else None
-    if not url.startswith("http://"):
-        proc.kill()
-        raise RuntimeError(f"emulator did not start: {url!r}")
-    return EmulatorProcess(url, nlst_url, proc, data_dir)
+    return launch.start(*args, data_dir=data_dir, nlst=nlst, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,30 @@ def test_truncation_always_loses_the_end_of_small_bodies(client: httpx.Client) -
             client.get(V1 + "getImage", params={"SeriesInstanceUID": uid("ct-c")})
 
 
+def test_a_short_zip_is_whole_and_complete_but_holds_fewer_images(
+        client: httpx.Client) -> None:
+    images = len(client.get(V4 + "getSOPInstanceUIDs", params=BIG).json())
+    asks = (("getImage", {**BIG, "IncludeMD5": "Yes"}), ("getImageWithMD5Hash", BIG))
+    whole = {name: client.get(V4 + name, params=params).content for name, params in asks}
+    set_faults(client, pshort=1.0, seed=5, endpoints=["getImage", "getImageWithMD5Hash"])
+    for name, params in asks:
+        r = client.get(V4 + name, params=params)  # a body cut off would raise here
+        assert r.status_code == 200 and r.headers["transfer-encoding"] == "chunked"
+        with zipfile.ZipFile(io.BytesIO(r.content)) as short, \
+                zipfile.ZipFile(io.BytesIO(whole[name])) as full:
+            assert short.testzip() is None  # the central directory and every CRC hold
+            got = short.namelist()
+            kept = [n for n in got if n.endswith(".dcm")]
+            assert 0 < len(kept) < images == sum(n.endswith(".dcm") for n in full.namelist())
+            # The images that came are the series' first, whole; the MD5 list never came.
+            assert got == full.namelist()[:len(got)] and "md5hashes.csv" not in got
+            assert all(short.read(n) == full.read(n) for n in got)
+    assert faults_seen(client)["short"] == 2
+    set_faults(client)  # a short body was not kept for replay
+    assert client.get(V4 + "getImageWithMD5Hash", params=BIG).content == whole[
+        "getImageWithMD5Hash"]
+
+
 def test_latency(client: httpx.Client) -> None:
     set_faults(client, latency_ms=300)
     start = time.monotonic()
@@ -178,7 +202,8 @@ def test_fault_configuration_round_trip_and_validation(client: httpx.Client) -> 
     assert (merged["p502"], merged["p504"], merged["endpoints"]) == (0.25, 0.5, ["getImage"])
     assert client.get("/_emulator/faults").json() == merged
     assert set_faults(client)["p502"] == 0.0  # a POST replaces the whole configuration
-    for bad in ({"p500": 2}, {"bogus": 1}, {"p500": 0.6, "p503": 0.6}, {"endpoints": "x"}):
+    for bad in ({"p500": 2}, {"bogus": 1}, {"p500": 0.6, "p503": 0.6}, {"endpoints": "x"},
+                {"ptruncate": 0.6, "pshort": 0.6}):
         assert client.post("/_emulator/faults", json=bad).status_code == 400
     assert client.post("/_emulator/faults", content=b"{not json").status_code == 400
 

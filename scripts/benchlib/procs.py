@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
-import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +15,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+
+from tciafs.emulator import launch
 
 STATUS_XATTR = "user.tciafs.status"
 VENV_BIN = Path(sys.executable).parent
@@ -50,9 +50,16 @@ class Shaping:
 
 @dataclass
 class Emulator:
-    url: str
-    proc: subprocess.Popen
+    running: launch.RunningEmulator
     shaping: Shaping
+
+    @property
+    def url(self) -> str:
+        return self.running.url
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        return self.running.proc
 
     def api(self, endpoint: str, **params: str) -> Any:
         reply = httpx.get(f"{self.url}/nbia-api/services/v4/{endpoint}", params=params,
@@ -79,43 +86,19 @@ class Emulator:
         finally:
             self.set_faults(self.shaping.as_faults())
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
 
 @contextlib.contextmanager
 def emulator(cmd: Sequence[str], shaping: Shaping, log_path: Path,
              timeout: float = 180.0) -> Iterator[Emulator]:
-    """Start an emulator command (it prints its root URL first) and stop it afterwards."""
-    args = [*cmd, "--port", "0", "--latency-ms", str(shaping.latency_ms),
-            "--bandwidth", str(shaping.bandwidth)]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log,
-                                stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    emu = Emulator("", proc, shaping)
+    """Start an emulator command (one that runs the emulator's CLI), shaped, its stderr
+    appended to `log_path`; stop it when the block ends."""
+    shaped = ("--latency-ms", str(shaping.latency_ms), "--bandwidth", str(shaping.bandwidth))
     try:
-        emu.url = _first_line(proc, timeout)
-        yield emu
-    finally:
-        emu.stop()
-
-
-def _first_line(proc: subprocess.Popen, timeout: float) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline().decode().strip() if ready else ""
-    if not line.startswith("http://"):
-        raise BenchError(f"the emulator did not start (first line {line!r}); see its log")
-    return line
+        running = launch.start(*shaped, command=cmd, log=log_path, timeout=timeout)
+    except launch.EmulatorStartError as exc:
+        raise BenchError(str(exc)) from exc
+    with running:
+        yield Emulator(running, shaping)
 
 
 @dataclass

@@ -2,4 +2,16 @@
 
 This subpackage never imports the client side of tciafs: it is judged against the
 wire reference, not against the code that talks to it.
+
+Its modules, callers first (imports run down this list, never up):
+
+* ``cli``: the command line; ``launch``: starting it as a process and stopping it.
+* ``server``: HTTP, routing, fault wiring, shaping and streaming.
+* ``nbia`` and ``legacy``: the endpoints of the NBIA API and of the legacy Bindaas API.
+* ``downloads``: series ZIPs and single images, with the faults that change content.
+* ``queries``: filters, visibility, carts and date parameters over the archive.
+* ``context``: what an endpoint sees of one request.
+* ``faults``, ``auth``, ``wire``, ``zipstream``: fault plans and statistics, users and
+  tokens, NBIA's reply formats, the streaming ZIP writer.
+* ``archive``, ``profiles``, ``dicomgen``, ``model``: the archives and their records.
 """

@@ -14,6 +14,11 @@ into the current configuration instead::
       "preset": 0.0,              # reset the connection (RST) part-way through the body
       "ptruncate": 0.0,           # status 200, then end the body early (no final chunk,
                                   # so a ZIP has no central directory) and close
+      "pshort": 0.0,              # a series ZIP (getImage, getImageWithMD5Hash, legacy
+                                  # getImage) ends early but whole: fewer images, no
+                                  # MD5 list, a valid central directory, status 200 and
+                                  # a complete body, as NBIA closes the ZIP when writing
+                                  # an image fails mid-stream
       "pcorrupt": 0.0,            # each image served (in a series ZIP or by
                                   # getSingleImage) has its last byte changed, as if
                                   # read from damaged storage: the ZIP's CRC covers the
@@ -28,11 +33,13 @@ into the current configuration instead::
     }
 
 Each eligible request rolls once for a status fault (p429 + p5xx must not exceed 1),
-once for a body fault (preset + ptruncate must not exceed 1) and once for the slow first
-and last byte; with ``pcorrupt``, once more for each image it sends.  A cut happens at a random
-point of the body; it always falls before the last body byte, and for an empty body it
-closes the connection before the status line.  A damaged image is the one fault that no
-transport check can see: only the MD5 list tells it.
+once for a body fault (preset + ptruncate + pshort must not exceed 1) and once for the
+slow first and last byte; with ``pcorrupt``, once more for each image it sends.  A cut
+happens at a random point of the body; it always falls before the last body byte, and for
+an empty body it closes the connection before the status line.  A short ZIP keeps a random
+share (10 to 90 %, rounded down) of the series' images, after the LICENSE where there is
+one; other bodies are left whole.  A damaged image and a short ZIP are the faults that no
+transport check can see: only the MD5 list, or the series' image count, tells them.
 
 Statistics (``GET /_emulator/stats``; ``POST /_emulator/reset`` clears them)::
 
@@ -46,7 +53,7 @@ Statistics (``GET /_emulator/stats``; ``POST /_emulator/reset`` clears them)::
       "bytes_sent": 123456,       # response body bytes actually written
       "faults": {"429": 1, "500": 0, "502": 0, "503": 0, "504": 0,
                  "reset": 0, "truncate": 0, "slow_first_byte": 0, "slow_last_byte": 0,
-                 "corrupt": 0},
+                 "corrupt": 0, "short": 0},
       "servers": {"main": {same keys but "since"}, "nlst": {...}}
     }
 
@@ -69,7 +76,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 STATUS_FAULTS = (429, 500, 502, 503, 504)
 FAULT_KINDS = ("429", "500", "502", "503", "504", "reset", "truncate", "slow_first_byte",
-               "slow_last_byte", "corrupt")
+               "slow_last_byte", "corrupt", "short")
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,7 @@ class FaultConfig:
     p504: float = 0.0
     preset: float = 0.0
     ptruncate: float = 0.0
+    pshort: float = 0.0
     pcorrupt: float = 0.0
     first_byte_delay_ms: float = 0.0
     last_byte_delay_ms: float = 0.0
@@ -97,8 +105,8 @@ class FaultConfig:
         return data
 
 
-_PROBABILITIES = ("p429", "p500", "p502", "p503", "p504", "preset", "ptruncate", "pcorrupt",
-                  "pslow")
+_PROBABILITIES = ("p429", "p500", "p502", "p503", "p504", "preset", "ptruncate", "pshort",
+                  "pcorrupt", "pslow")
 _NON_NEGATIVE = ("latency_ms", "bandwidth", "retry_after", "first_byte_delay_ms",
                  "last_byte_delay_ms")
 
@@ -120,8 +128,8 @@ def parse_config(patch: dict[str, object], base: FaultConfig) -> FaultConfig:
     config = replace(base, **values)  # type: ignore[arg-type]
     if sum(getattr(config, f"p{s}") for s in STATUS_FAULTS) > 1.0 + 1e-9:
         raise ValueError("p429 + p500 + p502 + p503 + p504 must not exceed 1")
-    if config.preset + config.ptruncate > 1.0 + 1e-9:
-        raise ValueError("preset + ptruncate must not exceed 1")
+    if config.preset + config.ptruncate + config.pshort > 1.0 + 1e-9:
+        raise ValueError("preset + ptruncate + pshort must not exceed 1")
     return config
 
 
@@ -154,7 +162,8 @@ class FaultPlan:
     status: int | None = None
     retry_after: int = 1
     cut: str | None = None  # "reset" | "truncate"
-    cut_fraction: float = 0.5
+    short: bool = False  # a series ZIP ends early, but whole
+    cut_fraction: float = 0.5  # where a cut falls, or the share of images a short ZIP keeps
     first_byte_delay: float = 0.0  # seconds
     last_byte_delay: float = 0.0  # seconds
     corrupt: float = 0.0  # the chance that each image sent is damaged
@@ -191,27 +200,36 @@ class Faults:
             return base
         status = _pick_status(config, rolls[0])
         # An injected error page is the fault; it is not cut as well.
-        cut = None if status is not None else _pick_cut(config, rolls[1])
+        body = None if status is not None else _pick_body_fault(config, rolls[1])
         slow = rolls[2] < config.pslow
-        return replace(base, status=status, cut=cut, cut_fraction=0.1 + 0.8 * rolls[3],
+        return replace(base, status=status, cut=None if body == "short" else body,
+                       short=body == "short", cut_fraction=0.1 + 0.8 * rolls[3],
                        corrupt=config.pcorrupt, corrupt_seed=corrupt_seed,
                        first_byte_delay=config.first_byte_delay_ms / 1000 if slow else 0.0,
                        last_byte_delay=config.last_byte_delay_ms / 1000 if slow else 0.0)
 
 
-class Damage:
-    """Which images of one reply come from "damaged storage" (the pcorrupt fault)."""
+class ContentFaults:
+    """What the faults of one reply do to what it holds, not to how it travels: images
+    from "damaged storage" (pcorrupt) and a series ZIP closed early (pshort)."""
 
     def __init__(self, plan: FaultPlan) -> None:
         self._chance = plan.corrupt
         self._rng = random.Random(plan.corrupt_seed)
+        self._kept_share = plan.cut_fraction if plan.short else None
 
     @property
     def possible(self) -> bool:
-        return self._chance > 0
+        """Whether this reply's content may differ from the archive's."""
+        return self._chance > 0 or self._kept_share is not None
 
     def strikes(self) -> bool:
+        """Whether the next image sent is damaged."""
         return self._chance > 0 and self._rng.random() < self._chance
+
+    def images_kept(self, count: int) -> int | None:
+        """How many of a series ZIP's `count` images to send, None for all of them."""
+        return None if self._kept_share is None else int(count * self._kept_share)
 
 
 def damaged(chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -234,11 +252,13 @@ def _pick_status(config: FaultConfig, roll: float) -> int | None:
     return None
 
 
-def _pick_cut(config: FaultConfig, roll: float) -> str | None:
+def _pick_body_fault(config: FaultConfig, roll: float) -> str | None:
     if roll < config.preset:
         return "reset"
     if roll < config.preset + config.ptruncate:
         return "truncate"
+    if roll < config.preset + config.ptruncate + config.pshort:
+        return "short"
     return None
 
 
