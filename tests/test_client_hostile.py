@@ -495,3 +495,36 @@ async def test_open_series_streams_are_bounded_and_time_out() -> None:
             assert len(await client.series("C")) == 1
         async with client.open_series("C", "4.5.6") as stream:
             assert [m.name async for m in stream.members()] == ["00000001.dcm"]
+
+
+async def test_fresh_downloads_ask_past_a_site_cache_and_others_do_not() -> None:
+    """fresh=True puts the refetch header on image requests (on every attempt, the
+    retries included), so that a site cache replaces its copy; nothing else carries it."""
+    seen: list[tuple[str, str | None]] = []
+    retried = set()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        endpoint = request.url.path.rsplit("/", 1)[-1]
+        seen.append((endpoint, request.headers.get("X-Tciafs-Refetch")))
+        if endpoint == "getSingleImage" and endpoint not in retried:
+            retried.add(endpoint)
+            return httpx.Response(503, text="busy")
+        if endpoint == "getSingleImage":
+            return httpx.Response(200, content=b"DICM", headers={"Content-Length": "4"})
+        if endpoint == "getImage":
+            return httpx.Response(200, content=series_zip())
+        return json_reply([SERIES_ROW])
+
+    async with make_client(handler) as client:
+        await client.series("C")
+        for fresh in (False, True):
+            async with client.open_instance("C", "1.2.3", "1.2.3.4", fresh=fresh) as s:
+                await s.read()
+            async with client.open_series("C", "1.2.3", fresh=fresh) as z:
+                async for member in z.members():
+                    async for _ in member.chunks():
+                        pass
+            retried.clear()
+    assert seen == [("getSeries", None),
+                    ("getSingleImage", None), ("getSingleImage", None), ("getImage", None),
+                    ("getSingleImage", "1"), ("getSingleImage", "1"), ("getImage", "1")]

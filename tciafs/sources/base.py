@@ -340,14 +340,16 @@ class Source(Protocol):
     # -- bytes --
 
     def open_instance(self, collection: str, series_uid: str, sop_uid: str, *,
-                      byte_range: tuple[int, int] | None = None
+                      byte_range: tuple[int, int] | None = None, fresh: bool = False
                       ) -> AbstractAsyncContextManager[InstanceStream]:
         """One instance's bytes; with `byte_range` (start, end), bytes start to end-1
         only, for a source with `ranges` (any other raises ValueError). NotFound: the
-        source does not serve it."""
+        source does not serve it. fresh: the last copy came damaged or short, so ask
+        past any shared site cache, whose copy the answer then replaces."""
 
     def open_series(self, collection: str, series_uid: str, *, md5: bool = True,
-                    hash_entries: bool = True) -> AbstractAsyncContextManager[SeriesStream]:
+                    hash_entries: bool = True, fresh: bool = False
+                    ) -> AbstractAsyncContextManager[SeriesStream]:
         """The whole series as one stream, for a source with `series_streams`. md5
         asks for the source's checksums; hash_entries=False leaves hashing the bytes to
-        the caller."""
+        the caller; fresh as for open_instance."""

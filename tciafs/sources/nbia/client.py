@@ -405,9 +405,10 @@ class NbiaClient:
     # -- downloads -----------------------------------------------------------------------
 
     @asynccontextmanager
-    async def open_instance(self, collection: str, series_uid: str,
-                            sop_uid: str) -> AsyncIterator[SingleImageStream]:
-        """One DICOM file (getSingleImage). Retries happen before the first byte only."""
+    async def open_instance(self, collection: str, series_uid: str, sop_uid: str, *,
+                            fresh: bool = False) -> AsyncIterator[SingleImageStream]:
+        """One DICOM file (getSingleImage). Retries happen before the first byte only.
+        fresh asks past a site cache (REFETCH_HEADER), replacing the copy it holds."""
         host = await self._host_for(collection)
         deadline = trio.current_time() + self.request_deadline
 
@@ -418,7 +419,7 @@ class NbiaClient:
         # it gets one more try, then counts as NotFound.
         for attempt in (1, 2):
             opened, what = await self._open(build, host, deadline,
-                                            retry_on=RETRY_STATUSES - {500})
+                                            retry_on=RETRY_STATUSES - {500}, fresh=fresh)
             if opened.status == 200:
                 break
             reply = await _error_reply(opened)
@@ -433,11 +434,13 @@ class NbiaClient:
 
     @asynccontextmanager
     async def open_series(self, collection: str, series_uid: str, *, md5: bool = True,
-                          hash_entries: bool = True) -> AsyncIterator[SeriesZipStream]:
+                          hash_entries: bool = True, fresh: bool = False
+                          ) -> AsyncIterator[SeriesZipStream]:
         """The whole-series ZIP, streamed; see SeriesZipStream. Retries before the first byte.
 
         md5 asks the service for its MD5 list; hash_entries=False leaves the entries'
-        own MD5s to the caller (then `computed_md5s` stays empty).
+        own MD5s to the caller (then `computed_md5s` stays empty); fresh asks past a site
+        cache, as open_instance does.
         """
         host = await self._host_for(collection)
         deadline = trio.current_time() + self.request_deadline
@@ -453,7 +456,7 @@ class NbiaClient:
             raise ServerError(f"series {series_uid}: no free download slot within "
                               f"{self.request_deadline:.0f} s (all held by open series)")
         try:
-            opened, what = await self._open(build, host, deadline)
+            opened, what = await self._open(build, host, deadline, fresh=fresh)
             if opened.status != 200:
                 reply = await _error_reply(opened)
                 raise self._status_error(reply, what, build(self.gen).endpoint, binary=True)
@@ -522,23 +525,24 @@ class NbiaClient:
         return reply, self.gen, what, used
 
     async def _open(self, build: Builder, host: str, deadline: float, *,
-                    retry_on: frozenset[int] = RETRY_STATUSES) -> tuple[OpenResponse, str]:
+                    retry_on: frozenset[int] = RETRY_STATUSES, fresh: bool = False
+                    ) -> tuple[OpenResponse, str]:
         """Like _fetch, but the body is left to the caller (who must aclose the result)."""
         try:
             opened, what, _used = await self._exchange(self.gen, build, host, deadline,
-                                                       retry_on, stream=True)
+                                                       retry_on, stream=True, fresh=fresh)
         except ServerError as exc:
             if not self._may_fall_back(exc.status):
                 raise
             gen = self._fallback(build, str(exc))
             opened, what, _used = await self._exchange(gen, build, host, deadline, retry_on,
-                                                       stream=True)
+                                                       stream=True, fresh=fresh)
             return opened, what
         if opened.status == 404 and self._may_fall_back(404):
             await opened.aclose()
             gen = self._fallback(build, f"{what}: HTTP 404")
             opened, what, _used = await self._exchange(gen, build, host, deadline, retry_on,
-                                                       stream=True)
+                                                       stream=True, fresh=fresh)
         return opened, what
 
     def _fallback(self, build: Builder, reason: str) -> Generation:
@@ -551,8 +555,8 @@ class NbiaClient:
         return gen
 
     async def _exchange(self, gen: Generation, build: Builder, host: str, deadline: float,
-                        retry_on: frozenset[int] | None, *, stream: bool = False
-                        ) -> tuple[Any, str, Token | None]:
+                        retry_on: frozenset[int] | None, *, stream: bool = False,
+                        fresh: bool = False) -> tuple[Any, str, Token | None]:
         """One logical request on one generation: token, transport retries, 401 renewal."""
         request = build(gen)
         manager = self._tokens.get(host) if self._wants_token(gen) else None
@@ -560,6 +564,8 @@ class NbiaClient:
 
         async def headers() -> dict[str, str]:
             result = {"Accept-Encoding": "identity"} if request.binary else {}
+            if fresh:
+                result.update(REFETCH_HEADER)
             if gen.name == "legacy" and self._api_key:
                 result["api_key"] = self._api_key
             if manager is not None:
@@ -612,6 +618,12 @@ async def _error_reply(opened: OpenResponse) -> Reply:
         return await opened.read_error_body()
     finally:
         await opened.aclose()
+
+
+# A request that must not be answered from a shared site cache, whose fresh answer
+# replaces the cached one (docs/cluster.md; contrib/nginx/tciafs-site-cache.conf keys
+# its proxy_cache_bypass on this header). Sent after a copy came damaged or short.
+REFETCH_HEADER = {"X-Tciafs-Refetch": "1"}
 
 
 def _same(a: str, b: str) -> bool:

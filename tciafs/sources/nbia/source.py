@@ -167,16 +167,17 @@ class NbiaSource:
     # -- bytes ---------------------------------------------------------------------------
 
     def open_instance(self, collection: str, series_uid: str, sop_uid: str, *,
-                      byte_range: tuple[int, int] | None = None
+                      byte_range: tuple[int, int] | None = None, fresh: bool = False
                       ) -> AbstractAsyncContextManager[InstanceStream]:
         if byte_range is not None:
             raise ValueError("NBIA serves whole instances only: it takes no byte range")
-        return self.client.open_instance(collection, series_uid, sop_uid)
+        return self.client.open_instance(collection, series_uid, sop_uid, fresh=fresh)
 
     def open_series(self, collection: str, series_uid: str, *, md5: bool = True,
-                    hash_entries: bool = True) -> AbstractAsyncContextManager[SeriesStream]:
+                    hash_entries: bool = True, fresh: bool = False
+                    ) -> AbstractAsyncContextManager[SeriesStream]:
         return self.client.open_series(collection, series_uid, md5=md5,
-                                       hash_entries=hash_entries)
+                                       hash_entries=hash_entries, fresh=fresh)
 
 
 def build(*, login: Login | None = None, **options: Any) -> NbiaSource:
