@@ -123,25 +123,3 @@ def run(mountpoint: Path | None, as_json: bool) -> int:
     else:
         print("\n".join(render(Path(k), v) for k, v in docs.items()))
     return 0
-
-
-def snapshot(*, server: str, api: str, started: float, client: Any, cache: Any) -> dict:
-    """The status document the daemon serves."""
-    s = cache.stats
-    looked = s.hits + s.misses
-    return {
-        "pid": os.getpid(), "server": server, "api": api, "uptime": time.time() - started,
-        "cache_dir": str(cache.root),
-        "requests": client.stats.as_dict(),
-        "unreachable": client.unreachable,
-        "cache": {"used": cache.used_bytes, "bound": cache.max_bytes, "entries": cache.entries,
-                  "hits": s.hits, "misses": s.misses,
-                  "hit_ratio": s.hits / looked if looked else 0.0,
-                  "bytes_fetched": s.bytes_fetched, "single_fetches": s.single_fetches,
-                  "series_fetches": s.series_fetches, "series_resumed": s.series_resumed,
-                  "series_cut_short": s.series_cut_short,
-                  "evictions": s.evictions,
-                  "md5_mismatches": s.md5_mismatches},
-        "in_flight": {k: {"bytes": v[0], "instances": v[1]}
-                      for k, v in cache.in_flight.items()},
-    }
