@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import functools
-import json
 import logging
 import os
 import sqlite3
@@ -30,14 +29,14 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from tciafs import sidecars, xattrs
+from tciafs import controlproto, sidecars, xattrs
 from tciafs.cache import Cache, CacheDiskError, CacheFull, Entry, FetchFailed
 from tciafs.catalog import ROOT_INODE, Kind, Node, is_damaged
 from tciafs.client import ClientError, NotFound
-from tciafs.control import CONTROL_NAME, Control, TargetError
+from tciafs.control import Control, TargetError
+from tciafs.controlproto import CONTROL_NAME, STATUS_XATTR
 from tciafs.pagecache import PageFeeder
 from tciafs.readahead import ReadAhead
-from tciafs.status import STATUS_XATTR
 from tciafs.tree import ListingUnavailable, Tree
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,6 @@ R = TypeVar("R")
 
 KNOWN_TTL = 3600.0
 CONTROL_INODE = 1 << 62  # far above any SQLite row id the catalog will hand out
-COMMAND_PREFIX = "user.tciafs."  # archive entries are immutable once listed
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _FALLBACK_TIME = dt.datetime(2000, 1, 1, tzinfo=dt.UTC).timestamp()
 
@@ -353,7 +351,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(ROOT_INODE if inode == CONTROL_INODE else inode)
         attrs = xattrs.attributes(node, self.tree, self.cache)
         if node.kind is Kind.ROOT and self.status is not None:
-            attrs[STATUS_XATTR] = json.dumps(self.status(), separators=(",", ":"))
+            attrs[STATUS_XATTR] = controlproto.encode_status(self.status())
         return attrs
 
     @fuse_errors
@@ -372,17 +370,16 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
-        key = os.fsdecode(name)
-        if inode != CONTROL_INODE or self.control is None or not key.startswith(COMMAND_PREFIX):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        command = key.removeprefix(COMMAND_PREFIX)
+        command = controlproto.command_of(os.fsdecode(name))
+        if inode != CONTROL_INODE or self.control is None or command is None:
+            raise pyfuse3.FUSEError(errno.EROFS)  # archive entries are immutable once listed
         try:
-            await self.control.run(command, os.fsdecode(value))
+            await self.control.run(command, controlproto.decode_target(value))
         except ValueError:
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
+            raise pyfuse3.FUSEError(controlproto.UNKNOWN_COMMAND) from None
         except TargetError as exc:
             log.info("control: %s", exc)
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+            raise pyfuse3.FUSEError(controlproto.NO_SUCH_TARGET) from None
 
     # -- a read-only tree ----------------------------------------------------------------
 

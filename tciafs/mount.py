@@ -1,12 +1,10 @@
-"""Mount lifecycle: checks, the parts assembled in one trio nursery, readiness, signals
-and unmount."""
+"""The daemon: checks before mounting, the parts assembled in one trio nursery,
+readiness, signals, and starting it in the background."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -38,7 +36,9 @@ from tciafs.client import (
     ServerError,
 )
 from tciafs.control import Control
+from tciafs.defaults import DEFAULT_NLST_SERVER, DEFAULT_SERVER
 from tciafs.fs import Operations
+from tciafs.mounts import MountError, clear_stale_mount, locked_cache_dir
 from tciafs.pagecache import PageFeeder
 from tciafs.readahead import ReadAhead
 from tciafs.revisions import Revisions
@@ -46,14 +46,8 @@ from tciafs.tree import Tree
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SERVER = "https://services.cancerimagingarchive.net"
-DEFAULT_NLST_SERVER = "https://nlst.cancerimagingarchive.net"
 _M_MMAP_THRESHOLD = -3  # mallopt(3) parameter
 _MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
-
-
-class MountError(Exception):
-    """A mount that cannot start; the message is the one line the user sees."""
 
 
 @dataclass
@@ -99,23 +93,6 @@ def warn_if_remote(cache_dir: Path) -> None:
                     "(node-local scratch)", cache_dir, fstype)
 
 
-def clear_stale_mount(mountpoint: Path) -> bool:
-    """Unmount what a killed daemon left behind ('Transport endpoint is not connected')."""
-    try:
-        # statvfs always reaches the filesystem; a stat may be answered from cached
-        # attributes even when the daemon behind them is gone.
-        os.statvfs(mountpoint)
-        return False
-    except OSError as exc:
-        # ECONNABORTED: a request was queued in the moment the connection went away.
-        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
-            return False
-    log.warning("clearing a stale mount at %s left by a daemon that died", mountpoint)
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return True
-
-
 def top_fstype(mountpoint: Path) -> str | None:
     """The type of the uppermost filesystem mounted at `mountpoint`, if any."""
     target, found = os.fsencode(mountpoint.absolute()), None
@@ -144,23 +121,6 @@ def preflight(mountpoint: Path) -> None:
         raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
     if shutil.which("fusermount3") is None:
         raise MountError("fusermount3 is missing: install the fuse3 package")
-
-
-@contextlib.contextmanager
-def locked_cache_dir(cache_dir: Path) -> Iterator[None]:
-    """One daemon per cache directory: two would each believe they own the bound."""
-    paths.private_dir(cache_dir)
-    fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise MountError(f"cache directory {cache_dir} is used by another tciafs mount; "
-                         "give this one its own --cache-dir") from None
-    try:
-        yield
-    finally:
-        os.close(fd)
 
 
 # -- the demo server ---------------------------------------------------------------------
@@ -543,15 +503,3 @@ def _read_ready(read_fd: int, proc: subprocess.Popen, timeout: float) -> str:
 def log_file_for(mountpoint: Path) -> Path:
     name = str(mountpoint.resolve()).strip("/").replace("/", "-") or "root"
     return paths.private_dir(paths.state_home()) / f"mount-{name}.log"
-
-
-def unmount(mountpoint: Path) -> int:
-    if not os.path.ismount(mountpoint) and not clear_stale_mount(mountpoint):
-        print(f"tciafs: {mountpoint} is not mounted", file=sys.stderr)
-        return 1
-    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        print(f"tciafs: {result.stderr.strip()}", file=sys.stderr)
-        return 1
-    return 0

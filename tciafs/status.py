@@ -1,38 +1,17 @@
-"""`tciafs status`: what a running mount is doing, read through an xattr on its root.
-
-The daemon answers `user.tciafs.status` on the mount root with a JSON document, so
-no network port or socket is needed (S3QL does the same with a control file).
-"""
+"""`tciafs status`: what the caller's running mounts are doing, read through an xattr
+on each mount's root (tciafs.controlproto)."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from tciafs import paths
+from tciafs.controlproto import read_status
+from tciafs.mounts import mounted_tciafs
 from tciafs.paths import format_size
-
-STATUS_XATTR = "user.tciafs.status"
-
-
-def mounted_tciafs() -> list[Path]:
-    """Mount points of tciafs filesystems, from /proc/self/mounts."""
-    found = []
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 2 and fields[2] == "fuse.tciafs":
-                found.append(Path(paths.unescape_mount_field(fields[1])))
-    return found
-
-
-def read_status(mountpoint: Path) -> dict[str, Any]:
-    raw = os.getxattr(mountpoint, STATUS_XATTR)
-    return json.loads(raw)
 
 
 def render(mountpoint: Path, doc: dict[str, Any]) -> str:
