@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from tciafs import config, controlproto, paths
 from tciafs.controlproto import read_status
-from tciafs.mounts import MountError, locked_cache_dir, mounted_tciafs
+from tciafs.mounts import MountError, locked_cache_dir, own_mounts, tciafs_mounts
 from tciafs.parser import build_parser
 
 if TYPE_CHECKING:
@@ -245,7 +245,7 @@ def _repair(root: Path, sops: list[str]) -> int:
 def _mount_using(root: Path) -> tuple[Path | None, dict]:
     """The running mount whose cache directory is `root`, and its status; (None, {})
     when no mount uses it."""
-    for mnt in mounted_tciafs():
+    for mnt in own_mounts():
         try:
             doc = read_status(mnt)
         except (OSError, ValueError):  # another user's, or a daemon that hangs up
@@ -280,7 +280,7 @@ def _offline_cache(root: Path) -> Iterator[Cache]:
 
 def _mount_of(path: Path) -> Path | None:
     path = path.absolute()
-    for mnt in mounted_tciafs():
+    for mnt in (m.path for m in tciafs_mounts()):  # another user's refuses the command
         if path == mnt or mnt in path.parents:
             return mnt
     return None
@@ -294,7 +294,7 @@ def _targets(args: argparse.Namespace) -> list[tuple[Path, str]]:
         if mnt is not None:
             out.append((mnt, str(path.absolute().relative_to(mnt)) or "."))
             continue
-        mounts = [args.mount] if args.mount else mounted_tciafs()
+        mounts = [args.mount] if args.mount else own_mounts()
         if len(mounts) != 1:
             raise CommandError(f"{raw}: not a path on a tciafs mount; name the mount "
                                "with --mount for a bare UID")
@@ -344,7 +344,7 @@ def _steer(args: argparse.Namespace) -> int:
 
 
 def _clear_all(args: argparse.Namespace) -> int:
-    mounts = mounted_tciafs()
+    mounts = own_mounts()
     if mounts and args.cache_dir is None:
         for mnt in mounts:
             _send(mnt, "clear", ".")

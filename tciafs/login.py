@@ -8,7 +8,7 @@ import sys
 
 from tciafs import controlproto, credentials
 from tciafs.defaults import DEFAULT_SERVER
-from tciafs.mounts import mounted_tciafs
+from tciafs.mounts import own_mounts
 
 
 def check(server: str, login: credentials.Login) -> str | None:
@@ -39,7 +39,7 @@ def check(server: str, login: credentials.Login) -> str | None:
 def logout() -> int:
     removed = credentials.forget()
     print("tciafs: stored login removed" if removed else "tciafs: no stored login")
-    for mnt in mounted_tciafs():
+    for mnt in own_mounts():
         try:
             controlproto.send(mnt, "logout", "/")
             print(f"tciafs: {mnt}: token revoked; it goes on as the public guest")

@@ -1,5 +1,5 @@
-"""tciafs mounts as the commands see them, from outside any daemon: which there are,
-unmounting one, and the lock that keeps one daemon per cache directory.
+"""tciafs mounts as the commands see them, from outside any daemon: which are the
+caller's, unmounting one, and the lock that keeps one daemon per cache directory.
 
 Light on purpose (the standard library and tciafs.paths): `tciafs status`, `umount`
 and the cache commands import it, and must not load the daemon.
@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tciafs import paths
@@ -28,15 +29,41 @@ class MountError(Exception):
     """A mount that cannot start; the message is the one line the user sees."""
 
 
-def mounted_tciafs() -> list[Path]:
-    """Mount points of tciafs filesystems, from /proc/self/mounts."""
+@dataclass(frozen=True)
+class Mounted:
+    path: Path
+    owner: int | None  # the uid that mounted it, as FUSE reports it
+
+
+def tciafs_mounts(table: str = "/proc/self/mounts") -> list[Mounted]:
+    """Every tciafs mount this process can see, whoever made it."""
     found = []
-    with open("/proc/self/mounts") as mounts:
+    with open(table) as mounts:
         for line in mounts:
             fields = line.split()
-            if len(fields) > 2 and fields[2] == FSTYPE:
-                found.append(Path(paths.unescape_mount_field(fields[1])))
+            if len(fields) > 3 and fields[2] == FSTYPE:
+                found.append(Mounted(Path(paths.unescape_mount_field(fields[1])),
+                                     _owner(fields[3])))
     return found
+
+
+def own_mounts(uid: int | None = None) -> list[Path]:
+    """The tciafs mounts of the caller (or of `uid`).
+
+    On a shared machine (a cluster's login node) other users' mounts are listed too,
+    and a FUSE mount admits no one but its owner: a mount the caller cannot read is not
+    theirs, and the commands pass over it.
+    """
+    uid = os.getuid() if uid is None else uid
+    return [m.path for m in tciafs_mounts() if m.owner is None or m.owner == uid]
+
+
+def _owner(options: str) -> int | None:
+    for option in options.split(","):
+        key, _, value = option.partition("=")
+        if key == "user_id" and value.isdigit():
+            return int(value)
+    return None
 
 
 def clear_stale_mount(mountpoint: Path) -> bool:

@@ -130,7 +130,7 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
         c.add_argument("paths", nargs="*" if name == "clear" else "+", metavar="PATH",
                        help="a path on a mount, or a bare Study/Series UID")
         c.add_argument("--mount", type=Path, default=None,
-                       help="the mount that bare UIDs refer to (default: the only one)")
+                       help="the mount that bare UIDs refer to (default: your only one)")
         if name in ("clear", "unpin"):
             c.add_argument("--cache-dir", type=Path, default=None,
                            help="act on this cache directory, which no mount uses: "

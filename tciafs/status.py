@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tciafs.controlproto import read_status
-from tciafs.mounts import mounted_tciafs
+from tciafs.mounts import own_mounts
 from tciafs.paths import format_size
 
 
@@ -85,9 +85,9 @@ def _duration(seconds: float) -> str:
 
 
 def run(mountpoint: Path | None, as_json: bool) -> int:
-    targets = [mountpoint] if mountpoint else mounted_tciafs()
+    targets = [mountpoint] if mountpoint else own_mounts()
     if not targets:
-        print("tciafs: no tciafs mount found", file=sys.stderr)
+        print("tciafs: no tciafs mount of yours found", file=sys.stderr)
         return 1
     docs = {}
     for target in targets:
