@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -21,42 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tciafs import paths, status
-from tciafs.control import CONTROL_NAME, names_uid
+from tciafs import config, controlproto, paths
+from tciafs.controlproto import read_status
+from tciafs.mounts import MountError, locked_cache_dir, own_mounts, tciafs_mounts
+from tciafs.parser import build_parser
 
 if TYPE_CHECKING:
     from tciafs.cache import Cache
-
-
-def add_arguments(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cache", help="inspect and steer the disk cache")
-    csub = p.add_subparsers(dest="cache_command", required=True)
-    for name, text in (("stats", "size, bound, entries, hit ratio, largest series"),
-                       ("verify", "re-check every cached file against its MD5")):
-        c = csub.add_parser(name, help=text)
-        c.add_argument("--cache-dir", type=Path, default=None)
-        c.add_argument("--json", action="store_true")
-        if name == "verify":
-            c.add_argument("--repair", action="store_true",
-                           help="drop the bad files (through the mount that uses the "
-                                "cache, if one does), so that the next read fetches "
-                                "them again")
-    for name, text in (("prefetch", "fetch collections, patients, studies or series now"),
-                       ("pin", "fetch and keep: pinned data is never evicted"),
-                       ("unpin", "let pinned data be evicted again"),
-                       ("clear", "drop cached bytes (everything, or under PATH)")):
-        c = csub.add_parser(name, help=text)
-        c.add_argument("paths", nargs="*" if name == "clear" else "+", metavar="PATH",
-                       help="a path on a mount, or a bare Study/Series UID")
-        c.add_argument("--mount", type=Path, default=None,
-                       help="the mount that bare UIDs refer to (default: the only one)")
-        if name in ("clear", "unpin"):
-            c.add_argument("--cache-dir", type=Path, default=None,
-                           help="act on this cache directory, which no mount uses: "
-                                "PATHs are then Series UIDs")
-        if name in ("prefetch", "pin"):
-            c.add_argument("--no-wait", dest="wait", action="store_false",
-                           help="start the fetch and return")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,10 +53,8 @@ def cache_root(cache_dir: Path | None) -> Path:
     config file's cache_dir, then the XDG default."""
     if cache_dir is not None:
         return cache_dir
-    from tciafs import cli, config
-
     try:
-        configured = config.mount_setting(cli.build_parser(), "cache_dir")
+        configured = config.mount_setting(build_parser(), "cache_dir")
     except config.ConfigError as exc:
         raise CommandError(str(exc)) from None
     return configured or paths.cache_home()
@@ -259,9 +227,6 @@ def _still_present(db: sqlite3.Connection, sop: str) -> bool:
     return bool(row and row[0])
 
 
-DROP_BATCH = 500  # SOP UIDs per xattr value, well under the kernel's 64 KiB
-
-
 def _repair(root: Path, sops: list[str]) -> int:
     """Drop the bad files, through the mount that uses the cache if one does; returns
     how many are gone (a mount keeps those open now)."""
@@ -271,8 +236,8 @@ def _repair(root: Path, sops: list[str]) -> int:
         with _offline_cache(root) as cache:
             cache.discard(sops)
         return len(sops)
-    for start in range(0, len(sops), DROP_BATCH):
-        _send(mnt, "drop", "\n".join(sops[start:start + DROP_BATCH]))
+    for target in controlproto.drop_targets(sops):
+        _send(mnt, "drop", target)
     with contextlib.closing(_index(root)) as db:
         return sum(not _still_present(db, sop) for sop in sops)
 
@@ -280,9 +245,9 @@ def _repair(root: Path, sops: list[str]) -> int:
 def _mount_using(root: Path) -> tuple[Path | None, dict]:
     """The running mount whose cache directory is `root`, and its status; (None, {})
     when no mount uses it."""
-    for mnt in status.mounted_tciafs():
+    for mnt in own_mounts():
         try:
-            doc = status.read_status(mnt)
+            doc = read_status(mnt)
         except (OSError, ValueError):  # another user's, or a daemon that hangs up
             continue
         used = doc.get("cache_dir")
@@ -294,8 +259,8 @@ def _mount_using(root: Path) -> tuple[Path | None, dict]:
 @contextlib.contextmanager
 def _offline_cache(root: Path) -> Iterator[Cache]:
     """The cache directory itself, opened by this command: no mount may use it."""
+    # The cache itself, with trio and pydicom: only for a cache no mount uses.
     from tciafs.cache import Cache
-    from tciafs.mount import MountError, locked_cache_dir
 
     with contextlib.closing(_index(root)) as db:
         bound = dict(db.execute("SELECT key, value FROM settings")).get("bound")
@@ -315,7 +280,7 @@ def _offline_cache(root: Path) -> Iterator[Cache]:
 
 def _mount_of(path: Path) -> Path | None:
     path = path.absolute()
-    for mnt in status.mounted_tciafs():
+    for mnt in (m.path for m in tciafs_mounts()):  # another user's refuses the command
         if path == mnt or mnt in path.parents:
             return mnt
     return None
@@ -329,7 +294,7 @@ def _targets(args: argparse.Namespace) -> list[tuple[Path, str]]:
         if mnt is not None:
             out.append((mnt, str(path.absolute().relative_to(mnt)) or "."))
             continue
-        mounts = [args.mount] if args.mount else status.mounted_tciafs()
+        mounts = [args.mount] if args.mount else own_mounts()
         if len(mounts) != 1:
             raise CommandError(f"{raw}: not a path on a tciafs mount; name the mount "
                                "with --mount for a bare UID")
@@ -339,17 +304,18 @@ def _targets(args: argparse.Namespace) -> list[tuple[Path, str]]:
 
 def _send(mnt: Path, command: str, target: str) -> None:
     try:
-        os.setxattr(mnt / CONTROL_NAME, f"user.tciafs.{command}", target.encode())
+        controlproto.send(mnt, command, target)
     except OSError as exc:
-        if exc.errno == errno.ENOSPC and command in ("prefetch", "pin"):
-            bound = status.read_status(mnt)["cache"]["bound"]
+        if exc.errno == controlproto.TOO_LARGE and command in ("prefetch", "pin"):
+            bound = read_status(mnt)["cache"]["bound"]
             raise CommandError(f"{target}: larger than the cache can hold (its bound is "
                                f"{paths.format_size(bound)}); {command} a part of it, or "
                                "mount with a larger --cache-size") from None
-        if exc.errno == errno.ENOENT and command != "drop":
+        if exc.errno == controlproto.NO_SUCH_TARGET and command != "drop":
             raise CommandError(
                 f"{target}: no study or series with this UID is listed on {mnt} (list its "
-                "patient's directory first, or give its path)" if names_uid(target)
+                "patient's directory first, or give its path)"
+                if controlproto.names_uid(target)
                 else f"{mnt / target}: no such entry") from None
         raise CommandError(f"{target}: {command} failed: {exc.strerror}") from None
 
@@ -378,7 +344,7 @@ def _steer(args: argparse.Namespace) -> int:
 
 
 def _clear_all(args: argparse.Namespace) -> int:
-    mounts = status.mounted_tciafs()
+    mounts = own_mounts()
     if mounts and args.cache_dir is None:
         for mnt in mounts:
             _send(mnt, "clear", ".")
@@ -425,7 +391,7 @@ def _follow(mnt: Path, target: str) -> None:
     progress = _Progress(sys.stderr.isatty())
     while True:
         try:
-            jobs = status.read_status(mnt).get("jobs", {})
+            jobs = read_status(mnt).get("jobs", {})
         except OSError as exc:  # unmounted, or its daemon killed, meanwhile
             raise CommandError(f"{mnt}: the mount went away while {target} was fetched "
                                f"({exc.strerror}); what it fetched stays cached: run the "

@@ -1,10 +1,8 @@
-"""Commands a running mount accepts through its control file.
+"""Carrying out the commands a running mount accepts through its control file.
 
-`tciafs cache prefetch|pin|unpin|clear` (and `verify --repair`, as "drop") write an
-xattr on the hidden control file `.__tciafs__` at the mount root (owner-writable, so
-the kernel lets the call through on an otherwise read-only tree). The value names the
-target: a path relative to the mount root, or a bare Study/Series UID; for "drop", the
-SOP Instance UIDs of the files to drop. Prefetch jobs run in the background; their
+`tciafs cache prefetch|pin|unpin|clear` (and `verify --repair`, as "drop", and
+`tciafs logout`) reach the daemon as xattrs on its control file; tciafs.controlproto
+holds the protocol's names and encodings. Prefetch jobs run in the background; their
 progress is part of the status document.
 """
 
@@ -21,18 +19,11 @@ import trio
 
 from tciafs.cache import Cache, CacheFull
 from tciafs.catalog import ROOT_INODE, Kind, Node, job_ended_by
+from tciafs.controlproto import COMMANDS, dropped_sops, names_uid
 from tciafs.paths import format_size
 from tciafs.tree import Tree
 
 log = logging.getLogger(__name__)
-
-CONTROL_NAME = ".__tciafs__"
-COMMANDS = ("prefetch", "pin", "unpin", "clear", "logout", "drop")
-
-
-def names_uid(target: str) -> bool:
-    """Whether a target is a bare Study or Series UID rather than a path on the mount."""
-    return "/" not in target and target.count(".") >= 3
 
 
 class TargetError(Exception):
@@ -103,7 +94,7 @@ class Control:
             log.info("logged out: the user's token is revoked; going on as the guest")
             return 0
         if command == "drop":
-            await self._drop(target.split())
+            await self._drop(dropped_sops(target))
             return 0
         try:
             node = await self.resolve(target)

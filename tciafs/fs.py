@@ -1,10 +1,14 @@
 """The pyfuse3 adapter: thin handlers that ask the tree and the cache, and map errors.
 
-Only pyfuse3.FUSEError leaves a handler; anything else would end the mount. Sizes
-follow one policy: an instance never fetched reports st_size 0 with an attribute
-timeout of 0, so the kernel asks again; open() fetches the bytes, after which
-getattr, fstat, lseek and read all agree on the exact size, which is then kept
-(and persisted by the cache) for good.
+Only pyfuse3.FUSEError leaves a handler; anything else would end the mount. The parts
+it asks are built and wired together by tciafs.mount; what to fetch before it is asked
+for is decided in tciafs.readahead and tciafs.pagecache, and what a revised or
+withdrawn series changes, in tciafs.revisions.
+
+Sizes follow one policy: an instance never fetched reports st_size 0 with an attribute
+timeout of 0, so the kernel asks again; open() fetches the bytes, after which getattr,
+fstat, lseek and read all agree on the exact size, which is then kept (and persisted by
+the cache) for good.
 """
 
 from __future__ import annotations
@@ -12,27 +16,27 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import functools
-import json
 import logging
 import os
 import sqlite3
 import stat
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
-from tciafs import sidecars, xattrs
+from tciafs import controlproto, sidecars, xattrs
 from tciafs.cache import Cache, CacheDiskError, CacheFull, Entry, FetchFailed
 from tciafs.catalog import ROOT_INODE, Kind, Node, is_damaged
-from tciafs.control import CONTROL_NAME, Control, TargetError
+from tciafs.control import Control, TargetError
+from tciafs.controlproto import CONTROL_NAME, STATUS_XATTR
 from tciafs.pagecache import PageFeeder
+from tciafs.readahead import ReadAhead
 from tciafs.sources.base import ClientError, NotFound
-from tciafs.status import STATUS_XATTR
 from tciafs.tree import ListingUnavailable, Tree
 
 log = logging.getLogger(__name__)
@@ -42,7 +46,6 @@ R = TypeVar("R")
 
 KNOWN_TTL = 3600.0
 CONTROL_INODE = 1 << 62  # far above any SQLite row id the catalog will hand out
-COMMAND_PREFIX = "user.tciafs."  # archive entries are immutable once listed
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _FALLBACK_TIME = dt.datetime(2000, 1, 1, tzinfo=dt.UTC).timestamp()
 
@@ -73,7 +76,8 @@ _lost_files = _Throttled(logging.WARNING)  # a cleaner deletes them by the thous
 _damaged_db = _Throttled()
 
 
-def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def fuse_errors(handler: Callable[P, Coroutine[Any, Any, R]]
+                ) -> Callable[P, Coroutine[Any, Any, R]]:
     """Translate every failure into an errno; a bug becomes EIO and one traceback."""
 
     @functools.wraps(handler)
@@ -122,7 +126,8 @@ class OpenFile:
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = False  # short reads must be able to correct i_size
 
-    def __init__(self, tree: Tree, cache: Cache, *, open_timeout: float = 900.0,
+    def __init__(self, tree: Tree, cache: Cache, pages: PageFeeder, ahead: ReadAhead, *,
+                 open_timeout: float = 900.0,
                  status: Callable[[], dict[str, Any]] | None = None,
                  control: Control | None = None) -> None:
         super().__init__()
@@ -130,17 +135,18 @@ class Operations(pyfuse3.Operations):
         self.control = control
         self.tree = tree
         self.cache = cache
+        self.pages = pages
+        self.ahead = ahead
         self.open_timeout = open_timeout
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.lookups: Counter[int] = Counter()
         self._files: dict[int, OpenFile] = {}
-        self.pages = PageFeeder(tree, cache)
-        cache.on_refused = self.pages.refused
-        cache.instances_of = tree.instance_uids
-        tree.on_series_revised = self.series_revised
-        tree.on_series_withdrawn = self.series_withdrawn
         self._next_fh = 1
+
+    def kernel_knows(self, ino: int) -> bool:
+        """Whether the kernel holds the inode: looked up, and not forgotten since."""
+        return self.lookups[ino] > 0
 
     # -- attributes ----------------------------------------------------------------------
 
@@ -203,6 +209,7 @@ class Operations(pyfuse3.Operations):
         if parent_inode == ROOT_INODE and text == CONTROL_NAME and self.control is not None:
             return self.control_attributes()
         parent = self._node(parent_inode)
+        node: Node | None
         if text == ".":
             node = parent
         elif text == "..":
@@ -215,7 +222,7 @@ class Operations(pyfuse3.Operations):
         self.lookups[node.ino] += 1
         return attr
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             self.lookups[ino] -= count
             if self.lookups[ino] <= 0:
@@ -233,38 +240,14 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         children = await self.tree.children(fh)
-        if (start_id == 0 and (node := self.tree.node(fh)) and node.kind is Kind.SERIES
-                and self.cache.room_for_guesses()):
-            self.tree.list_ahead(node)
+        if start_id == 0 and (node := self.tree.node(fh)) is not None:
+            self.ahead.listed(node)
         for index in range(start_id, len(children)):
             child = children[index]
             if not pyfuse3.readdir_reply(token, os.fsencode(child.name),
                                          await self.attributes_of(child), index + 1):
                 return
             self.lookups[child.ino] += 1
-
-    async def series_revised(self, series: Node) -> None:
-        """The service re-submitted the series: drop the cached bytes, which may be stale,
-        and what the kernel holds of them; a pinned series is fetched again."""
-        dropped, pinned = self.cache.drop_revised(series.ident)
-        log.warning("series %s: %d cached files dropped as possibly stale%s", series.ident,
-                    len(dropped), "; fetching it again, as it is pinned" if pinned else "")
-        for child in self.tree.catalog.children(series.ino):
-            if self.lookups[child.ino] > 0:  # the kernel may hold its size or pages
-                await self.pages.invalidate(child.ino)
-        if pinned:
-            self.cache.start_series_fetch(series.collection, series.ident)
-
-    async def series_withdrawn(self, uids: list[str], back: list[str]) -> None:
-        for uid in back:
-            self.cache.series_back(uid)
-        for uid in uids:
-            files, nbytes, pinned = self.cache.series_withdrawn(uid)
-            if files:
-                log.warning("series %s is withdrawn: its %d cached files (%d bytes) go first "
-                            "when room is needed%s", uid, files, nbytes,
-                            f"; {pinned} are pinned and stay until `tciafs cache unpin {uid}`"
-                            if pinned else "")
 
     # -- files ---------------------------------------------------------------------------
 
@@ -280,7 +263,7 @@ class Operations(pyfuse3.Operations):
         if self.cache.is_cached(node.ident):  # the common case, kept cheap
             entry = await self.cache.acquire(node.collection, node.series_uid, node.ident)
         else:
-            await self._read_ahead(node)
+            await self.ahead.cold_open(node)
             with trio.fail_after(self.open_timeout):
                 entry = await self.cache.acquire(node.collection, node.series_uid,
                                                  node.ident, self._series_bytes(node))
@@ -297,24 +280,6 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         self._files[fh] = handle
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
-
-    async def _read_ahead(self, node: Node) -> None:
-        """A cold read in a study fetches its other series too, a few at a time.
-
-        `cp -r` and viewers take a study series after series; fetching the siblings in
-        parallel keeps the link busy. Only when the whole study fits comfortably.
-        """
-        series = self.tree.node(node.parent)
-        study = self.tree.node(series.parent) if series is not None else None
-        if study is None or not self.cache.prefetch:
-            return
-        siblings = [n for n in await self.tree.children(study.ino) if n.kind is Kind.SERIES]
-        total = sum(n.meta.get("file_size") or 0 for n in siblings)
-        if len(siblings) < 2 or total > self.cache.max_bytes // 2:
-            return
-        for sibling in siblings:
-            if sibling.ino != series.ino and not self.cache.series_complete(sibling.ident):
-                self.cache.start_series_fetch(sibling.collection, sibling.ident)
 
     def _series_bytes(self, node: Node) -> int | None:
         series = self.tree.node(node.parent)
@@ -386,7 +351,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(ROOT_INODE if inode == CONTROL_INODE else inode)
         attrs = xattrs.attributes(node, self.tree, self.cache)
         if node.kind is Kind.ROOT and self.status is not None:
-            attrs[STATUS_XATTR] = json.dumps(self.status(), separators=(",", ":"))
+            attrs[STATUS_XATTR] = controlproto.encode_status(self.status())
         return attrs
 
     @fuse_errors
@@ -405,17 +370,16 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
-        key = os.fsdecode(name)
-        if inode != CONTROL_INODE or self.control is None or not key.startswith(COMMAND_PREFIX):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        command = key.removeprefix(COMMAND_PREFIX)
+        command = controlproto.command_of(os.fsdecode(name))
+        if inode != CONTROL_INODE or self.control is None or command is None:
+            raise pyfuse3.FUSEError(errno.EROFS)  # archive entries are immutable once listed
         try:
-            await self.control.run(command, os.fsdecode(value))
+            await self.control.run(command, controlproto.decode_target(value))
         except ValueError:
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
+            raise pyfuse3.FUSEError(controlproto.UNKNOWN_COMMAND) from None
         except TargetError as exc:
             log.info("control: %s", exc)
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+            raise pyfuse3.FUSEError(controlproto.NO_SUCH_TARGET) from None
 
     # -- a read-only tree ----------------------------------------------------------------
 

@@ -18,6 +18,8 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from tciafs.parser import mount_parser
+
 # mount(8)'s generic options, systemd's, and ones that mean nothing for a read-only FUSE mount.
 # `rw` is among them: mount(8) adds it to every helper call unless `ro` is given, so rejecting
 # it would reject every plain fstab line; tciafs always mounts read-only regardless.
@@ -64,7 +66,9 @@ def fstab_to_argv(source: str, mountpoint: str, options: str,
 
 def split_options(options: str) -> list[str]:
     """Split `a=b,c,"d=e,f"` at commas outside double quotes, as libmount does."""
-    parts, current, quoted = [], [], False
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
     for char in options:
         if char == '"':
             quoted = not quoted
@@ -75,16 +79,6 @@ def split_options(options: str) -> list[str]:
         current.append(char)
     parts.append("".join(current))
     return [p.strip() for p in parts if p.strip()]
-
-
-def mount_parser() -> argparse.ArgumentParser:
-    from tciafs.cli import build_parser
-
-    parser = build_parser()
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices["mount"]
-    raise RuntimeError("tciafs has no mount command")
 
 
 def _source_args(source: str) -> list[str]:

@@ -1,11 +1,10 @@
-"""Mount lifecycle: checks, the daemon's trio main, readiness, signals and unmount."""
+"""The daemon: checks before mounting, the parts assembled in one trio nursery,
+readiness, signals, and starting it in the background."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -16,18 +15,24 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
-from tciafs import credentials, manifest, paths, sources, status
+from tciafs import credentials, manifest, paths, sources
 from tciafs.cache import Cache
 from tciafs.catalog import Catalog
 from tciafs.control import Control
+from tciafs.defaults import DEFAULT_NLST_SERVER, DEFAULT_SERVER
 from tciafs.fs import Operations
+from tciafs.mounts import MountError, clear_stale_mount, locked_cache_dir
+from tciafs.pagecache import PageFeeder
+from tciafs.readahead import ReadAhead
+from tciafs.revisions import Revisions
 from tciafs.sources.base import (
     AuthError,
     ClientError,
@@ -40,14 +45,8 @@ from tciafs.tree import Tree
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SERVER = "https://services.cancerimagingarchive.net"
-DEFAULT_NLST_SERVER = "https://nlst.cancerimagingarchive.net"
 _M_MMAP_THRESHOLD = -3  # mallopt(3) parameter
 _MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
-
-
-class MountError(Exception):
-    """A mount that cannot start; the message is the one line the user sees."""
 
 
 @dataclass
@@ -93,23 +92,6 @@ def warn_if_remote(cache_dir: Path) -> None:
                     "(node-local scratch)", cache_dir, fstype)
 
 
-def clear_stale_mount(mountpoint: Path) -> bool:
-    """Unmount what a killed daemon left behind ('Transport endpoint is not connected')."""
-    try:
-        # statvfs always reaches the filesystem; a stat may be answered from cached
-        # attributes even when the daemon behind them is gone.
-        os.statvfs(mountpoint)
-        return False
-    except OSError as exc:
-        # ECONNABORTED: a request was queued in the moment the connection went away.
-        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
-            return False
-    log.warning("clearing a stale mount at %s left by a daemon that died", mountpoint)
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return True
-
-
 def top_fstype(mountpoint: Path) -> str | None:
     """The type of the uppermost filesystem mounted at `mountpoint`, if any."""
     target, found = os.fsencode(mountpoint.absolute()), None
@@ -138,23 +120,6 @@ def preflight(mountpoint: Path) -> None:
         raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
     if shutil.which("fusermount3") is None:
         raise MountError("fusermount3 is missing: install the fuse3 package")
-
-
-@contextlib.contextmanager
-def locked_cache_dir(cache_dir: Path) -> Iterator[None]:
-    """One daemon per cache directory: two would each believe they own the bound."""
-    paths.private_dir(cache_dir)
-    fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise MountError(f"cache directory {cache_dir} is used by another tciafs mount; "
-                         "give this one its own --cache-dir") from None
-    try:
-        yield
-    finally:
-        os.close(fd)
 
 
 # -- the demo server ---------------------------------------------------------------------
@@ -347,26 +312,86 @@ async def _serve_tree(client: Source, catalog: Catalog, selection: list[Series] 
     if offline is not None:
         tree.service_down()
     started = time.time()
-    control = Control(tree, cache)
 
-    def snapshot() -> dict:
-        doc = status.snapshot(server=opts.server, api=opts.api, started=started,
-                              client=client, cache=cache)
-        doc["jobs"] = control.progress()
-        doc["page_cache"] = {**ops.pages.counters, "read_ahead": ops.pages.state}
-        doc["listed_ahead"] = tree.listed_ahead
-        if offline is not None:
-            doc["offline_at_start"] = offline
-        return doc
+    def snapshot() -> dict[str, Any]:
+        return status_document(parts, opts, started, offline)
 
-    ops = Operations(tree, cache, status=snapshot, control=control)
+    parts = assemble(client, tree, cache, control=Control(tree, cache), status=snapshot)
     try:
-        await _run_fuse(ops, opts, ready_fd, offline)
+        await _run_fuse(parts, opts, ready_fd, offline)
     finally:
         cache.close()
 
 
-async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None,
+@dataclass
+class Parts:
+    """One mount's parts, wired together by assemble()."""
+
+    client: Source
+    tree: Tree
+    cache: Cache
+    pages: PageFeeder
+    ops: Operations
+    control: Control | None = None
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the parts' background tasks, each once those it relies on run."""
+        await nursery.start(self.cache.run)
+        if self.control is not None:
+            await nursery.start(self.control.run_jobs)
+        await nursery.start(self.pages.run)
+        await nursery.start(self.tree.run)
+        await nursery.start(self.client.run)
+
+
+def assemble(client: Source, tree: Tree, cache: Cache, *, control: Control | None = None,
+             status: Callable[[], dict[str, Any]] | None = None) -> Parts:
+    """Build the adapter and the parts it steers, and wire the callbacks between them."""
+    pages = PageFeeder(tree, cache)
+    ops = Operations(tree, cache, pages, ReadAhead(tree, cache), status=status,
+                     control=control)
+    revisions = Revisions(tree, cache, pages, kernel_knows=ops.kernel_knows)
+    # The cache fetches a series by the instances the tree lists, and bytes it refuses
+    # as wrong must leave the kernel's page cache too.
+    cache.instances_of = tree.instance_uids
+    cache.on_refused = pages.refused
+    tree.on_series_revised = revisions.series_revised
+    tree.on_series_withdrawn = revisions.series_withdrawn
+    return Parts(client, tree, cache, pages, ops, control)
+
+
+def status_document(parts: Parts, opts: MountOptions, started: float,
+                    offline: str | None) -> dict[str, Any]:
+    """The status document the mount serves, which `tciafs status` shows."""
+    client, cache = parts.client, parts.cache
+    s = cache.stats
+    looked = s.hits + s.misses
+    doc: dict[str, Any] = {
+        "pid": os.getpid(), "server": opts.server, "api": opts.api,
+        "uptime": time.time() - started,
+        "cache_dir": str(cache.root),
+        "requests": client.stats.as_dict(),
+        "unreachable": client.unreachable,
+        "cache": {"used": cache.used_bytes, "bound": cache.max_bytes, "entries": cache.entries,
+                  "hits": s.hits, "misses": s.misses,
+                  "hit_ratio": s.hits / looked if looked else 0.0,
+                  "bytes_fetched": s.bytes_fetched, "single_fetches": s.single_fetches,
+                  "series_fetches": s.series_fetches, "series_resumed": s.series_resumed,
+                  "series_cut_short": s.series_cut_short,
+                  "evictions": s.evictions,
+                  "md5_mismatches": s.md5_mismatches},
+        "in_flight": {k: {"bytes": v[0], "instances": v[1]}
+                      for k, v in cache.in_flight.items()},
+        "jobs": parts.control.progress() if parts.control is not None else {},
+        "page_cache": {**parts.pages.counters, "read_ahead": parts.pages.state},
+        "listed_ahead": parts.tree.listed_ahead,
+    }
+    if offline is not None:
+        doc["offline_at_start"] = offline
+    return doc
+
+
+async def _run_fuse(parts: Parts, opts: MountOptions, ready_fd: int | None,
                     note: str | None = None) -> None:
     fuse_options = set(pyfuse3.default_options)
     # No "ro": the kernel would then refuse setxattr on the control file too. Every
@@ -377,7 +402,7 @@ async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None,
         # cache; non-root users also need user_allow_other in /etc/fuse.conf.
         fuse_options.add("allow_other")
     try:
-        pyfuse3.init(ops, str(opts.mountpoint), fuse_options)
+        pyfuse3.init(parts.ops, str(opts.mountpoint), fuse_options)
     except RuntimeError as exc:
         raise MountError(f"cannot mount {opts.mountpoint}: {exc}") from exc
     # main() returns both when someone unmounted us (nothing left to undo) and after a
@@ -386,12 +411,7 @@ async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None,
     signalled = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(ops.cache.run)
-            if ops.control is not None:
-                await nursery.start(ops.control.run_jobs)
-            await nursery.start(ops.pages.run)
-            await nursery.start(ops.tree.run)
-            await nursery.start(ops.tree.source.run)
+            await parts.start(nursery)
             nursery.start_soon(_watch_signals, signalled)
             nursery.start_soon(_announce_ready, opts.mountpoint, ready_fd, note)
             await pyfuse3.main()
@@ -476,15 +496,3 @@ def _read_ready(read_fd: int, proc: subprocess.Popen, timeout: float) -> str:
 def log_file_for(mountpoint: Path) -> Path:
     name = str(mountpoint.resolve()).strip("/").replace("/", "-") or "root"
     return paths.private_dir(paths.state_home()) / f"mount-{name}.log"
-
-
-def unmount(mountpoint: Path) -> int:
-    if not os.path.ismount(mountpoint) and not clear_stale_mount(mountpoint):
-        print(f"tciafs: {mountpoint} is not mounted", file=sys.stderr)
-        return 1
-    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        print(f"tciafs: {result.stderr.strip()}", file=sys.stderr)
-        return 1
-    return 0

@@ -1,38 +1,17 @@
-"""`tciafs status`: what a running mount is doing, read through an xattr on its root.
-
-The daemon answers `user.tciafs.status` on the mount root with a JSON document, so
-no network port or socket is needed (S3QL does the same with a control file).
-"""
+"""`tciafs status`: what the caller's running mounts are doing, read through an xattr
+on each mount's root (tciafs.controlproto)."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from tciafs import paths
+from tciafs.controlproto import read_status
+from tciafs.mounts import own_mounts
 from tciafs.paths import format_size
-
-STATUS_XATTR = "user.tciafs.status"
-
-
-def mounted_tciafs() -> list[Path]:
-    """Mount points of tciafs filesystems, from /proc/self/mounts."""
-    found = []
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 2 and fields[2] == "fuse.tciafs":
-                found.append(Path(paths.unescape_mount_field(fields[1])))
-    return found
-
-
-def read_status(mountpoint: Path) -> dict[str, Any]:
-    raw = os.getxattr(mountpoint, STATUS_XATTR)
-    return json.loads(raw)
 
 
 def render(mountpoint: Path, doc: dict[str, Any]) -> str:
@@ -106,9 +85,9 @@ def _duration(seconds: float) -> str:
 
 
 def run(mountpoint: Path | None, as_json: bool) -> int:
-    targets = [mountpoint] if mountpoint else mounted_tciafs()
+    targets = [mountpoint] if mountpoint else own_mounts()
     if not targets:
-        print("tciafs: no tciafs mount found", file=sys.stderr)
+        print("tciafs: no tciafs mount of yours found", file=sys.stderr)
         return 1
     docs = {}
     for target in targets:
@@ -123,25 +102,3 @@ def run(mountpoint: Path | None, as_json: bool) -> int:
     else:
         print("\n".join(render(Path(k), v) for k, v in docs.items()))
     return 0
-
-
-def snapshot(*, server: str, api: str, started: float, client: Any, cache: Any) -> dict:
-    """The status document the daemon serves."""
-    s = cache.stats
-    looked = s.hits + s.misses
-    return {
-        "pid": os.getpid(), "server": server, "api": api, "uptime": time.time() - started,
-        "cache_dir": str(cache.root),
-        "requests": client.stats.as_dict(),
-        "unreachable": client.unreachable,
-        "cache": {"used": cache.used_bytes, "bound": cache.max_bytes, "entries": cache.entries,
-                  "hits": s.hits, "misses": s.misses,
-                  "hit_ratio": s.hits / looked if looked else 0.0,
-                  "bytes_fetched": s.bytes_fetched, "single_fetches": s.single_fetches,
-                  "series_fetches": s.series_fetches, "series_resumed": s.series_resumed,
-                  "series_cut_short": s.series_cut_short,
-                  "evictions": s.evictions,
-                  "md5_mismatches": s.md5_mismatches},
-        "in_flight": {k: {"bytes": v[0], "instances": v[1]}
-                      for k, v in cache.in_flight.items()},
-    }

@@ -12,6 +12,7 @@ from typing import Any
 
 from tciafs.cache import Cache
 from tciafs.catalog import Kind, Node
+from tciafs.controlproto import XATTR_PREFIX
 from tciafs.tree import Tree
 
 # DICOM keyword → record field, per level.
@@ -32,7 +33,7 @@ _DICOM_FIELDS: dict[Kind, dict[str, str]] = {
                   "StudyInstanceUID": "study_uid"},
 }
 # Every attribute's name starts with one of these (user.tciafs.status at the root).
-PREFIXES = (b"user.tcia.", b"user.dicom.", b"user.tciafs.")
+PREFIXES = (b"user.tcia.", b"user.dicom.", XATTR_PREFIX.encode())
 _LEVEL = {Kind.ROOT: "root", Kind.COLLECTION: "collection", Kind.PATIENT: "patient",
           Kind.STUDY: "study", Kind.SERIES: "series", Kind.INSTANCE: "instance",
           Kind.SIDECAR: "sidecar"}

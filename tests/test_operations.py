@@ -16,6 +16,7 @@ import trio.testing
 from tciafs.cache import META_SLACK, Cache
 from tciafs.catalog import ROOT_INODE, Catalog, Kind
 from tciafs.fs import Operations
+from tciafs.mount import assemble
 from tciafs.sources.nbia import NbiaSource
 from tciafs.tree import Tree
 
@@ -60,7 +61,7 @@ def _build(emulator, root: Path, *, max_bytes: int = 1 << 30, prefetch: bool = F
     client = NbiaSource(emulator.url, nlst_server=emulator.nlst_url, timeout=10)
     catalog = Catalog(root / "catalog.sqlite", "test")
     cache = Cache(root / "cache", max_bytes, client, prefetch=prefetch)
-    return client, Operations(Tree(client, catalog), cache)
+    return client, assemble(client, Tree(client, catalog), cache).ops
 
 
 @pytest.fixture
@@ -357,7 +358,7 @@ async def test_a_series_re_submitted_to_the_service_is_fetched_again(
     client = NbiaSource(emulator.url, nlst_server=emulator.nlst_url, timeout=10)
     catalog = Catalog(tmp_path / "catalog.sqlite", "test")
     cache = Cache(tmp_path / "cache", 1 << 30, client, prefetch=False)
-    ops = Operations(Tree(client, catalog, listing_ttl=0), cache)
+    ops = assemble(client, Tree(client, catalog, listing_ttl=0), cache).ops
     async with client, trio.open_nursery() as nursery:
         await nursery.start(cache.run)
         harness = Harness(ops, nursery)

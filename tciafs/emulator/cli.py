@@ -11,53 +11,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tciafs.emulator.arguments import add_arguments, default_data_dir
 from tciafs.emulator.auth import UserDB
 from tciafs.emulator.faults import FaultConfig, parse_config
 from tciafs.emulator.server import EmulatorServers, Options
 
 if TYPE_CHECKING:
     from tciafs.emulator.model import Archive
-
-PROFILES = ("demo", "scale", "bench")
-
-
-def default_data_dir(profile: str) -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "tciafs" / "emulator" / profile
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    add("--port", type=int, default=0, help="port of the main server; 0 picks a free one")
-    add("--profile", choices=PROFILES, default="demo", help="archive profile (default demo)")
-    add("--data-dir", type=Path, default=None,
-        help="where the archive lives (default $XDG_DATA_HOME/tciafs/emulator/<profile>)")
-    add("--nlst-port", type=int, default=None,
-        help="also serve the NLST collections on this port (0 = free port)")
-    add("--latency-ms", type=float, default=None, help="latency added to every request")
-    add("--bandwidth", type=int, default=None, metavar="BYTES_PER_S",
-        help="cap on each response body, bytes per second")
-    add("--token-lifetime", type=float, default=7200.0, metavar="SECONDS",
-        help="access-token lifetime (default 7200)")
-    add("--refresh-lifetime", type=float, default=None, metavar="SECONDS",
-        help="refresh-token lifetime (default twice the access-token lifetime)")
-    add("--users-file", type=Path, default=None,
-        help='JSON {"user": {"password": ..., "collections": [...]}, "api_keys": [...]}')
-    add("--faults", default=None, metavar="JSON",
-        help="initial fault configuration, as JSON or @FILE (see /_emulator/faults)")
-    add("--expired-token-mode", choices=("swallow", "401"), default="swallow",
-        help="swallow: 200 + empty body where production swallows the 401 (default); "
-             "401: answer 401 everywhere")
-    add("--verbose", action="store_true", help="log each request to stderr")
-
 
 def fault_config(args: argparse.Namespace) -> FaultConfig:
     patch: dict[str, object] = {}

@@ -1,0 +1,43 @@
+"""The mount's guesses at what will be asked for next, fetched or listed before it is.
+
+Each guess is cheap when wrong, and made only while the cache has room for it:
+- a cold open in a study fetches the study's other series too;
+- listing a series directory from its start lists the next series ahead.
+The page feeder (tciafs.pagecache) makes a third guess, for the kernel: the next files
+of a series, pushed into its page cache.
+"""
+
+from __future__ import annotations
+
+from tciafs.cache import Cache
+from tciafs.catalog import Kind, Node
+from tciafs.tree import Tree
+
+
+class ReadAhead:
+    def __init__(self, tree: Tree, cache: Cache) -> None:
+        self.tree = tree
+        self.cache = cache
+
+    async def cold_open(self, instance: Node) -> None:
+        """An instance not cached yet is opened: fetch the other series of its study.
+
+        `cp -r` and viewers take a study series after series; fetching the siblings in
+        parallel keeps the link busy. Only when the whole study fits comfortably.
+        """
+        series = self.tree.node(instance.parent)
+        study = self.tree.node(series.parent) if series is not None else None
+        if series is None or study is None or not self.cache.prefetch:
+            return
+        siblings = [n for n in await self.tree.children(study.ino) if n.kind is Kind.SERIES]
+        total = sum(n.meta.get("file_size") or 0 for n in siblings)
+        if len(siblings) < 2 or total > self.cache.max_bytes // 2:
+            return
+        for sibling in siblings:
+            if sibling.ino != series.ino and not self.cache.series_complete(sibling.ident):
+                self.cache.start_series_fetch(sibling.collection, sibling.ident)
+
+    def listed(self, directory: Node) -> None:
+        """A directory is listed from its start: a series' next ones will be, too."""
+        if directory.kind is Kind.SERIES and self.cache.room_for_guesses():
+            self.tree.list_ahead(directory)
