@@ -362,7 +362,8 @@ class Catalog:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (parent, child.name, int(child.kind), child.ident, child.collection,
                  child.series_uid, meta))
-            return int(cur.lastrowid)
+            assert cur.lastrowid is not None  # set by every INSERT
+            return cur.lastrowid
         self.db.execute(
             "UPDATE nodes SET kind=?, ident=?, collection=?, series_uid=?, meta=? WHERE ino=?",
             (int(child.kind), child.ident, child.collection, child.series_uid, meta, ino))

@@ -31,7 +31,7 @@ def encode(identifier: str, suffix: str = "") -> str:
     """The file name for `identifier`, plus `suffix`, within NAME_MAX bytes."""
     if identifier == "":
         return "%" + suffix
-    parts = []
+    parts: list[str] = []
     for i, ch in enumerate(identifier):
         if _must_escape(ch) or (i == 0 and ch == "."):
             parts.extend(f"%{b:02X}" for b in ch.encode())

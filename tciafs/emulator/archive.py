@@ -345,7 +345,8 @@ def _write_series(root: Path, facts: CollectionFacts, plan: SeriesPlan,
     names = [f"{i + 1:04d}.dcm" for i in range(plan.count)]
     for i, name in enumerate(names):
         (folder / name).write_bytes(plan.file_bytes(i))
-    instances, first = [], None
+    instances: list[dict[str, Any]] = []
+    first = None
     for name in names:
         data = (folder / name).read_bytes()
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)

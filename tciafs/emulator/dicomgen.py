@@ -438,7 +438,7 @@ class SeriesPlan:
             # Pixel Data is long-VR: tag, "OW", two reserved bytes, 32-bit length.
             tail = struct.pack("<HH2s2xI", _PIXEL_DATA_TAG >> 16, _PIXEL_DATA_TAG & 0xFFFF,
                                b"OW", self.payload_size)
-        return _PREAMBLE + _file_meta(self.sop_class_uid, vals["SOPInstanceUID"]) + body + tail
+        return _PREAMBLE + _file_meta(self.sop_class_uid, str(vals["SOPInstanceUID"])) + body + tail
 
     def plane_index(self, i: int) -> int:
         return i % self.distinct_planes

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypedDict
 
 from tciafs.emulator.dicomgen import Kind, PatientSpec, SeriesSpec, StudySpec
 from tciafs.emulator.model import CollectionFacts
@@ -31,16 +32,24 @@ class Profile:
     on_disk: bool
 
 
-CC_BY_4 = dict(license_name="Creative Commons Attribution 4.0 International License",
-               license_short="CC BY 4.0",
-               license_uri="https://creativecommons.org/licenses/by/4.0/")
-CC_BY_3 = dict(license_name="Creative Commons Attribution 3.0 Unported License",
-               license_short="CC BY 3.0",
-               license_uri="http://creativecommons.org/licenses/by/3.0/")
-RESTRICTED = dict(license_name="TCIA Restricted License Agreement",
-                  license_short="TCIA Restricted",
-                  license_uri="https://www.cancerimagingarchive.net/"
-                              "data-usage-policies-and-restrictions/")
+class Licence(TypedDict):
+    """The licence fields of CollectionFacts, shared by the collections that use them."""
+
+    license_name: str
+    license_short: str
+    license_uri: str
+
+
+CC_BY_4 = Licence(license_name="Creative Commons Attribution 4.0 International License",
+                  license_short="CC BY 4.0",
+                  license_uri="https://creativecommons.org/licenses/by/4.0/")
+CC_BY_3 = Licence(license_name="Creative Commons Attribution 3.0 Unported License",
+                  license_short="CC BY 3.0",
+                  license_uri="http://creativecommons.org/licenses/by/3.0/")
+RESTRICTED = Licence(license_name="TCIA Restricted License Agreement",
+                     license_short="TCIA Restricted",
+                     license_uri="https://www.cancerimagingarchive.net/"
+                                 "data-usage-policies-and-restrictions/")
 
 _GE = "GE MEDICAL SYSTEMS"
 

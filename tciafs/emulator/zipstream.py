@@ -100,7 +100,7 @@ def write_zip(members: Iterable[ZipMember], sink: Callable[[bytes], None],
               chunk_size: int = CHUNK_SIZE) -> None:
     """Write ``members`` as one ZIP to ``sink``; ends with the central directory."""
     out = _SinkWriter(sink, chunk_size)
-    archive = zipfile.ZipFile(out, mode="w", compression=zipfile.ZIP_DEFLATED,  # type: ignore[arg-type]
+    archive = zipfile.ZipFile(out, mode="w", compression=zipfile.ZIP_DEFLATED,  # type: ignore[call-overload]
                               compresslevel=COMPRESS_LEVEL, allowZip64=True)
     for member in members:
         info = zipfile.ZipInfo(member.name, date_time=member.date_time)

@@ -202,7 +202,8 @@ class ZipMember:
         assert self._inflater is not None
         try:
             out = self._inflater.decompress(data, limit)
-        except zlib.error as exc:
+        # zlib-ng's type stub declares `error` as an instance, not the class it is.
+        except zlib.error as exc:  # type: ignore[misc]
             raise ChecksumMismatch(
                 f"{self._reader.source.label}: corrupt DEFLATE data in entry {self.name!r}: {exc}"
             ) from None
