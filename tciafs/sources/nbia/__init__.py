@@ -6,9 +6,10 @@ generations and the NLST server; it knows nothing of files.
 """
 
 from .auth import Credentials, Token, TokenManager
-from .client import NbiaClient, SeriesZipStream, SingleImageStream
+from .client import NbiaClient
 from .http import ClientStats, RetryPolicy
 from .source import NbiaSource, build, check_login
+from .streams import SeriesZipStream, SingleImageStream
 from .zipstream import ZipMember, ZipStreamReader, parse_md5_csv
 
 __all__ = [
