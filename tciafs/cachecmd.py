@@ -13,14 +13,15 @@ import hashlib
 import json
 import os
 import shlex
-import sqlite3
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tciafs import config, controlproto, paths
+from tciafs.cache.index import IndexReader, IndexUnreadable
+from tciafs.cache.layout import object_path
 from tciafs.controlproto import read_status
 from tciafs.mounts import MountError, locked_cache_dir, own_mounts, tciafs_mounts
 from tciafs.parser import build_parser
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     except CommandError as exc:
         print(f"tciafs: {exc}", file=sys.stderr)
         return 1
-    except sqlite3.DatabaseError as exc:
+    except IndexUnreadable as exc:
         print(f"tciafs: the cache's database cannot be read ({exc}); if it is damaged, "
               "the next mount sets it aside and indexes the cached files again",
               file=sys.stderr)
@@ -60,12 +61,11 @@ def cache_root(cache_dir: Path | None) -> Path:
     return configured or paths.cache_home()
 
 
-def _index(cache_dir: Path | None) -> sqlite3.Connection:
-    root = cache_root(cache_dir)
-    path = root / "index.sqlite"
-    if not path.exists():
+def _index(root: Path) -> IndexReader:
+    index = IndexReader.open(root)
+    if index is None:
         raise CommandError(f"no cache at {root}")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    return index
 
 
 def _dir_bytes(root: Path) -> int:
@@ -87,23 +87,15 @@ def _dir_bytes(root: Path) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     root = cache_root(args.cache_dir)
-    db = _index(root)
-    entries, stored = db.execute(
-        "SELECT count(*), coalesce(sum(size), 0) FROM instances WHERE present=1").fetchone()
-    pinned = db.execute("SELECT count(*) FROM instances WHERE present=1 AND pinned=1"
-                        ).fetchone()[0]
-    settings = dict(db.execute("SELECT key, value FROM settings")) if _has_table(
-        db, "settings") else {}
-    largest = db.execute(
-        "SELECT series, collection, count(*), sum(size) FROM instances WHERE present=1 "
-        "GROUP BY series ORDER BY sum(size) DESC LIMIT 5").fetchall()
-    withdrawn = [(uid, *db.execute(
-        "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(pinned), 0) FROM instances "
-        "WHERE series=? AND present=1", (uid,)).fetchone()) for uid in _withdrawn(root)]
+    with _index(root) as index:
+        held = index.summary()
+        withdrawn = [(uid, *index.series_held(uid)) for uid in _withdrawn(root)]
+    entries, pinned, settings, largest = held.entries, held.pinned, held.settings, held.largest
     jobs = _stored_jobs(root)
     mnt, counts = _counts(root, settings)
+    doc: dict[str, Any]  # JSON, of many shapes
     doc = {"cache_dir": str(root), "mounted_at": str(mnt) if mnt else None,
-           "used": _dir_bytes(root), "files_bytes": stored,
+           "used": _dir_bytes(root), "files_bytes": held.stored,
            "bound": int(settings["bound"]) if "bound" in settings else None,
            "entries": entries, "pinned": pinned, **counts,
            "largest_series": [{"series": s, "collection": c, "files": n, "bytes": b}
@@ -168,34 +160,26 @@ def _withdrawn(root: Path) -> list[str]:
     return sorted({uid for uid, in stored_rows(root, "SELECT series_uid FROM withdrawn")})
 
 
-def _has_table(db: sqlite3.Connection, name: str) -> bool:
-    return db.execute("SELECT 1 FROM sqlite_master WHERE name=?", (name,)).fetchone() is not None
-
-
 def _verify(args: argparse.Namespace) -> int:
-    from tciafs.cache import object_path
-
     root = cache_root(args.cache_dir)
-    db = _index(root)
     bad, checked, unconfirmed = [], 0, 0
-    for sop, size, md5, verified in db.execute(
-            "SELECT sop, size, md5, verified FROM instances WHERE present=1"):
-        try:
-            # Streamed: a whole-slide image can be gigabytes.
-            with open(object_path(root, sop), "rb") as stored:
-                found = os.fstat(stored.fileno()).st_size
-                digest = hashlib.file_digest(stored, "md5").hexdigest()
-        except FileNotFoundError:
-            if _still_present(db, sop):  # else a mount evicted it while we looked
-                bad.append((sop, "missing"))
-            continue
-        checked += 1
-        unconfirmed += not verified
-        if found != size:
-            bad.append((sop, f"size {found} != {size}"))
-        elif digest != md5:
-            bad.append((sop, "MD5 mismatch"))
-    db.close()
+    with _index(root) as index:
+        for sop, size, md5, verified in index.present_files():
+            try:
+                # Streamed: a whole-slide image can be gigabytes.
+                with open(object_path(root, sop), "rb") as stored:
+                    found = os.fstat(stored.fileno()).st_size
+                    digest = hashlib.file_digest(stored, "md5").hexdigest()
+            except FileNotFoundError:
+                if index.still_present(sop):  # else a mount evicted it while we looked
+                    bad.append((sop, "missing"))
+                continue
+            checked += 1
+            unconfirmed += not verified
+            if found != size:
+                bad.append((sop, f"size {found} != {size}"))
+            elif digest != md5:
+                bad.append((sop, "MD5 mismatch"))
     repaired, refused = 0, None
     if args.repair and bad:
         try:
@@ -222,9 +206,6 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if bad and repaired < len(bad) else 0
 
 
-def _still_present(db: sqlite3.Connection, sop: str) -> bool:
-    row = db.execute("SELECT present FROM instances WHERE sop=?", (sop,)).fetchone()
-    return bool(row and row[0])
 
 
 def _repair(root: Path, sops: list[str]) -> int:
@@ -238,8 +219,8 @@ def _repair(root: Path, sops: list[str]) -> int:
         return len(sops)
     for target in controlproto.drop_targets(sops):
         _send(mnt, "drop", target)
-    with contextlib.closing(_index(root)) as db:
-        return sum(not _still_present(db, sop) for sop in sops)
+    with _index(root) as index:
+        return sum(not index.still_present(sop) for sop in sops)
 
 
 def _mount_using(root: Path) -> tuple[Path | None, dict]:
@@ -262,11 +243,11 @@ def _offline_cache(root: Path) -> Iterator[Cache]:
     # The cache itself, with trio and pydicom: only for a cache no mount uses.
     from tciafs.cache import Cache
 
-    with contextlib.closing(_index(root)) as db:
-        bound = dict(db.execute("SELECT key, value FROM settings")).get("bound")
+    with _index(root) as index:
+        bound = index.stored_bound()
     try:
         with locked_cache_dir(root):
-            cache = Cache(root, max_bytes=int(bound) if bound else 1 << 62)
+            cache = Cache(root, max_bytes=bound or 1 << 62)
             try:
                 yield cache
             finally:

@@ -11,15 +11,15 @@ import contextlib
 import enum
 import json
 import logging
-import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tciafs.sources.base import Series, plain, series_from_plain
+from tciafs.sqlitedb import is_damaged, open_db, set_aside, transaction
 
 log = logging.getLogger(__name__)
 
@@ -100,40 +100,6 @@ CREATE TABLE IF NOT EXISTS jobs(
 """
 
 
-def open_db(path: Path) -> sqlite3.Connection:
-    """A private SQLite file in WAL mode; synchronous=NORMAL is crash-safe under WAL."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.close(fd)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        # Small checkpoints keep the WAL, which counts against the cache bound, small.
-        db.execute("PRAGMA wal_autocheckpoint=100")
-        db.execute("PRAGMA journal_size_limit=524288")
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
-def is_damaged(exc: sqlite3.DatabaseError) -> bool:
-    """Whether SQLite found the file itself damaged (not busy, not full)."""
-    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_CORRUPT,
-                                                           sqlite3.SQLITE_NOTADB)
-
-
-def set_aside(path: Path) -> Path:
-    """Move a damaged database out of the way, keeping the last one to look at; its
-    WAL belongs to it and goes."""
-    aside = path.with_name(path.name + ".damaged")
-    os.replace(path, aside)
-    for suffix in ("-wal", "-shm"):
-        path.with_name(path.name + suffix).unlink(missing_ok=True)
-    return aside
-
-
 def stored_rows(cache_dir: Path, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
     """Rows of a query over every catalog in a cache directory, read-only; a catalog
     that cannot answer (damaged, or older than the table asked for) adds none."""
@@ -145,6 +111,14 @@ def stored_rows(cache_dir: Path, sql: str, params: Sequence[Any] = ()) -> list[t
         except sqlite3.Error:
             continue
     return rows
+
+
+def listed_series(cache_dir: Path) -> dict[str, tuple[str, int | None]]:
+    """Collection and image count of each series the catalogs in a cache directory list."""
+    rows = stored_rows(cache_dir, "SELECT ident, collection, meta FROM nodes WHERE kind=?",
+                       (int(Kind.SERIES),))
+    return {uid: (collection, json.loads(meta).get("image_count"))
+            for uid, collection, meta in rows}
 
 
 # The stored jobs of a command that `clear` or `unpin` of `target` ends: every one for
@@ -374,19 +348,6 @@ class Catalog:
             "WITH RECURSIVE sub(i) AS (SELECT ? UNION ALL "
             "SELECT n.ino FROM nodes n JOIN sub ON n.parent = sub.i WHERE n.ino != n.parent) "
             "DELETE FROM nodes WHERE ino IN (SELECT i FROM sub)", (ino,))
-
-
-@contextlib.contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """One transaction for many statements on a connection in autocommit mode: a
-    commit per statement would write the WAL once per row."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 _SELECT_NODES = ("SELECT ino, parent, name, kind, ident, collection, series_uid, meta, listed "

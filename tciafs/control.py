@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import trio
 
+from tciafs.backoff import Backoff
 from tciafs.cache import Cache, CacheFull
 from tciafs.catalog import ROOT_INODE, Kind, Node, job_ended_by
 from tciafs.controlproto import COMMANDS, dropped_sops, names_uid
@@ -261,8 +262,10 @@ class Control:
             under_way.append(job.fetches[s.ident])
 
     async def _retry(self, job: Job) -> None:
-        delay = self.retry_first
+        rule = Backoff(base=self.retry_first, cap=self.retry_max)
+        failures = 0  # rounds in a row in which the first series failed again
         while True:
+            delay = rule.delay(failures)
             for fetch in list(job.fetches.values()):
                 await fetch.wait()
             again = [s for s in job.series if self.cache.failed_for_now(s.ident)]
@@ -278,11 +281,11 @@ class Control:
             job.retry_at = None
             await self._fetch_again(job, again[0]).wait()
             if self.cache.failed_for_now(again[0].ident):
-                delay = min(delay * 2, self.retry_max)
+                failures += 1
                 continue
             for s in again[1:]:
                 self._fetch_again(job, s)
-            delay = self.retry_first
+            failures = 0
 
     def _fetch_again(self, job: Job, series: SeriesRef) -> trio.Event:
         if self.cache.failed_for_now(series.ident):  # else a reader fetched it meanwhile

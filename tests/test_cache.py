@@ -26,8 +26,8 @@ import pydicom
 import pytest
 import trio
 
-from tciafs import cache as cache_module
 from tciafs.cache import META_SLACK, Cache, CacheFull, object_path
+from tciafs.cache import store as cache_module
 from tciafs.catalog import Kind, Node
 from tciafs.control import Control
 from tciafs.sources.nbia import NbiaClient

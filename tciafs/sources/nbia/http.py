@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
+from tciafs.backoff import Backoff
 from tciafs.sources.base import ServerError
 
 log = logging.getLogger("tciafs.client")
@@ -77,7 +78,8 @@ class RetryPolicy:
     max_retry_after: float = 60.0  # a longer Retry-After is cut to this
 
     def backoff(self, attempt: int) -> float:
-        return random.uniform(0.0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))
+        """The wait before retry `attempt` (1 for the first): full jitter."""
+        return Backoff(self.backoff_base, self.backoff_cap, jitter=1.0).delay(attempt - 1)
 
 
 @dataclass

@@ -1,0 +1,341 @@
+"""Whole series in the background: the ZIP stream, the resume of a partly cached series,
+the service's MD5 list, and the file-by-file fallback when every ZIP comes cut short.
+
+Each series has at most one task (`tasks`), and `series_parallel` of them fetch at once
+(docs/design/cache.md, "Concurrency").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import trio
+
+from tciafs.sources.base import ClientError, TruncatedStream
+
+from .contents import Contents, Holds
+from .failures import may_pass
+from .fetch import Fetcher
+from .index import Index
+from .model import CacheDiskError, CacheFull, CacheStats, FetchFailed, IntegrityError
+from .store import HEAD_BYTES, sop_in_head
+
+log = logging.getLogger("tciafs.cache")
+
+RESUME_SHARE = 4  # a confirmed series lacking at most 1/4 of its files gets singles
+RESUME_PARALLEL = 4  # singles of one series fetched at once
+REFETCH_IN_A_ROW = 3  # MD5 mismatches fetched again in a row that fail it again: stop
+
+
+class Prefetcher:
+    def __init__(self, fetcher: Fetcher, index: Index, contents: Contents, holds: Holds,
+                 stats: CacheStats, drop: Callable[[str], None], series_parallel: int) -> None:
+        """`drop` takes a cached file out of the cache: one the MD5 list refuses."""
+        self.fetcher = fetcher
+        self.index = index
+        self.contents = contents
+        self.holds = holds
+        self.stats = stats
+        self.drop = drop
+        self.tasks: dict[str, trio.Event] = {}  # series → set when its fetch ends
+        self.limiter = trio.CapacityLimiter(series_parallel)
+        self._nursery: trio.Nursery | None = None
+        self.in_flight: dict[str, list[int]] = {}  # series → [bytes so far, instances so far]
+        self.failed: dict[str, str] = {}  # series → why its last fetch failed
+        self.may_pass: set[str] = set()  # ... when the service or the network was at fault
+        # Told of each file whose bytes the service's MD5 list refused, once removed here:
+        # copies of them elsewhere (the kernel's page cache) must go too.
+        self.on_refused: Callable[[str], Awaitable[None]] | None = None
+        # The SOP Instance UIDs a series lists, or None when it is not known: a series
+        # already partly cached then fetches only the files it lacks.
+        self.instances_of: Callable[[str], Awaitable[list[str] | None]] | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the background series fetches; runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    @property
+    def running(self) -> bool:
+        return self._nursery is not None
+
+    def failed_for_now(self, series: str) -> bool:
+        """The series' last fetch failed for a reason that may pass (the service down,
+        the network gone, a body cut short): worth trying again later."""
+        return series in self.failed and series in self.may_pass
+
+    def start(self, collection: str, series: str) -> trio.Event:
+        """Fetch a whole series in the background (once); returns its completion event."""
+        event = self.tasks.get(series)
+        if event is None and self._nursery is None:
+            raise FetchFailed("the cache's background task is not running")
+        if event is None:
+            # Check and entry with no await between: one task per series
+            # (docs/design/cache.md, "Concurrency").
+            event = self.tasks[series] = trio.Event()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._series_task, collection, series, event)
+        return event
+
+    async def _series_task(self, collection: str, series: str, done: trio.Event) -> None:
+        self.holds.take_series(series)
+        try:
+            async with self.limiter:
+                listed = await self._resumable(series)
+                cut_short = False
+                if listed is None:
+                    listed = await self._download_whole(collection, series)
+                    cut_short = listed is not None
+                if listed is not None:
+                    await self._download_missing(collection, series, listed)
+                    self.stats.series_cut_short += cut_short
+            self.failed.pop(series, None)
+            self.may_pass.discard(series)
+        except (ClientError, FetchFailed, CacheFull, CacheDiskError) as exc:
+            log.error("series fetch failed: %s", exc)
+            self.failed[series] = str(exc)
+            (self.may_pass.add if may_pass(exc) else self.may_pass.discard)(series)
+        except Exception as exc:
+            # A disk or database fault in a background fetch must not end the mount:
+            # the readers fetch what they need one by one.
+            log.error("series fetch of %s failed: %s: %s", series, type(exc).__name__, exc)
+            self.failed[series] = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.holds.let_go_series(series)
+            self.in_flight.pop(series, None)
+            del self.tasks[series]
+            done.set()
+
+    # -- the ZIP -------------------------------------------------------------------------
+
+    async def _download_whole(self, collection: str, series: str) -> list[str] | None:
+        """Fetch the series' ZIP; None once done. When every attempt was cut short, the
+        files the series lists instead, so that those it lacks come one by one.
+
+        Some servers cut large ZIPs, and a link may drop more often than a ZIP lasts:
+        there, no number of attempts brings the whole ZIP, while single files, each lost
+        alone, always end. The files it brings are not confirmed by MD5 (the list ends
+        the ZIP); the ZIP's entries were checked against their CRCs.
+        """
+        try:
+            await self.fetcher.with_attempts(f"series {series}", self._download_series,
+                                             collection, series)
+            return None
+        except FetchFailed as exc:
+            if not isinstance(exc.__cause__, TruncatedStream):
+                raise
+            listed = await self._listing(series)
+            if not listed:
+                raise
+            log.warning("series %s: its ZIP was cut short at each of %d attempts (%s); "
+                        "fetching the files it lacks one by one, which no MD5 list "
+                        "confirms", series, self.fetcher.attempts, exc.__cause__)
+            return listed
+
+    async def _listing(self, series: str) -> list[str] | None:
+        """The SOP UIDs the series lists now; None when that is not known."""
+        if self.instances_of is None:
+            return None
+        try:
+            return await self.instances_of(series)
+        except Exception as exc:  # no listing now: only the ZIP can bring the series
+            log.info("series %s: its listing failed: %s", series, exc)
+            return None
+
+    async def _download_series(self, collection: str, series: str) -> None:
+        source = self.fetcher.source
+        assert source is not None
+        progress = self.in_flight[series] = [0, 0]
+        revision = self.fetcher.revision[series]
+        names: dict[str, tuple[str, str]] = {}  # entry name → (sop, md5)
+        partly_cached = self.contents.series_files[series] > 0
+        # Each file is hashed as stored, when it is published: not by the ZIP reader.
+        async with source.open_series(collection, series, hash_entries=False) as stream:
+            async for member in stream.members():
+                blocks = member.chunks()
+                head = await _head_of(blocks) if partly_cached else []
+                known = self._cached_copy(head)
+                if known is None:
+                    known = await self._store(collection, series, revision, head, blocks,
+                                              progress)
+                else:  # cached already: not written again, but its CRC is still checked
+                    progress[0] += sum(map(len, head))
+                    async for block in blocks:
+                        progress[0] += len(block)
+                names[member.name] = known
+                progress[1] += 1
+            expected = stream.md5s
+        self.fetcher.check_revision(series, revision)  # the list may be of the new bytes
+        self.stats.series_fetches += 1
+        bad = self._confirm_md5s(series, names, expected)
+        if bad:
+            if self.on_refused is not None:
+                for sop in bad:
+                    await self.on_refused(sop)
+            await self._fetch_again(collection, series, bad)
+        self._complete_if_kept(series, collection, [sop for sop, _ in names.values()])
+
+    async def _store(self, collection: str, series: str, revision: int, head: list[bytes],
+                     blocks: AsyncIterator[bytes], progress: list[int]) -> tuple[str, str]:
+        """Write one ZIP entry to the cache and publish it; its SOP UID and MD5."""
+        async with self.fetcher.download(series) as tmp:
+            for block in head:
+                await tmp.write(block)
+            progress[0] += tmp.size
+            async for block in blocks:
+                await tmp.write(block)
+                progress[0] += len(block)
+            return await self.fetcher.publish(tmp, collection, series, revision)
+
+    def _cached_copy(self, head: list[bytes]) -> tuple[str, str] | None:
+        """The SOP UID and stored MD5 of the instance whose file starts with `head`, when
+        the cache holds it already: the ZIP's copy need not be written again."""
+        sop = sop_in_head(head) if head else None  # None: the header is longer than the head
+        if sop is None or sop not in self.contents.files or sop in self.contents.stale:
+            return None
+        md5 = self.index.md5(sop)
+        return (sop, md5) if md5 is not None else None
+
+    def _complete_if_kept(self, series: str, collection: str, sops: list[str]) -> bool:
+        """Mark the series complete, unless some of its files went before the rest came:
+        evicted to make room for them (nothing else could go), or dropped as damaged on
+        disk meanwhile. A prefetch job then reports it as lost, and a read fetches those
+        files again."""
+        gone = sum(sop not in self.contents.files for sop in sops)
+        if gone:
+            log.warning("series %s: %d of its %d files went before the rest came: evicted, "
+                        "as the cache cannot hold it beside the data in use, or dropped",
+                        series, gone, len(sops))
+            return False
+        self.contents.mark_complete(series, collection)
+        return True
+
+    # -- a partly cached series ----------------------------------------------------------
+
+    async def _resumable(self, series: str) -> list[str] | None:
+        """The files a partly cached series lists, when fetching those it lacks one by one
+        leaves it as verified as the ZIP would, for less; None when the ZIP is better.
+
+        A few files evicted, deleted or dropped as damaged would otherwise cost the whole
+        series again. Every file the series lists must have been confirmed by an MD5 list
+        of the service before (the index keeps those MD5s after eviction), so that each
+        single fetched now is checked against its own. Single images come uncompressed,
+        the ZIP about 2-3 times smaller for CT: up to a quarter missing, singles win, and
+        they use several connections at once.
+        """
+        if not self.contents.series_files[series]:
+            return None
+        listed = await self._listing(series)
+        if not listed:
+            return None
+        confirmed = set(self.index.files_of(series, verified=True))
+        missing = [sop for sop in listed if sop not in self.contents.files]
+        if len(missing) * RESUME_SHARE > len(listed) or not confirmed.issuperset(listed):
+            return None
+        return listed
+
+    async def _download_missing(self, collection: str, series: str,
+                                listed: list[str]) -> None:
+        """Complete a partly cached series with getSingleImage, a few files at once."""
+        missing = [sop for sop in listed if sop not in self.contents.files]
+        if missing:
+            log.info("series %s: fetching its %d missing files one by one", series,
+                     len(missing))
+        progress = self.in_flight[series] = [0, 0]
+        revision = self.fetcher.revision[series]
+        todo = iter(missing)
+        failed: list[FetchFailed] = []
+        fatal: list[Exception] = []  # the cache itself cannot take more: stop at once
+
+        async def worker(scope: trio.CancelScope) -> None:
+            for sop in todo:
+                try:
+                    await self.fetcher.fetch_one(collection, series, sop)
+                except FetchFailed as exc:
+                    failed.append(exc)
+                    continue
+                except (CacheFull, CacheDiskError) as exc:
+                    fatal.append(exc)
+                    scope.cancel()
+                    return
+                progress[0] += self.contents.sizes.get(sop, 0)
+                progress[1] += 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(RESUME_PARALLEL, len(missing))):
+                nursery.start_soon(worker, nursery.cancel_scope)
+        if fatal:
+            raise fatal[0]
+        if failed:
+            raise FetchFailed(f"{len(failed)} of the {len(missing)} missing files of series "
+                              f"{series} could not be fetched; the first: {failed[0]}"
+                              ) from failed[0]
+        self.fetcher.check_revision(series, revision)
+        if self._complete_if_kept(series, collection, listed):
+            self.stats.series_resumed += 1
+
+    # -- the service's MD5 list ----------------------------------------------------------
+
+    def _confirm_md5s(self, series: str, names: dict[str, tuple[str, str]],
+                      expected: dict[str, str]) -> dict[str, str | None]:
+        """Mark the files that match the service's MD5 list verified; remove the others
+        and return them, each with the MD5 the list gives (None: not listed)."""
+        if not expected:
+            return {}
+        bad: dict[str, str | None] = {}
+        for name, (sop, got) in names.items():
+            want = expected.get(name)
+            if want is not None and want == got and self.index.md5(sop) == got:
+                self.index.confirm(sop)
+            else:
+                bad[sop] = want
+        self.stats.md5_mismatches += len(bad)
+        for sop, want in bad.items():
+            if sop in self.contents.files:
+                self.drop(sop)  # unlinked: no new open sees it
+            if want is not None:
+                self.fetcher.service_md5.setdefault(series, {})[sop] = want
+        return bad
+
+    async def _fetch_again(self, collection: str, series: str,
+                           bad: dict[str, str | None]) -> None:
+        """Fetch the files that failed the MD5 list one by one, each checked against it.
+
+        Damage on the way (a proxy, a flaky disk at the server) is gone the next time;
+        what the service stores wrong stays wrong, and is refused.
+        """
+        failed = [sop for sop, want in bad.items() if want is None]
+        in_a_row = 0
+        for sop in (sop for sop, want in bad.items() if want is not None):
+            if in_a_row >= REFETCH_IN_A_ROW:
+                failed.append(sop)  # the service's own copies are bad: readers find out
+                continue
+            log.info("series %s: fetching %s again after an MD5 mismatch", series, sop)
+            try:
+                # A reader may be fetching it already: then that fetch counts.
+                await self.fetcher.fetch_or_join(collection, series, sop)
+                in_a_row = 0
+            except FetchFailed as exc:
+                log.warning("%s", exc)
+                failed.append(sop)
+                in_a_row += 1
+        if failed:
+            raise IntegrityError(f"{len(failed)} of the {len(bad)} files of series {series} "
+                                 "that failed the service's MD5 check failed it again, "
+                                 "fetched one by one; they are not served")
+
+
+async def _head_of(blocks: AsyncIterator[bytes]) -> list[bytes]:
+    """The first blocks of a ZIP entry, enough to hold its DICOM header's UIDs."""
+    head: list[bytes] = []
+    size = 0
+    while size < HEAD_BYTES:
+        block = await anext(blocks, None)
+        if block is None:
+            break
+        head.append(block)
+        size += len(block)
+    return head

@@ -1,0 +1,177 @@
+"""The bound: what the cache directory takes, room claimed before bytes are written, and
+eviction to make that room.
+
+Everything under the cache directory counts: cached files, downloads in progress (by
+the room they reserved), the SQLite files and the directories themselves. Room is
+reserved before each chunk is written and eviction happens right there, never by
+polling, so the directory never holds more than the bound (docs/design/cache.md,
+"Invariants").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .contents import Contents, Holds
+from .model import CacheFull
+
+META_SLACK = 1 << 20  # the WAL checkpoints at 100 pages; the index grows in small steps
+RESERVE_STEP = 1 << 20
+
+
+class Space:
+    def __init__(self, root: Path, max_bytes: int, contents: Contents, holds: Holds,
+                 drop: Callable[[str], None]) -> None:
+        """`drop` takes a cached file out of the cache; eviction calls it."""
+        self.root = root
+        self.max_bytes = max_bytes
+        self.contents = contents
+        self.holds = holds
+        self.drop = drop
+        self.file_bytes = 0  # cached files plus reservations of downloads in progress
+        self._dir_bytes: dict[str, int] = {}
+        self._reservations: set[Reservation] = set()  # of downloads in progress
+
+    # -- what is used --------------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        return self.file_bytes + self._meta_bytes() + sum(self._dir_bytes.values())
+
+    def _meta_bytes(self) -> int:
+        total = 0
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if ".sqlite" in entry.name:
+                    with contextlib.suppress(FileNotFoundError):
+                        total += entry.stat().st_size
+        return total
+
+    def room_for_guesses(self) -> bool:
+        """Whether listings fetched on a guess may still grow the metadata, which counts
+        against the bound and is never evicted: while it takes under a quarter of it."""
+        return self._meta_bytes() < self.max_bytes // 4
+
+    def measure_dir(self, path: Path) -> None:
+        # Directories take room too (`du` counts them); they grow as files are added.
+        with contextlib.suppress(FileNotFoundError):
+            self._dir_bytes[str(path)] = path.stat().st_size
+
+    def knows_dir(self, path: Path) -> bool:
+        return str(path) in self._dir_bytes
+
+    def count(self, nbytes: int) -> None:
+        """Files found in the cache at start."""
+        self.file_bytes += nbytes
+
+    # -- claiming room -------------------------------------------------------------------
+
+    def reserve(self, nbytes: int, series: str) -> None:
+        """Claim room for `nbytes` more, evicting as needed; raise CacheFull if impossible.
+        Measure, evict and account in one step, with no await between (docs/design/
+        cache.md, "Concurrency"): two downloads could otherwise claim the same room."""
+        # META_SLACK keeps room for the SQLite files to grow until the next checkpoint.
+        need = self.used_bytes + nbytes + META_SLACK - self.max_bytes
+        if need > 0:
+            self.evict(need, series)
+        self.file_bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        """Bytes no longer taken: a file dropped, or room a download did not use."""
+        self.file_bytes -= nbytes
+
+    @contextlib.contextmanager
+    def reservation(self, series: str, expected: int | None) -> Iterator[Reservation]:
+        """The room of one download, for as long as it goes on."""
+        room = Reservation(self, series, expected)
+        self._reservations.add(room)
+        try:
+            yield room
+        finally:
+            self._reservations.discard(room)
+
+    # -- eviction ------------------------------------------------------------------------
+
+    def evict(self, need: int, series: str) -> None:
+        """Drop files, least recently used first, until `need` bytes are free. Files of
+        busy series go only when nothing else is left; held and pinned ones never."""
+        for allow_busy in (False, True):
+            for sop in list(self.contents.files):
+                if need <= 0:
+                    return
+                if not self._evictable(sop, allow_busy):
+                    continue
+                need -= self.contents.files[sop]
+                self.drop(sop)
+        if need > 0:
+            need -= self._reclaim_ahead()
+        if need > 0:
+            raise CacheFull(f"cache full: {self.max_bytes} bytes bound, nothing evictable "
+                            f"(open or pinned files hold it) while reading series {series}")
+
+    def _evictable(self, sop: str, allow_busy: bool) -> bool:
+        if self.holds.open[sop] or sop in self.contents.pinned:
+            return False
+        return allow_busy or not self.holds.busy[self.contents.series_of.get(sop, "")]
+
+    def _reclaim_ahead(self) -> int:
+        """Take back the room downloads reserved ahead of their bytes; return how much."""
+        freed = 0
+        for room in self._reservations:
+            freed += room.reserved - room.used
+            room.settle()
+        return freed
+
+
+class Reservation:
+    """The room one download claimed: `used` by the bytes it wrote, and more reserved
+    ahead in steps, far fewer calls than one per chunk."""
+
+    def __init__(self, space: Space, series: str, expected: int | None) -> None:
+        self.space = space
+        self.series = series
+        self.expected = expected  # the file's size, when the server said it
+        self.used = 0
+        self.reserved = 0
+
+    def take(self, nbytes: int) -> None:
+        """Room for `nbytes` more bytes, reserved before they are written."""
+        if self.used + nbytes > self.reserved:
+            self._reserve_for(nbytes)
+        self.used += nbytes
+
+    def _reserve_for(self, nbytes: int) -> None:
+        """Reserve the expected rest of the file, or a MiB ahead; what stays unused is
+        given back when the file is published. Near a full cache, fall back to exactly
+        what this chunk needs."""
+        need = self.used + nbytes - self.reserved
+        ahead = (self.expected - self.reserved if self.expected and self.expected > self.used
+                 else RESERVE_STEP)
+        step = max(need, ahead)
+        try:
+            self.space.reserve(step, self.series)
+        except CacheFull:
+            if step == need:
+                raise
+            # Reclaiming may have settled this very file: ask again for what it lacks.
+            step = self.used + nbytes - self.reserved
+            self.space.reserve(step, self.series)
+        self.reserved += step
+
+    def make_room(self, nbytes: int) -> None:
+        """Evict for bytes the disk refused though they were reserved (it filled for
+        reasons outside the cache)."""
+        self.space.evict(nbytes, self.series)
+
+    def settle(self) -> None:
+        """Give back the reserved room the bytes did not use."""
+        self.space.release(self.reserved - self.used)
+        self.reserved = self.used
+
+    def give_back(self) -> None:
+        """The download is dropped: all its room is free again."""
+        self.space.release(self.reserved)
+        self.reserved = 0

@@ -1,0 +1,254 @@
+"""The cached files on disk: where each lives, downloads in tmp/, fsync and rename, and
+what a file's DICOM header says it is.
+
+objects/ab/abcdef… holds one instance each, named by a hash of its SOP Instance UID;
+tmp/ holds downloads in progress, renamed into objects/ once complete and checked
+(docs/design/cache.md, "On disk").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import io
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import trio
+from pydicom.filereader import read_partial
+from pydicom.tag import Tag
+
+from .index import FoundFile
+from .layout import object_name, object_path
+from .model import CacheDiskError, CacheFull, FetchFailed
+from .space import Reservation
+
+HEAD_BYTES = 16 << 10  # DICOM headers name the SOP Instance UID well within this
+REINDEX_REPORT_EVERY = 10.0  # seconds; systemd is told to wait 60 s more each time
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+_SOP_INSTANCE_UID = Tag(0x0008, 0x0018)
+_SERIES_INSTANCE_UID = Tag(0x0020, 0x000E)
+_MD5 = functools.partial(hashlib.md5, usedforsecurity=False)  # a checksum, not security
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for sub in ("objects", "tmp"):
+            (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)
+        self._objects = str(root / "objects")
+
+    def directories(self) -> list[Path]:
+        """The directories under the cache: they take room too."""
+        return [self.root, self.root / "objects", self.root / "tmp",
+                *(self.root / "objects").iterdir()]
+
+    def path(self, sop: str) -> Path:
+        return object_path(self.root, sop)
+
+    def file(self, sop: str) -> str:
+        # A plain string: building Path objects cost a quarter of a warm open.
+        name = object_name(sop)
+        return f"{self._objects}/{name[:2]}/{name}"
+
+    def remove(self, sop: str) -> None:
+        self.path(sop).unlink(missing_ok=True)
+
+    def has_files(self) -> bool:
+        return next((self.root / "objects").glob("*/*"), None) is not None
+
+    def reconcile(self, rows: list[tuple]) -> tuple[list[tuple], list[str]]:
+        """At start: empty tmp/, delete the files the index does not list, and split the
+        index's rows (sop, series, size, pinned) into those whose whole file is there
+        and the SOP UIDs of those missing or partial, whose remains are deleted."""
+        shutil.rmtree(self.root / "tmp", ignore_errors=True)
+        (self.root / "tmp").mkdir(mode=0o700)
+        on_disk = {p.name: p for p in (self.root / "objects").glob("*/*")}
+        kept, gone = [], []
+        for row in rows:
+            path = on_disk.pop(object_name(row[0]), None)
+            if path is None or path.stat().st_size != row[2]:
+                gone.append(row[0])
+                if path is not None:
+                    path.unlink()
+                continue
+            kept.append(row)
+        for orphan in on_disk.values():
+            orphan.unlink()
+        return kept, gone
+
+    def scan(self, progress: Callable[[int], None]) -> list[FoundFile]:
+        """Every readable cached file, as its header names it, to index anew; what cannot
+        be read is left out (the reconcile that follows deletes it). Calls `progress`
+        with the count so far every REINDEX_REPORT_EVERY seconds."""
+        found: list[FoundFile] = []
+        next_report = time.monotonic() + REINDEX_REPORT_EVERY
+        for path in (self.root / "objects").glob("*/*"):
+            if time.monotonic() >= next_report:
+                progress(len(found))
+                next_report = time.monotonic() + REINDEX_REPORT_EVERY
+            try:
+                with path.open("rb") as stored:
+                    sop, series = _instance_uids(stored)
+                    stored.seek(0)
+                    md5 = hashlib.file_digest(stored, _MD5).hexdigest()
+                info = path.stat()
+            except (OSError, FetchFailed):
+                continue
+            if path.name == object_name(sop):
+                found.append(FoundFile(sop, series, info.st_size, md5, info.st_mtime))
+        return found
+
+    def tmpfile(self, room: Reservation) -> TmpFile:
+        return TmpFile(self.root, room)
+
+    async def finish(self, tmp: TmpFile) -> tuple[str, str]:
+        """fsync a finished download; its SOP Instance UID and the MD5 of its bytes."""
+        with cache_disk(self.root):
+            sop, md5 = await trio.to_thread.run_sync(_finish_file, tmp.fd, tmp.path, self.root)
+        tmp.close()
+        return sop, md5
+
+    def place(self, tmp: TmpFile, sop: str) -> Path:
+        """Rename a finished download into place."""
+        final = self.path(sop)
+        with cache_disk(self.root):  # full: the directory could not grow
+            os.rename(tmp.path, final)
+        return final
+
+
+class TmpFile:
+    """A download in progress in tmp/, with room reserved ahead in steps."""
+
+    def __init__(self, root: Path, room: Reservation) -> None:
+        self.root = root
+        self.room = room
+        self.path = root / "tmp" / f"{os.getpid()}-{random.getrandbits(64):016x}"
+        with cache_disk(root):
+            try:
+                self.fd: int | None = os.open(self.path, _TMP_FLAGS, 0o600)
+            except FileNotFoundError:  # a cleaner of old, empty directories took tmp/
+                self.path.parent.mkdir(mode=0o700, exist_ok=True)
+                self.fd = os.open(self.path, _TMP_FLAGS, 0o600)
+        self._kept = False
+
+    @property
+    def size(self) -> int:
+        return self.room.used
+
+    async def write(self, chunk: bytes) -> None:
+        offset = self.size
+        self.room.take(len(chunk))
+        try:
+            with cache_disk(self.root, full_too=False):
+                _write_all(self.fd, chunk, offset)
+        except OSError as exc:
+            # The disk (or the user's quota) filled for reasons outside the cache: make
+            # room once, then write the chunk again at its own offset (part of it may be
+            # there already).
+            full = f"disk full ({self.root}) while caching series {self.room.series}"
+            try:
+                self.room.make_room(len(chunk))
+            except CacheFull:
+                raise CacheFull(f"{full}; every cached file is open or pinned") from exc
+            with cache_disk(self.root):
+                _write_all(self.fd, chunk, offset)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def adopted(self) -> None:
+        """Renamed into place: its bytes, and the room they take, are the cache's now."""
+        self._kept = True
+
+    def discard(self) -> None:
+        self.close()
+        if not self._kept:
+            self.room.give_back()
+            self.path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def cache_disk(root: Path, *, full_too: bool = True) -> Iterator[None]:
+    """The cache disk's own failures as clear errors: CacheFull when it is full (unless
+    the caller handles that: then the OSError passes), CacheDiskError otherwise. Neither
+    is worth fetching again for."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FULL:
+            if not full_too:
+                raise
+            raise CacheFull(f"disk full ({root}): {exc.strerror}") from exc
+        raise CacheDiskError(f"cache directory {root} cannot be written: "
+                             f"{exc.strerror or exc}") from exc
+
+
+def _write_all(fd: int | None, data: bytes, offset: int) -> None:
+    assert fd is not None
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _finish_file(fd: int | None, path: Path, root: Path) -> tuple[str, str]:
+    """fsync the file; return its SOP Instance UID and the MD5 of its bytes; make sure
+    the directory it goes to exists (the first file of each of the 256 creates it).
+
+    For a worker thread: what it waits for (the disk, the journal) and what it computes
+    (hashlib lets go of the GIL) would otherwise hold up the event loop. The bytes are
+    hashed as stored, not as they arrived.
+    """
+    assert fd is not None
+    os.fsync(fd)
+    with open(path, "rb") as stored:
+        md5 = hashlib.file_digest(stored, _MD5).hexdigest()
+        stored.seek(0)
+        sop = _instance_uids(stored, series_too=False)[0]
+    parent = object_path(root, sop).parent
+    if not parent.is_dir():  # objects/ too may have been taken, empty, by a cleaner
+        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return sop, md5
+
+
+def sop_in_head(head: list[bytes]) -> str | None:
+    """The SOP Instance UID the first bytes of a DICOM file name; None when the header
+    runs past them."""
+    try:
+        return _instance_uids(io.BytesIO(b"".join(head)), series_too=False,
+                              meta_too=False)[0]
+    except FetchFailed:
+        return None
+
+
+def _instance_uids(stored: BinaryIO, *, series_too: bool = True,
+                   meta_too: bool = True) -> tuple[str, str]:
+    """SOPInstanceUID (and SeriesInstanceUID) from a file's header; with `meta_too`,
+    the file meta's MediaStorageSOPInstanceUID stands in for a missing one."""
+    last = _SERIES_INSTANCE_UID if series_too else _SOP_INSTANCE_UID
+    try:
+        # Parsing stops past the last UID wanted: the rest is never needed here.
+        ds = read_partial(stored, stop_when=lambda tag, vr, length: tag > last,
+                          specific_tags=[_SOP_INSTANCE_UID, last])
+        sop = ds.get("SOPInstanceUID") or (
+            ds.file_meta.get("MediaStorageSOPInstanceUID") if meta_too else None)
+        series = ds.get("SeriesInstanceUID") if series_too else ""
+    except Exception as exc:  # pydicom raises many kinds for a body that is not DICOM
+        raise FetchFailed(f"not a DICOM file: {exc}") from exc
+    if not sop:
+        raise FetchFailed("DICOM file without a SOPInstanceUID")
+    if series_too and not series:
+        raise FetchFailed("DICOM file without a SeriesInstanceUID")
+    return str(sop), str(series)
