@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+# The cache package itself is light: its index reader and layout serve `cache stats`.
 HEAVY = ("trio", "pyfuse3", "pydicom", "httpx",
-         "tciafs.mount", "tciafs.fs", "tciafs.tree", "tciafs.cache", "tciafs.control")
+         "tciafs.mount", "tciafs.fs", "tciafs.tree", "tciafs.control", "tciafs.sources.nbia",
+         "tciafs.cache.core", "tciafs.cache.store", "tciafs.cache.prefetch")
 
 # Runs `tciafs ARGS...`, then writes the exit status and the loaded modules to OUT.
 PROBE = """
