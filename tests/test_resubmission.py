@@ -26,7 +26,7 @@ from tciafs.cache import Cache, FetchFailed
 from tciafs.emulator.faults import FaultConfig
 from tciafs.emulator.server import EmulatorServers, Options
 from tciafs.pagecache import PUSH_LIMIT
-from tciafs.sources.nbia import NbiaClient
+from tciafs.sources.nbia import NbiaSource
 
 from mountutil import (
     IMAGE_ENDPOINTS,
@@ -126,8 +126,8 @@ def _rsync(source: Path, dest: Path) -> None:
                    capture_output=True)
 
 
-def _client(servers: EmulatorServers) -> NbiaClient:
-    return NbiaClient(servers.url, nlst_server=None, timeout=10)  # the emulator serves no NLST
+def _client(servers: EmulatorServers) -> NbiaSource:
+    return NbiaSource(servers.url, nlst_server=None, timeout=10)  # the emulator serves no NLST
 
 
 async def _read_series(cache: Cache, plan: SeriesPlan) -> list[bytes]:

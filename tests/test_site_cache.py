@@ -52,10 +52,6 @@ LUNG = "Demo-Lung CT_2024"
 NLST = "NLST-Demo"
 REFETCH = {"X-Tciafs-Refetch": "1"}
 CACHING_HEADERS = ("cache-control", "expires", "etag", "last-modified", "vary", "set-cookie")
-NEEDS_REFETCH = ("the client must fetch a series again with X-Tciafs-Refetch: 1 when its ZIP "
-                 "fails the MD5 list or lacks instances, so the site cache's bad copy is "
-                 "replaced (see the client plan)")
-
 
 # -- nginx with the repository's config ----------------------------------------------------
 
@@ -729,7 +725,6 @@ def test_the_proxy_restarts_mid_copy_and_the_nodes_go_on(
 @pytest.mark.timeout(240)
 @needs_fuse
 @pytest.mark.mount
-@pytest.mark.xfail(strict=True, reason=NEEDS_REFETCH)
 def test_a_damaged_zip_in_the_site_cache_is_replaced(
         site: SiteCache, upstream: EmulatorProcess, tmp_path: Path) -> None:
     row = series_of(upstream.url, LUNG)[0]
@@ -753,7 +748,6 @@ def test_a_damaged_zip_in_the_site_cache_is_replaced(
 @pytest.mark.timeout(240)
 @needs_fuse
 @pytest.mark.mount
-@pytest.mark.xfail(strict=True, reason="needs the emulator's pshort fault and " + NEEDS_REFETCH)
 def test_a_series_cut_short_once_ends_whole_on_every_node(
         site: SiteCache, upstream: EmulatorProcess, tmp_path: Path) -> None:
     row = series_of(upstream.url, LUNG)[0]

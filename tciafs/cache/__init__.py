@@ -15,14 +15,22 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .core import Cache
     from .layout import object_path
-    from .model import CacheDiskError, CacheFull, CacheStats, Entry, FetchFailed, IntegrityError
+    from .model import (
+        BadCopy,
+        CacheDiskError,
+        CacheFull,
+        CacheStats,
+        Entry,
+        FetchFailed,
+        IntegrityError,
+    )
     from .space import META_SLACK
 
-_HOMES = {"Cache": "core", "CacheDiskError": "model", "CacheFull": "model",
+_HOMES = {"BadCopy": "model", "Cache": "core", "CacheDiskError": "model", "CacheFull": "model",
           "CacheStats": "model", "Entry": "model", "FetchFailed": "model",
           "IntegrityError": "model", "META_SLACK": "space", "object_path": "layout"}
 
-__all__ = ["META_SLACK", "Cache", "CacheDiskError", "CacheFull", "CacheStats", "Entry",
+__all__ = ["META_SLACK", "BadCopy", "Cache", "CacheDiskError", "CacheFull", "CacheStats", "Entry",
            "FetchFailed", "IntegrityError", "object_path"]
 
 

@@ -20,7 +20,7 @@ from tciafs.sources.base import ChecksumMismatch, ClientError, NotFound, Source,
 
 from .contents import Contents
 from .index import Index
-from .model import CacheFull, CacheStats, FetchFailed, IntegrityError
+from .model import BadCopy, CacheFull, CacheStats, FetchFailed, IntegrityError
 from .space import Space
 from .store import Store, TmpFile
 
@@ -51,12 +51,16 @@ class Fetcher:
         # The MD5s the service listed for files whose bytes disagreed, by series: a file
         # fetched again is checked against them, and served only if it matches.
         self.service_md5: dict[str, dict[str, str]] = {}
+        # Series re-submitted since their last whole fetch: a shared site cache may still
+        # hold the old bytes, so their downloads ask past it until a ZIP comes fresh.
+        self.revised: set[str] = set()
 
     def series_revised(self, series: str) -> None:
         """Downloads of the series under way now bring the old bytes; the MD5s its list
         gave were for those too."""
         self.revision[series] += 1
         self.service_md5.pop(series, None)
+        self.revised.add(series)
 
     # -- single flight -------------------------------------------------------------------
 
@@ -105,9 +109,13 @@ class Fetcher:
 
     async def with_attempts(self, what: str, func: Callable[..., Awaitable[None]],
                             *args: str) -> None:
+        """Run a download up to `attempts` times. After bytes that came whole but wrong,
+        the next attempt passes fresh=True: it asks past any shared site cache, whose copy
+        may be the damaged one, and the fresh answer replaces it there."""
+        fresh = False
         for attempt in range(1, self.attempts + 1):
             try:
-                await func(*args)
+                await func(*args, fresh=fresh)
                 return
             except (CacheFull, IntegrityError):
                 raise
@@ -115,9 +123,11 @@ class Fetcher:
                 # It was listed, so "unknown" here means the service is failing (NBIA
                 # answers both with the same 500): an I/O error, not a missing file.
                 raise FetchFailed(f"{what}: the service no longer serves it: {exc}") from exc
-            except (TruncatedStream, ChecksumMismatch) as exc:
+            except (TruncatedStream, ChecksumMismatch, BadCopy) as exc:
                 # The client retries only until the first byte: a body cut short or
-                # damaged on the way is fetched again here.
+                # damaged on the way is fetched again here. A cut body is never kept by
+                # a site cache; a damaged or wrong one may be.
+                fresh = fresh or not isinstance(exc, TruncatedStream)
                 await self._before_retry(what, attempt, exc)
             except ClientError as exc:
                 # The client already retried with back-off: failing again here would
@@ -132,15 +142,17 @@ class Fetcher:
         log.info("retrying %s after: %s", what, exc)
         await trio.sleep(REFETCH.delay(attempt - 1))
 
-    async def _download_single(self, collection: str, series: str, sop: str) -> None:
+    async def _download_single(self, collection: str, series: str, sop: str, *,
+                               fresh: bool = False) -> None:
         assert self.source is not None
         revision = self.revision[series]
-        async with (self.source.open_instance(collection, series, sop) as stream,
+        fresh = fresh or series in self.revised
+        async with (self.source.open_instance(collection, series, sop, fresh=fresh) as stream,
                     self.download(series, expected=stream.size) as tmp):
             async for chunk in stream.chunks():
                 await tmp.write(chunk)
             if stream.size is not None and tmp.size != stream.size:
-                raise FetchFailed(f"got {tmp.size} of {stream.size} bytes")
+                raise BadCopy(f"got {tmp.size} of {stream.size} bytes")
             await self.publish(tmp, collection, series, revision, expect_sop=sop,
                                expect_md5=self._listed_md5(series, sop))
         self.stats.single_fetches += 1
@@ -180,11 +192,11 @@ class Fetcher:
         if not self.space.knows_dir(final.parent):  # the thread may have just made it
             self.space.measure_dir(final.parent)
         if expect_sop is not None and sop != expect_sop:
-            raise FetchFailed(f"server sent instance {sop!r} when asked for {expect_sop!r}")
+            raise BadCopy(f"server sent instance {sop!r} when asked for {expect_sop!r}")
         if expect_md5 is not None and md5 != expect_md5:
             self.stats.md5_mismatches += 1
-            raise FetchFailed(f"instance {sop}: MD5 {md5} again, the service lists "
-                              f"{expect_md5}")
+            raise BadCopy(f"instance {sop}: MD5 {md5} again, the service lists "
+                          f"{expect_md5}")
         if sop in self.contents.files:  # another path delivered it first
             return sop, md5
         tmp.room.settle()

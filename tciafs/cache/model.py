@@ -18,6 +18,12 @@ class FetchFailed(Exception):
     """The bytes could not be fetched or did not check out."""
 
 
+class BadCopy(FetchFailed):
+    """The bytes came whole but are not the source's: another instance than asked for, a
+    size or MD5 that disagrees, a series ZIP that lacks files. A copy kept by a shared
+    site cache may be what is wrong, so the next attempt asks past it (`fresh`)."""
+
+
 class IntegrityError(FetchFailed):
     """Files of a series disagree with the service's own MD5 list, even fetched again one
     by one: fetching the whole series again won't help."""

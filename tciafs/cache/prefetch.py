@@ -18,7 +18,7 @@ from .contents import Contents, Holds
 from .failures import may_pass
 from .fetch import Fetcher
 from .index import Index
-from .model import CacheDiskError, CacheFull, CacheStats, FetchFailed, IntegrityError
+from .model import BadCopy, CacheDiskError, CacheFull, CacheStats, FetchFailed, IntegrityError
 from .store import HEAD_BYTES, sop_in_head
 
 log = logging.getLogger("tciafs.cache")
@@ -125,7 +125,8 @@ class Prefetcher:
                                              collection, series)
             return None
         except FetchFailed as exc:
-            if not isinstance(exc.__cause__, TruncatedStream):
+            # Cut on the way, or closed early by the service (a ZIP that lacks files).
+            if not isinstance(exc.__cause__, (TruncatedStream, ShortSeries)):
                 raise
             listed = await self._listing(series)
             if not listed:
@@ -145,15 +146,18 @@ class Prefetcher:
             log.info("series %s: its listing failed: %s", series, exc)
             return None
 
-    async def _download_series(self, collection: str, series: str) -> None:
+    async def _download_series(self, collection: str, series: str, *,
+                               fresh: bool = False) -> None:
         source = self.fetcher.source
         assert source is not None
         progress = self.in_flight[series] = [0, 0]
         revision = self.fetcher.revision[series]
         names: dict[str, tuple[str, str]] = {}  # entry name → (sop, md5)
         partly_cached = self.contents.series_files[series] > 0
+        fresh = fresh or series in self.fetcher.revised
         # Each file is hashed as stored, when it is published: not by the ZIP reader.
-        async with source.open_series(collection, series, hash_entries=False) as stream:
+        async with source.open_series(collection, series, hash_entries=False,
+                                      fresh=fresh) as stream:
             async for member in stream.members():
                 blocks = member.chunks()
                 head = await _head_of(blocks) if partly_cached else []
@@ -170,13 +174,48 @@ class Prefetcher:
             expected = stream.md5s
         self.fetcher.check_revision(series, revision)  # the list may be of the new bytes
         self.stats.series_fetches += 1
+        if fresh:
+            self.fetcher.revised.discard(series)
+        received = [sop for sop, _ in names.values()]
+        listed = await self._closed_early(series, source.capabilities.series_checksums,
+                                          names, expected)
         bad = self._confirm_md5s(series, names, expected)
         if bad:
             if self.on_refused is not None:
                 for sop in bad:
                     await self.on_refused(sop)
+            if stream.from_shared_cache and not fresh:
+                # The site cache's stored ZIP may be what is damaged: fetch it past the
+                # cache, which replaces its copy (the files that were right are kept).
+                raise BadCopy(f"series {series}: {len(bad)} files of the site cache's "
+                              "copy of its ZIP fail the MD5 list")
             await self._fetch_again(collection, series, bad)
-        self._complete_if_kept(series, collection, [sop for sop, _ in names.values()])
+        self._complete_if_kept(series, collection, listed or received)
+
+    async def _closed_early(self, series: str, checksums: bool,
+                            names: dict[str, tuple[str, str]], expected: dict[str, str]
+                            ) -> list[str] | None:
+        """Raise ShortSeries when a series stream ended well formed but without all its
+        files: what NBIA sends when it fails mid-stream (it closes the ZIP properly, with
+        status 200), and what a site cache then keeps as good. Returns the files the
+        series lists when they had to be asked for.
+
+        A source that lists checksums sends them last, for every file: a missing list or
+        a listed file that never came tells, with no request. Another source's stream is
+        held to the series' listing.
+        """
+        if checksums:
+            if expected and set(expected) <= set(names):
+                return None
+            raise ShortSeries(f"series {series}: its ZIP ended after {len(names)} files "
+                              + ("without the MD5 list" if not expected else
+                                 f"of the {len(expected)} its MD5 list names"))
+        listed = await self._listing(series)
+        received = {sop for sop, _ in names.values()}
+        if listed and not received.issuperset(listed):
+            raise ShortSeries(f"series {series}: its stream brought {len(received)} of "
+                              f"the {len(listed)} files it lists")
+        return listed
 
     async def _store(self, collection: str, series: str, revision: int, head: list[bytes],
                      blocks: AsyncIterator[bytes], progress: list[int]) -> tuple[str, str]:
@@ -326,6 +365,10 @@ class Prefetcher:
             raise IntegrityError(f"{len(failed)} of the {len(bad)} files of series {series} "
                                  "that failed the service's MD5 check failed it again, "
                                  "fetched one by one; they are not served")
+
+
+class ShortSeries(BadCopy):
+    """A series ZIP that came whole but lacks files the series lists."""
 
 
 async def _head_of(blocks: AsyncIterator[bytes]) -> list[bytes]:

@@ -250,6 +250,12 @@ class SeriesStream(Protocol):
         """The source's lowercase MD5 of each member by name, known once members() is
         exhausted; empty when the source gives none."""
 
+    @property
+    def from_shared_cache(self) -> bool:
+        """The bytes are a copy a shared site cache stored earlier (docs/cluster.md), not
+        the source's own answer now: damage in them may be that copy's, and a fresh
+        request replaces it."""
+
 
 class RequestStats(Protocol):
     """A source's request counters, as `tciafs status` shows them."""

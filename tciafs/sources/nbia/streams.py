@@ -60,6 +60,10 @@ class SeriesZipStream:
         self.computed_md5s: dict[str, str] = {}
         self.license_text: str | None = None
         self.complete = False  # the ZIP's end was seen and every entry checked
+        # The site cache's configuration (contrib/nginx) says HIT when it answered from
+        # its stored copy.
+        cache_status = opened.response.headers.get("x-cache-status", "")
+        self.from_shared_cache = cache_status.upper() == "HIT"
         self._started = False
 
     async def members(self) -> AsyncIterator[ZipMember]:
