@@ -1,4 +1,4 @@
-"""Tokens, expiry, logout and restricted visibility (nbia-wire.md §4)."""
+"""Tokens, expiry, logout and restricted visibility (docs/nbia-wire.md, "Tokens and OAuth" to "Visibility")."""
 
 from __future__ import annotations
 

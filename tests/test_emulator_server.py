@@ -1,6 +1,6 @@
-"""The emulator's metadata endpoints over real HTTP, checked against nbia-wire.md.
+"""The emulator's metadata endpoints over real HTTP, checked against docs/nbia-wire.md.
 
-Column lists and texts below are copied from the reference, not from the emulator, so
+Column lists and texts below are written from those facts, not from the emulator, so
 a drift in either shows up here.
 """
 

@@ -1,7 +1,7 @@
 """An NBIA-compatible HTTP server with generated DICOM archives and fault injection.
 
 This subpackage never imports the client side of tciafs: it is judged against the
-wire reference, not against the code that talks to it.
+facts of the wire (docs/nbia-wire.md), not against the code that talks to it.
 
 Its modules, callers first (imports run down this list, never up):
 

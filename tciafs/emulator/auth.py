@@ -1,4 +1,5 @@
-"""Users, tokens and the OAuth endpoints (Keycloak era, nbia-wire.md §4).
+"""Users, tokens and the OAuth endpoints (Keycloak era; docs/nbia-wire.md,
+"Tokens and OAuth", "Expired tokens", "Logout").
 
 * ``POST /nbia-api/oauth/token`` (and ``/nbia-api/services/oauth/token``), form fields
   ``grant_type`` = ``password`` (``username``, ``password``) or ``refresh_token``

@@ -2,7 +2,7 @@
 "Advanced" ``/nbia-api/services/<name>`` (getDicomTags, getCollectionDescriptions,
 get*ValuesAndCounts), see :data:`NBIA`; with their authorisation.
 
-Choices where the reference is silent:
+Choices where the facts are silent (docs/nbia-wire.md, "Emulator choices"):
 
 * Visibility (see :mod:`tciafs.emulator.queries`): as in NBIA, getUpdatedSeries, v1
   getSeriesSize, v4 getSeriesSize and getContentsByName use only the public

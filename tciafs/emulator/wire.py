@@ -1,6 +1,7 @@
 """What NBIA puts on the wire: replies, the Jettison/Jackson writers and every row shape.
 
-Everything here follows ``nbia-wire.md`` §2 (and the NBIA source it was read from):
+Everything here follows docs/nbia-wire.md, "Listing bodies", "Other formats", "Dates"
+and "Columns by endpoint":
 
 * Jettison list endpoints (``formatResponse``): a JSON array of objects, one key per
   column in column order, NULL columns dropped (a row of only NULLs is ``{}``),
@@ -16,7 +17,7 @@ Everything here follows ``nbia-wire.md`` §2 (and the NBIA source it was read fr
 * Dates: ``java.sql.Timestamp.toString()`` (``2011-11-08 08:08:01.0``) in v1/v2,
   ``MM-DD-YYYY`` in v4.
 
-Choices where the reference is silent: XML/HTML escape with the standard XML/HTML
+Choices where those facts are silent (docs/nbia-wire.md, "Emulator choices"): XML/HTML escape with the standard XML/HTML
 entities (NBIA uses ESAPI, which escapes more characters); JSON is written as UTF-8
 without ``\\/`` escaping; XML type names are derived from the Python type.
 """
