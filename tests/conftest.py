@@ -1,4 +1,6 @@
-"""Shared fixtures: the emulator on loopback, started as a real subprocess."""
+"""Shared fixtures: the emulator on loopback, started as a real subprocess; and a session
+that never sees the user's own files.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +16,29 @@ from pathlib import Path
 import pytest
 
 from mountutil import abort_fuse_mounts_under
+
+# Where tciafs finds the user's own files; each points into the session's own HOME.
+XDG_DIRS = {"XDG_CACHE_HOME": ".cache", "XDG_CONFIG_HOME": ".config",
+            "XDG_STATE_HOME": ".local/state", "XDG_DATA_HOME": ".local/share",
+            "XDG_RUNTIME_DIR": "run"}
+# What else reaches the login, settings (TCIAFS_* too) or service manager of the user.
+USER_VARIABLES = ("TCIA_USER", "TCIA_PASSWORD", "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A HOME and XDG directories of the session's own, in os.environ so that every
+    `tciafs` the tests start inherits them: no test reads or changes the user's cache,
+    config, stored login, state or logs."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(home))
+        for variable, where in XDG_DIRS.items():
+            (home / where).mkdir(parents=True, mode=0o700)
+            patch.setenv(variable, str(home / where))
+        for variable in [*USER_VARIABLES, *(v for v in os.environ if v.startswith("TCIAFS_"))]:
+            patch.delenv(variable, raising=False)
+        yield home
 
 
 @dataclass
