@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cliutil import run_tciafs
 
 from mountutil import CONNECTIONS, abort_fuse_mounts_under, lazy_unmount, mounted, needs_fuse
 
@@ -28,8 +29,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def _tciafs(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tciafs", *args], capture_output=True,
-                          text=True, env=_env(tmp_path), timeout=timeout)
+    return run_tciafs(*args, env=_env(tmp_path), timeout=timeout)
 
 
 def _mount_args(emulator, mnt: Path, tmp_path: Path) -> list[str]:

@@ -8,7 +8,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+from cliutil import status_text
 
 from mountutil import IMAGE_ENDPOINTS, count_requests, mounted, needs_fuse, reset_stats, set_faults
 
@@ -115,8 +115,7 @@ def test_reading_a_series_lists_the_next_ones_ahead(emulator, tmp_path: Path,
         for path in series[2:]:
             assert os.listdir(path)
         assert count_requests(emulator.url, "getSOPInstanceUIDs") == 0  # listed already
-        shown = subprocess.run([sys.executable, "-m", "tciafs", "status", str(tmp_path / "mnt")],
-                               capture_output=True, text=True, check=True).stdout
+        shown = status_text(tmp_path / "mnt")
         assert f"listed ahead of a traversal: {len(series) - 2}" in shown
 
 

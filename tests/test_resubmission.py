@@ -14,12 +14,12 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from cliutil import run_tciafs
 from test_emulator_support import CT_LUNG, PLANS, SeriesPlan, TinyArchive, uid
 
 from tciafs.cache import Cache, FetchFailed
@@ -368,20 +368,17 @@ def test_withdrawn_series_can_be_unpinned_and_cleared_with_no_mount(archive: Tin
     _cache_cli("unpin", pinned, *at)
     assert f"{pinned}: dropped {SMALL.count} files" in _cache_cli("clear", pinned, *at)
     assert _stats(cache_dir)["entries"] == 0
-    unknown = subprocess.run([sys.executable, "-m", "tciafs", "cache", "clear", "1.2.3", *at],
-                             capture_output=True, text=True, timeout=60)
+    unknown = run_tciafs("cache", "clear", "1.2.3", *at, timeout=60)
     assert unknown.returncode == 1 and "1.2.3: no series with this UID" in unknown.stderr
 
 
 def _cache_cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "tciafs", "cache", *args],
-                          capture_output=True, text=True, timeout=120)
+    done = run_tciafs("cache", *args, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
 def _stats(cache_dir: Path) -> dict:
-    done = subprocess.run([sys.executable, "-m", "tciafs", "cache", "stats", "--json",
-                           "--cache-dir", str(cache_dir)], capture_output=True, text=True,
-                          timeout=60, check=True)
+    done = run_tciafs("cache", "stats", "--json", "--cache-dir", str(cache_dir), timeout=60,
+                      check=True)
     return json.loads(done.stdout)
