@@ -1,5 +1,15 @@
-"""Shared fixtures: the emulator on loopback, started as a real subprocess; and a session
-that never sees the user's own files.
+"""Shared fixtures: the emulator on loopback, started as a real subprocess; a session
+that never sees the user's own files; and the test tiers.
+
+Tiers (`pytest -m unit`, `-m handler`, `-m mount`):
+- unit: in-process code alone, no server, no mount;
+- handler: code driven through its handlers against real servers on loopback (the
+  client, the cache and the FUSE handlers against the emulator or a hostile server);
+- mount: a real FUSE mount, made by the test.
+A test (or its module, through `pytestmark`) carries one tier marker. A module whose
+tests differ names the tier of its unmarked ones in DEFAULT_TIER; without either, a test
+is taken for handler, the tier that may start servers but never mounts. Mounting without
+the mount marker fails the test (see cliutil.require_mount_tier).
 """
 
 from __future__ import annotations
@@ -14,8 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cliutil import note_running_test
 
 from mountutil import abort_fuse_mounts_under
+
+TIERS = ("unit", "handler", "mount")
+UNMARKED_TIER = "handler"
 
 # Where tciafs finds the user's own files; each points into the session's own HOME.
 XDG_DIRS = {"XDG_CACHE_HOME": ".cache", "XDG_CONFIG_HOME": ".config",
@@ -23,6 +37,17 @@ XDG_DIRS = {"XDG_CACHE_HOME": ".cache", "XDG_CONFIG_HOME": ".config",
             "XDG_RUNTIME_DIR": "run"}
 # What else reaches the login, settings (TCIAFS_* too) or service manager of the user.
 USER_VARIABLES = ("TCIA_USER", "TCIA_PASSWORD", "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        tiers = [tier for tier in TIERS if item.get_closest_marker(tier)]
+        if len(tiers) > 1:
+            raise pytest.UsageError(f"{item.nodeid}: more than one test tier "
+                                    f"({', '.join(tiers)}); mark each test with one")
+        if not tiers:
+            module = getattr(item, "module", None)
+            item.add_marker(getattr(module, "DEFAULT_TIER", UNMARKED_TIER))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,6 +64,15 @@ def isolated_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
         for variable in [*USER_VARIABLES, *(v for v in os.environ if v.startswith("TCIAFS_"))]:
             patch.delenv(variable, raising=False)
         yield home
+
+
+@pytest.fixture(autouse=True)
+def running_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    note_running_test(request.node)
+    try:
+        yield
+    finally:
+        note_running_test(None)
 
 
 @dataclass

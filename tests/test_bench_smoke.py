@@ -29,6 +29,8 @@ from dicomutil import dicom_bytes
 
 from mountutil import needs_fuse
 
+DEFAULT_TIER = "unit"  # three tests mount
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "scripts" / "bench"
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -37,10 +37,13 @@ from mountutil import (
     count_requests,
     lazy_unmount,
     mounted,
+    needs_fuse,
     reset_stats,
     set_faults,
     stats,
 )
+
+DEFAULT_TIER = "handler"  # the Cache against the emulator; marked tests mount
 
 
 def _series(url: str) -> list[dict]:
@@ -315,6 +318,8 @@ async def test_verify_command_reports_a_corrupted_file(emulator, client,
     cache.close()
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_verify_repairs_a_mounted_cache_through_its_mount(emulator, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     uid = _series(emulator.url)[0]["SeriesInstanceUID"]
@@ -405,6 +410,7 @@ async def test_a_series_completed_from_its_missing_files_needs_the_others_still_
     cache.close()
 
 
+@pytest.mark.unit
 def test_finished_prefetch_jobs_are_forgotten_beyond_the_last_twenty(tmp_path: Path) -> None:
     cache = Cache(tmp_path / "cache", 100 << 20)
     control = Control(tree=None, cache=cache)  # type: ignore[arg-type]  # unused here
@@ -426,6 +432,7 @@ def test_finished_prefetch_jobs_are_forgotten_beyond_the_last_twenty(tmp_path: P
     cache.close()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("implicit", [False, True])
 def test_a_finished_file_is_named_by_its_dataset_and_hashed_as_stored(
         tmp_path: Path, implicit: bool) -> None:
@@ -442,6 +449,7 @@ def test_a_finished_file_is_named_by_its_dataset_and_hashed_as_stored(
     assert object_path(tmp_path / "root", sop).parent.is_dir()  # ready for the rename
 
 
+@pytest.mark.unit
 def test_a_file_whose_dataset_lacks_the_uid_is_named_by_its_meta_header(tmp_path: Path) -> None:
     path = tmp_path / "download"
     path.write_bytes(dicom_bytes("", meta_sop="1.2.3.5", study_date="20240102"))
@@ -546,6 +554,8 @@ async def test_a_job_starts_its_series_a_few_at_a_time(emulator, client,
     cache.close()
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_prefetch_left_by_a_killed_daemon_goes_on_at_the_next_mount(emulator,
                                                                       tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
@@ -586,6 +596,8 @@ def test_a_prefetch_left_by_a_killed_daemon_goes_on_at_the_next_mount(emulator,
     assert left["unfinished_jobs"] == []
 
 
+@needs_fuse
+@pytest.mark.mount
 @pytest.mark.parametrize("what", ["the series", "its UID", "everything",
                                   "the series, unmounted", "everything, unmounted"])
 def test_clear_ends_a_prefetch_for_good(emulator, tmp_path: Path, what: str) -> None:
@@ -632,6 +644,8 @@ def _slow_prefetch(emulator, mnt: Path, cache_dir: Path  # noqa: ANN001
         set_faults(emulator.url)
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_ctrl_c_stops_following_a_prefetch_not_the_prefetch(emulator, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     with mounted(emulator, mnt, cache_dir), _slow_prefetch(emulator, mnt, cache_dir) as cli:
@@ -644,6 +658,8 @@ def test_ctrl_c_stops_following_a_prefetch_not_the_prefetch(emulator, tmp_path: 
         assert status["in_flight"]  # still fetching
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_prefetch_whose_mount_goes_away_says_so(emulator, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     with mounted(emulator, mnt, cache_dir), _slow_prefetch(emulator, mnt, cache_dir) as cli:
@@ -653,6 +669,8 @@ def test_a_prefetch_whose_mount_goes_away_says_so(emulator, tmp_path: Path) -> N
     assert "the mount went away while" in err and "Traceback" not in err
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_prefetch_the_cache_cannot_hold_ends_with_the_reason(emulator, tmp_path: Path) -> None:
     """Before, such a job evicted its own first series to fetch its last ones and never
     ended: `cache prefetch` waited forever."""
@@ -706,6 +724,8 @@ async def test_a_full_disk_evicts_and_retries_then_fails_clearly(emulator, clien
         cache.close()
 
 
+@needs_fuse
+@pytest.mark.mount
 @pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
 def test_a_cache_disk_that_refuses_writes_is_a_clear_error(emulator, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
@@ -848,6 +868,8 @@ async def test_a_file_fetched_again_alone_is_checked_against_the_md5_listed_befo
     assert _verified(tmp_path / "c", uid)[sop] == 1
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_persistent_md5_mismatch_is_eio_through_the_mount(emulator, damage,
                                                             tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
@@ -866,6 +888,8 @@ def test_a_persistent_md5_mismatch_is_eio_through_the_mount(emulator, damage,
         assert first.read_bytes() == _truth(emulator.url, uid)[first.name.removesuffix(".dcm")]
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_bytes_the_md5_list_refuses_leave_the_kernels_page_cache(emulator, damage,
                                                                  tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
@@ -883,6 +907,8 @@ def test_bytes_the_md5_list_refuses_leave_the_kernels_page_cache(emulator, damag
         assert first.read_bytes() == want  # not the refused bytes, still in the kernel
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_series_re_submitted_to_the_service_reads_as_it_is_now(emulator, damage,
                                                                  tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
@@ -930,6 +956,8 @@ def _read_all(series: Path) -> None:
         path.read_bytes()
 
 
+@needs_fuse
+@pytest.mark.mount
 @pytest.mark.parametrize("harm", ["deleted", "cut short"])
 def test_cached_files_harmed_from_outside_are_fetched_again(emulator, tmp_path: Path,
                                                             harm: str) -> None:
@@ -962,6 +990,8 @@ def test_cached_files_harmed_from_outside_are_fetched_again(emulator, tmp_path: 
     assert f"{harm} from outside the mount" in log and "Traceback" not in log
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_series_whose_zip_is_always_cut_short_comes_file_by_file(emulator,
                                                                    tmp_path: Path) -> None:
     """Some servers cut large ZIPs, and a link may drop more often than a ZIP lasts: no
@@ -990,6 +1020,8 @@ def test_a_series_whose_zip_is_always_cut_short_comes_file_by_file(emulator,
     assert "its ZIP was cut short at each of 3 attempts" in log
 
 
+@needs_fuse
+@pytest.mark.mount
 @pytest.mark.parametrize("lost", ["three", "three unconfirmed", "most"])
 def test_a_partly_cached_series_fetches_only_what_it_lacks(emulator, tmp_path: Path,
                                                            lost: str) -> None:
@@ -1037,6 +1069,8 @@ def _bytes_written(pid: int) -> int:
     return int(io_counts[io_counts.index("wchar:") + 1])
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_pin_unpin_stats_clear_and_a_resumed_prefetch(emulator, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     with mounted(emulator, mnt, cache_dir, "--cache-size", "30M"):
@@ -1093,6 +1127,7 @@ def test_pin_unpin_stats_clear_and_a_resumed_prefetch(emulator, tmp_path: Path) 
         assert _present(cache_dir, every[0]) == len(list(every[0].glob("*.dcm")))
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_the_default_bound_is_a_tenth_of_the_cache_disk_at_most_10_gib(tmp_path: Path) -> None:
     from tciafs.mount import default_cache_size

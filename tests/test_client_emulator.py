@@ -31,6 +31,8 @@ from tciafs.client import (
 
 from conftest import EmulatorProcess, start_emulator
 
+pytestmark = pytest.mark.handler
+
 GENERATIONS = ["v4", "v2", "v1", "legacy"]
 PASSWORD = "correct horse battery staple"
 API_KEY = "legacy-v3-key"

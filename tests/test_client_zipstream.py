@@ -16,6 +16,8 @@ import pytest
 from tciafs.client.records import ChecksumMismatch, MalformedResponse, TruncatedStream
 from tciafs.client.zipstream import ZipStreamReader, parse_md5_csv
 
+pytestmark = pytest.mark.unit
+
 ENTRIES = [
     ("LICENSE", b"License Information. The X collection is distributed under CC BY 4.0."),
     ("00000001.dcm", os.urandom(70_000)),  # incompressible

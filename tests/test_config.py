@@ -10,6 +10,8 @@ from cliutil import run_tciafs
 
 from tciafs import cli, config
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def parser() -> argparse.ArgumentParser:

@@ -16,6 +16,8 @@ from tciafs import fstab
 
 from mountutil import can_unshare, needs_fuse
 
+DEFAULT_TIER = "unit"  # one test mounts
+
 MNT = "/mnt/tcia"
 
 
