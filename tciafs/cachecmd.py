@@ -378,7 +378,7 @@ def _steer(args: argparse.Namespace) -> int:
 
 
 def _clear_all(args: argparse.Namespace) -> int:
-    mounts = status.mounted_tciafs()
+    mounts = [args.mount] if args.mount else status.mounted_tciafs()
     if mounts and args.cache_dir is None:
         for mnt in mounts:
             _send(mnt, "clear", ".")

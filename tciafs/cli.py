@@ -91,7 +91,9 @@ def _add_login(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", default=None,
                    help="root URL whose token endpoint checks the password "
                         "(default: the public TCIA service)")
-    sub.add_parser("logout", help="forget the stored login")
+    p = sub.add_parser("logout", help="forget the stored login")
+    p.add_argument("--mount", type=Path, default=None,
+                   help="the one mount to log out (default: every running tciafs mount)")
 
 
 def build_parser() -> argparse.ArgumentParser:

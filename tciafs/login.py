@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "logout":
         removed = credentials.forget()
         print("tciafs: stored login removed" if removed else "tciafs: no stored login")
-        for mnt in status.mounted_tciafs():
+        for mnt in [args.mount] if args.mount else status.mounted_tciafs():
             try:
                 os.setxattr(mnt / CONTROL_NAME, "user.tciafs.logout", b"/")
                 print(f"tciafs: {mnt}: token revoked; it goes on as the public guest")

@@ -126,7 +126,7 @@ def test_readable_credentials_file_is_refused(auth_emulator, tmp_path: Path,
     assert f"chmod 600 {creds_file}" in result.stderr
 
 
-def test_login_stores_a_private_file(auth_emulator, tmp_path: Path) -> None:
+def test_login_stores_a_private_file_that_a_mount_uses(auth_emulator, tmp_path: Path) -> None:
     env = _env(tmp_path)
     login = ("login", "--user", "alice", "--server", auth_emulator.url)
     wrong = run_tciafs(*login, input="nope\n", env=env)
@@ -137,8 +137,13 @@ def test_login_stores_a_private_file(auth_emulator, tmp_path: Path) -> None:
     assert stored.stat().st_mode & 0o077 == 0
     assert (tmp_path / "config" / "tciafs").stat().st_mode & 0o077 == 0
     assert PASSWORD not in ok.stdout + ok.stderr
-    out = run_tciafs("logout", env=env)
-    assert out.returncode == 0 and not stored.exists()
+    mnt = tmp_path / "mnt"
+    with mounted(auth_emulator, mnt, tmp_path / "cache", "--api", "v2", env=env):
+        assert RESTRICTED in os.listdir(mnt)  # logged in with the stored login
+        # Only this test's mount: without --mount, logout reaches every mount there is.
+        out = run_tciafs("logout", "--mount", str(mnt), env=env)
+        assert out.returncode == 0 and not stored.exists()
+        assert f"{mnt}: token revoked" in out.stdout
 
 
 @pytest.mark.parametrize("api", ["v4", "v2", "v1", "legacy"])
@@ -165,7 +170,7 @@ def test_logout_revokes_a_running_mounts_token(auth_emulator, tmp_path: Path,
         files = sorted((mnt / RESTRICTED).glob("*/*/*/*.dcm"))
         assert files[0].read_bytes()[128:132] == b"DICM"
         reset_stats(auth_emulator.url)
-        out = run_tciafs("logout", env=_env(tmp_path))
+        out = run_tciafs("logout", "--mount", str(mnt), env=_env(tmp_path))
         assert out.returncode == 0 and "token revoked" in out.stdout
         assert stats(auth_emulator.url)["requests"].get("logout", 0) >= 1
         with pytest.raises(OSError):  # the guest may not read restricted data ...

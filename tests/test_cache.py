@@ -610,7 +610,9 @@ def test_clear_ends_a_prefetch_for_good(emulator, tmp_path: Path, what: str) -> 
             assert _cli("prefetch", "--no-wait", str(series)).returncode == 0
             if not what.endswith("unmounted"):
                 named = {"the series": [str(series)], "its UID": [uid]}.get(what, [])
-                clear = _cli("clear", *named)  # a job started by path, ended by UID too
+                # A job started by path, ended by UID too. --mount: other mounts may run
+                # on this machine (the demo), and "everything" means all of theirs too.
+                clear = _cli("clear", "--mount", str(mnt), *named)
                 assert clear.returncode == 0, clear.stderr
         if what.endswith("unmounted"):  # the job was cut short: stored for the next mount
             clear = _cli("clear", "--cache-dir", str(cache_dir),
