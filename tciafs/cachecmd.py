@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tciafs import paths, status
-from tciafs.control import CONTROL_NAME, names_uid
+from tciafs import controlsocket, paths, status
+from tciafs.control import names_uid
 
 if TYPE_CHECKING:
     from tciafs.cache import Cache
@@ -339,7 +339,7 @@ def _targets(args: argparse.Namespace) -> list[tuple[Path, str]]:
 
 def _send(mnt: Path, command: str, target: str) -> None:
     try:
-        os.setxattr(mnt / CONTROL_NAME, f"user.tciafs.{command}", target.encode())
+        controlsocket.send(mnt, command, target)
     except OSError as exc:
         if exc.errno == errno.ENOSPC and command in ("prefetch", "pin"):
             bound = status.read_status(mnt)["cache"]["bound"]

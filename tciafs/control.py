@@ -1,9 +1,9 @@
 """Commands a running mount accepts through its control file.
 
-`tciafs cache prefetch|pin|unpin|clear` (and `verify --repair`, as "drop") write an
-xattr on the hidden control file `.__tciafs__` at the mount root (owner-writable, so
-the kernel lets the call through on an otherwise read-only tree). The value names the
-target: a path relative to the mount root, or a bare Study/Series UID; for "drop", the
+`tciafs cache prefetch|pin|unpin|clear` (and `verify --repair`, as "drop") send them
+over the mount's control socket (tciafs.controlsocket), which hands each to the handler
+of an xattr on the hidden control file `.__tciafs__` at the mount root. The target is
+a path relative to the mount root, or a bare Study/Series UID; for "drop", the
 SOP Instance UIDs of the files to drop. Prefetch jobs run in the background; their
 progress is part of the status document.
 """

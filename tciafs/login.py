@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import sys
 
 import trio
 
-from tciafs import credentials, status
+from tciafs import controlsocket, credentials, status
 from tciafs.client import AuthError, ClientError, Credentials, NbiaClient
-from tciafs.control import CONTROL_NAME
 from tciafs.mount import DEFAULT_SERVER
 
 
@@ -28,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         print("tciafs: stored login removed" if removed else "tciafs: no stored login")
         for mnt in [args.mount] if args.mount else status.mounted_tciafs():
             try:
-                os.setxattr(mnt / CONTROL_NAME, "user.tciafs.logout", b"/")
+                controlsocket.send(mnt, "logout", "/")
                 print(f"tciafs: {mnt}: token revoked; it goes on as the public guest")
             except OSError as exc:
                 print(f"tciafs: {mnt}: could not log out: {exc.strerror}", file=sys.stderr)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from tciafs import credentials, manifest, paths, status
+from tciafs import controlserver, controlsocket, credentials, manifest, paths, status
 from tciafs.cache import Cache
 from tciafs.catalog import Catalog
 from tciafs.client import (
@@ -355,6 +355,7 @@ async def _serve_tree(client: NbiaClient, catalog: Catalog, selection: list[Seri
         tree.service_down()
     started = time.time()
     control = Control(tree, cache)
+    control_address = controlsocket.new_address()
 
     def snapshot() -> dict:
         doc = status.snapshot(server=opts.server, api=opts.api, started=started,
@@ -362,23 +363,25 @@ async def _serve_tree(client: NbiaClient, catalog: Catalog, selection: list[Seri
         doc["jobs"] = control.progress()
         doc["page_cache"] = {**ops.pages.counters, "read_ahead": ops.pages.state}
         doc["listed_ahead"] = tree.listed_ahead
+        doc[controlsocket.STATUS_KEY] = control_address
         if offline is not None:
             doc["offline_at_start"] = offline
         return doc
 
     ops = Operations(tree, cache, status=snapshot, control=control)
     try:
-        await _run_fuse(ops, opts, ready_fd, offline)
+        await _run_fuse(ops, opts, ready_fd, offline, control_address)
     finally:
         cache.close()
 
 
 async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None,
-                    note: str | None = None) -> None:
+                    note: str | None = None, control_address: str | None = None) -> None:
     fuse_options = set(pyfuse3.default_options)
-    # No "ro": the kernel would then refuse setxattr on the control file too. Every
-    # write handler answers EROFS itself, so the tree stays read-only all the same.
-    fuse_options |= {"fsname=tciafs", "subtype=tciafs", "noatime"}
+    # "ro": the kernel refuses writes without asking us, and findmnt, backup tools and
+    # root's `test -w` see a read-only tree. It refuses setxattr too, so commands come
+    # through the control socket.
+    fuse_options |= {"fsname=tciafs", "subtype=tciafs", "noatime", "ro"}
     if opts.allow_other:
         # Other local users then read through this mount with this user's login and
         # cache; non-root users also need user_allow_other in /etc/fuse.conf.
@@ -396,6 +399,8 @@ async def _run_fuse(ops: Operations, opts: MountOptions, ready_fd: int | None,
             await nursery.start(ops.cache.run)
             if ops.control is not None:
                 await nursery.start(ops.control.run_jobs)
+                if control_address is not None:
+                    await nursery.start(controlserver.serve, ops, control_address)
             await nursery.start(ops.pages.run)
             await nursery.start(ops.tree.run)
             await nursery.start(ops.tree.client.run_token_refresher)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cliutil import start_tciafs
+from cliutil import run_tciafs, start_tciafs
 
 FUSE_USABLE = os.path.exists("/dev/fuse") and bool(
     subprocess.run(["which", "fusermount3"], capture_output=True).returncode == 0)
@@ -22,6 +22,7 @@ needs_fuse = pytest.mark.skipif(not FUSE_USABLE, reason="needs /dev/fuse and fus
 
 
 CONNECTIONS = Path("/sys/fs/fuse/connections")
+NOBODY = 65534  # the unprivileged user of tests that need one
 
 
 def can_unshare() -> bool:
@@ -29,6 +30,19 @@ def can_unshare() -> bool:
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("mount"):
         return False
     return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+def as_nobody() -> list[str]:
+    """The command prefix that runs a command as user nobody, with no groups."""
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+def nobody_runs_tciafs() -> bool:
+    """Whether user nobody can run this tciafs (root may switch to it; the interpreter and
+    the code must be readable by all)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return False
+    return run_tciafs("--version", via=as_nobody(), timeout=60).returncode == 0
 
 
 def lazy_unmount(mountpoint: Path) -> None:

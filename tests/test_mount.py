@@ -15,7 +15,9 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from cliutil import status_text
+from cliutil import run_tciafs, status_text
+
+from tciafs import paths
 
 from mountutil import IMAGE_ENDPOINTS, count_requests, mounted, needs_fuse, reset_stats, set_faults
 
@@ -200,6 +202,36 @@ def test_read_only_and_bad_names(emulator, tmp_path: Path, cache_dir: Path) -> N
         with open(some_file, "rb") as f:
             f.seek(10 << 20)
             assert f.read(100) == b""  # past EOF: empty, not an error
+
+
+def _mount_options(mountpoint: Path) -> list[str]:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if paths.unescape_mount_field(fields[1]) == str(mountpoint):
+            return fields[3].split(",")
+    raise AssertionError(f"{mountpoint} is not in /proc/self/mounts")
+
+
+def test_the_kernel_knows_the_mount_is_read_only(emulator, tmp_path: Path,
+                                                 cache_dir: Path) -> None:
+    """Mounted `ro`: findmnt, backup tools and root's `test -w` see a read-only tree, and
+    writes fail in the kernel; commands still reach the daemon, through its socket."""
+    mnt = tmp_path / "mnt"
+    with mounted(emulator, mnt, cache_dir):
+        assert "ro" in _mount_options(mnt)
+        assert not os.access(mnt, os.W_OK)  # even for root
+        series = _first_ct_series(mnt)
+        some_file = next(series.glob("*.dcm"))
+        for write in (lambda: os.open(some_file, os.O_WRONLY),
+                      lambda: (series / "new.dcm").touch(),
+                      lambda: os.setxattr(some_file, "user.note", b"x"),
+                      lambda: os.utime(some_file)):
+            with pytest.raises(OSError) as err:
+                write()
+            assert err.value.errno == errno.EROFS
+        prefetch = run_tciafs("cache", "prefetch", str(series))
+        assert prefetch.returncode == 0, prefetch.stderr
+        assert {os.getxattr(f, "user.tcia.cached") for f in series.glob("*.dcm")} == {b"full"}
 
 
 def test_failing_server_gives_eio_promptly(emulator, tmp_path: Path, cache_dir: Path) -> None:
