@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SERVER = "https://services.cancerimagingarchive.net"
 DEFAULT_NLST_SERVER = "https://nlst.cancerimagingarchive.net"
+FUSE_DEVICE = "/dev/fuse"
 _M_MMAP_THRESHOLD = -3  # mallopt(3) parameter
 _MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
 
@@ -135,10 +136,32 @@ def preflight(mountpoint: Path) -> None:
         raise MountError(f"{mountpoint} is already a mount point (tciafs umount {mountpoint})")
     if any(mountpoint.iterdir()):
         raise MountError(f"mountpoint {mountpoint} is not empty")
-    if not os.path.exists("/dev/fuse"):
-        raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
+    if not os.path.exists(FUSE_DEVICE):
+        raise MountError(f"{FUSE_DEVICE} is missing: load the fuse module (modprobe fuse)")
+    unusable = fuse_device_problem()
+    if unusable is not None:
+        raise MountError(f"cannot mount {mountpoint}: {unusable}")
     if shutil.which("fusermount3") is None:
         raise MountError("fusermount3 is missing: install the fuse3 package")
+
+
+def fuse_device_problem() -> str | None:
+    """Why this user cannot open the FUSE device, with the usual fix; None if it can.
+
+    libfuse opens it before it tries fusermount3, and on failure reports only that
+    fuse_session_mount failed: the cause would be left in the log.
+    """
+    try:
+        os.close(os.open(FUSE_DEVICE, os.O_RDWR))  # an unmounted connection: harmless
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return (f"cannot open {FUSE_DEVICE}: {exc.strerror}; it must be readable and "
+                    "writable by you (it is usually mode 0666: ask the administrator to "
+                    "`chmod 0666 /dev/fuse` or to add you to the group that owns it); "
+                    "in a container, pass the device in (docker run --device /dev/fuse)")
+        return (f"cannot open {FUSE_DEVICE}: {exc.strerror}; load the fuse module "
+                "(modprobe fuse)")
+    return None
 
 
 @contextlib.contextmanager

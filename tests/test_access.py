@@ -1,4 +1,5 @@
-"""Who may command tciafs: only a mount's own user (and root), through its socket.
+"""Who may mount and command tciafs: a user the FUSE device shuts out is told why and
+what fixes it; only a mount's own user (and root) may command it through its socket.
 
 These run tciafs as user nobody, next to root's own mounts, as on a shared machine.
 """
@@ -18,6 +19,7 @@ from conftest import XDG_DIRS
 from mountutil import (
     NOBODY,
     as_nobody,
+    can_unshare,
     lazy_unmount,
     mounted,
     needs_fuse,
@@ -55,6 +57,27 @@ def _nobodys_dir(home: Path, name: str) -> Path:
     path.mkdir()
     os.chown(path, NOBODY, NOBODY)
     return path
+
+
+@pytest.mark.skipif(not can_unshare(), reason="needs root and unshare")
+def test_a_fuse_device_the_user_cannot_open_is_named_with_its_fix(emulator, nobodys_home: Path,
+                                                                  tmp_path: Path) -> None:
+    """libfuse says only "fuse_session_mount failed"; the cause is the device."""
+    mnt = _nobodys_dir(nobodys_home, "mnt")
+    device = tmp_path / "fuse"  # root's alone, as /dev/fuse is on some machines
+    device.touch(mode=0o600)
+    # Laid over /dev/fuse in a mount namespace of this command's own: the machine's
+    # device stays as it is.
+    over_the_device = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       'mount --bind "$0" /dev/fuse && exec "$@"', str(device), *as_nobody()]
+    done = run_tciafs("mount", str(mnt), "--server", emulator.url,
+                      "--nlst-server", emulator.nlst_url,
+                      via=over_the_device, env=_nobodys_env(nobodys_home), timeout=60)
+    assert done.returncode == 1
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert "cannot open /dev/fuse: Permission denied" in done.stderr
+    assert "chmod 0666 /dev/fuse" in done.stderr and "--device /dev/fuse" in done.stderr
+    assert not os.path.ismount(mnt)
 
 
 def test_only_the_mounts_own_user_and_root_may_command_it(emulator, nobodys_home: Path,
