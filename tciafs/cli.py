@@ -26,7 +26,9 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--demo", action="store_true",
                    help="start the bundled emulator with the demo archive and mount that")
     p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where cached files live (default $XDG_CACHE_HOME/tciafs)")
+                   help="where cached files live (default $XDG_CACHE_HOME/tciafs; with "
+                        "--demo, $XDG_CACHE_HOME/tciafs-demo, so that the demo and a "
+                        "real mount run side by side)")
     p.add_argument("--cache-size", type=paths.parse_size, default=None,
                    help="hard bound on the cache, e.g. 500M or 50G "
                         "(default: 10 GiB or 10%% of the cache disk, whichever is smaller)")
@@ -146,14 +148,14 @@ def setup_logging(debug: bool, log_file: Path | None = None) -> None:
 
 
 def _mount_options(args: argparse.Namespace):  # noqa: ANN202
-    from tciafs.mount import DEFAULT_NLST_SERVER, DEFAULT_SERVER, MountOptions
+    from tciafs.mount import DEFAULT_NLST_SERVER, DEFAULT_SERVER, MountOptions, default_cache_dir
 
     return MountOptions(
         mountpoint=args.mountpoint.absolute(),
         server=args.server or DEFAULT_SERVER,
         nlst_server=args.nlst_server or (None if args.server else DEFAULT_NLST_SERVER),
         api=args.api, demo=args.demo,
-        cache_dir=(args.cache_dir or paths.cache_home()).absolute(),
+        cache_dir=(args.cache_dir or default_cache_dir(args.demo)).absolute(),
         cache_size=args.cache_size, prefetch=args.prefetch, listing_ttl=args.listing_ttl,
         max_connections=args.max_connections, timeout=args.timeout, debug=args.debug,
         credentials_file=args.credentials_file, api_key_file=args.api_key_file,

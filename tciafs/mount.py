@@ -74,6 +74,14 @@ class MountOptions:
     cart: str | None = None
 
 
+def default_cache_dir(demo: bool) -> Path:
+    """$XDG_CACHE_HOME/tciafs, or for the demo tciafs-demo beside it: one daemon holds a
+    cache directory, so a demo in the default one would keep the real mount out; and
+    not inside it, where `cache stats` would count the demo's files as the real ones."""
+    default = paths.cache_home()
+    return default.with_name(default.name + "-demo") if demo else default
+
+
 def default_cache_size(cache_dir: Path) -> int:
     """10 GiB or 10% of the cache disk, whichever is smaller."""
     probe = cache_dir
