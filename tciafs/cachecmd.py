@@ -325,7 +325,7 @@ def _steer(args: argparse.Namespace) -> int:
 
 
 def _clear_all(args: argparse.Namespace) -> int:
-    mounts = own_mounts()
+    mounts = [args.mount] if args.mount else own_mounts()
     if mounts and args.cache_dir is None:
         for mnt in mounts:
             _send(mnt, "clear", ".")

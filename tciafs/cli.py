@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tciafs import cachecmd, config, login, mounts, paths, status
+from tciafs import cachecmd, config, login, mounts, status
 from tciafs.defaults import DEFAULT_NLST_SERVER, DEFAULT_SERVER
 from tciafs.parser import build_parser
 
@@ -59,14 +59,14 @@ def setup_logging(debug: bool, log_file: Path | None = None) -> None:
 
 
 def _mount_options(args: argparse.Namespace) -> MountOptions:
-    from tciafs.mount import MountOptions
+    from tciafs.mount import MountOptions, default_cache_dir
 
     return MountOptions(
         mountpoint=args.mountpoint.absolute(),
         server=args.server or DEFAULT_SERVER,
         nlst_server=args.nlst_server or (None if args.server else DEFAULT_NLST_SERVER),
         api=args.api, demo=args.demo,
-        cache_dir=(args.cache_dir or paths.cache_home()).absolute(),
+        cache_dir=(args.cache_dir or default_cache_dir(args.demo)).absolute(),
         cache_size=args.cache_size, prefetch=args.prefetch, listing_ttl=args.listing_ttl,
         max_connections=args.max_connections, timeout=args.timeout, debug=args.debug,
         credentials_file=args.credentials_file, api_key_file=args.api_key_file,

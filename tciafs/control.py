@@ -1,7 +1,8 @@
 """Carrying out the commands a running mount accepts through its control file.
 
 `tciafs cache prefetch|pin|unpin|clear` (and `verify --repair`, as "drop", and
-`tciafs logout`) reach the daemon as xattrs on its control file; tciafs.controlproto
+`tciafs logout`) reach the daemon over its control socket (tciafs.controlserver), which
+hands each to the handler of an xattr on the hidden control file; tciafs.controlproto
 holds the protocol's names and encodings. Prefetch jobs run in the background; their
 progress is part of the status document.
 """

@@ -190,7 +190,7 @@ class Operations(pyfuse3.Operations):
     def control_attributes(self) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = CONTROL_INODE
-        attr.st_mode = stat.S_IFREG | 0o600  # owner-writable so setxattr reaches us
+        attr.st_mode = stat.S_IFREG | 0o600  # the owner's, as the control socket is
         attr.st_nlink = 1
         attr.st_uid, attr.st_gid = self.uid, self.gid
         attr.attr_timeout = attr.entry_timeout = KNOWN_TTL

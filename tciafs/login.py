@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from pathlib import Path
 
 from tciafs import controlproto, credentials
 from tciafs.defaults import DEFAULT_SERVER
@@ -32,10 +33,12 @@ def check(server: str, login: credentials.Login) -> str | None:
     return None
 
 
-def logout() -> int:
+def logout(mount: Path | None = None) -> int:
+    """Forget the stored login, and have the caller's running mounts (or the one named)
+    revoke their tokens."""
     removed = credentials.forget()
     print("tciafs: stored login removed" if removed else "tciafs: no stored login")
-    for mnt in own_mounts():
+    for mnt in [mount] if mount else own_mounts():
         try:
             controlproto.send(mnt, "logout", "/")
             print(f"tciafs: {mnt}: token revoked; it goes on as the public guest")
@@ -46,7 +49,7 @@ def logout() -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "logout":
-        return logout()
+        return logout(args.mount)
     user = args.user or input("TCIA user: ").strip()
     password = getpass.getpass(f"password for {user}: ")
     login = credentials.Login(user, password, "prompt")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import logging
 import os
@@ -23,7 +24,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from tciafs import credentials, manifest, paths, sources
+from tciafs import controlproto, controlserver, credentials, manifest, paths, sources
 from tciafs.cache import Cache
 from tciafs.catalog import Catalog
 from tciafs.control import Control
@@ -45,6 +46,7 @@ from tciafs.tree import Tree
 
 log = logging.getLogger(__name__)
 
+FUSE_DEVICE = "/dev/fuse"
 _M_MMAP_THRESHOLD = -3  # mallopt(3) parameter
 _MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
 
@@ -69,6 +71,14 @@ class MountOptions:
     allow_other: bool = False
     manifest: Path | None = None
     cart: str | None = None
+
+
+def default_cache_dir(demo: bool) -> Path:
+    """$XDG_CACHE_HOME/tciafs, or for the demo tciafs-demo beside it: one daemon holds a
+    cache directory, so a demo in the default one would keep the real mount out; and
+    not inside it, where `cache stats` would count the demo's files as the real ones."""
+    default = paths.cache_home()
+    return default.with_name(default.name + "-demo") if demo else default
 
 
 def default_cache_size(cache_dir: Path) -> int:
@@ -116,10 +126,32 @@ def preflight(mountpoint: Path) -> None:
         raise MountError(f"{mountpoint} is already a mount point (tciafs umount {mountpoint})")
     if any(mountpoint.iterdir()):
         raise MountError(f"mountpoint {mountpoint} is not empty")
-    if not os.path.exists("/dev/fuse"):
-        raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
+    if not os.path.exists(FUSE_DEVICE):
+        raise MountError(f"{FUSE_DEVICE} is missing: load the fuse module (modprobe fuse)")
+    unusable = fuse_device_problem()
+    if unusable is not None:
+        raise MountError(f"cannot mount {mountpoint}: {unusable}")
     if shutil.which("fusermount3") is None:
         raise MountError("fusermount3 is missing: install the fuse3 package")
+
+
+def fuse_device_problem() -> str | None:
+    """Why this user cannot open the FUSE device, with the usual fix; None if it can.
+
+    libfuse opens it before it tries fusermount3, and on failure reports only that
+    fuse_session_mount failed: the cause would be left in the log.
+    """
+    try:
+        os.close(os.open(FUSE_DEVICE, os.O_RDWR))  # an unmounted connection: harmless
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return (f"cannot open {FUSE_DEVICE}: {exc.strerror}; it must be readable and "
+                    "writable by you (it is usually mode 0666: ask the administrator to "
+                    "`chmod 0666 /dev/fuse` or to add you to the group that owns it); "
+                    "in a container, pass the device in (docker run --device /dev/fuse)")
+        return (f"cannot open {FUSE_DEVICE}: {exc.strerror}; load the fuse module "
+                "(modprobe fuse)")
+    return None
 
 
 # -- the demo server ---------------------------------------------------------------------
@@ -317,6 +349,7 @@ async def _serve_tree(client: Source, catalog: Catalog, selection: list[Series] 
         return status_document(parts, opts, started, offline)
 
     parts = assemble(client, tree, cache, control=Control(tree, cache), status=snapshot)
+    parts.control_address = controlproto.new_address()
     try:
         await _run_fuse(parts, opts, ready_fd, offline)
     finally:
@@ -333,12 +366,16 @@ class Parts:
     pages: PageFeeder
     ops: Operations
     control: Control | None = None
+    # Where the commands reach the control (tciafs.controlserver); None: no commands.
+    control_address: str | None = None
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start the parts' background tasks, each once those it relies on run."""
         await nursery.start(self.cache.run)
         if self.control is not None:
             await nursery.start(self.control.run_jobs)
+            if self.control_address is not None:
+                await nursery.start(controlserver.serve, self.ops, self.control_address)
         await nursery.start(self.pages.run)
         await nursery.start(self.tree.run)
         await nursery.start(self.client.run)
@@ -386,6 +423,8 @@ def status_document(parts: Parts, opts: MountOptions, started: float,
         "page_cache": {**parts.pages.counters, "read_ahead": parts.pages.state},
         "listed_ahead": parts.tree.listed_ahead,
     }
+    if parts.control_address is not None:
+        doc[controlproto.CONTROL_KEY] = parts.control_address
     if offline is not None:
         doc["offline_at_start"] = offline
     return doc
@@ -394,9 +433,10 @@ def status_document(parts: Parts, opts: MountOptions, started: float,
 async def _run_fuse(parts: Parts, opts: MountOptions, ready_fd: int | None,
                     note: str | None = None) -> None:
     fuse_options = set(pyfuse3.default_options)
-    # No "ro": the kernel would then refuse setxattr on the control file too. Every
-    # write handler answers EROFS itself, so the tree stays read-only all the same.
-    fuse_options |= {"fsname=tciafs", "subtype=tciafs", "noatime"}
+    # "ro": the kernel refuses writes without asking us, and findmnt, backup tools and
+    # root's `test -w` see a read-only tree. It refuses setxattr too, so commands come
+    # through the control socket.
+    fuse_options |= {"fsname=tciafs", "subtype=tciafs", "noatime", "ro"}
     if opts.allow_other:
         # Other local users then read through this mount with this user's login and
         # cache; non-root users also need user_allow_other in /etc/fuse.conf.

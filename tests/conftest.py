@@ -1,13 +1,27 @@
-"""Shared fixtures: the emulator on loopback, started as a real subprocess."""
+"""Shared fixtures: the emulator on loopback, started as a real subprocess; a session
+that never sees the user's own files; and the test tiers.
+
+Tiers (`pytest -m unit`, `-m handler`, `-m mount`):
+- unit: in-process code alone, no server, no mount;
+- handler: code driven through its handlers against real servers on loopback (the
+  client, the cache and the FUSE handlers against the emulator or a hostile server);
+- mount: a real FUSE mount, made by the test.
+A test (or its module, through `pytestmark`) carries one tier marker. A module whose
+tests differ names the tier of its unmarked ones in DEFAULT_TIER; without either, a test
+is taken for handler, the tier that may start servers but never mounts. Mounting without
+the mount marker fails the test (see cliutil.require_mount_tier).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cliutil import note_running_test
 
 from tciafs.emulator import launch
 
@@ -15,6 +29,54 @@ from mountutil import abort_fuse_mounts_under
 
 #: An emulator started by a test (see tciafs.emulator.launch).
 EmulatorProcess = launch.RunningEmulator
+
+TIERS = ("unit", "handler", "mount")
+UNMARKED_TIER = "handler"
+
+# Where tciafs finds the user's own files; each points into the session's own HOME.
+XDG_DIRS = {"XDG_CACHE_HOME": ".cache", "XDG_CONFIG_HOME": ".config",
+            "XDG_STATE_HOME": ".local/state", "XDG_DATA_HOME": ".local/share",
+            "XDG_RUNTIME_DIR": "run"}
+# What else reaches the login, settings (TCIAFS_* too) or service manager of the user.
+USER_VARIABLES = ("TCIA_USER", "TCIA_PASSWORD", "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        tiers = [tier for tier in TIERS if item.get_closest_marker(tier)]
+        if len(tiers) > 1:
+            raise pytest.UsageError(f"{item.nodeid}: more than one test tier "
+                                    f"({', '.join(tiers)}); mark each test with one")
+        if not tiers:
+            module = getattr(item, "module", None)
+            item.add_marker(getattr(module, "DEFAULT_TIER", UNMARKED_TIER))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A HOME and XDG directories of the session's own, in os.environ so that every
+    `tciafs` the tests start inherits them: no test reads or changes the user's cache,
+    config, stored login, state or logs."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(home))
+        for variable, where in XDG_DIRS.items():
+            (home / where).mkdir(parents=True, mode=0o700)
+            patch.setenv(variable, str(home / where))
+        for variable in [*USER_VARIABLES, *(v for v in os.environ if v.startswith("TCIAFS_"))]:
+            patch.delenv(variable, raising=False)
+        yield home
+
+
+@pytest.fixture(autouse=True)
+def running_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    note_running_test(request.node)
+    try:
+        yield
+    finally:
+        note_running_test(None)
+
+
 
 
 def start_emulator(data_dir: Path, *args: str, nlst: bool = False,

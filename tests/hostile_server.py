@@ -21,16 +21,13 @@ import struct
 import threading
 import time
 import urllib.parse
-import warnings
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from dicomutil import dicom_bytes
 
 PREFIX = "/nbia-api/services/v4/"
 KEYS = {"getCollectionValues": None, "getPatient": "Collection", "getSeries": "Collection",
@@ -38,7 +35,6 @@ KEYS = {"getCollectionValues": None, "getPatient": "Collection", "getSeries": "C
         "getImage": "SeriesInstanceUID", "getSingleImage": "SOPInstanceUID"}
 LISTINGS = {"getCollectionValues", "getPatient", "getSeries", "getPatientStudy",
             "getSOPInstanceUIDs"}
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
 @dataclass
@@ -60,42 +56,6 @@ def html_reply(title: str = "503 Service Temporarily Unavailable", status: int =
     page = (f"<!DOCTYPE html>\n<html><head><title>{title}</title></head><body><center>"
             f"<h1>{title}</h1></center><hr><center>nginx</center></body></html>\n")
     return Reply(status, page.encode(), "text/html; charset=utf-8")
-
-
-def dicom_bytes(sop: str, series: str = "1.2.3.4", study: str = "1.2.3",
-                patient: str = "P", rows: int = 8) -> bytes:
-    """A small CT image whose header names `sop` as its SOPInstanceUID (none if "").
-
-    Any string is accepted as a UID (1,000 bytes, '/', control characters): the server
-    is hostile, and pydicom's value checks are switched off for it.
-    """
-    with warnings.catch_warnings(), pydicom.config.disable_value_validation():
-        warnings.simplefilter("ignore")
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        if sop:
-            meta.MediaStorageSOPInstanceUID = sop
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.preamble = b"\0" * 128
-        ds.SOPClassUID = CT_IMAGE_STORAGE
-        if sop:
-            ds.SOPInstanceUID = sop
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = series
-        ds.PatientID = patient
-        ds.Modality = "CT"
-        ds.Rows = ds.Columns = rows
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.PixelData = bytes((i * 7 + len(sop)) % 256 for i in range(rows * rows * 2))
-        out = io.BytesIO()
-        pydicom.dcmwrite(out, ds, enforce_file_format=bool(sop))
-    return out.getvalue()
 
 
 Route = Reply | Callable[[Mapping[str, str]], Reply]

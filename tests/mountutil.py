@@ -5,14 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
 import pytest
+from cliutil import run_tciafs, start_tciafs
 
 FUSE_USABLE = os.path.exists("/dev/fuse") and bool(
     subprocess.run(["which", "fusermount3"], capture_output=True).returncode == 0)
@@ -21,6 +22,27 @@ needs_fuse = pytest.mark.skipif(not FUSE_USABLE, reason="needs /dev/fuse and fus
 
 
 CONNECTIONS = Path("/sys/fs/fuse/connections")
+NOBODY = 65534  # the unprivileged user of tests that need one
+
+
+def can_unshare() -> bool:
+    """Whether tests may make private mount namespaces (root, with unshare(1))."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("mount"):
+        return False
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+def as_nobody() -> list[str]:
+    """The command prefix that runs a command as user nobody, with no groups."""
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+def nobody_runs_tciafs() -> bool:
+    """Whether user nobody can run this tciafs (root may switch to it; the interpreter and
+    the code must be readable by all)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return False
+    return run_tciafs("--version", via=as_nobody(), timeout=60).returncode == 0
 
 
 def lazy_unmount(mountpoint: Path) -> None:
@@ -59,16 +81,17 @@ def abort_fuse_mounts_under(root: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def mounted(emulator, mountpoint: Path, cache_dir: Path, *extra: str,
-            timeout: float = 60.0) -> Iterator[subprocess.Popen]:
+            timeout: float = 60.0, env: Mapping[str, str] | None = None
+            ) -> Iterator[subprocess.Popen]:
     """Run `tciafs mount -f` against the emulator until the block ends."""
     mountpoint.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "tciafs", "mount", str(mountpoint), "-f",
-           "--server", emulator.url, "--cache-dir", str(cache_dir), *extra]
+    args = ["mount", str(mountpoint), "-f", "--server", emulator.url,
+            "--cache-dir", str(cache_dir), *extra]
     if emulator.nlst_url:
-        cmd += ["--nlst-server", emulator.nlst_url]
+        args += ["--nlst-server", emulator.nlst_url]
     log_path = cache_dir.parent / f"{mountpoint.name}-daemon.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        proc = start_tciafs(*args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + timeout
         while not os.path.ismount(mountpoint):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cliutil import run_tciafs
 from test_mount import _first_ct_series, _series_dirs, _series_zip
 
 from conftest import start_emulator
@@ -103,11 +102,11 @@ def test_wrong_password_fails_with_one_line(auth_emulator, tmp_path: Path) -> No
     bad.write_text(json.dumps({"user": "alice", "password": "wrong-" + PASSWORD}))
     bad.chmod(0o600)
     (tmp_path / "mnt").mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "tciafs", "mount", str(tmp_path / "mnt"), "--server",
-         auth_emulator.url, "--nlst-server", auth_emulator.nlst_url, "--api", "v2",
-         "--cache-dir", str(tmp_path / "cache"), "--credentials-file", str(bad)],
-        capture_output=True, text=True, env=_env(tmp_path), timeout=60)
+    result = run_tciafs(
+        "mount", str(tmp_path / "mnt"), "--server", auth_emulator.url,
+        "--nlst-server", auth_emulator.nlst_url, "--api", "v2",
+        "--cache-dir", str(tmp_path / "cache"), "--credentials-file", str(bad),
+        env=_env(tmp_path), timeout=60)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "alice" in lines[0] and "credentials" in lines[0]
@@ -119,30 +118,32 @@ def test_readable_credentials_file_is_refused(auth_emulator, tmp_path: Path,
                                               creds_file: Path) -> None:
     creds_file.chmod(0o644)
     (tmp_path / "mnt").mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "tciafs", "mount", str(tmp_path / "mnt"), "--server",
-         auth_emulator.url, "--cache-dir", str(tmp_path / "cache"),
-         "--credentials-file", str(creds_file)],
-        capture_output=True, text=True, env=_env(tmp_path), timeout=60)
+    result = run_tciafs(
+        "mount", str(tmp_path / "mnt"), "--server", auth_emulator.url,
+        "--cache-dir", str(tmp_path / "cache"), "--credentials-file", str(creds_file),
+        env=_env(tmp_path), timeout=60)
     assert result.returncode != 0
     assert f"chmod 600 {creds_file}" in result.stderr
 
 
-def test_login_stores_a_private_file(auth_emulator, tmp_path: Path) -> None:
+def test_login_stores_a_private_file_that_a_mount_uses(auth_emulator, tmp_path: Path) -> None:
     env = _env(tmp_path)
-    cmd = [sys.executable, "-m", "tciafs", "login", "--user", "alice", "--server",
-           auth_emulator.url]
-    wrong = subprocess.run(cmd, input="nope\n", capture_output=True, text=True, env=env)
+    login = ("login", "--user", "alice", "--server", auth_emulator.url)
+    wrong = run_tciafs(*login, input="nope\n", env=env)
     assert wrong.returncode == 1 and "alice" in wrong.stderr and "nope" not in wrong.stderr
-    ok = subprocess.run(cmd, input=PASSWORD + "\n", capture_output=True, text=True, env=env)
+    ok = run_tciafs(*login, input=PASSWORD + "\n", env=env)
     assert ok.returncode == 0, ok.stderr
     stored = tmp_path / "config" / "tciafs" / "credentials"
     assert stored.stat().st_mode & 0o077 == 0
     assert (tmp_path / "config" / "tciafs").stat().st_mode & 0o077 == 0
     assert PASSWORD not in ok.stdout + ok.stderr
-    out = subprocess.run([sys.executable, "-m", "tciafs", "logout"], capture_output=True,
-                         text=True, env=env)
-    assert out.returncode == 0 and not stored.exists()
+    mnt = tmp_path / "mnt"
+    with mounted(auth_emulator, mnt, tmp_path / "cache", "--api", "v2", env=env):
+        assert RESTRICTED in os.listdir(mnt)  # logged in with the stored login
+        # Only this test's mount: without --mount, logout reaches every mount there is.
+        out = run_tciafs("logout", "--mount", str(mnt), env=env)
+        assert out.returncode == 0 and not stored.exists()
+        assert f"{mnt}: token revoked" in out.stdout
 
 
 @pytest.mark.parametrize("api", ["v4", "v2", "v1", "legacy"])
@@ -169,8 +170,7 @@ def test_logout_revokes_a_running_mounts_token(auth_emulator, tmp_path: Path,
         files = sorted((mnt / RESTRICTED).glob("*/*/*/*.dcm"))
         assert files[0].read_bytes()[128:132] == b"DICM"
         reset_stats(auth_emulator.url)
-        out = subprocess.run([sys.executable, "-m", "tciafs", "logout"], capture_output=True,
-                             text=True, env=_env(tmp_path))
+        out = run_tciafs("logout", "--mount", str(mnt), env=_env(tmp_path))
         assert out.returncode == 0 and "token revoked" in out.stdout
         assert stats(auth_emulator.url)["requests"].get("logout", 0) >= 1
         with pytest.raises(OSError):  # the guest may not read restricted data ...
@@ -195,8 +195,7 @@ def test_legacy_v3_api_key_comes_from_a_private_file(auth_emulator, tmp_path: Pa
     assert API_KEY not in (tmp_path / "mnt-daemon.log").read_text()
     key.chmod(0o644)
     (tmp_path / "m2").mkdir()
-    refused = subprocess.run(
-        [sys.executable, "-m", "tciafs", "mount", str(tmp_path / "m2"), "--server",
-         auth_emulator.url, "--api", "legacy", "--cache-dir", str(tmp_path / "c2"),
-         "--api-key-file", str(key)], capture_output=True, text=True, env=_env(tmp_path))
+    refused = run_tciafs(
+        "mount", str(tmp_path / "m2"), "--server", auth_emulator.url, "--api", "legacy",
+        "--cache-dir", str(tmp_path / "c2"), "--api-key-file", str(key), env=_env(tmp_path))
     assert refused.returncode == 1 and f"chmod 600 {key}" in refused.stderr

@@ -24,13 +24,13 @@ import zipfile
 from pathlib import Path
 from types import ModuleType
 
-import pydicom
 import pytest
+from dicomutil import dicom_bytes
 from PIL import Image  # Pillow comes with matplotlib, the bench extra
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
 
 from mountutil import needs_fuse
+
+DEFAULT_TIER = "unit"  # three tests mount
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "scripts" / "bench"
@@ -81,24 +81,9 @@ def test_verifier_catches_missing_and_extra_files(tmp_path: Path) -> None:
     assert any("9.9.9.dcm" in p for p in problems)
 
 
-def _dicom(sop: str) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    meta.MediaStorageSOPInstanceUID = sop
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = sop
-    ds.PatientID = "SMOKE"
-    out = io.BytesIO()
-    pydicom.dcmwrite(out, ds, enforce_file_format=True)
-    return out.getvalue()
-
-
 def test_reference_zip_maps_md5_to_sop_uid(tmp_path: Path) -> None:
     sops = ["1.2.3.7", "1.2.3.5", "1.2.3.6"]
-    blobs = {f"{k + 1:08d}.dcm": _dicom(sop) for k, sop in enumerate(sops)}
+    blobs = {f"{k + 1:08d}.dcm": dicom_bytes(sop, patient="SMOKE") for k, sop in enumerate(sops)}
     table = io.StringIO()
     writer = csv.writer(table)
     writer.writerow(["Filename", "MD5Hash"])

@@ -14,7 +14,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -25,6 +24,8 @@ import httpx
 import pydicom
 import pytest
 import trio
+from cliutil import run_tciafs, start_tciafs, status_json, status_text
+from dicomutil import dicom_bytes
 
 from tciafs.cache import META_SLACK, Cache, CacheFull, object_path
 from tciafs.cache import store as cache_module
@@ -32,7 +33,17 @@ from tciafs.catalog import Kind, Node
 from tciafs.control import Control
 from tciafs.sources.nbia import NbiaSource
 
-from mountutil import count_requests, lazy_unmount, mounted, reset_stats, set_faults, stats
+from mountutil import (
+    count_requests,
+    lazy_unmount,
+    mounted,
+    needs_fuse,
+    reset_stats,
+    set_faults,
+    stats,
+)
+
+DEFAULT_TIER = "handler"  # the Cache against the emulator; marked tests mount
 
 
 def _series(url: str) -> list[dict]:
@@ -265,9 +276,8 @@ async def test_verify_command_reports_a_corrupted_file(emulator, client,
 
     await _with_cache(cache, body)
     cache.close()
-    verify = [sys.executable, "-m", "tciafs", "cache", "verify", "--cache-dir",
-              str(tmp_path / "c")]
-    ok = subprocess.run(verify, capture_output=True, text=True)
+    verify = ("cache", "verify", "--cache-dir", str(tmp_path / "c"))
+    ok = run_tciafs(*verify)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "checked 2 files: 0 bad" in ok.stdout
     path = object_path(tmp_path / "c", sops[1])
@@ -275,26 +285,25 @@ async def test_verify_command_reports_a_corrupted_file(emulator, client,
     data = bytearray(good)
     data[-1] ^= 0xFF  # same size, one flipped byte
     path.write_bytes(bytes(data))
-    bad = subprocess.run(verify, capture_output=True, text=True)
+    bad = run_tciafs(*verify)
     assert bad.returncode == 1
     assert f"{sops[1]}: MD5 mismatch" in bad.stdout
     first = object_path(tmp_path / "c", sops[0])
     size = first.stat().st_size
     os.truncate(first, size - 1)
-    worse = subprocess.run(verify, capture_output=True, text=True)
+    worse = run_tciafs(*verify)
     assert f"{sops[0]}: size {size - 1} != {size}" in worse.stdout
     first.unlink()
-    assert f"{sops[0]}: missing" in subprocess.run(verify, capture_output=True,
-                                                   text=True).stdout
+    assert f"{sops[0]}: missing" in run_tciafs(*verify).stdout
     with open(tmp_path / "c" / "lock", "a") as lock:  # as a running mount holds it
         fcntl.flock(lock, fcntl.LOCK_EX)
-        refused = subprocess.run([*verify, "--repair"], capture_output=True, text=True)
+        refused = run_tciafs(*verify, "--repair")
     assert refused.returncode == 1 and f"{sops[1]}: MD5 mismatch" in refused.stdout
     assert "not repaired: cache directory" in refused.stdout and "unmount" in refused.stdout
-    repair = subprocess.run([*verify, "--repair"], capture_output=True, text=True)
+    repair = run_tciafs(*verify, "--repair")
     assert repair.returncode == 0, repair.stdout + repair.stderr
     assert "repaired: 2 bad files dropped" in repair.stdout
-    after = subprocess.run(verify, capture_output=True, text=True)
+    after = run_tciafs(*verify)
     assert after.returncode == 0 and "checked 0 files: 0 bad" in after.stdout
     stats = json.loads(_cli("stats", "--json", "--cache-dir", str(tmp_path / "c")).stdout)
     assert stats["bound"] == 1 << 30  # the command kept the cache's own bound
@@ -309,6 +318,8 @@ async def test_verify_command_reports_a_corrupted_file(emulator, client,
     cache.close()
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_verify_repairs_a_mounted_cache_through_its_mount(emulator, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     uid = _series(emulator.url)[0]["SeriesInstanceUID"]
@@ -399,6 +410,7 @@ async def test_a_series_completed_from_its_missing_files_needs_the_others_still_
     cache.close()
 
 
+@pytest.mark.unit
 def test_finished_prefetch_jobs_are_forgotten_beyond_the_last_twenty(tmp_path: Path) -> None:
     cache = Cache(tmp_path / "cache", 100 << 20)
     control = Control(tree=None, cache=cache)  # type: ignore[arg-type]  # unused here
@@ -420,27 +432,13 @@ def test_finished_prefetch_jobs_are_forgotten_beyond_the_last_twenty(tmp_path: P
     cache.close()
 
 
-def _dicom(path: Path, *, sop: str, meta_sop: str, implicit: bool) -> bytes:
-    ds = pydicom.Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    if sop:
-        ds.SOPInstanceUID = sop
-    ds.StudyDate = "20240102"  # (0008,0020): parsing stops before this one
-    ds.PatientID = "P/1 .."
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = meta_sop
-    ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit
-                                      else pydicom.uid.ExplicitVRLittleEndian)
-    ds.save_as(path, enforce_file_format=True)
-    return path.read_bytes()
-
-
+@pytest.mark.unit
 @pytest.mark.parametrize("implicit", [False, True])
 def test_a_finished_file_is_named_by_its_dataset_and_hashed_as_stored(
         tmp_path: Path, implicit: bool) -> None:
     path = tmp_path / "download"
-    data = _dicom(path, sop="1.2.3.4", meta_sop="1.2.3.999", implicit=implicit)
+    data = dicom_bytes("1.2.3.4", meta_sop="1.2.3.999", implicit=implicit, study_date="20240102")
+    path.write_bytes(data)
     (tmp_path / "root" / "objects").mkdir(parents=True)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -451,9 +449,10 @@ def test_a_finished_file_is_named_by_its_dataset_and_hashed_as_stored(
     assert object_path(tmp_path / "root", sop).parent.is_dir()  # ready for the rename
 
 
+@pytest.mark.unit
 def test_a_file_whose_dataset_lacks_the_uid_is_named_by_its_meta_header(tmp_path: Path) -> None:
     path = tmp_path / "download"
-    _dicom(path, sop="", meta_sop="1.2.3.5", implicit=False)
+    path.write_bytes(dicom_bytes("", meta_sop="1.2.3.5", study_date="20240102"))
     with open(path, "rb") as stored:
         assert cache_module._instance_uids(stored, series_too=False)[0] == "1.2.3.5"
 
@@ -555,6 +554,8 @@ async def test_a_job_starts_its_series_a_few_at_a_time(emulator, client,
     cache.close()
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_prefetch_left_by_a_killed_daemon_goes_on_at_the_next_mount(emulator,
                                                                       tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
@@ -584,21 +585,19 @@ def test_a_prefetch_left_by_a_killed_daemon_goes_on_at_the_next_mount(emulator,
         while _present(cache_dir, series) < count:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        jobs = json.loads(subprocess.run(
-            [sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
-            capture_output=True, text=True, check=True).stdout)["jobs"]
+        jobs = status_json(mnt)["jobs"]
         assert [j["target"] for j in jobs.values()] == [target]
     log = (tmp_path / "mnt-daemon.log").read_text()
     assert f"prefetch of {target}, left unfinished by the last mount, goes on" in log
     with mounted(emulator, mnt, cache_dir):  # it ended: nothing to take up any more
-        status = json.loads(subprocess.run(
-            [sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
-            capture_output=True, text=True, check=True).stdout)
+        status = status_json(mnt)
         assert status["jobs"] == {}
     left = json.loads(_cli("stats", "--json", "--cache-dir", str(cache_dir)).stdout)
     assert left["unfinished_jobs"] == []
 
 
+@needs_fuse
+@pytest.mark.mount
 @pytest.mark.parametrize("what", ["the series", "its UID", "everything",
                                   "the series, unmounted", "everything, unmounted"])
 def test_clear_ends_a_prefetch_for_good(emulator, tmp_path: Path, what: str) -> None:
@@ -611,7 +610,9 @@ def test_clear_ends_a_prefetch_for_good(emulator, tmp_path: Path, what: str) -> 
             assert _cli("prefetch", "--no-wait", str(series)).returncode == 0
             if not what.endswith("unmounted"):
                 named = {"the series": [str(series)], "its UID": [uid]}.get(what, [])
-                clear = _cli("clear", *named)  # a job started by path, ended by UID too
+                # A job started by path, ended by UID too. --mount: other mounts may run
+                # on this machine (the demo), and "everything" means all of theirs too.
+                clear = _cli("clear", "--mount", str(mnt), *named)
                 assert clear.returncode == 0, clear.stderr
         if what.endswith("unmounted"):  # the job was cut short: stored for the next mount
             clear = _cli("clear", "--cache-dir", str(cache_dir),
@@ -620,9 +621,7 @@ def test_clear_ends_a_prefetch_for_good(emulator, tmp_path: Path, what: str) -> 
     finally:
         set_faults(emulator.url)
     with mounted(emulator, mnt, cache_dir):
-        status = json.loads(subprocess.run(
-            [sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
-            capture_output=True, text=True, check=True).stdout)
+        status = status_json(mnt)
         assert status["jobs"] == {}
     assert "left unfinished by the last mount" not in (tmp_path / "mnt-daemon.log").read_text()
 
@@ -636,9 +635,8 @@ def _slow_prefetch(emulator, mnt: Path, cache_dir: Path  # noqa: ANN001
     series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
     set_faults(emulator.url, bandwidth=500_000)
     try:
-        follower = subprocess.Popen(
-            [sys.executable, "-m", "tciafs", "cache", "prefetch", str(series)],
-            stderr=subprocess.PIPE, text=True)
+        follower = start_tciafs("cache", "prefetch", str(series), stderr=subprocess.PIPE,
+                                text=True)
         deadline = time.monotonic() + 30
         while not _present(cache_dir, series):
             assert time.monotonic() < deadline and follower.poll() is None
@@ -648,6 +646,8 @@ def _slow_prefetch(emulator, mnt: Path, cache_dir: Path  # noqa: ANN001
         set_faults(emulator.url)
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_ctrl_c_stops_following_a_prefetch_not_the_prefetch(emulator, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     with mounted(emulator, mnt, cache_dir), _slow_prefetch(emulator, mnt, cache_dir) as cli:
@@ -656,12 +656,12 @@ def test_ctrl_c_stops_following_a_prefetch_not_the_prefetch(emulator, tmp_path: 
         assert cli.returncode == 130, err
         assert "goes on in the mount" in err and "tciafs cache clear" in err
         assert "Traceback" not in err
-        status = json.loads(subprocess.run(
-            [sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
-            capture_output=True, text=True, check=True).stdout)
+        status = status_json(mnt)
         assert status["in_flight"]  # still fetching
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_prefetch_whose_mount_goes_away_says_so(emulator, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     with mounted(emulator, mnt, cache_dir), _slow_prefetch(emulator, mnt, cache_dir) as cli:
@@ -671,6 +671,8 @@ def test_a_prefetch_whose_mount_goes_away_says_so(emulator, tmp_path: Path) -> N
     assert "the mount went away while" in err and "Traceback" not in err
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_prefetch_the_cache_cannot_hold_ends_with_the_reason(emulator, tmp_path: Path) -> None:
     """Before, such a job evicted its own first series to fetch its last ones and never
     ended: `cache prefetch` waited forever."""
@@ -686,8 +688,7 @@ def test_a_prefetch_the_cache_cannot_hold_ends_with_the_reason(emulator, tmp_pat
         crowded = _cli("prefetch", str(lung / "LUNG-001"))  # 21 MB: not beside the pinned
         assert crowded.returncode == 1, crowded.stderr
         assert re.search(r"[12] of 2 series were fetched but did not stay", crowded.stderr)
-        text = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
-                              capture_output=True, text=True, check=True).stdout
+        text = status_text(mnt)
         assert ", 0 running" in text
     log = (tmp_path / "mnt-daemon.log").read_text()
     assert "evicted, as the cache cannot hold it beside the data in use" in log
@@ -725,6 +726,8 @@ async def test_a_full_disk_evicts_and_retries_then_fails_clearly(emulator, clien
         cache.close()
 
 
+@needs_fuse
+@pytest.mark.mount
 @pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
 def test_a_cache_disk_that_refuses_writes_is_a_clear_error(emulator, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
@@ -867,6 +870,8 @@ async def test_a_file_fetched_again_alone_is_checked_against_the_md5_listed_befo
     assert _verified(tmp_path / "c", uid)[sop] == 1
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_persistent_md5_mismatch_is_eio_through_the_mount(emulator, damage,
                                                             tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
@@ -874,8 +879,7 @@ def test_a_persistent_md5_mismatch_is_eio_through_the_mount(emulator, damage,
     with mounted(emulator, mnt, tmp_path / "cache"):
         series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
         damage(1.0, "getImage", "getSingleImage")
-        prefetch = subprocess.run([sys.executable, "-m", "tciafs", "cache", "prefetch",
-                                   str(series)], capture_output=True, text=True, timeout=120)
+        prefetch = run_tciafs("cache", "prefetch", str(series), timeout=120)
         assert prefetch.returncode == 1
         assert "MD5" in prefetch.stdout + prefetch.stderr
         first = sorted(series.glob("*.dcm"))[0]
@@ -886,6 +890,8 @@ def test_a_persistent_md5_mismatch_is_eio_through_the_mount(emulator, damage,
         assert first.read_bytes() == _truth(emulator.url, uid)[first.name.removesuffix(".dcm")]
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_bytes_the_md5_list_refuses_leave_the_kernels_page_cache(emulator, damage,
                                                                  tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
@@ -899,11 +905,12 @@ def test_bytes_the_md5_list_refuses_leave_the_kernels_page_cache(emulator, damag
         early = first.read_bytes()  # before any MD5 list: nothing to check it against
         assert early != want and early[:-1] == want[:-1]
         damage(0.0)
-        subprocess.run([sys.executable, "-m", "tciafs", "cache", "prefetch", str(series)],
-                       check=True, capture_output=True, timeout=120)
+        run_tciafs("cache", "prefetch", str(series), check=True, timeout=120)
         assert first.read_bytes() == want  # not the refused bytes, still in the kernel
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_series_re_submitted_to_the_service_reads_as_it_is_now(emulator, damage,
                                                                  tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
@@ -937,8 +944,7 @@ def test_a_series_re_submitted_to_the_service_reads_as_it_is_now(emulator, damag
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tciafs", "cache", *args],
-                          capture_output=True, text=True, timeout=120)
+    return run_tciafs("cache", *args, timeout=120)
 
 
 def _present(cache_dir: Path, series: Path) -> int:
@@ -952,6 +958,8 @@ def _read_all(series: Path) -> None:
         path.read_bytes()
 
 
+@needs_fuse
+@pytest.mark.mount
 @pytest.mark.parametrize("harm", ["deleted", "cut short"])
 def test_cached_files_harmed_from_outside_are_fetched_again(emulator, tmp_path: Path,
                                                             harm: str) -> None:
@@ -978,14 +986,14 @@ def test_cached_files_harmed_from_outside_are_fetched_again(emulator, tmp_path: 
         assert last.read_bytes() == truth[last.stem]
         assert stats(emulator.url)["requests"] == {"getSingleImage": 1}  # that file alone
         assert os.path.getsize(object_path(cache_dir, last.stem)) == len(truth[last.stem])
-        pages = json.loads(subprocess.run(
-            [sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
-            capture_output=True, text=True, check=True).stdout)["page_cache"]
+        pages = status_json(mnt)["page_cache"]
         assert pages["failed"] == 0 and pages["reads_through_daemon"] == 0, pages  # at open
     log = (tmp_path / "mnt-daemon.log").read_text()
     assert f"{harm} from outside the mount" in log and "Traceback" not in log
 
 
+@needs_fuse
+@pytest.mark.mount
 @pytest.mark.parametrize("fault", ["ptruncate", "pshort"])
 def test_a_series_whose_zip_is_always_cut_short_comes_file_by_file(emulator, tmp_path: Path,
                                                                    fault: str) -> None:
@@ -1010,14 +1018,15 @@ def test_a_series_whose_zip_is_always_cut_short_comes_file_by_file(emulator, tmp
         assert 0 < requests["getSingleImage"] < len(truth)  # the cut ZIPs brought the rest
         assert {p.stem: p.read_bytes() for p in series.glob("*.dcm")} == truth
         assert stats(emulator.url)["requests"] == requests  # the reads fetched nothing more
-        status = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
-                                capture_output=True, text=True, check=True).stdout
+        status = status_text(mnt)
         assert "1 series came file by file" in status
     assert set(_verified(cache_dir, uid).values()) == {0}  # no MD5 list confirmed them
     log = (tmp_path / "mnt-daemon.log").read_text()
     assert "its ZIP was cut short at each of 3 attempts" in log
 
 
+@needs_fuse
+@pytest.mark.mount
 @pytest.mark.parametrize("lost", ["three", "three unconfirmed", "most"])
 def test_a_partly_cached_series_fetches_only_what_it_lacks(emulator, tmp_path: Path,
                                                            lost: str) -> None:
@@ -1052,9 +1061,7 @@ def test_a_partly_cached_series_fetches_only_what_it_lacks(emulator, tmp_path: P
         assert written < lost_bytes + kept_bytes // 2  # the index's writes are small
         assert {p.stem: p.read_bytes() for p in series.glob("*.dcm")} == truth
         assert stats(emulator.url)["requests"] == want  # the reads fetched nothing more
-        status = json.loads(subprocess.run(
-            [sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
-            capture_output=True, text=True, check=True).stdout)
+        status = status_json(mnt)
         assert status["cache"]["series_resumed"] == (lost == "three")
     assert set(_verified(cache_dir, uid).values()) == {1}
     log = (tmp_path / "mnt-daemon.log").read_text()
@@ -1067,6 +1074,8 @@ def _bytes_written(pid: int) -> int:
     return int(io_counts[io_counts.index("wchar:") + 1])
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_pin_unpin_stats_clear_and_a_resumed_prefetch(emulator, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     with mounted(emulator, mnt, cache_dir, "--cache-size", "30M"):
@@ -1123,6 +1132,7 @@ def test_pin_unpin_stats_clear_and_a_resumed_prefetch(emulator, tmp_path: Path) 
         assert _present(cache_dir, every[0]) == len(list(every[0].glob("*.dcm")))
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_the_default_bound_is_a_tenth_of_the_cache_disk_at_most_10_gib(tmp_path: Path) -> None:
     from tciafs.mount import default_cache_size

@@ -1,8 +1,12 @@
 import datetime
 from pathlib import Path
 
+import pytest
+
 from tciafs.catalog import ROOT_INODE, Catalog, Kind, NewChild
 from tciafs.sources.base import Series
+
+pytestmark = pytest.mark.unit
 
 
 def _kids(*idents: str) -> list[NewChild]:

@@ -14,6 +14,8 @@ import pytest
 from tciafs.sources.base import Collection, MalformedResponse
 from tciafs.sources.nbia import api
 
+pytestmark = pytest.mark.unit
+
 V4, V2, V1, LEGACY = (api.generation(n) for n in ("v4", "v2", "v1", "legacy"))
 
 V1_SERIES_BODY = json.dumps([

@@ -24,6 +24,8 @@ from tciafs.sources.nbia import Credentials, NbiaClient
 
 from conftest import EmulatorProcess, start_emulator
 
+pytestmark = pytest.mark.handler
+
 GENERATIONS = ["v4", "v2", "v1", "legacy"]
 PASSWORD = "correct horse battery staple"
 API_KEY = "legacy-v3-key"
@@ -431,9 +433,15 @@ async def test_legacy_v3_with_an_api_key(auth_emulator: EmulatorProcess) -> None
 @pytest.mark.timeout(120)
 async def test_a_server_found_unreachable_is_tried_once_until_it_answers(
         demo_data_dir: Path) -> None:
-    with socket.socket() as probe:  # a port nothing listens on, for now
+    # A port bound but not listening refuses connections, and no other process on the
+    # machine can take it meanwhile, as it could a port merely found free.
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+        await _unreachable_then_back(port, probe, demo_data_dir)
+
+
+async def _unreachable_then_back(port: int, probe: socket.socket, demo_data_dir: Path) -> None:
     async with NbiaClient(f"http://127.0.0.1:{port}", nlst_server=None, retries=3,
                           backoff_base=0.01, timeout=5) as client:
         asked = client.stats.requests
@@ -445,6 +453,7 @@ async def test_a_server_found_unreachable_is_tried_once_until_it_answers(
                                               "reached before"):
             await client.collections()
         assert asked["getCollectionValues"] == 5
+        probe.close()  # free for the emulator
         emu = start_emulator(demo_data_dir, "--port", str(port))
         try:
             assert await client.collections()  # back: seen at the first try

@@ -29,6 +29,8 @@ from tciafs.sources.nbia import Credentials, NbiaClient
 
 from scripted_server import Handler, ScriptedServer
 
+pytestmark = pytest.mark.handler
+
 ROOT = "http://nbia.test"  # for the tests that send no request
 SERIES_ROW = {"SeriesInstanceUID": "1.2.3", "StudyInstanceUID": "1.2", "PatientID": "P1",
               "Collection": "C", "ImageCount": 1}

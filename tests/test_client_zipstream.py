@@ -16,6 +16,8 @@ import pytest
 from tciafs.sources.base import ChecksumMismatch, MalformedResponse, TruncatedStream
 from tciafs.sources.nbia.zipstream import ZipStreamReader, parse_md5_csv
 
+pytestmark = pytest.mark.unit
+
 ENTRIES = [
     ("LICENSE", b"License Information. The X collection is distributed under CC BY 4.0."),
     ("00000001.dcm", os.urandom(70_000)),  # incompressible

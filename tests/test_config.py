@@ -6,8 +6,11 @@ import argparse
 from pathlib import Path
 
 import pytest
+from cliutil import run_tciafs
 
 from tciafs import cli, config
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
@@ -240,16 +243,13 @@ def test_cache_commands_find_the_cache_the_mount_would_use(xdg, tmp_path) -> Non
     """A cache_dir set in the config file or the environment is where `tciafs cache`
     looks too, not the XDG default; --cache-dir still wins."""
     import os
-    import subprocess
-    import sys
 
     default_file(xdg, '[mount]\ncache_dir = "big-disk/tcia"\n')
     env = {**os.environ, **xdg, "XDG_CACHE_HOME": str(tmp_path / "xdg-cache")}
     env.pop("TCIAFS_CACHE_DIR", None)
 
     def stats(*extra: str, **more: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "tciafs", "cache", "stats", *extra],
-                              capture_output=True, text=True, env={**env, **more}, timeout=60)
+        done = run_tciafs("cache", "stats", *extra, env={**env, **more}, timeout=60)
         assert done.returncode == 1
         return done.stderr
 

@@ -9,11 +9,11 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cliutil import run_tciafs
 from test_mount import _first_ct_series, _series_zip
 
 from conftest import start_emulator
@@ -47,8 +47,7 @@ def _wait_for_bytes(url: str, at_least: int, timeout: float = 20.0) -> None:
 
 
 def _verify(cache_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tciafs", "cache", "verify", "--cache-dir",
-                           str(cache_dir)], capture_output=True, text=True)
+    return run_tciafs("cache", "verify", "--cache-dir", str(cache_dir))
 
 
 def _cached_files(series: Path) -> list[Path]:
@@ -62,8 +61,7 @@ def test_kill_9_ten_times_mid_download(slow_emulator, tmp_path: Path) -> None:
     served = 0
     for round_ in range(10):
         if round_ % 3 == 2:  # start over now and then, so that there is always more to fetch
-            subprocess.run([sys.executable, "-m", "tciafs", "cache", "clear", "--cache-dir",
-                            str(cache_dir)], check=True, capture_output=True)
+            run_tciafs("cache", "clear", "--cache-dir", str(cache_dir), check=True)
         with mounted(slow_emulator, mnt, cache_dir) as daemon:
             series = _first_ct_series(mnt)
             if not truth:
@@ -113,9 +111,7 @@ def test_a_lost_index_is_rebuilt_from_the_cached_files(emulator, tmp_path: Path,
     cached = len(list(cache_dir.glob("objects/*/*")))  # sibling series were prefetched too
     if lost == "damaged":
         _damage(index)
-        stats_cmd = subprocess.run([sys.executable, "-m", "tciafs", "cache", "stats",
-                                    "--cache-dir", str(cache_dir)], capture_output=True,
-                                   text=True)
+        stats_cmd = run_tciafs("cache", "stats", "--cache-dir", str(cache_dir))
         assert stats_cmd.returncode == 1 and "the next mount sets it aside" in stats_cmd.stderr
         assert "Traceback" not in stats_cmd.stderr
     elif lost == "deleted":  # as someone tidying up, or trying to mend it, would
@@ -128,8 +124,7 @@ def test_a_lost_index_is_rebuilt_from_the_cached_files(emulator, tmp_path: Path,
         reset_stats(emulator.url)
         assert {p.name: p.read_bytes() for p in sorted(series.glob("*.dcm"))} == truth
         # Known complete again (its listing counts as many files): nothing to prefetch.
-        subprocess.run([sys.executable, "-m", "tciafs", "cache", "prefetch", str(series)],
-                       check=True, capture_output=True, timeout=60)
+        run_tciafs("cache", "prefetch", str(series), check=True, timeout=60)
         assert count_requests(emulator.url, *IMAGE_ENDPOINTS) == 0  # nothing fetched again
     log = (tmp_path / "mnt-daemon.log").read_text()
     assert f"{cached} cached files" in log and "indexed again" in log
@@ -145,8 +140,7 @@ def test_a_damaged_catalog_is_set_aside_and_listed_again(emulator, tmp_path: Pat
         before = sorted(os.listdir(mnt))
     (catalog,) = cache_dir.glob("catalog-*.sqlite")
     _damage(catalog)
-    subprocess.run([sys.executable, "-m", "tciafs", "cache", "stats", "--cache-dir",
-                    str(cache_dir)], check=True, capture_output=True)  # the index is fine
+    run_tciafs("cache", "stats", "--cache-dir", str(cache_dir), check=True)  # the index is fine
     with mounted(emulator, mnt, cache_dir):
         assert sorted(os.listdir(mnt)) == before
     assert catalog.with_name(catalog.name + ".damaged").exists()

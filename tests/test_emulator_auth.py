@@ -1,4 +1,5 @@
-"""Tokens, expiry, logout and restricted visibility (docs/nbia-wire.md, "Tokens and OAuth" to "Visibility")."""
+"""Tokens, expiry, logout and restricted visibility (docs/nbia-wire.md, "Tokens and
+OAuth" to "Visibility")."""
 
 from __future__ import annotations
 

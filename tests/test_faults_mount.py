@@ -12,13 +12,11 @@ import contextlib
 import errno
 import hashlib
 import io
-import json
 import os
 import random
 import re
 import resource
 import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -30,6 +28,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+from cliutil import run_tciafs, status_json
 
 from conftest import EmulatorProcess, start_emulator
 from mountutil import mounted, needs_fuse, reset_stats, set_faults, stats
@@ -82,8 +81,7 @@ def _assert_clean_log(log: str) -> None:
 
 
 def _verify_cache(cache_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tciafs", "cache", "verify", "--cache-dir",
-                           str(cache_dir)], capture_output=True, text=True, timeout=120)
+    return run_tciafs("cache", "verify", "--cache-dir", str(cache_dir), timeout=120)
 
 
 def _wait_quiet(url: str, quiet: float = 1.0, timeout: float = 60.0) -> None:
@@ -436,22 +434,19 @@ def test_server_unreachable_after_mount_then_back(tmp_path: Path) -> None:
 def _mount_in_background(url: str, mnt: Path, cache_dir: Path,
                          *extra: str) -> subprocess.CompletedProcess:
     mnt.mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "tciafs", "mount", str(mnt), "--server", url,
-                           "--cache-dir", str(cache_dir), "--timeout", "2", *extra],
-                          capture_output=True, text=True, timeout=120)
+    return run_tciafs("mount", str(mnt), "--server", url, "--cache-dir", str(cache_dir),
+                      "--timeout", "2", *extra, timeout=120)
 
 
 def _requests_of(mnt: Path) -> dict[str, dict[str, int]]:
     """The daemon's HTTP attempts and failed requests by endpoint, from its status."""
-    shown = subprocess.run([sys.executable, "-m", "tciafs", "status", "--json", str(mnt)],
-                           capture_output=True, text=True, timeout=30, check=True)
-    counts = json.loads(shown.stdout)["requests"]
+    counts = status_json(mnt)["requests"]
     return {"attempts": counts["requests"], "failed": counts["errors"]}
 
 
 def _unmount(mnt: Path) -> None:
     if os.path.ismount(mnt):
-        subprocess.run([sys.executable, "-m", "tciafs", "umount", str(mnt)], timeout=60)
+        run_tciafs("umount", str(mnt), timeout=60)
 
 
 @pytest.mark.timeout(240)
@@ -509,15 +504,13 @@ def test_a_cache_that_holds_listings_mounts_while_the_service_is_down(
             tried = Counter(now["attempts"]) - Counter(probed["attempts"])
             given_up = Counter(now["failed"]) - Counter(probed["failed"])
             assert tried and tried == given_up  # one attempt each: the probe found it down
-            shown = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
-                                   capture_output=True, text=True, timeout=30)
+            shown = run_tciafs("status", str(mnt), timeout=30)
             assert "started offline: cannot reach" in shown.stdout
             assert "unreachable since" in shown.stdout and first.url in shown.stdout
 
             second = start_emulator(demo_data_dir, "--port", port)  # back on the same port
             assert target.read_bytes() == truth[_sop(target)]
-            shown = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
-                                   capture_output=True, text=True, timeout=30)
+            shown = run_tciafs("status", str(mnt), timeout=30)
             assert "unreachable" not in shown.stdout  # the mark went with the first answer
         finally:
             _unmount(mnt)

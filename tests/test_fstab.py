@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,9 @@ import pytest
 
 from tciafs import fstab
 
-from mountutil import needs_fuse
+from mountutil import can_unshare, needs_fuse
+
+DEFAULT_TIER = "unit"  # one test mounts
 
 MNT = "/mnt/tcia"
 
@@ -152,15 +153,9 @@ def test_helper_makes_relative_mountpoint_absolute(tmp_path, monkeypatch, capsys
 
 # -- the real mount(8) -----------------------------------------------------------------------
 
-def _can_unshare() -> bool:
-    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("mount"):
-        return False
-    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
-
-
 @needs_fuse
 @pytest.mark.mount
-@pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare to install the helper")
+@pytest.mark.skipif(not can_unshare(), reason="needs root and unshare to install the helper")
 def test_mount_t_fuse_tciafs_runs_the_helper(emulator, tmp_path: Path) -> None:
     """`mount -t fuse.tciafs` finds /sbin/mount.fuse.tciafs and the mount serves the archive.
 

@@ -1,6 +1,10 @@
 import datetime as dt
 
+import pytest
+
 from tciafs import layout, manifest
+
+pytestmark = pytest.mark.unit
 
 
 def test_descriptive_names_match_the_retriever_examples() -> None:

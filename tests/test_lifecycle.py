@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cliutil import run_tciafs, status_json
 
 from mountutil import CONNECTIONS, abort_fuse_mounts_under, lazy_unmount, mounted, needs_fuse
 
@@ -24,12 +25,12 @@ pytestmark = [needs_fuse, pytest.mark.mount]
 def _env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"),
             "XDG_CONFIG_HOME": str(tmp_path / "config"),
-            "XDG_DATA_HOME": str(tmp_path / "data")}
+            "XDG_DATA_HOME": str(tmp_path / "data"),
+            "XDG_CACHE_HOME": str(tmp_path / "cache-home")}
 
 
 def _tciafs(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tciafs", *args], capture_output=True,
-                          text=True, env=_env(tmp_path), timeout=timeout)
+    return run_tciafs(*args, env=_env(tmp_path), timeout=timeout)
 
 
 def _mount_args(emulator, mnt: Path, tmp_path: Path) -> list[str]:
@@ -66,6 +67,31 @@ def test_background_mount_and_umount(emulator, tmp_path: Path) -> None:
         assert not os.path.exists(f"/proc/{pid}")  # the daemon went with its mount
     finally:
         lazy_unmount(mnt)
+
+
+def test_the_demo_leaves_the_default_cache_to_the_real_mount(emulator, demo_data_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """`tciafs mount --demo` and then `tciafs mount` run side by side, each with its
+    default cache directory: the demo's is its own."""
+    demo, real = tmp_path / "demo", tmp_path / "real"
+    for mnt in (demo, real):
+        mnt.mkdir()
+    archive = tmp_path / "data" / "tciafs" / "emulator" / "demo"  # where --demo looks
+    archive.parent.mkdir(parents=True)
+    archive.symlink_to(demo_data_dir)  # generated once for the whole session
+    try:
+        started = _tciafs(tmp_path, "mount", "--demo", str(demo))
+        assert started.returncode == 0, started.stderr
+        started = _tciafs(tmp_path, "mount", str(real), "--server", emulator.url,
+                          "--nlst-server", emulator.nlst_url)
+        assert started.returncode == 0, started.stderr
+        assert status_json(demo)["cache_dir"] == str(tmp_path / "cache-home" / "tciafs-demo")
+        assert status_json(real)["cache_dir"] == str(tmp_path / "cache-home" / "tciafs")
+        assert os.listdir(demo) == os.listdir(real)
+    finally:
+        for mnt in (demo, real):
+            _tciafs(tmp_path, "umount", str(mnt))
+            lazy_unmount(mnt)
 
 
 def test_a_detached_daemons_log_is_bounded_and_takes_its_stderr(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -16,6 +15,9 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+from cliutil import run_tciafs, status_text
+
+from tciafs import paths
 
 from mountutil import IMAGE_ENDPOINTS, count_requests, mounted, needs_fuse, reset_stats, set_faults
 
@@ -115,8 +117,7 @@ def test_reading_a_series_lists_the_next_ones_ahead(emulator, tmp_path: Path,
         for path in series[2:]:
             assert os.listdir(path)
         assert count_requests(emulator.url, "getSOPInstanceUIDs") == 0  # listed already
-        shown = subprocess.run([sys.executable, "-m", "tciafs", "status", str(tmp_path / "mnt")],
-                               capture_output=True, text=True, check=True).stdout
+        shown = status_text(tmp_path / "mnt")
         assert f"listed ahead of a traversal: {len(series) - 2}" in shown
 
 
@@ -201,6 +202,36 @@ def test_read_only_and_bad_names(emulator, tmp_path: Path, cache_dir: Path) -> N
         with open(some_file, "rb") as f:
             f.seek(10 << 20)
             assert f.read(100) == b""  # past EOF: empty, not an error
+
+
+def _mount_options(mountpoint: Path) -> list[str]:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if paths.unescape_mount_field(fields[1]) == str(mountpoint):
+            return fields[3].split(",")
+    raise AssertionError(f"{mountpoint} is not in /proc/self/mounts")
+
+
+def test_the_kernel_knows_the_mount_is_read_only(emulator, tmp_path: Path,
+                                                 cache_dir: Path) -> None:
+    """Mounted `ro`: findmnt, backup tools and root's `test -w` see a read-only tree, and
+    writes fail in the kernel; commands still reach the daemon, through its socket."""
+    mnt = tmp_path / "mnt"
+    with mounted(emulator, mnt, cache_dir):
+        assert "ro" in _mount_options(mnt)
+        assert not os.access(mnt, os.W_OK)  # even for root
+        series = _first_ct_series(mnt)
+        some_file = next(series.glob("*.dcm"))
+        for write in (lambda: os.open(some_file, os.O_WRONLY),
+                      lambda: (series / "new.dcm").touch(),
+                      lambda: os.setxattr(some_file, "user.note", b"x"),
+                      lambda: os.utime(some_file)):
+            with pytest.raises(OSError) as err:
+                write()
+            assert err.value.errno == errno.EROFS
+        prefetch = run_tciafs("cache", "prefetch", str(series))
+        assert prefetch.returncode == 0, prefetch.stderr
+        assert {os.getxattr(f, "user.tcia.cached") for f in series.glob("*.dcm")} == {b"full"}
 
 
 def test_failing_server_gives_eio_promptly(emulator, tmp_path: Path, cache_dir: Path) -> None:

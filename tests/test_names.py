@@ -2,6 +2,8 @@ import pytest
 
 from tciafs import names
 
+pytestmark = pytest.mark.unit
+
 AWKWARD = ["LUNG-001", "LUNG 002", "LUNG/003", ".hidden-004", "Pétra-005", ".", "..",
            "a%b", "", "tab\there", "nul\x00byte", "100%", "%2F", "/", "ü/..", " lead space"]
 

@@ -22,6 +22,8 @@ from tciafs.tree import Tree
 
 from mountutil import IMAGE_ENDPOINTS, count_requests, reset_stats, set_faults, stats
 
+pytestmark = pytest.mark.handler
+
 
 class Harness:
     def __init__(self, ops: Operations, nursery: trio.Nursery) -> None:

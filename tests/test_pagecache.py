@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from cliutil import status_json, status_text
 from test_mount import _first_ct_series, _series_zip
 
 from tciafs import pagepush
@@ -23,12 +22,6 @@ from mountutil import mounted, needs_fuse
 pytestmark = [needs_fuse, pytest.mark.mount]
 
 DROP_CACHES = "/proc/sys/vm/drop_caches"
-
-
-def _status(mnt: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
-                         capture_output=True, text=True, check=True, timeout=60).stdout
-    return json.loads(out)
 
 
 def _warm_cache(emulator, mnt: Path, cache: Path) -> tuple[Path, dict[str, bytes]]:
@@ -49,12 +42,11 @@ def test_series_read_in_order_never_reaches_the_daemon(emulator, tmp_path: Path)
         out = subprocess.run(["cat", *map(str, files)], capture_output=True, check=True,
                              timeout=60).stdout
         assert out == b"".join(truth[f.name.removesuffix(".dcm")] for f in files)
-        pages = _status(mnt)["page_cache"]
+        pages = status_json(mnt)["page_cache"]
         assert pages["pushed_at_open"] + pages["pushed_ahead"] == len(files), pages
         assert pages["pushed_ahead"] >= len(files) // 2, pages
         assert pages["failed"] == 0 and pages["reads_through_daemon"] == 0, pages
-        text = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
-                              capture_output=True, text=True, check=True).stdout
+        text = status_text(mnt)
         assert "ahead of the reader" in text
 
 
@@ -100,7 +92,7 @@ def test_concurrent_and_mapped_readers_get_exact_bytes(emulator, tmp_path: Path)
             t.join(timeout=90)
         assert not any(t.is_alive() for t in threads), "a reader hung"
         assert errors == []
-        pages = _status(mnt)["page_cache"]
+        pages = status_json(mnt)["page_cache"]
         assert pages["failed"] == 0, pages
 
 
@@ -142,13 +134,13 @@ def test_pages_are_pushed_again_after_the_kernel_dropped_them(emulator, tmp_path
         files = sorted(series.glob("*.dcm"))
         for f in files:
             f.read_bytes()
-        before = _status(mnt)["page_cache"]
+        before = status_json(mnt)["page_cache"]
         # Pages, dentries and inodes go; the kernel tells the daemon with FORGET.
         Path(DROP_CACHES).write_text("3\n")
         files = sorted(series.glob("*.dcm"))
         for f in files:
             assert f.read_bytes() == truth[f.name.removesuffix(".dcm")]
-        after = _status(mnt)["page_cache"]
+        after = status_json(mnt)["page_cache"]
         pushed = sum(after[k] - before[k] for k in ("pushed_at_open", "pushed_ahead"))
         assert pushed == len(files), (before, after)
         assert after["reads_through_daemon"] == 0, after

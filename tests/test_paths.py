@@ -8,6 +8,8 @@ import pytest
 
 from tciafs import paths
 
+pytestmark = pytest.mark.unit
+
 
 def _line(n: int, point: str, fstype: str) -> str:
     escaped = point.replace("\\", "\\134").replace(" ", "\\040")

@@ -14,12 +14,12 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from cliutil import run_tciafs
 from test_emulator_support import CT_LUNG, PLANS, SeriesPlan, TinyArchive, uid
 
 from tciafs.cache import Cache, FetchFailed
@@ -33,9 +33,12 @@ from mountutil import (
     count_requests,
     lazy_unmount,
     mounted,
+    needs_fuse,
     reset_stats,
     set_faults,
 )
+
+DEFAULT_TIER = "handler"  # marked tests mount
 
 # Two instances of 2100 x 2100 16-bit pixels: each file is larger than what the daemon
 # hands to the kernel's page cache at open, so the kernel fills it through reads.
@@ -62,6 +65,8 @@ def _instance(mnt: Path, plan: SeriesPlan, n: int) -> Path:
     return series / f"{uid(plan.key, n)}.dcm"
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_large_file_held_open_across_a_re_submission_reads_anew_once_closed(
         archive: TinyArchive, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
@@ -80,6 +85,8 @@ def test_a_large_file_held_open_across_a_re_submission_reads_anew_once_closed(
         assert len(after) == len(before) and b"after " in after
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_file_held_open_across_a_re_submission_is_not_served_after_a_crash(
         archive: TinyArchive, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
@@ -100,6 +107,8 @@ def test_a_file_held_open_across_a_re_submission_is_not_served_after_a_crash(
             assert b"after " in _instance(mnt, SMALL, 1).read_bytes()
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_rsync_of_a_re_submitted_series_brings_its_new_bytes(archive: TinyArchive,
                                                             tmp_path: Path) -> None:
     mnt, cache_dir, copy = tmp_path / "mnt", tmp_path / "cache", tmp_path / "copy"
@@ -267,6 +276,8 @@ def _verified(root: Path, series: str) -> list[int]:
         db.close()
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_withdrawn_series_can_still_be_unpinned_and_cleared(archive: TinyArchive,
                                                               tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
@@ -285,6 +296,8 @@ def test_a_withdrawn_series_can_still_be_unpinned_and_cleared(archive: TinyArchi
         assert _stats(cache_dir)["entries"] == 0
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_series_withdrawn_and_back_with_new_bytes_reads_as_it_is_now(
         archive: TinyArchive, tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
@@ -303,6 +316,8 @@ def test_a_series_withdrawn_and_back_with_new_bytes_reads_as_it_is_now(
                    for n in range(1, SMALL.count + 1))
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_a_withdrawn_series_goes_first_and_comes_back_as_it_was(archive: TinyArchive,
                                                                  tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
@@ -326,6 +341,8 @@ def test_a_withdrawn_series_goes_first_and_comes_back_as_it_was(archive: TinyArc
         assert _stats(cache_dir)["withdrawn"] == []
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_the_series_of_a_withdrawn_patient_go_first(archive: TinyArchive,
                                                     tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
@@ -347,6 +364,8 @@ def _last_access(cache_dir: Path, series: str) -> set[float]:
                                        "AND present=1", (series,))}
 
 
+@needs_fuse
+@pytest.mark.mount
 def test_withdrawn_series_can_be_unpinned_and_cleared_with_no_mount(archive: TinyArchive,
                                                                     tmp_path: Path) -> None:
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
@@ -368,20 +387,17 @@ def test_withdrawn_series_can_be_unpinned_and_cleared_with_no_mount(archive: Tin
     _cache_cli("unpin", pinned, *at)
     assert f"{pinned}: dropped {SMALL.count} files" in _cache_cli("clear", pinned, *at)
     assert _stats(cache_dir)["entries"] == 0
-    unknown = subprocess.run([sys.executable, "-m", "tciafs", "cache", "clear", "1.2.3", *at],
-                             capture_output=True, text=True, timeout=60)
+    unknown = run_tciafs("cache", "clear", "1.2.3", *at, timeout=60)
     assert unknown.returncode == 1 and "1.2.3: no series with this UID" in unknown.stderr
 
 
 def _cache_cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "tciafs", "cache", *args],
-                          capture_output=True, text=True, timeout=120)
+    done = run_tciafs("cache", *args, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
 def _stats(cache_dir: Path) -> dict:
-    done = subprocess.run([sys.executable, "-m", "tciafs", "cache", "stats", "--json",
-                           "--cache-dir", str(cache_dir)], capture_output=True, text=True,
-                          timeout=60, check=True)
+    done = run_tciafs("cache", "stats", "--json", "--cache-dir", str(cache_dir), timeout=60,
+                      check=True)
     return json.loads(done.stdout)

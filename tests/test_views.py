@@ -9,12 +9,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import httpx
 import pytest
+from cliutil import run_tciafs, status_json, status_text
 from test_mount import _first_ct_series, _series_dirs
 
 from mountutil import mounted, needs_fuse
@@ -86,8 +86,7 @@ def test_sidecars_and_xattrs(emulator, tmp_path: Path) -> None:
         dump = subprocess.run(["getfattr", "-d", str(series)], capture_output=True, text=True)
         assert "user.dicom.SeriesDescription" in dump.stdout
         # Once the series fetch confirmed it, the file's MD5 is shown.
-        status = subprocess.run([sys.executable, "-m", "tciafs", "cache", "prefetch",
-                                 str(series)], capture_output=True, text=True, timeout=120)
+        status = run_tciafs("cache", "prefetch", str(series), timeout=120)
         assert status.returncode == 0, status.stderr
         assert _xattrs(first)["user.tcia.md5"] == hashlib.md5(data).hexdigest()
         assert _xattrs(series)["user.tcia.cached"] == "full"
@@ -100,9 +99,7 @@ def test_status_json_follows_activity(emulator, tmp_path: Path) -> None:
         files = sorted(series.glob("*.dcm"))
         files[0].read_bytes()
         files[0].read_bytes()
-        out = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt), "--json"],
-                             capture_output=True, text=True, check=True).stdout
-        doc = json.loads(out)
+        doc = status_json(mnt)
         assert doc["server"] == emulator.url and doc["api"] == "v4"
         assert doc["cache_dir"] == str(tmp_path / "cache")
         assert doc["cache"]["bound"] == 200 * 2**20
@@ -110,13 +107,10 @@ def test_status_json_follows_activity(emulator, tmp_path: Path) -> None:
         assert doc["cache"]["entries"] >= 1 and doc["cache"]["misses"] >= 1
         assert doc["requests"]["requests"]["getSOPInstanceUIDs"] >= 1
         assert doc["requests"]["bytes_received"] > 0
-        text = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
-                              capture_output=True, text=True, check=True).stdout
+        text = status_text(mnt)
         assert "getSOPInstanceUIDs" in text and "cache" in text
-        subprocess.run([sys.executable, "-m", "tciafs", "cache", "prefetch", str(series)],
-                       capture_output=True, check=True, timeout=120)
-        text = subprocess.run([sys.executable, "-m", "tciafs", "status", str(mnt)],
-                              capture_output=True, text=True, check=True).stdout
+        run_tciafs("cache", "prefetch", str(series), check=True, timeout=120)
+        text = status_text(mnt)
         assert "prefetch jobs: 1, 0 running" in text
         assert re.search(r"fetched  \d+ series whole, 0 completed from their missing files, "
                          r"\d+ single files", text), text

@@ -17,9 +17,10 @@ and "Columns by endpoint":
 * Dates: ``java.sql.Timestamp.toString()`` (``2011-11-08 08:08:01.0``) in v1/v2,
   ``MM-DD-YYYY`` in v4.
 
-Choices where those facts are silent (docs/nbia-wire.md, "Emulator choices"): XML/HTML escape with the standard XML/HTML
-entities (NBIA uses ESAPI, which escapes more characters); JSON is written as UTF-8
-without ``\\/`` escaping; XML type names are derived from the Python type.
+Choices where those facts are silent (docs/nbia-wire.md, "Emulator choices"): XML/HTML
+escape with the standard XML/HTML entities (NBIA uses ESAPI, which escapes more
+characters); JSON is written as UTF-8 without ``\\/`` escaping; XML type names are
+derived from the Python type.
 """
 
 from __future__ import annotations
