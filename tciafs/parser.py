@@ -30,7 +30,9 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--demo", action="store_true",
                    help="start the bundled emulator with the demo archive and mount that")
     p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where cached files live (default $XDG_CACHE_HOME/tciafs)")
+                   help="where cached files live (default $XDG_CACHE_HOME/tciafs; with "
+                        "--demo, $XDG_CACHE_HOME/tciafs-demo, so that the demo and a "
+                        "real mount run side by side)")
     p.add_argument("--cache-size", type=paths.parse_size, default=None,
                    help="hard bound on the cache, e.g. 500M or 50G "
                         "(default: 10 GiB or 10%% of the cache disk, whichever is smaller)")
@@ -93,7 +95,9 @@ def _add_login(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", default=None,
                    help="root URL whose token endpoint checks the password "
                         "(default: the public TCIA service)")
-    sub.add_parser("logout", help="forget the stored login")
+    p = sub.add_parser("logout", help="forget the stored login")
+    p.add_argument("--mount", type=Path, default=None,
+                   help="the one mount to log out (default: every tciafs mount of yours)")
 
 
 def build_parser() -> argparse.ArgumentParser:
