@@ -61,10 +61,12 @@ def setup_logging(debug: bool, log_file: Path | None = None) -> None:
 def _mount_options(args: argparse.Namespace) -> MountOptions:
     from tciafs.mount import MountOptions, default_cache_dir
 
+    site_cache = args.site_cache.rstrip("/") if args.site_cache else None
+
     return MountOptions(
         mountpoint=args.mountpoint.absolute(),
-        server=args.server or DEFAULT_SERVER,
-        nlst_server=args.nlst_server or (None if args.server else DEFAULT_NLST_SERVER),
+        server=args.server or site_cache or DEFAULT_SERVER,
+        nlst_server=args.nlst_server or _nlst_server(args.server, site_cache),
         api=args.api, demo=args.demo,
         cache_dir=(args.cache_dir or default_cache_dir(args.demo)).absolute(),
         cache_size=args.cache_size, prefetch=args.prefetch, listing_ttl=args.listing_ttl,
@@ -72,6 +74,14 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         credentials_file=args.credentials_file, api_key_file=args.api_key_file,
         layout=args.layout, allow_other=args.allow_other, cart=args.cart,
         manifest=args.manifest.absolute() if args.manifest else None)
+
+
+def _nlst_server(server: str | None, site_cache: str | None) -> str | None:
+    """The NLST server when none is named: none beside another --server (which may hold
+    no NLST), the site cache's /nlst (contrib/nginx passes it on), else the public one."""
+    if server:
+        return None
+    return f"{site_cache}/nlst" if site_cache else DEFAULT_NLST_SERVER
 
 
 def _cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:

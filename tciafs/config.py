@@ -1,6 +1,8 @@
 """Mount settings from a TOML file and TCIAFS_* variables, beneath the command line.
 
-Precedence: command line, then environment, then the file, then the built-in default.
+Precedence: command line, then environment, then the user's file, then the system's file
+(/etc/tciafs/config.toml, where a cluster's admin sets what every node shares, such as its
+site cache), then the built-in default.
 The settings are read off the argparse definition of `tciafs mount`: every option there is a
 key of the `[mount]` table (its dest, e.g. `cache_size`) and a variable `TCIAFS_<DEST>`, with
 the option's own type, so a new option is configurable without touching this module.
@@ -19,9 +21,11 @@ from typing import Any
 
 ENV_PREFIX = "TCIAFS_"
 CONFIG_ENV = "TCIAFS_CONFIG"
+SYSTEM_CONFIG_ENV = "TCIAFS_SYSTEM_CONFIG"  # another system file, or none ("")
+SYSTEM_CONFIG = Path("/etc/tciafs/config.toml")
 TABLE = "mount"
 # TCIAFS_* variables that are not mount settings; any other TCIAFS_* name must be one.
-RESERVED_ENV = frozenset({CONFIG_ENV})
+RESERVED_ENV = frozenset({CONFIG_ENV, SYSTEM_CONFIG_ENV})
 # How this one process runs, not how TCIA is mounted: never taken from a file or variable.
 NOT_SETTINGS = frozenset({"mountpoint", "foreground", "ready_fd", "config", "help"})
 # Credentials have their own mechanism (`tciafs login`, --credentials-file, LoadCredential=).
@@ -76,11 +80,22 @@ def config_path(explicit: Path | None, env: Mapping[str, str]) -> tuple[Path, bo
     return default_config_path(env), False
 
 
+def system_config_path(env: Mapping[str, str]) -> Path | None:
+    where = env.get(SYSTEM_CONFIG_ENV)
+    if where is None:
+        return SYSTEM_CONFIG
+    return Path(where) if where else None
+
+
 def load_settings(parser: argparse.ArgumentParser, env: Mapping[str, str],
                   path: Path | None, required: bool = False) -> dict[str, Any]:
-    """Settings from the file at `path` overridden by the environment, by argparse dest."""
+    """Settings from the system's file, then the file at `path`, overridden by the
+    environment, by argparse dest."""
     settings = settings_of(parser)
     values: dict[str, Any] = {}
+    system = system_config_path(env)
+    if system is not None and system.exists():
+        values.update(_from_file(settings, system))
     if path is not None and (required or path.exists()):
         values.update(_from_file(settings, path))
     values.update(_from_env(settings, env))

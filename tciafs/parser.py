@@ -23,6 +23,9 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
     p.add_argument("mountpoint", type=Path)
     p.add_argument("--server", default=None,
                    help="root URL of the NBIA service (default: the public TCIA service)")
+    p.add_argument("--site-cache", default=None, metavar="URL",
+                   help="a shared site cache (docs/cluster.md) that stands for both TCIA "
+                        "servers: the main one at URL, the NLST one at URL/nlst")
     p.add_argument("--nlst-server", default=None,
                    help="root URL of the NLST server (default: the public NLST host)")
     p.add_argument("--api", choices=["v4", "v2", "v1", "legacy"], default="v4",

@@ -65,6 +65,7 @@ def isolated_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
             patch.setenv(variable, str(home / where))
         for variable in [*USER_VARIABLES, *(v for v in os.environ if v.startswith("TCIAFS_"))]:
             patch.delenv(variable, raising=False)
+        patch.setenv("TCIAFS_SYSTEM_CONFIG", "")  # nor the machine's /etc/tciafs
         yield home
 
 

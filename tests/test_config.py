@@ -33,8 +33,10 @@ def write(path: Path, text: str) -> Path:
 
 @pytest.fixture
 def xdg(tmp_path: Path) -> dict[str, str]:
-    """An environment whose default config file is tmp_path/config/tciafs/config.toml."""
-    return {"XDG_CONFIG_HOME": str(tmp_path / "config"), "HOME": str(tmp_path)}
+    """An environment whose default config file is tmp_path/config/tciafs/config.toml, and
+    whose system file (/etc/tciafs/config.toml on a machine) is tmp_path/etc/config.toml."""
+    return {"XDG_CONFIG_HOME": str(tmp_path / "config"), "HOME": str(tmp_path),
+            "TCIAFS_SYSTEM_CONFIG": str(tmp_path / "etc" / "config.toml")}
 
 
 def default_file(xdg: dict[str, str], text: str) -> Path:
@@ -61,6 +63,39 @@ listing_ttl = 60
     assert args.timeout == 10.0 and args.api == "v2" and args.listing_ttl == 60.0  # file
     assert args.prefetch is True and args.debug is False  # built-in defaults
     assert args.mountpoint == Path("/mnt/tcia")
+
+
+def test_the_system_file_is_beneath_the_users(parser, xdg) -> None:
+    """What a cluster's admin sets in /etc/tciafs reaches every node and user, unless
+    their own file, environment or command line says otherwise."""
+    write(Path(xdg["TCIAFS_SYSTEM_CONFIG"]), """
+[mount]
+site_cache = "http://cache.site:8080"
+cache_size = "1G"
+timeout = 300
+""")
+    default_file(xdg, "[mount]\ncache_size = \"2G\"\n")
+    args = config.parse_args(parser, ["mount", "/mnt/tcia"], xdg)
+    assert (args.site_cache, args.cache_size, args.timeout) == (
+        "http://cache.site:8080", 2 << 30, 300.0)
+    env = {**xdg, "TCIAFS_TIMEOUT": "60"}  # a parser of its own each: defaults stick
+    assert config.parse_args(cli.build_parser(), ["mount", "/mnt/tcia"], env).timeout == 60.0
+    assert config.parse_args(cli.build_parser(), ["mount", "/mnt/tcia"],
+                             {**xdg, "TCIAFS_SYSTEM_CONFIG": ""}).site_cache is None
+
+
+@pytest.mark.parametrize("argv, main, nlst", [
+    (["--site-cache", "http://cache:8080/"], "http://cache:8080", "http://cache:8080/nlst"),
+    (["--site-cache", "http://cache:8080", "--nlst-server", "http://n"], "http://cache:8080",
+     "http://n"),
+    (["--site-cache", "http://cache:8080", "--server", "http://s"], "http://s", None),
+    (["--server", "http://s"], "http://s", None),
+    ([], "https://services.cancerimagingarchive.net", "https://nlst.cancerimagingarchive.net"),
+])
+def test_a_site_cache_stands_for_both_servers(parser, xdg, argv, main, nlst) -> None:
+    args = config.parse_args(parser, ["mount", "/mnt/tcia", *argv], xdg)
+    opts = cli._mount_options(args)
+    assert (opts.server, opts.nlst_server) == (main, nlst)
 
 
 def test_switches_follow_the_same_order(parser, xdg) -> None:
