@@ -70,16 +70,23 @@ def discover(emu: Emulator) -> BenchSet:
 
 @dataclass
 class References:
-    """{SOPInstanceUID: MD5} per series, from getImage ZIPs fetched without shaping."""
+    """{SOPInstanceUID: MD5} per series, from getImage ZIPs fetched without shaping, and
+    the size of each ZIP: the series' bytes as the service sends them."""
 
     emu: Emulator
     workdir: Path
     _known: dict[str, dict[str, str]] = field(default_factory=dict)
+    _zip_bytes: dict[str, int] = field(default_factory=dict)
 
     def expected(self, series: Series) -> dict[str, str]:
         if series.uid not in self._known:
             self._known[series.uid] = self._fetch(series)
         return self._known[series.uid]
+
+    def zip_bytes(self, series: Series) -> int:
+        """Body bytes of the series' getImage ZIP, asked for as tciafs asks (IncludeMD5)."""
+        self.expected(series)
+        return self._zip_bytes[series.uid]
 
     def _fetch(self, series: Series) -> dict[str, str]:
         target = self.workdir / f"reference-{series.uid}.zip"
@@ -90,6 +97,7 @@ class References:
                 subprocess.run(["curl", "-sS", "-f", "-o", str(target), url], check=True,
                                capture_output=True)
             expected = expected_from_zip(target)
+            self._zip_bytes[series.uid] = target.stat().st_size
         except subprocess.CalledProcessError as exc:
             raise BenchError(f"reference download failed: {exc.stderr.decode()[-300:]}") from None
         finally:

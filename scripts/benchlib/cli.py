@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 RUNNERS: list[tuple[frozenset[int], Callable[[F.Context], None]]] = [
     (frozenset({1}), F.fig1), (frozenset({2, 3}), F.fig23), (frozenset({4}), F.fig4),
     (frozenset({5, 6}), F.fig56), (frozenset({7}), F.fig7), (frozenset({8}), F.fig8),
-    (frozenset({9}), F.fig9), (frozenset({10}), F.fig10)]
-ALL = frozenset(range(1, 11))
+    (frozenset({9}), F.fig9), (frozenset({10}), F.fig10), (frozenset({11}), F.fig11)]
+ALL = frozenset(range(1, 12))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,11 +47,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "figures 7 and 8 do one fewer)")
     p.add_argument("--only", type=_numbers, default=ALL, metavar="LIST",
                    help="comma-separated figure numbers, e.g. 1,4 (default: all)")
+    p.add_argument("--nodes", type=int, default=4, metavar="N",
+                   help="nodes copying at once in figure 11 (default 4)")
     args = p.parse_args(argv)
     if args.repeat is None:
         args.repeat = 2 if args.quick else 3
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    if args.nodes < 1:
+        p.error("--nodes must be at least 1")
     return args
 
 
@@ -61,7 +65,7 @@ def _numbers(text: str) -> frozenset[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of figure numbers: {text!r}") from None
     if not chosen or not chosen <= ALL:
-        raise argparse.ArgumentTypeError("figure numbers are 1 to 10")
+        raise argparse.ArgumentTypeError(f"figure numbers are 1 to {max(ALL)}")
     # Figures measured from the same runs come together: 2 with 3, 5 with 6.
     for pair in ({2, 3}, {5, 6}):
         if chosen & pair:
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     (results / "logs").mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
-    chosen = [f for f in F.declare() if F.number(f.key) in args.only]
+    chosen = [f for f in F.declare(args.nodes) if F.number(f.key) in args.only]
     shaping = Shaping(args.latency_ms, args.bandwidth)
     work = Path(tempfile.mkdtemp(prefix="tciafs-bench-"))
     say(f"tciafs bench: {'quick' if args.quick else 'full'} run, latency {args.latency_ms:g} "
@@ -109,7 +113,7 @@ def run_all(args: argparse.Namespace, shaping: Shaping, results: Path, work: Pat
         with emulator(bench_cmd, shaping, results / "logs" / "emulator-bench.log") as emu:
             ctx = F.Context(emu, discover(emu), References(emu, work), F.Workspace(work),
                             results, args.repeat, args.quick, shaping,
-                            {f.key: f for f in chosen})
+                            {f.key: f for f in chosen}, nodes=args.nodes)
             for numbers, runner in RUNNERS:
                 if numbers & args.only:
                     run_figure(ctx, numbers, runner)
@@ -152,6 +156,7 @@ def write_outputs(args: argparse.Namespace, results: Path, chosen: list[Figure],
         write_json(args.json, doc)
     mode = "quick" if args.quick else "full"
     meta = {"mode": mode, "wall_time_s": round(wall, 1), "repeat": args.repeat,
+            "nodes": args.nodes,
             "latency_ms": shaping.latency_ms, "bandwidth": shaping.bandwidth,
             "only": sorted(args.only), "host": platform.node(), "cpus": os.cpu_count(),
             "loadavg_at_end": os.getloadavg(), "python": sys.version,

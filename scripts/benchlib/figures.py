@@ -1,4 +1,4 @@
-"""The ten figures: what each is, in the order of the table, and the function that
+"""The eleven figures: what each is, in the order of the table, and the function that
 measures it. Each compares tciafs with a baseline measured in the same run, under the
 same shaping, and keeps the median of its repetitions.
 
@@ -9,7 +9,8 @@ the clock starts (its parents' listings are not part of a copy), the copied dire
 own listing is. Copies are checked byte for byte against the service's MD5s.
 
 The measurements live by kind: fig_copies (1, 2, 3, 8), fig_reads (4, 5, 5b, 6),
-fig_walk (7), fig_faults (9, 10); the steps they share are in steps.
+fig_walk (7), fig_faults (9, 10), fig_site_cache (11a, 11b); the steps they share are in
+steps.
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ from __future__ import annotations
 from .fig_copies import fig1, fig8, fig23
 from .fig_faults import fig9, fig10
 from .fig_reads import can_drop_caches, fig4, fig56
+from .fig_site_cache import fig11
 from .fig_walk import fig7
 from .report import Figure, Target
 from .steps import Context, Workspace
 
 # What scripts/bench uses: the declarations, the measuring functions and their context.
 __all__ = ["Context", "Workspace", "declare", "number", "fig1", "fig23", "fig4", "fig56",
-           "fig7", "fig8", "fig9", "fig10"]
+           "fig7", "fig8", "fig9", "fig10", "fig11"]
 
 
-def declare() -> list[Figure]:
+def declare(nodes: int = 4) -> list[Figure]:
+    """The figures in the order of the table; `nodes` is figure 11's node count."""
     return [
         Figure("1_cold_series_copy", "cold `cp -r` of the 200-slice CT series (empty cache) "
                "vs `curl` getImage + `unzip`", "s", Target("<=", 1.25)),
@@ -56,6 +59,13 @@ def declare() -> list[Figure]:
         Figure("10_cut_series_prefetch", "`tciafs cache prefetch` of the 200-slice CT series "
                "from a server that cuts every series ZIP short, then `cp -r` of it, vs `curl` "
                "getImage + `unzip` of the whole ZIP", "s", Target("<=", 3.0)),
+        Figure("11a_site_cache_upstream_bytes", f"{nodes} nodes (mounts with caches of "
+               "their own) copy the 4-series study at once through the site cache (nginx with "
+               "contrib/nginx/tciafs-site-cache.conf, cold): bytes the service sent vs the "
+               "study's getImage ZIPs", "MB", Target("<=", 1.05)),
+        Figure("11b_site_cache_concurrent_copy", f"the same {nodes} concurrent `cp -r`, first "
+               "start to last end, vs one node alone copying the study through a cold site "
+               "cache", "s", Target("<=", 1.3)),
     ]
 
 

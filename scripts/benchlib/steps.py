@@ -65,6 +65,7 @@ class Context:
     shaping: Shaping
     figures: dict[str, Figure] = field(default_factory=dict)
     cache_size: str = "4G"
+    nodes: int = 4  # figure 11's nodes copying at once
 
     def fig(self, key: str) -> Figure:
         return self.figures[key]
