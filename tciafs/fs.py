@@ -171,6 +171,8 @@ class Operations(pyfuse3.Operations):
             attr.attr_timeout = KNOWN_TTL
             return attr
         size = sidecar_size if node.kind is Kind.SIDECAR else self.cache.known_size(node.ident)
+        if size is None and node.kind is Kind.INSTANCE:
+            size = node.meta.get("size")  # listed by a source that knows sizes before a read
         attr.st_mode = stat.S_IFREG | 0o444
         attr.st_nlink = 1
         attr.st_size = size or 0

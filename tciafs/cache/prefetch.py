@@ -85,13 +85,18 @@ class Prefetcher:
         try:
             async with self.limiter:
                 listed = await self._resumable(series)
-                cut_short = False
-                if listed is None:
-                    listed = await self._download_whole(collection, series)
-                    cut_short = listed is not None
-                if listed is not None:
-                    await self._download_missing(collection, series, listed)
-                    self.stats.series_cut_short += cut_short
+                how = "resumed"
+                if listed is None and not self._streams_series():
+                    listed, how = await self._listing(series), "by file"
+                    if not listed:
+                        raise FetchFailed(f"series {series}: its files are not listed")
+                elif listed is None:
+                    listed, how = await self._download_whole(collection, series), "cut short"
+                if listed is not None and await self._download_missing(collection, series,
+                                                                       listed):
+                    self.stats.series_resumed += how == "resumed"
+                    self.stats.series_cut_short += how == "cut short"
+                    self.stats.series_fetches += how == "by file"
             self.failed.pop(series, None)
             self.may_pass.discard(series)
         except (ClientError, FetchFailed, CacheFull, CacheDiskError) as exc:
@@ -108,6 +113,12 @@ class Prefetcher:
             self.in_flight.pop(series, None)
             del self.tasks[series]
             done.set()
+
+    def _streams_series(self) -> bool:
+        """Whether the source sends a whole series as one stream; else its files come one
+        by one, RESUME_PARALLEL at once."""
+        source = self.fetcher.source
+        return source is not None and source.capabilities.series_streams
 
     # -- the ZIP -------------------------------------------------------------------------
 
@@ -277,8 +288,8 @@ class Prefetcher:
         return listed
 
     async def _download_missing(self, collection: str, series: str,
-                                listed: list[str]) -> None:
-        """Complete a partly cached series with getSingleImage, a few files at once."""
+                                listed: list[str]) -> bool:
+        """Complete a series file by file, a few files at once; whether it is complete."""
         missing = [sop for sop in listed if sop not in self.contents.files]
         if missing:
             log.info("series %s: fetching its %d missing files one by one", series,
@@ -313,8 +324,7 @@ class Prefetcher:
                               f"{series} could not be fetched; the first: {failed[0]}"
                               ) from failed[0]
         self.fetcher.check_revision(series, revision)
-        if self._complete_if_kept(series, collection, listed):
-            self.stats.series_resumed += 1
+        return self._complete_if_kept(series, collection, listed)
 
     # -- the service's MD5 list ----------------------------------------------------------
 
