@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 
+import httpx
 import pytest
 
 from tciafs.sources.base import Collection, MalformedResponse
@@ -220,3 +221,35 @@ def test_not_authorised_texts() -> None:
     assert api.is_not_authorised_text(
         "Image with given SeriesInstanceUID,1.2, is not in public domain.")
     assert not api.is_not_authorised_text("A parameter, SeriesInstanceUID is required")
+
+
+# -- canonical requests: one URL per question, so a site cache shares the answers ----------
+
+def _url(request: api.Request, gen: api.Generation) -> str:
+    # As the transport sends it: httpx keeps the parameters in the order given.
+    return str(httpx.URL("http://cache:8080" + gen.base_path() + request.endpoint,
+                         params=request.params))
+
+
+def test_every_request_is_spelled_one_way() -> None:
+    """A shared site cache keys its entries by the URL, query string in the order sent
+    (docs/cluster.md): the same question must always be the same URL, on every node."""
+    v4 = api.generation("v4")
+    root = "http://cache:8080/nbia-api/services/v4/"
+    assert [_url(r, v4) for r in (
+        api.collections_request(v4),
+        api.patients_request(v4, "Demo-Lung CT_2024"),
+        api.studies_request(v4, "Demo-Lung CT_2024", "LUNG/003"),
+        api.series_request(v4, "Demo-Lung CT_2024", "P1", "1.2.3"),
+        api.instance_uids_request(v4, "1.2.3.4"),
+        api.single_image_request(v4, "1.2.3.4", "1.2.3.4.5"),
+        api.series_zip_request(v4, "1.2.3.4", True),
+    )] == [
+        root + "getCollectionValues",
+        root + "getPatient?Collection=Demo-Lung+CT_2024",
+        root + "getPatientStudy?Collection=Demo-Lung+CT_2024&PatientID=LUNG%2F003",
+        root + "getSeries?Collection=Demo-Lung+CT_2024&PatientID=P1&StudyInstanceUID=1.2.3",
+        root + "getSOPInstanceUIDs?SeriesInstanceUID=1.2.3.4",
+        root + "getSingleImage?SeriesInstanceUID=1.2.3.4&SOPInstanceUID=1.2.3.4.5",
+        root + "getImage?SeriesInstanceUID=1.2.3.4&IncludeMD5=Yes",
+    ]
