@@ -2,7 +2,8 @@
 
 The emulator's generator (tciafs.emulator.dicomgen) makes whole, realistic series; tests
 that need one file with a particular flaw (a UID only in the meta header, implicit VR,
-a hostile string as a UID) build it here.
+a hostile string as a UID) build it here, and so does the tiny archive of the emulator's
+own tests (tests/test_emulator_support.py), through `new_dataset` and `encode`.
 """
 
 from __future__ import annotations
@@ -27,12 +28,7 @@ def dicom_bytes(sop: str, series: str = "1.2.3.4", study: str = "1.2.3", patient
     meta_sop = sop if meta_sop is None else meta_sop
     with warnings.catch_warnings(), pydicom.config.disable_value_validation():
         warnings.simplefilter("ignore")
-        ds = Dataset()
-        ds.file_meta = _file_meta(meta_sop, implicit)
-        ds.preamble = b"\0" * 128
-        ds.SOPClassUID = CTImageStorage
-        if sop:
-            ds.SOPInstanceUID = sop
+        ds = new_dataset(CTImageStorage, sop, meta_sop=meta_sop, implicit=implicit)
         if study_date is not None:
             ds.StudyDate = study_date
         ds.StudyInstanceUID = study
@@ -46,16 +42,30 @@ def dicom_bytes(sop: str, series: str = "1.2.3.4", study: str = "1.2.3", patient
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.PixelData = bytes((i * 7 + len(sop)) % 256 for i in range(rows * rows * 2))
-        out = io.BytesIO()
         # A file without a meta header UID cannot be a conformant Part 10 file.
-        pydicom.dcmwrite(out, ds, enforce_file_format=bool(meta_sop))
-    return out.getvalue()
+        return encode(ds, conformant=bool(meta_sop))
 
 
-def _file_meta(meta_sop: str, implicit: bool) -> FileMetaDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
+def new_dataset(sop_class: str, sop: str, *, meta_sop: str | None = None,
+                implicit: bool = False) -> Dataset:
+    """A dataset of `sop_class` named `sop` (none if ""), with its Part 10 meta header
+    (naming `meta_sop`, by default `sop`), ready for the caller's attributes."""
+    meta_sop = sop if meta_sop is None else meta_sop
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
     if meta_sop:
-        meta.MediaStorageSOPInstanceUID = meta_sop
-    meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
-    return meta
+        ds.file_meta.MediaStorageSOPInstanceUID = meta_sop
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    ds.preamble = b"\0" * 128
+    ds.SOPClassUID = sop_class
+    if sop:
+        ds.SOPInstanceUID = sop
+    return ds
+
+
+def encode(ds: Dataset, *, conformant: bool = True) -> bytes:
+    """The dataset as the bytes of a file (a Part 10 file when conformant)."""
+    out = io.BytesIO()
+    pydicom.dcmwrite(out, ds, enforce_file_format=conformant)
+    return out.getvalue()

@@ -20,9 +20,10 @@ from functools import lru_cache
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from dicomutil import encode, new_dataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, generate_uid
 
 from tciafs.emulator.auth import User, UserDB
 from tciafs.emulator.model import (
@@ -111,12 +112,7 @@ STUDY_DATES = {"s1": dt.date(2001, 2, 3), "s2": dt.date(2002, 3, 4), "s3": dt.da
 def _dataset(plan: SeriesPlan, n: int, acq: int, inst_no: int,
              comment: str | None = None) -> Dataset:
     sop_class = {"CT": CTImageStorage, "MR": MR_STORAGE, "SEG": SEG_STORAGE}[plan.modality]
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = uid(plan.key, n)
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, uid(plan.key, n)
+    ds = new_dataset(sop_class, uid(plan.key, n))
     ds.Modality, ds.PatientID = plan.modality, plan.patient
     ds.PatientName = plan.patient.replace(" ", "^")
     ds.StudyInstanceUID, ds.SeriesInstanceUID = uid(plan.study), uid(plan.key)
@@ -146,12 +142,6 @@ def _dataset(plan: SeriesPlan, n: int, acq: int, inst_no: int,
     if comment is not None:
         ds.ImageComments = comment
     return ds
-
-
-def _encode(ds: Dataset) -> bytes:
-    out = io.BytesIO()
-    pydicom.dcmwrite(out, ds, enforce_file_format=True)
-    return out.getvalue()
 
 
 class TinyArchive:
@@ -194,7 +184,7 @@ class TinyArchive:
         # Store in a scrambled order: the server must not rely on instance order.
         for n in sorted(range(1, plan.count + 1), key=lambda k: (k * 7) % plan.count):
             acq = (n - 1) // per_acq + 1
-            data = _encode(_dataset(plan, n, acq, n, comment))
+            data = encode(_dataset(plan, n, acq, n, comment))
             self._files[(uid(plan.key), uid(plan.key, n))] = data
             sop_class = pydicom.dcmread(io.BytesIO(data)).SOPClassUID
             records.append(InstanceRecord(uid(plan.key, n), sop_class, n, acq, len(data),
