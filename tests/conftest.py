@@ -1,5 +1,6 @@
-"""Shared fixtures: the emulator on loopback, started as a real subprocess; a session
-that never sees the user's own files; and the test tiers.
+"""Shared fixtures: the emulator on loopback, started as a real subprocess, with a client
+of it and a way to damage what it sends; a session that never sees the user's own files;
+and the test tiers.
 
 Tiers (`pytest -m unit`, `-m handler`, `-m mount`):
 - unit: in-process code alone, no server, no mount;
@@ -17,15 +18,16 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from cliutil import note_running_test
 
 from tciafs.emulator import launch
+from tciafs.sources.nbia import NbiaSource
 
-from mountutil import abort_fuse_mounts_under
+from mountutil import abort_fuse_mounts_under, set_faults
 
 #: An emulator started by a test (see tciafs.emulator.launch).
 EmulatorProcess = launch.RunningEmulator
@@ -100,6 +102,22 @@ def emulator(demo_data_dir: Path) -> Iterator[EmulatorProcess]:
         yield emu
     finally:
         emu.stop()
+
+
+@pytest.fixture
+async def client(emulator: EmulatorProcess) -> AsyncIterator[NbiaSource]:
+    """The NBIA source of the session's emulator, as the cache's tests use it."""
+    async with NbiaSource(emulator.url, nlst_server=emulator.nlst_url, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture
+def damage(emulator: EmulatorProcess) -> Iterator[Callable[..., None]]:
+    """Set the emulator's pcorrupt fault for one test, and clear every fault after it."""
+    def set_(chance: float, *endpoints: str, seed: int | None = None) -> None:
+        set_faults(emulator.url, pcorrupt=chance, endpoints=list(endpoints), seed=seed)
+    yield set_
+    set_faults(emulator.url)
 
 
 @pytest.fixture(autouse=True)
