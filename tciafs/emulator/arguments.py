@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where the archive lives (default $XDG_DATA_HOME/tciafs/emulator/<profile>)")
     add("--nlst-port", type=int, default=None,
         help="also serve the NLST collections on this port (0 = free port)")
+    add("--s3-port", type=int, default=None,
+        help="also serve the archive's IDC side, its S3 buckets and catalog, on this port "
+             "(0 = free port)")
     add("--latency-ms", type=float, default=None, help="latency added to every request")
     add("--bandwidth", type=int, default=None, metavar="BYTES_PER_S",
         help="cap on each response body, bytes per second")

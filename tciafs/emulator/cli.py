@@ -1,9 +1,10 @@
 """Command line of the emulator (``tciafs emulator`` and ``python -m tciafs.emulator``).
 
-The first line on stdout is the main server's root URL, the second (with
-``--nlst-port``) the NLST server's; both appear only once the servers accept
-connections.  Everything else (generation progress, request logs) goes to stderr.
-The process serves until SIGINT or SIGTERM and then exits 0.
+The first line on stdout is the main server's root URL, the next (with
+``--nlst-port``) the NLST server's, the next (with ``--s3-port``) the S3 endpoint's;
+they appear only once the servers accept connections.  Everything else (generation
+progress, request logs) goes to stderr.  The process serves until SIGINT or SIGTERM and
+then exits 0.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def fault_config(args: argparse.Namespace) -> FaultConfig:
 
 def options(args: argparse.Namespace) -> Options:
     return Options(host=args.host, port=args.port, nlst_port=args.nlst_port,
+                   s3_port=args.s3_port,
                    token_lifetime=args.token_lifetime, refresh_lifetime=args.refresh_lifetime,
                    users=UserDB.load(args.users_file, ()),
                    faults=fault_config(args), expired_token_mode=args.expired_token_mode,
@@ -71,6 +73,9 @@ def run(args: argparse.Namespace, archive: Archive | None = None) -> int:
             print(servers.url, flush=True)
             if servers.nlst_url:
                 print(servers.nlst_url, flush=True)
+            if servers.s3_url:
+                print(servers.s3_url, flush=True)
+                _note_catalog()
             while not stop.wait(0.5):
                 pass
     except OSError as exc:  # e.g. the port is taken
@@ -80,6 +85,14 @@ def run(args: argparse.Namespace, archive: Archive | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _note_catalog() -> None:
+    from tciafs.emulator.idccatalog import pyarrow_missing
+
+    why = pyarrow_missing()
+    if why is not None:
+        print(f"tciafs emulator: no IDC catalog at /_emulator/idc/: {why}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

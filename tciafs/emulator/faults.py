@@ -18,7 +18,8 @@ into the current configuration instead::
                                   # getImage) ends early but whole: fewer images, no
                                   # MD5 list, a valid central directory, status 200 and
                                   # a complete body, as NBIA closes the ZIP when writing
-                                  # an image fails mid-stream
+                                  # an image fails mid-stream; on the S3 server, a 206
+                                  # whose Content-Range ends before the range asked for
       "pcorrupt": 0.0,            # each image served (in a series ZIP or by
                                   # getSingleImage) has its last byte changed, as if
                                   # read from damaged storage: the ZIP's CRC covers the
@@ -229,6 +230,11 @@ class ContentFaults:
 
     def images_kept(self, count: int) -> int | None:
         """How many of a series ZIP's `count` images to send, None for all of them."""
+        return self.kept(count)
+
+    def kept(self, count: int) -> int | None:
+        """How many of `count` items a reply closed early sends (a series ZIP's images,
+        an S3 range's bytes), None for all of them."""
         return None if self._kept_share is None else int(count * self._kept_share)
 
 

@@ -35,6 +35,7 @@ class RunningEmulator:
     proc: subprocess.Popen[bytes]
     log: Path | None = None  # where its stderr goes; None: this process's stderr
     data_dir: Path | None = None
+    s3_url: str | None = None  # the S3 endpoint of the IDC side, with `s3`
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, SIGKILL if it is still there after `timeout` s; its exit status."""
@@ -56,14 +57,16 @@ class RunningEmulator:
         self.stop()
 
 
-def start(*args: str, data_dir: Path | None = None, nlst: bool = False,
+def start(*args: str, data_dir: Path | None = None, nlst: bool = False, s3: bool = False,
           log: Path | None = None, command: Sequence[str] = COMMAND,
           timeout: float = 180.0) -> RunningEmulator:
     """Start `command` on a free port with `args` (later ones win), and wait for its URL
-    and, with `nlst`, the NLST server's.  Its stderr goes to `log`, appended."""
+    and, with `nlst`, the NLST server's, with `s3`, the S3 endpoint's (in that order).
+    Its stderr goes to `log`, appended."""
     cmd = [*command, "--port", "0"]
     cmd += ["--data-dir", str(data_dir)] if data_dir is not None else []
-    cmd += [*args, *(("--nlst-port", "0") if nlst else ())]
+    cmd += [*args, *(("--nlst-port", "0") if nlst else ()), *(("--s3-port", "0") if s3 else ())]
+    wanted = 1 + nlst + s3
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its log lines appear as they happen
     if log is None:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
@@ -72,8 +75,8 @@ def start(*args: str, data_dir: Path | None = None, nlst: bool = False,
         with open(log, "ab") as sink:  # the child keeps its own descriptor
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sink,
                                     stdin=subprocess.DEVNULL, env=env)
-    lines = _url_lines(proc, 2 if nlst else 1, timeout)
-    if len(lines) < (2 if nlst else 1) or not all(u.startswith("http://") for u in lines):
+    lines = _url_lines(proc, wanted, timeout)
+    if len(lines) < wanted or not all(u.startswith("http://") for u in lines):
         proc.kill()
         status = proc.wait()
         if proc.stdout is not None:
@@ -81,7 +84,8 @@ def start(*args: str, data_dir: Path | None = None, nlst: bool = False,
         where = f"see {log}" if log is not None else "see its stderr"
         raise EmulatorStartError(f"the emulator did not start (exit status {status}, "
                                  f"printed {lines!r}); {where}")
-    return RunningEmulator(lines[0], lines[1] if nlst else None, proc, log, data_dir)
+    return RunningEmulator(lines[0], lines[1] if nlst else None, proc, log, data_dir,
+                           lines[-1] if s3 else None)
 
 
 def _url_lines(proc: subprocess.Popen[bytes], count: int, timeout: float) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypedDict
 
 from tciafs.emulator.dicomgen import Kind, PatientSpec, SeriesSpec, StudySpec
@@ -30,6 +30,10 @@ class Profile:
     # True: written once into the data dir and served from the files (demo). False: made
     # on demand from the seed and never written (scale, bench).
     on_disk: bool
+    # What the emulator's S3 buckets hold (IDC's side); None: the default rule of
+    # IdcSpec. Left out of repr: the fingerprint of the files on disk does not change
+    # with it, as nothing of it is written there.
+    idc: IdcSpec | None = field(default=None, repr=False, compare=False)
 
 
 class Licence(TypedDict):
@@ -58,21 +62,30 @@ _GE = "GE MEDICAL SYSTEMS"
 # demo: small, realistic, awkward names; written to disk once
 
 
-def _lung_collection() -> CollectionSpec:
-    facts = CollectionFacts(
-        name="Demo-Lung CT_2024", **CC_BY_4,
-        doi="https://doi.org/10.7937/TCIAFS.DEMO.LUNGCT2024",
-        date_released=dt.date(2024, 3, 15), site="Demo Site A",
-        description="Synthetic chest CT of a lung phantom with a nodule and its contours.")
-    lung_001 = PatientSpec("LUNG-001", "M", dt.date(1956, 4, 12), ethnic_group="White", studies=(
+_LUNG_FACTS = CollectionFacts(
+    name="Demo-Lung CT_2024", **CC_BY_4,
+    doi="https://doi.org/10.7937/TCIAFS.DEMO.LUNGCT2024",
+    date_released=dt.date(2024, 3, 15), site="Demo Site A",
+    description="Synthetic chest CT of a lung phantom with a nodule and its contours.")
+
+
+def _lung_001(*more: SeriesSpec) -> PatientSpec:
+    """LUNG-001; `more` series after the two NBIA has (the IDC side adds one)."""
+    return PatientSpec("LUNG-001", "M", dt.date(1956, 4, 12), ethnic_group="White", studies=(
         StudySpec(dt.date(2019, 6, 3), "CT CHEST W/O CONTRAST", "1", series=(
             SeriesSpec(Kind.CT, 40, "Axial 2.5mm STD", protocol="Chest Routine",
                        body_part="CHEST", manufacturer=_GE, model="LightSpeed VCT",
                        software="LightSpeedverrel", number=2),
             SeriesSpec(Kind.RTSTRUCT, 1, "Nodule contours", manufacturer="tciafs",
                        model="Contour Demo", software="1.0", number=1000, references=0),
+            *more,
         )),
     ))
+
+
+def _lung_collection() -> CollectionSpec:
+    facts = _LUNG_FACTS
+    lung_001 = _lung_001()
     lung_002 = PatientSpec("LUNG 002", "F", dt.date(1962, 11, 30), studies=(
         StudySpec(dt.date(2020, 1, 14), "CHEST^LDCT", "5512", series=(
             SeriesSpec(Kind.CT, 32, "CHEST 2.5 B30f", protocol="LungCARE", body_part="CHEST",
@@ -165,11 +178,102 @@ def _nlst_collection() -> CollectionSpec:
     return CollectionSpec(facts, (patient,))
 
 
+# ---------------------------------------------------------------------------------------
+# The IDC side of a profile: what the emulator's S3 buckets hold (tciafs/emulator/idc.py)
+
+IDC_OPEN_DATA = "idc-open-data"
+IDC_OPEN_DATA_TWO = "idc-open-data-two"
+IDC_OPEN_DATA_CR = "idc-open-data-cr"
+BUCKETS = (IDC_OPEN_DATA, IDC_OPEN_DATA_TWO, IDC_OPEN_DATA_CR)
+
+CC_BY_NC_4 = Licence(license_name="Creative Commons Attribution-NonCommercial 4.0 "
+                                  "International License",
+                     license_short="CC BY-NC 4.0",
+                     license_uri="https://creativecommons.org/licenses/by-nc/4.0/")
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    """One series of a profile, named as a person finds it in the tree."""
+
+    collection: str
+    patient_id: str
+    description: str
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """A data set derived from a collection (contours, segmentations) that IDC holds
+    beside it: its series share the collection, and it has a DOI and licence of its own."""
+
+    analysis_result_id: str
+    title: str
+    doi: str
+    licence: Licence
+    series: tuple[SeriesRef, ...]
+
+
+@dataclass(frozen=True)
+class IdcSpec:
+    """What IDC holds of a profile. The rule:
+
+    - every series of every public collection, on either NBIA server, is in a bucket,
+      except those in `nbia_only`; restricted collections never are;
+    - the series of `idc_only` are in a bucket too, and NBIA never lists them: they are
+      made on demand from the profile's seed, never written with the archive. A series
+      there that NBIA already has (the same patient, study and position give the same
+      UIDs) is that same series, so `idc_only` can add a series to an NBIA study;
+    - a collection's series are in the bucket `buckets` names for it, else in
+      idc-open-data.
+    """
+
+    nbia_only: tuple[SeriesRef, ...] = ()
+    idc_only: tuple[CollectionSpec, ...] = ()
+    buckets: tuple[tuple[str, str], ...] = ()  # (collection, bucket)
+    analysis_results: tuple[AnalysisResult, ...] = ()
+
+    def bucket_of(self, collection: str) -> str:
+        return dict(self.buckets).get(collection, IDC_OPEN_DATA)
+
+    def analysis_result_of(self, ref: SeriesRef) -> AnalysisResult | None:
+        return next((a for a in self.analysis_results if ref in a.series), None)
+
+
+def _demo_idc() -> IdcSpec:
+    ai_contours = SeriesSpec(Kind.RTSTRUCT, 1, "AI nodule contours", manufacturer="tciafs",
+                             model="Nodule AI", software="2.0", number=2000, references=0)
+    colon = CollectionSpec(CollectionFacts(
+        name="Demo-IDC Only_Colon CT", **CC_BY_NC_4,
+        doi="https://doi.org/10.7937/TCIAFS.DEMO.COLONCT",
+        date_released=dt.date(2025, 2, 20), site="Demo Site E",
+        description="Synthetic CT colonography that only IDC holds."), (
+        PatientSpec("COLON-101", "F", dt.date(1966, 9, 9), studies=(
+            StudySpec(dt.date(2024, 10, 1), "CT COLONOGRAPHY", "C1", series=(
+                SeriesSpec(Kind.CT, 24, "Supine 1.25mm", body_part="COLON",
+                           manufacturer="SIEMENS", model="SOMATOM Force",
+                           software="syngo CT VB10", number=2, matrix=256),
+            )),
+        )),
+    ))
+    return IdcSpec(
+        nbia_only=(SeriesRef("Demo-Lung CT_2024", "LUNG/003", "Biopsy guidance"),
+                   SeriesRef("Demo MR-Brain_2023", ".MRB-006", "Screen Save")),
+        idc_only=(CollectionSpec(_LUNG_FACTS, (_lung_001(ai_contours),)), colon),
+        # As in IDC: a few collections in -two, CC BY-NC ones in -cr.
+        buckets=(("Demo MR-Brain_2023", IDC_OPEN_DATA_TWO),
+                 ("Demo-IDC Only_Colon CT", IDC_OPEN_DATA_CR)),
+        analysis_results=(AnalysisResult(
+            "demo_lung_ai_nodules", "AI nodule contours for Demo-Lung CT_2024",
+            "https://doi.org/10.5281/zenodo.TCIAFS.DEMO.AINODULES", CC_BY_4,
+            (SeriesRef("Demo-Lung CT_2024", "LUNG-001", "AI nodule contours"),)),),
+    )
+
+
 def demo() -> Profile:
     return Profile("demo", seed=20240315, on_disk=True, collections=(
         _lung_collection(), _petct_collection(), _mr_collection(),
         _restricted_collection(), _nlst_collection(),
-    ))
+    ), idc=_demo_idc())
 
 
 # ---------------------------------------------------------------------------------------

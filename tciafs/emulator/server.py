@@ -10,6 +10,9 @@ Paths (all case-sensitive, as JAX-RS is):
   :mod:`tciafs.emulator.legacy`.
 * ``/_emulator/{stats,reset,faults}`` (see :mod:`tciafs.emulator.faults`).
 
+With ``s3_port``, a third server speaks S3 instead (:mod:`tciafs.emulator.s3`): the
+same plumbing, faults and statistics, another :class:`~tciafs.emulator.service.Service`.
+
 Any other path under ``/nbia-api/`` is Jersey's 404 turned into a 500 by NBIA's
 catch-all mapper; a wrong method is its 405, likewise a 500.  Paths outside
 ``/nbia-api``, ``/services`` and ``/_emulator`` get a plain 404.
@@ -32,9 +35,9 @@ import threading
 import time
 import traceback
 import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 from tciafs.emulator import wire, zipstream
 from tciafs.emulator.auth import Auth, TokenStore, UserDB
@@ -44,7 +47,11 @@ from tciafs.emulator.faults import ContentFaults, FaultConfig, FaultPlan, Faults
 from tciafs.emulator.legacy import LEGACY, run_legacy
 from tciafs.emulator.model import Archive
 from tciafs.emulator.nbia import NBIA, run_nbia
+from tciafs.emulator.service import Route, Service
 from tciafs.emulator.wire import Reply
+
+if TYPE_CHECKING:
+    from tciafs.emulator.s3 import S3Service
 
 SERVICES = "/nbia-api/services/"
 TOKEN_PATHS = ("/nbia-api/oauth/token", "/nbia-api/services/oauth/token")
@@ -55,13 +62,6 @@ NOT_FOUND = "HTTP 404 Not Found"
 
 
 # --- routing -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Route:
-    name: str  # "getImage"
-    qualified: str  # "v4/getImage"
-    run: Callable[[], Reply]
-
 
 def route(ctx: Context, req: Request) -> Route:
     path = req.path
@@ -111,6 +111,25 @@ def control(ctx: Context, req: Request) -> Reply:
             reply.status = 400
             return reply
     return wire.text(404, "Not Found")
+
+
+class NbiaService:
+    """The NBIA servers' service: its routes, NBIA's error pages."""
+
+    def route(self, ctx: Context, req: Request) -> Route:
+        return route(ctx, req)
+
+    def fault_reply(self, plan: FaultPlan) -> Reply | None:
+        return None
+
+    def crash_reply(self, exc: Exception) -> Reply:
+        return wire.server_error(f"{type(exc).__name__}: {exc}")  # NBIA's catch-all mapper
+
+    def control(self, ctx: Context, req: Request) -> Reply | None:
+        return None
+
+
+NBIA_SERVICE = NbiaService()
 
 
 # --- HTTP plumbing -----------------------------------------------------------------------
@@ -230,14 +249,15 @@ class Handler(BaseHTTPRequestHandler):
         self._handle()
 
     def _handle(self) -> None:
-        ctx = self.server.ctx
+        ctx, service = self.server.ctx, self.server.service
         req = self._read_request()
         if req is None:
             return
         if req.path.startswith("/_emulator/"):
-            self._send(control(ctx, req), FaultPlan(), counted=False)
+            reply = service.control(ctx, req) or control(ctx, req)
+            self._send(reply, FaultPlan(), counted=False)
             return
-        target = route(ctx, req)
+        target = service.route(ctx, req)
         ctx.stats.request(ctx.host, target.name, target.qualified)
         plan = ctx.faults.plan([target.name, target.qualified])
         if plan.latency > 0:
@@ -246,7 +266,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if plan.status is not None:
                 ctx.stats.fault(ctx.host, str(plan.status))
-                reply = fault_reply(plan)
+                reply = service.fault_reply(plan) or fault_reply(plan)
             else:
                 reply = self._run(target)
             self._send(reply, plan)
@@ -256,9 +276,9 @@ class Handler(BaseHTTPRequestHandler):
     def _run(self, target: Route) -> Reply:
         try:
             return target.run()
-        except Exception as exc:  # NBIA's catch-all mapper: 500 with the message
+        except Exception as exc:
             traceback.print_exc(file=sys.stderr)
-            return wire.server_error(f"{type(exc).__name__}: {exc}")
+            return self.server.service.crash_reply(exc)
 
     def _read_request(self) -> Request | None:
         url = urllib.parse.urlsplit(self.path)
@@ -308,8 +328,11 @@ class Handler(BaseHTTPRequestHandler):
         if plan.first_byte_delay > 0:
             ctx.stats.fault(ctx.host, "slow_first_byte")
             time.sleep(plan.first_byte_delay)
-        if plan.cut and reply.stream is None and not reply.body:
+        if plan.cut and (self.command == "HEAD" or reply.stream is None and not reply.body):
             self.cut_connection(plan.cut)  # nothing to cut into: drop before the status
+            return
+        if self.command == "HEAD":  # the headers GET would send, and no body
+            self._send_head(reply, chunked=False)
             return
         unsized = reply.stream is not None and reply.length is None
         # HTTP/1.0 has no chunked coding: such a body ends when the connection closes.
@@ -394,15 +417,31 @@ def _wait_until_sent(sock: socket.socket, limit: float = 0.5) -> None:
         time.sleep(0.005)
 
 
+class S3Handler(Handler):
+    """The S3 server's handler: HEAD too, and the methods that S3 refuses to strangers."""
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._handle()
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._handle()
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._handle()
+
+
 class EmulatorHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], ctx: Context) -> None:
+    def __init__(self, address: tuple[str, int], ctx: Context,
+                 service: Service = NBIA_SERVICE,
+                 handler: type[Handler] = Handler) -> None:
         self.ctx = ctx
+        self.service = service
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        super().__init__(address, Handler)
+        super().__init__(address, handler)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the FQDN of the host, which may block on DNS.
@@ -424,6 +463,7 @@ class Options:
     host: str = "127.0.0.1"
     port: int = 0
     nlst_port: int | None = None
+    s3_port: int | None = None  # an S3 server for the archive's IDC side (tciafs.emulator.s3)
     token_lifetime: float = 7200.0
     refresh_lifetime: float | None = None
     users: UserDB = field(default_factory=UserDB)
@@ -433,20 +473,32 @@ class Options:
 
 
 class EmulatorServers:
-    """The main server and the optional NLST server, serving from daemon threads."""
+    """The main server, and the optional NLST and S3 servers, serving from daemon
+    threads; they share the faults and the statistics."""
 
     def __init__(self, archive: Archive, options: Options) -> None:
         tokens = TokenStore(options.token_lifetime, options.refresh_lifetime)
         auth, faults, stats = Auth(options.users, tokens), Faults(options.faults), Stats()
         self.servers: list[EmulatorHTTPServer] = []
+        self.s3: S3Service | None = None
         ports = [("main", options.port)]
         if options.nlst_port is not None:
             ports.append(("nlst", options.nlst_port))
+        if options.s3_port is not None:
+            # The IDC side plans the series only IDC holds: the generator, loaded only here.
+            from tciafs.emulator.s3 import S3Service
+
+            ports.append(("s3", options.s3_port))
+            self.s3 = S3Service.for_archive(archive)
         try:
             for host, port in ports:
                 ctx = Context(archive, host, auth, faults, stats, options.expired_token_mode,
                               options.verbose)
-                self.servers.append(EmulatorHTTPServer((options.host, port), ctx))
+                if host == "s3" and self.s3 is not None:
+                    server = EmulatorHTTPServer((options.host, port), ctx, self.s3, S3Handler)
+                else:
+                    server = EmulatorHTTPServer((options.host, port), ctx)
+                self.servers.append(server)
                 stats.register(host)
         except BaseException:
             self.close()
@@ -454,13 +506,21 @@ class EmulatorServers:
         self.stats, self.faults, self.auth = stats, faults, auth
         self._threads: list[threading.Thread] = []
 
+    def _url_of(self, host: str) -> str | None:
+        return next((s.url for s in self.servers if s.ctx.host == host), None)
+
     @property
     def url(self) -> str:
         return self.servers[0].url
 
     @property
     def nlst_url(self) -> str | None:
-        return self.servers[1].url if len(self.servers) > 1 else None
+        return self._url_of("nlst")
+
+    @property
+    def s3_url(self) -> str | None:
+        """The S3 endpoint: buckets path-style under it, /<bucket>/<key>."""
+        return self._url_of("s3")
 
     def start(self) -> EmulatorServers:
         for server in self.servers:
