@@ -196,7 +196,7 @@ def _verify(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     else:
         print(f"checked {checked} files: {len(bad)} bad, {unconfirmed} not yet confirmed "
-              "by a server MD5 list")
+              "by a server MD5")
         for sop, problem in bad:
             print(f"  {sop}: {problem}")
         if repaired:

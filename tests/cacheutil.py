@@ -35,8 +35,9 @@ def _sops(url: str, series_uid: str) -> list[str]:
     return [r["SOPInstanceUID"] for r in rows]
 
 
-def _truth(url: str, series_uid: str) -> dict[str, bytes]:
-    body = httpx.get(f"{url}/nbia-api/services/v4/getImage",
+def _truth(url: str, series_uid: str, headers: dict[str, str] | None = None
+           ) -> dict[str, bytes]:
+    body = httpx.get(f"{url}/nbia-api/services/v4/getImage", headers=headers,
                      params={"SeriesInstanceUID": series_uid}, timeout=60).content
     out = {}
     with zipfile.ZipFile(io.BytesIO(body)) as zf:

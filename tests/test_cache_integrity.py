@@ -10,7 +10,6 @@ import fcntl
 import hashlib
 import json
 import os
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from dicomutil import dicom_bytes
 
 from tciafs.cache import Cache, object_path
 from tciafs.cache import store as cache_module
-from tciafs.catalog import Kind
 
 from mountutil import mounted, needs_fuse, reset_stats, stats
 
@@ -234,56 +232,3 @@ def test_a_persistent_md5_mismatch_is_eio_through_the_mount(emulator, damage,
         assert err.value.errno == errno.EIO
         damage(0.0)
         assert first.read_bytes() == _truth(emulator.url, uid)[first.name.removesuffix(".dcm")]
-
-
-@needs_fuse
-@pytest.mark.mount
-def test_bytes_the_md5_list_refuses_leave_the_kernels_page_cache(emulator, damage,
-                                                                 tmp_path: Path) -> None:
-    mnt = tmp_path / "mnt"
-    uid = min(_series(emulator.url), key=lambda r: r["ImageCount"])["SeriesInstanceUID"]
-    truth = _truth(emulator.url, uid)
-    with mounted(emulator, mnt, tmp_path / "cache", "--no-prefetch"):
-        series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
-        first = sorted(series.glob("*.dcm"))[0]
-        want = truth[first.name.removesuffix(".dcm")]
-        damage(1.0, "getSingleImage")
-        early = first.read_bytes()  # before any MD5 list: nothing to check it against
-        assert early != want and early[:-1] == want[:-1]
-        damage(0.0)
-        run_tciafs("cache", "prefetch", str(series), check=True, timeout=120)
-        assert first.read_bytes() == want  # not the refused bytes, still in the kernel
-
-
-@needs_fuse
-@pytest.mark.mount
-def test_a_series_re_submitted_to_the_service_reads_as_it_is_now(emulator, damage,
-                                                                 tmp_path: Path) -> None:
-    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
-    uid = min((r for r in _series(emulator.url) if r["ImageCount"] >= 2),
-              key=lambda r: r["ImageCount"])["SeriesInstanceUID"]
-    truth = _truth(emulator.url, uid)
-    with mounted(emulator, mnt, cache_dir, "--no-prefetch", "--listing-ttl", "0"):
-        series = next(mnt.glob(f"Demo-Lung CT_2024/*/*/{uid}"))
-        first, second = sorted(series.glob("*.dcm"))[:2]
-        want, want2 = (truth[p.name.removesuffix(".dcm")] for p in (first, second))
-        damage(1.0, "getSingleImage")  # the files as they were before the re-submission
-        old, old2 = first.read_bytes(), second.read_bytes()
-        assert old != want and first.read_bytes() == old  # cached, and in the kernel
-        assert old2 != want2
-        damage(0.0)
-        assert first.read_bytes() == old
-        held = second.open("rb")  # open while the re-submission is found
-
-        catalog = sqlite3.connect(next(cache_dir.glob("catalog-*.sqlite")), timeout=30)
-        try:  # the stored listing shows an earlier submission than the service now does
-            catalog.execute("UPDATE nodes SET meta=json_set(meta, '$.submission_date', "
-                            "'2001-02-03') WHERE kind=? AND ident=?", (int(Kind.SERIES), uid))
-            catalog.commit()
-        finally:
-            catalog.close()
-        os.listdir(series.parent)  # the study is listed again: the series was re-submitted
-        assert first.read_bytes() == want  # neither the cache nor the kernel kept the old
-        with held:
-            assert held.read() == old2  # an open file keeps its bytes until closed
-        assert second.read_bytes() == want2  # then they are dropped too

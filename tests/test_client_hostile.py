@@ -530,3 +530,73 @@ async def test_fresh_downloads_ask_past_a_site_cache_and_others_do_not() -> None
     assert seen == [("getSeries", None),
                     ("getSingleImage", None), ("getSingleImage", None), ("getImage", None),
                     ("getSingleImage", "1"), ("getSingleImage", "1"), ("getImage", "1")]
+
+
+# -- one image's MD5 ------------------------------------------------------------------------
+
+
+async def test_an_image_md5_is_asked_of_v1_as_the_guest_whatever_the_generation() -> None:
+    seen: list[tuple[str, dict[str, str], str | None, str | None]] = []
+    md5 = "0123456789abcdef" * 2
+    answers = iter([httpx.Response(200, text=md5.upper() + "\n"), httpx.Response(200),
+                    httpx.Response(200, text=md5)])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("oauth/token"):
+            return token_reply("guest-token")
+        seen.append((request.url.path, dict(request.url.params),
+                     request.headers.get("Authorization"),
+                     request.headers.get("X-Tciafs-Refetch")))
+        return next(answers)
+
+    async with make_client(handler, api="v2") as client:  # v2 sends a token everywhere else
+        assert await client.instance_md5("C", "1.2.3.4") == md5
+        assert await client.instance_md5("C", "1.2.3.5") is None  # restricted, or unknown
+        assert await client.instance_md5("C", "1.2.3.4", fresh=True)
+    path = "/nbia-api/services/v1/getM5HashForImage"
+    assert seen == [(path, {"SOPInstanceUid": "1.2.3.4"}, None, None),
+                    (path, {"SOPInstanceUid": "1.2.3.5"}, None, None),
+                    (path, {"SOPInstanceUid": "1.2.3.4"}, None, "1")]
+
+
+@pytest.mark.parametrize("reply", [
+    httpx.Response(200, html="<html><body>Maintenance</body></html>"),
+    httpx.Response(200, text="d41d8cd98f00b204e9800998ecf8427"),  # 31 digits
+    httpx.Response(200, json=[{"md5": "d41d8cd98f00b204e9800998ecf8427e"}]),
+])
+async def test_an_image_md5_that_is_not_one_is_malformed(reply: httpx.Response) -> None:
+    async with make_client(lambda request: reply) as client:
+        with pytest.raises(MalformedResponse, match="getM5HashForImage"):
+            await client.instance_md5("C", "1.2.3.4")
+
+
+@pytest.mark.parametrize("reply", [
+    httpx.Response(404, text="Not Found"),
+    httpx.Response(500, text="Server was not able to process your request\nHTTP 404 Not Found"),
+])
+async def test_a_service_without_the_image_md5_endpoint_is_asked_once(
+        reply: httpx.Response, caplog: pytest.LogCaptureFixture) -> None:
+    asked = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        return reply
+
+    async with make_client(handler) as client:
+        assert await client.instance_md5("C", "1.2.3.4") is None
+        assert await client.instance_md5("C", "1.2.3.5") is None
+    assert len(asked) == 1
+    assert "no such endpoint" in caplog.text
+
+
+async def test_an_image_md5_that_keeps_failing_is_a_server_error() -> None:
+    asked = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        return httpx.Response(500, text="Server was not able to process your request\nboom")
+
+    async with make_client(handler) as client:
+        with pytest.raises(ServerError, match="HTTP 500"):
+            await client.instance_md5("C", "1.2.3.4")
+    assert len(asked) == 2  # a 500 is read, then tried once more

@@ -7,6 +7,7 @@ a drift in either shows up here.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
@@ -20,6 +21,7 @@ from test_emulator_support import (
     MR_BRAIN,
     NLST,
     RESTRICTED,
+    USERS,
     serve_tiny,
     uid,
 )
@@ -392,6 +394,60 @@ def test_collection_descriptions(client: httpx.Client) -> None:
 
 
 # --- paths, servers, legacy API ----------------------------------------------------------
+
+# --- one image's MD5 -------------------------------------------------------------------
+
+def _image(client: httpx.Client, series: str, sop: str, **headers: str) -> bytes:
+    r = client.get(V4 + "getSingleImage", headers=headers,
+                   params={"SeriesInstanceUID": series, "SOPInstanceUID": sop})
+    assert r.status_code == 200, r.text
+    return r.content
+
+
+def test_v1_gives_a_public_image_s_md5_to_the_guest(client: httpx.Client,
+                                                    nlst: httpx.Client) -> None:
+    sop = uid("ct-a", 4)
+    want = hashlib.md5(_image(client, uid("ct-a"), sop)).hexdigest()
+    assert_text(client.get(V1 + "getM5HashForImage", params={"SOPInstanceUid": sop}),
+                200, want, "text/plain")
+    on_nlst = hashlib.md5(_image(nlst, uid("ct-g"), uid("ct-g", 2))).hexdigest()
+    assert nlst.get(V1 + "getM5HashForImage",
+                    params={"SOPInstanceUid": uid("ct-g", 2)}).text == on_nlst
+    # v1 runs as the guest, whoever asks: a restricted image is as unknown as "1.2.3".
+    token = client.post("/nbia-api/oauth/token", data={
+        "grant_type": "password", "username": "alice",
+        "password": USERS["alice"].password}).json()["access_token"]
+    alice = {"Authorization": f"Bearer {token}"}
+    assert _image(client, uid("ct-f"), uid("ct-f", 1), **alice)  # she may read it ...
+    for params in ({"SOPInstanceUid": uid("ct-f", 1)}, {"SOPInstanceUid": "1.2.3"}, {},
+                   {"SOPInstanceUid": uid("ct-g", 2)},  # ... and NLST's is not on main
+                   {"SOPInstanceUID": sop}):  # v1 ignores a name it does not read
+        assert_empty(client.get(V1 + "getM5HashForImage", params=params, headers=alice))
+    not_found = "Server was not able to process your request\nHTTP 404 Not Found"
+    for path in (V4 + "getM5HashForImage", V2 + "getM5HashForImage", V1 + "getMD5HashForImage"):
+        assert_text(client.get(path, params={"SOPInstanceUid": sop}), 500, not_found,
+                    "text/plain")
+
+
+def test_v4_md5_of_an_image_is_broken_as_nbia_s_is(client: httpx.Client) -> None:
+    sop = uid("ct-a", 4)
+    assert_text(client.get(V4 + "getMD5HashForImage", params={"SOPInstanceUid": sop}), 400,
+                "Invalid query parameter: 'SOPInstanceUid'. Allowed parameters are: "
+                "[SOPInstanceUID]", "application/xml")
+    assert_empty(client.get(V4 + "getMD5HashForImage", params={"SOPInstanceUID": sop}))
+
+
+def test_damaged_storage_leaves_the_stored_md5(client: httpx.Client) -> None:
+    sop = uid("ct-a", 5)
+    sound = _image(client, uid("ct-a"), sop)
+    assert client.post("/_emulator/faults", json={"pcorrupt": 1.0}).status_code == 200
+    try:  # every endpoint faulted: images come damaged, the MD5 stays the stored one
+        damaged = _image(client, uid("ct-a"), sop)
+        listed = client.get(V1 + "getM5HashForImage", params={"SOPInstanceUid": sop}).text
+    finally:
+        client.post("/_emulator/faults", json={})
+    assert damaged != sound and listed == hashlib.md5(sound).hexdigest()
+
 
 def test_unknown_paths_and_case_sensitivity(client: httpx.Client) -> None:
     expected = "Server was not able to process your request\nHTTP 404 Not Found"

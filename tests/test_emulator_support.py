@@ -218,6 +218,9 @@ class TinyArchive:
     def instances(self, series_instance_uid: str) -> list[InstanceRecord]:
         return list(self._instances.get(series_instance_uid, []))
 
+    def series_of_instance(self, sop_instance_uid: str) -> str | None:
+        return next((series for series, sop in self._files if sop == sop_instance_uid), None)
+
     def instance_bytes(self, series_instance_uid: str, sop_instance_uid: str) -> bytes | None:
         return self._files.get((series_instance_uid, sop_instance_uid))
 

@@ -8,6 +8,7 @@ time (the layers above load without the NBIA package).
 from __future__ import annotations
 
 import ast
+import hashlib
 import inspect
 import subprocess
 import sys
@@ -131,7 +132,7 @@ async def test_the_registry_builds_nbia_by_name(emulator: EmulatorProcess) -> No
     assert isinstance(source, NbiaSource)
     assert source.capabilities == Capabilities(known_sizes=False, ranges=False,
                                                series_streams=True, series_checksums=True,
-                                               auth=True)
+                                               auth=True, instance_checksums=True)
     async with source:
         await source.start()
         lung = next(c for c in await source.collections() if c.name == "Demo-Lung CT_2024")
@@ -145,6 +146,8 @@ async def test_the_registry_builds_nbia_by_name(emulator: EmulatorProcess) -> No
                                         instances[0].uid) as stream:
             body = b"".join([chunk async for chunk in stream.chunks()])
         assert body[128:132] == b"DICM"
+        assert await source.instance_md5(lung.name, series.series_uid, instances[0].uid
+                                         ) == hashlib.md5(body).hexdigest()
         facts = source.collection_facts(lung.name)
         assert facts.license_name is None and "TCIA" in (facts.archive_citation or "")
 

@@ -209,6 +209,11 @@ def _slices(data: bytes, chunk_size: int) -> Iterator[bytes]:
 # On demand (scale, bench)
 
 
+def _sop_prefix(sop_instance_uid: str) -> str:
+    """A generated SOP UID less its last component, the instance number."""
+    return sop_instance_uid.rpartition(".")[0]
+
+
 @dataclass(frozen=True)
 class _Materialised:
     records: list[InstanceRecord]
@@ -227,10 +232,13 @@ class GeneratedArchive(_ListingArchive):
                  instance_cache_records: int = 200_000) -> None:
         records = _Records()
         self._plans: dict[str, SeriesPlan] = {}
+        # A series' SOP UIDs share one prefix: the way from an image to its series.
+        self._by_sop_prefix: dict[str, str] = {}
         for cspec in profile.collections:
             for patient in cspec.patients:
                 for plan in plan_patient(profile.seed, cspec.facts.name, patient):
                     self._plans[plan.series_uid] = plan
+                    self._by_sop_prefix[_sop_prefix(plan.sop_uid(0))] = plan.series_uid
                     records.add(cspec.facts, values_getter(plan.header_values(0)),
                                 plan.count, plan.file_size())
         super().__init__(profile, records)
@@ -288,6 +296,10 @@ class GeneratedArchive(_ListingArchive):
         plan = self._plans.get(series_uid)
         i = plan.index_of(sop_uid) if plan else None
         return None if plan is None or i is None else (plan, i)
+
+    def series_of_instance(self, sop_instance_uid: str) -> str | None:
+        uid = self._by_sop_prefix.get(_sop_prefix(sop_instance_uid))
+        return uid if uid is not None and self._locate(uid, sop_instance_uid) else None
 
     def instance_bytes(self, series_instance_uid: str, sop_instance_uid: str) -> bytes | None:
         found = self._locate(series_instance_uid, sop_instance_uid)
@@ -448,9 +460,14 @@ class DiskArchive(_ListingArchive):
                                     for item in entry["instances"]]
             self._files[uid] = {item["record"]["sop_instance_uid"]: root / uid / item["file"]
                                 for item in entry["instances"]}
+        self._series_of_sop = {sop: uid for uid, files in self._files.items()
+                               for sop in files}
 
     def instances(self, series_instance_uid: str) -> list[InstanceRecord]:
         return list(self._instances.get(series_instance_uid, ()))
+
+    def series_of_instance(self, sop_instance_uid: str) -> str | None:
+        return self._series_of_sop.get(sop_instance_uid)
 
     def path(self, series_instance_uid: str, sop_instance_uid: str) -> Path | None:
         return self._files.get(series_instance_uid, {}).get(sop_instance_uid)

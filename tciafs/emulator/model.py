@@ -109,6 +109,11 @@ class Archive(Protocol):
 
     def instances(self, series_instance_uid: str) -> list[InstanceRecord]: ...
 
+    def series_of_instance(self, sop_instance_uid: str) -> str | None:
+        """The UID of the series holding an image, or None (NBIA finds an image by its
+        SOP Instance UID alone for getM5HashForImage)."""
+        ...
+
     def instance_bytes(self, series_instance_uid: str, sop_instance_uid: str
                        ) -> bytes | None: ...
 

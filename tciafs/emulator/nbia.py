@@ -24,6 +24,8 @@ Choices where the facts are silent (docs/nbia-wire.md, "Emulator choices"):
   getCollectionDescriptions; 500 on getDicomTags; 200 + empty body everywhere else.
   ``--expired-token-mode 401`` answers 401 + empty body everywhere.
 * Shared carts (:data:`tciafs.emulator.context.CARTS`) are derived from the archive.
+* getM5HashForImage without a UID answers as for an unknown one: the empty 200, with
+  no Content-Type.
 """
 
 from __future__ import annotations
@@ -408,6 +410,29 @@ def get_single_image(call: Call) -> Reply:
     return dicom_reply(call, uid, inst, f"attachment; filename={sop}.dcm")
 
 
+def _image_md5(call: Call, sop: str | None) -> Reply:
+    """The MD5 NBIA keeps for one image, as text/plain. Both endpoints look it up as
+    the guest: an image of a restricted collection, an unknown one, or none asked for,
+    gets the empty 200 (docs/nbia-wire.md, "Single images")."""
+    uid = call.archive.series_of_instance(sop) if sop else None
+    series = visible_series(call.archive, call.ctx.public, uid) if uid else None
+    inst = find_instance(call.archive, series, sop) if sop else None
+    return wire.empty_ok() if inst is None else wire.text(200, inst.md5)
+
+
+def get_m5_hash_for_image(call: Call) -> Reply:
+    """v1 getM5HashForImage: "M5" and "SOPInstanceUid" spelt as NBIA spells them. The
+    damaged-storage fault (pcorrupt) touches image bytes only: this keeps the stored hash."""
+    return _image_md5(call, call.q("SOPInstanceUid"))
+
+
+def get_md5_hash_for_image_v4(call: Call) -> Reply:
+    """v4 getMD5HashForImage, broken as NBIA's is: it reads SOPInstanceUid, while its
+    parameter check (the table below) lets only SOPInstanceUID through, so it never
+    gets a UID and answers the empty 200."""
+    return _image_md5(call, call.q("SOPInstanceUid"))
+
+
 # --- the NBIA endpoint table -------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -462,6 +487,8 @@ NBIA: dict[str, Endpoint] = {
                                auth="direct"),
     "getSingleImage": _ep(get_single_image, V124, "SeriesInstanceUID SOPInstanceUID",
                           auth="direct"),
+    "getM5HashForImage": _ep(get_m5_hash_for_image, "v1"),
+    "getMD5HashForImage": _ep(get_md5_hash_for_image_v4, "v4", "SOPInstanceUID"),
     "getDicomTags": _ep(get_dicom_tags, "v4 root", "SeriesUID", auth="tags"),
     "getCollectionDescriptions": _ep(get_collection_descriptions, "v4 root", "collectionName",
                                      root_auth="direct"),

@@ -212,6 +212,9 @@ class Capabilities:
     series_checksums: bool
     # Users may log in (and out, back to public access); tokens need renewing.
     auth: bool
+    # instance_md5() gives the source's MD5 of one instance: a file fetched alone can be
+    # checked before a reader sees it (for some instances only, maybe: see instance_md5).
+    instance_checksums: bool = False
 
 
 # -- streams the cache reads ------------------------------------------------------------
@@ -359,3 +362,9 @@ class Source(Protocol):
         """The whole series as one stream, for a source with `series_streams`. md5
         asks for the source's checksums; hash_entries=False leaves hashing the bytes to
         the caller; fresh as for open_instance."""
+
+    async def instance_md5(self, collection: str, series_uid: str, sop_uid: str, *,
+                           fresh: bool = False) -> str | None:
+        """The source's lowercase MD5 of one instance, for a source with
+        `instance_checksums`; None where it gives none for this instance (NBIA: restricted
+        collections). fresh as for open_instance: asked again after bytes that failed it."""

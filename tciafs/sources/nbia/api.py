@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -130,6 +131,14 @@ def single_image_request(gen: Generation, series_uid: str, sop_uid: str) -> Requ
                     {"SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid}, binary=True)
 
 
+def image_md5_request(gen: Generation, sop_uid: str) -> Request:
+    """One image's MD5: v1 getM5HashForImage, with "M5" and "SOPInstanceUid" spelt as the
+    service spells them. v4's getMD5HashForImage is never asked: it reads a parameter
+    name that its own check refuses, so it cannot answer (docs/nbia-wire.md, "Single
+    images")."""
+    return _request(gen, "getM5HashForImage", {"SOPInstanceUid": sop_uid})
+
+
 def series_zip_request(gen: Generation, series_uid: str, md5: bool) -> Request:
     """The whole-series ZIP; with md5, the flavour that ends with md5hashes.csv."""
     params: dict[str, str | None] = {"SeriesInstanceUID": series_uid}
@@ -167,6 +176,20 @@ def parse_rows(body: bytes, what: str) -> list[dict[str, Any]]:
         if item:  # {} is how Jettison writes a row whose only column is NULL
             rows.append(item)
     return rows
+
+
+_MD5_HEX = re.compile(rb"[0-9a-f]{32}")
+
+
+def parse_image_md5(body: bytes, what: str) -> str | None:
+    """getM5HashForImage's text/plain answer: the MD5 in lowercase hex, or None for the
+    empty answer (an image the guest may not see, or none the service knows)."""
+    text = body.strip().lower()
+    if not text:
+        return None
+    if not _MD5_HEX.fullmatch(text):
+        raise MalformedResponse(f"{what}: expected an MD5 in hex, got {_snippet(text)}")
+    return text.decode("ascii")
 
 
 def _snippet(text: bytes) -> str:
@@ -337,6 +360,11 @@ def _date(row: Mapping[str, Any], gen: Generation, *keys: str) -> datetime.date 
         if key in row:
             return parse_date(row[key], gen.v4_shapes)
     return None
+
+
+def is_missing_endpoint(status: int, body: bytes) -> bool:
+    """A 404, or NBIA's 500 that wraps its web framework's 404: no such path here."""
+    return status == 404 or (status == 500 and b"404 not found" in body[:4096].lower())
 
 
 def is_not_authorised_text(text: str) -> bool:

@@ -98,6 +98,7 @@ class NbiaClient:
         self._nlst_listed = NLST not in self._servers  # NLST's collections are known
         self._routing_lock = trio.Lock()
         self._fallback_logged: set[str] = set()
+        self._image_md5_gone = False  # the service answered that it has no getM5HashForImage
 
     @property
     def unreachable(self) -> dict[str, dict[str, object]]:
@@ -302,6 +303,42 @@ class NbiaClient:
         if size is None:
             raise NotFound(f"{what}: no such series")
         return size
+
+    async def instance_md5(self, collection: str, sop_uid: str, *, fresh: bool = False
+                           ) -> str | None:
+        """The MD5 the service keeps for one image (v1 getM5HashForImage, whatever the
+        mount's generation: v4's is broken, see api.image_md5_request), asked of the
+        collection's server. v1 answers as the guest, so None, its empty answer, comes for
+        an image of a restricted collection as for one it does not know; and from a
+        service that no longer has the endpoint. fresh asks past a site cache, as
+        open_instance does."""
+        if self._image_md5_gone:
+            return None
+        host = await self._host_for(collection)
+        deadline = trio.current_time() + self.request_deadline
+        v1 = api_generation("v1")
+
+        def build(g: Generation) -> Request:
+            return api.image_md5_request(g, sop_uid)
+
+        # A 500 may be NBIA's way of saying "no such path" (docs/nbia-wire.md, "Errors
+        # and status codes"): it is read before it is retried.
+        for attempt in (1, 2):
+            reply, what, _used = await self._exchange(
+                v1, build, host, deadline, RETRY_STATUSES - {500}, fresh=fresh)
+            if reply.status == 200:
+                return api.parse_image_md5(reply.body, what)
+            if api.is_missing_endpoint(reply.status, reply.body):
+                self._image_md5_gone = True
+                log.warning("%s: the service has no such endpoint (HTTP %d); single images "
+                            "are kept unconfirmed until their series' MD5 list comes", what,
+                            reply.status)
+                return None
+            if reply.status == 500 and attempt == 1:
+                await trio.sleep(self._http.policy.backoff(1))
+                continue
+            raise self._status_error(reply, what, build(v1).endpoint, binary=False)
+        raise AssertionError("unreachable")
 
     # -- downloads -----------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 What NBIA gives, and what it does not (docs/design/sources.md says more):
 - no instance sizes before a download, and no byte ranges: a file comes whole;
 - a whole series as one ZIP, whose md5hashes.csv member lists each file's MD5 (not on
-  the legacy API); a single image comes without any checksum;
+  the legacy API); a single image comes without any checksum, but a second request
+  (v1 getM5HashForImage) gives the MD5 of a public image;
 - license and DOI only in series rows, so its collection facts name the archive alone.
 
 The NBIA-only knowledge the tree once held lives here: which server (main or NLST)
@@ -59,9 +60,11 @@ class NbiaSource:
     def __init__(self, server: str = "https://services.cancerimagingarchive.net",
                  **options: Any) -> None:
         self.client = NbiaClient(server, **options)
+        # The legacy API's server gives no MD5 at all, neither in ZIPs nor per image.
+        checksums = self.client.api != "legacy"
         self.capabilities = Capabilities(
             known_sizes=False, ranges=False, series_streams=True,
-            series_checksums=self.client.api != "legacy", auth=True)
+            series_checksums=checksums, auth=True, instance_checksums=checksums)
 
     def __repr__(self) -> str:
         return f"NbiaSource({self.client!r})"
@@ -178,6 +181,14 @@ class NbiaSource:
                     ) -> AbstractAsyncContextManager[SeriesStream]:
         return self.client.open_series(collection, series_uid, md5=md5,
                                        hash_entries=hash_entries, fresh=fresh)
+
+    async def instance_md5(self, collection: str, series_uid: str, sop_uid: str, *,
+                           fresh: bool = False) -> str | None:
+        # Public images only: NBIA gives one image's MD5 to the guest alone, so for a
+        # restricted collection the series ZIP's md5hashes.csv is the only checksum.
+        if not self.capabilities.instance_checksums:
+            return None
+        return await self.client.instance_md5(collection, sop_uid, fresh=fresh)
 
 
 def build(*, login: Login | None = None, **options: Any) -> NbiaSource:
