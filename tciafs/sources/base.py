@@ -212,6 +212,9 @@ class Capabilities:
     series_checksums: bool
     # Users may log in (and out, back to public access); tokens need renewing.
     auth: bool
+    # Instance names are SOP Instance UIDs, so a fetched file's header must name the one
+    # asked for. False: names are the source's own keys (IDC's object UUIDs).
+    names_are_sop_uids: bool = True
 
 
 # -- streams the cache reads ------------------------------------------------------------
