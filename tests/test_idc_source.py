@@ -1,0 +1,161 @@
+"""The IDC source against the emulator's S3 side: the tree from the catalog with no
+request above a series, one ListObjectsV2 per series, exact sizes before any read, and
+files through the cache equal to the bucket's bytes; then a real mount with cp and pydicom.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from cacheutil import _with_cache
+
+from tciafs.cache import Cache
+from tciafs.catalog import ROOT_INODE, Catalog, Kind
+from tciafs.emulator import launch
+from tciafs.mount import assemble
+from tciafs.sources import build
+from tciafs.sources.idc import IdcSource, leaf_name
+from tciafs.tree import Tree
+
+from mountutil import mounted
+
+DEFAULT_TIER = "handler"
+CATALOG = "/_emulator/idc/idc_index.parquet"
+
+
+@pytest.fixture(scope="module")
+def idc_emulator(demo_data_dir: Path) -> Iterator[launch.EmulatorProcess]:
+    emu = launch.start("--profile", "demo", data_dir=demo_data_dir, s3=True)
+    try:
+        yield emu
+    finally:
+        emu.stop()
+
+
+def s3_url(emu: launch.EmulatorProcess) -> str:
+    assert emu.s3_url is not None
+    return emu.s3_url
+
+
+def source_of(emu: launch.EmulatorProcess) -> IdcSource:
+    source = build("idc", endpoint=s3_url(emu), catalog=s3_url(emu) + CATALOG, timeout=10)
+    assert isinstance(source, IdcSource)
+    return source
+
+
+def bucket_bytes(emu: launch.EmulatorProcess, source: IdcSource, series_uid: str
+                 ) -> dict[str, bytes]:
+    """Each object of the series by its leaf name, by plain GETs."""
+    place = source.catalog.places[series_uid]
+    with httpx.Client(base_url=s3_url(emu), timeout=10) as http:
+        listed = http.get(f"/{place.bucket}", params={"list-type": "2",
+                                                      "prefix": place.prefix})
+        keys = [k.split("</Key>")[0] for k in listed.text.split("<Key>")[1:]]
+        return {leaf_name(k, place.prefix): http.get(f"/{place.bucket}/{k}").content
+                for k in keys}
+
+
+def s3_requests(emu: launch.EmulatorProcess) -> dict[str, int]:
+    stats = httpx.get(s3_url(emu) + "/_emulator/stats", timeout=10).json()
+    return dict(stats["servers"]["s3"]["requests"])
+
+
+def reset(emu: launch.EmulatorProcess) -> None:
+    httpx.post(s3_url(emu) + "/_emulator/reset", timeout=10).raise_for_status()
+
+
+async def test_the_tree_from_the_catalog_and_one_listing_per_series(
+        idc_emulator: launch.EmulatorProcess, tmp_path: Path) -> None:
+    source = source_of(idc_emulator)
+    catalog = Catalog(tmp_path / "catalog.sqlite", "idc-test")
+    cache = Cache(tmp_path / "c", 1 << 30, source, prefetch=False)
+    ops = assemble(source, Tree(source, catalog), cache).ops
+    series = next(iter(source.catalog.by_uid.values()))
+    truth = bucket_bytes(idc_emulator, source, series.series_uid)
+    reset(idc_emulator)
+    async with source:
+        node = ops.tree.node(ROOT_INODE)
+        assert node is not None
+        for name in (series.collection, series.patient_id, series.study_uid,
+                     series.series_uid):
+            attr = await ops.lookup(node.ino, name.encode())
+            node = ops.tree.node(attr.st_ino)
+            assert node is not None
+        assert s3_requests(idc_emulator) == {}  # above the series: the catalog alone
+        files = [c for c in await ops.tree.children(node.ino) if c.kind is Kind.INSTANCE]
+        assert s3_requests(idc_emulator) == {"ListObjectsV2": 1}
+        sizes = {f.ident: (await ops.getattr(f.ino)).st_size for f in files}
+        assert sizes == {name: len(data) for name, data in truth.items()}
+        assert s3_requests(idc_emulator) == {"ListObjectsV2": 1}  # sizes before any read
+
+        async def read_all() -> None:
+            for name, data in truth.items():
+                entry = await cache.acquire(series.collection, series.series_uid, name)
+                cache.release(entry)
+                assert Path(entry.path).read_bytes() == data
+
+        await _with_cache(cache, read_all)
+    cache.close()
+    assert s3_requests(idc_emulator)["GetObject"] == len(truth)
+
+
+async def test_listings_ranges_and_what_idc_does_not_have(
+        idc_emulator: launch.EmulatorProcess) -> None:
+    source = source_of(idc_emulator)
+    async with source:
+        collections = await source.collections()
+        assert [c.name for c in collections] == sorted(source.catalog.collections)
+        name = collections[0].name
+        patients = await source.patients(name)
+        studies = await source.studies(name, patients[0].patient_id)
+        assert studies and all(s.patient_id == patients[0].patient_id for s in studies)
+        listed = await source.series(name)
+        assert listed and all(s.collection == name for s in listed)
+        assert listed[0].license_name and listed[0].data_description_uri
+        assert await source.series_by_uid(listed[0].series_uid) == [listed[0]]
+        assert await source.series_by_uid("1.2.3.nowhere") == []
+        assert source.collection_facts(name).license_name
+        first = (await source.instances(name, listed[0].series_uid))[0]
+        async with source.open_instance(name, listed[0].series_uid, first.uid,
+                                        byte_range=(0, 132)) as stream:
+            head = b"".join([c async for c in stream.chunks()])
+        assert len(head) == 132 and head[128:] == b"DICM"
+        with pytest.raises(Exception, match="shared cart"):
+            await source.cart("mine")
+        with pytest.raises(ValueError, match="series streams"):
+            source.open_series(name, listed[0].series_uid)
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(180)
+def test_a_mount_of_idc_copies_the_bucket(idc_emulator: launch.EmulatorProcess,
+                                          tmp_path: Path) -> None:
+    source = source_of(idc_emulator)
+    series = next(iter(source.catalog.by_uid.values()))
+    truth = bucket_bytes(idc_emulator, source, series.series_uid)
+    mnt = tmp_path / "mnt"
+    url = s3_url(idc_emulator)
+    with mounted(idc_emulator, mnt, tmp_path / "cache", "--source", "idc",
+                 "--s3-endpoint", url, "--idc-catalog", url + CATALOG):
+        reset(idc_emulator)
+        where = mnt / series.collection / series.patient_id / series.study_uid
+        assert series.series_uid in [p.name for p in where.iterdir()]
+        assert s3_requests(idc_emulator) == {}
+        ls = subprocess.run(["ls", "-l", str(where / series.series_uid)], check=True,
+                            capture_output=True, text=True).stdout
+        sizes = {line.split()[-1]: int(line.split()[4])
+                 for line in ls.splitlines()[1:]}
+        assert sizes == {f"{name}.dcm": len(data) for name, data in truth.items()}
+        assert s3_requests(idc_emulator) == {"ListObjectsV2": 1}
+        subprocess.run(["cp", "-r", str(where / series.series_uid), str(tmp_path / "out")],
+                       check=True, timeout=120)
+        copied = {p.stem: p.read_bytes() for p in (tmp_path / "out").glob("*.dcm")}
+        assert copied == truth
+        name = sorted(truth)[0]
+        ds = pydicom.dcmread(where / series.series_uid / f"{name}.dcm")
+        assert ds.SeriesInstanceUID == series.series_uid
