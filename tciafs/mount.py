@@ -447,6 +447,9 @@ def status_document(parts: Parts, opts: MountOptions, started: float,
         "page_cache": {**parts.pages.counters, "read_ahead": parts.pages.state},
         "listed_ahead": parts.tree.listed_ahead,
     }
+    if opts.source != "nbia":  # NBIA's document stays as it was
+        doc.update(source=opts.source, server=opts.s3_endpoint,
+                   catalog=opts.idc_catalog or "the installed idc-index-data")
     if parts.control_address is not None:
         doc[controlproto.CONTROL_KEY] = parts.control_address
     if offline is not None:

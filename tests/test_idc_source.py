@@ -13,6 +13,7 @@ import httpx
 import pydicom
 import pytest
 from cacheutil import _with_cache
+from cliutil import status_json
 
 from tciafs.cache import Cache
 from tciafs.catalog import ROOT_INODE, Catalog, Kind
@@ -20,6 +21,7 @@ from tciafs.emulator import launch
 from tciafs.mount import assemble
 from tciafs.sources import build
 from tciafs.sources.idc import IdcSource, leaf_name
+from tciafs.sources.idc import catalog as idc_catalog
 from tciafs.tree import Tree
 
 from mountutil import mounted
@@ -58,6 +60,24 @@ def bucket_bytes(emu: launch.EmulatorProcess, source: IdcSource, series_uid: str
         keys = [k.split("</Key>")[0] for k in listed.text.split("<Key>")[1:]]
         return {leaf_name(k, place.prefix): http.get(f"/{place.bucket}/{k}").content
                 for k in keys}
+
+
+def test_the_catalog_from_a_directory_or_a_path(idc_emulator: launch.EmulatorProcess,
+                                                tmp_path: Path) -> None:
+    for name in (idc_catalog.INDEX, idc_catalog.COLLECTIONS):
+        got = httpx.get(f"{s3_url(idc_emulator)}/_emulator/idc/{name}", timeout=10)
+        (tmp_path / name).write_bytes(got.raise_for_status().content)
+    from_dir = idc_catalog.load(str(tmp_path))
+    from_url = idc_catalog.load(s3_url(idc_emulator) + CATALOG)
+    assert from_dir.by_uid == from_url.by_uid and from_dir.facts == from_url.facts
+    assert from_dir.version is not None
+    # Without collections_index, a collection is known by its collection_id alone.
+    (tmp_path / idc_catalog.COLLECTIONS).unlink()
+    bare = idc_catalog.load(str(tmp_path / idc_catalog.INDEX))
+    assert len(bare.by_uid) == len(from_dir.by_uid) and not bare.facts
+    assert set(bare.collections) != set(from_dir.collections)
+    with pytest.raises(ValueError, match="cannot read the IDC catalog"):
+        build("idc", catalog=str(tmp_path / "nowhere.parquet"))
 
 
 def s3_requests(emu: launch.EmulatorProcess) -> dict[str, int]:
@@ -159,3 +179,6 @@ def test_a_mount_of_idc_copies_the_bucket(idc_emulator: launch.EmulatorProcess,
         name = sorted(truth)[0]
         ds = pydicom.dcmread(where / series.series_uid / f"{name}.dcm")
         assert ds.SeriesInstanceUID == series.series_uid
+        status = status_json(mnt)
+        assert status["source"] == "idc" and status["server"] == url
+        assert status["requests"]["requests"]["ListObjectsV2"] == 1
