@@ -19,7 +19,9 @@ from tciafs.cache import Cache
 from tciafs.catalog import ROOT_INODE, Catalog, Kind
 from tciafs.emulator import launch
 from tciafs.mount import assemble
+from tciafs.names import encode
 from tciafs.sources import build
+from tciafs.sources.base import Series
 from tciafs.sources.idc import IdcSource, leaf_name
 from tciafs.sources.idc import catalog as idc_catalog
 from tciafs.tree import Tree
@@ -50,10 +52,15 @@ def source_of(emu: launch.EmulatorProcess) -> IdcSource:
     return source
 
 
+def first_series(source: IdcSource) -> Series:
+    return source.catalog.series_of(source.catalog.collection_names()[0], None)[0]
+
+
 def bucket_bytes(emu: launch.EmulatorProcess, source: IdcSource, series_uid: str
                  ) -> dict[str, bytes]:
     """Each object of the series by its leaf name, by plain GETs."""
-    place = source.catalog.places[series_uid]
+    place = source.catalog.place(series_uid)
+    assert place is not None
     with httpx.Client(base_url=s3_url(emu), timeout=10) as http:
         listed = http.get(f"/{place.bucket}", params={"list-type": "2",
                                                       "prefix": place.prefix})
@@ -69,13 +76,17 @@ def test_the_catalog_from_a_directory_or_a_path(idc_emulator: launch.EmulatorPro
         (tmp_path / name).write_bytes(got.raise_for_status().content)
     from_dir = idc_catalog.load(str(tmp_path))
     from_url = idc_catalog.load(s3_url(idc_emulator) + CATALOG)
-    assert from_dir.by_uid == from_url.by_uid and from_dir.facts == from_url.facts
+    names = from_dir.collection_names()
+    assert names == from_url.collection_names() and from_dir.facts == from_url.facts
+    assert [from_dir.series_of(n, None) for n in names] \
+        == [from_url.series_of(n, None) for n in names]
+    assert sum(len(from_dir.series_of(n, None)) for n in names) == len(from_dir) > 0
     assert from_dir.version is not None
     # Without collections_index, a collection is known by its collection_id alone.
     (tmp_path / idc_catalog.COLLECTIONS).unlink()
     bare = idc_catalog.load(str(tmp_path / idc_catalog.INDEX))
-    assert len(bare.by_uid) == len(from_dir.by_uid) and not bare.facts
-    assert set(bare.collections) != set(from_dir.collections)
+    assert len(bare) == len(from_dir) and not bare.facts
+    assert set(bare.collection_names()) != set(names)
     with pytest.raises(ValueError, match="cannot read the IDC catalog"):
         build("idc", catalog=str(tmp_path / "nowhere.parquet"))
 
@@ -95,7 +106,7 @@ async def test_the_tree_from_the_catalog_and_one_listing_per_series(
     catalog = Catalog(tmp_path / "catalog.sqlite", "idc-test")
     cache = Cache(tmp_path / "c", 1 << 30, source, prefetch=False)
     ops = assemble(source, Tree(source, catalog), cache).ops
-    series = next(iter(source.catalog.by_uid.values()))
+    series = first_series(source)
     truth = bucket_bytes(idc_emulator, source, series.series_uid)
     reset(idc_emulator)
     async with source:
@@ -103,7 +114,7 @@ async def test_the_tree_from_the_catalog_and_one_listing_per_series(
         assert node is not None
         for name in (series.collection, series.patient_id, series.study_uid,
                      series.series_uid):
-            attr = await ops.lookup(node.ino, name.encode())
+            attr = await ops.lookup(node.ino, encode(name).encode())
             node = ops.tree.node(attr.st_ino)
             assert node is not None
         assert s3_requests(idc_emulator) == {}  # above the series: the catalog alone
@@ -124,12 +135,24 @@ async def test_the_tree_from_the_catalog_and_one_listing_per_series(
     assert s3_requests(idc_emulator)["GetObject"] == len(truth)
 
 
+async def test_a_series_read_by_uid_alone(idc_emulator: launch.EmulatorProcess) -> None:
+    """A manifest's series, or one the tree stored earlier, is found without a listing."""
+    known = first_series(source_of(idc_emulator))
+    source = source_of(idc_emulator)
+    async with source:
+        files = await source.instances(known.collection, known.series_uid)
+        async with source.open_instance(known.collection, known.series_uid,
+                                        files[0].uid) as stream:
+            data = b"".join([c async for c in stream.chunks()])
+    assert len(data) == files[0].size
+
+
 async def test_listings_ranges_and_what_idc_does_not_have(
         idc_emulator: launch.EmulatorProcess) -> None:
     source = source_of(idc_emulator)
     async with source:
         collections = await source.collections()
-        assert [c.name for c in collections] == sorted(source.catalog.collections)
+        assert [c.name for c in collections] == source.catalog.collection_names()
         name = collections[0].name
         patients = await source.patients(name)
         studies = await source.studies(name, patients[0].patient_id)
@@ -156,14 +179,14 @@ async def test_listings_ranges_and_what_idc_does_not_have(
 def test_a_mount_of_idc_copies_the_bucket(idc_emulator: launch.EmulatorProcess,
                                           tmp_path: Path) -> None:
     source = source_of(idc_emulator)
-    series = next(iter(source.catalog.by_uid.values()))
+    series = first_series(source)
     truth = bucket_bytes(idc_emulator, source, series.series_uid)
     mnt = tmp_path / "mnt"
     url = s3_url(idc_emulator)
     with mounted(idc_emulator, mnt, tmp_path / "cache", "--source", "idc",
                  "--s3-endpoint", url, "--idc-catalog", url + CATALOG):
         reset(idc_emulator)
-        where = mnt / series.collection / series.patient_id / series.study_uid
+        where = mnt / encode(series.collection) / encode(series.patient_id) / series.study_uid
         assert series.series_uid in [p.name for p in where.iterdir()]
         assert s3_requests(idc_emulator) == {}
         ls = subprocess.run(["ls", "-l", str(where / series.series_uid)], check=True,

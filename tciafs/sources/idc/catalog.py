@@ -17,13 +17,13 @@ from __future__ import annotations
 import datetime
 import io
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tciafs.sources.base import Collection, CollectionFacts, Patient, Series, Study
+from tciafs.sources.base import CollectionFacts, Patient, Series, Study
 
 INDEX = "idc_index.parquet"
 COLLECTIONS = "collections_index.parquet"
@@ -57,30 +57,112 @@ class SeriesPlace:
         return f"{self.uuid}/"
 
 
-@dataclass
+Range = tuple[int, int]  # rows start to stop-1 of the sorted index
+
+
 class IdcCatalog:
-    """The catalog in lookups by level; names are TCIA's collection names."""
+    """The catalog by level; collections are named as TCIA spells them.
 
-    collections: dict[str, Collection] = field(default_factory=dict)
-    facts: dict[str, CollectionFacts] = field(default_factory=dict)
-    patients: dict[str, dict[str, Patient]] = field(default_factory=dict)
-    studies: dict[tuple[str, str], dict[str, Study]] = field(default_factory=dict)
-    series: dict[str, list[Series]] = field(default_factory=dict)  # by study UID
-    by_uid: dict[str, Series] = field(default_factory=dict)
-    places: dict[str, SeriesPlace] = field(default_factory=dict)  # by series UID
-    version: str | None = None  # idc_index_data_version in the files' metadata
+    The real index has a million series: records are made only for the level asked
+    for. The index stays a column table sorted by collection, patient and study, and
+    each patient and study is a range of its rows.
+    """
 
-    def series_of(self, collection: str, patient_id: str | None) -> list[Series]:
-        return [s for study in self._studies(collection, patient_id)
-                for s in self.series.get(study.study_uid, [])]
+    def __init__(self, table: Any, names: dict[str, str],
+                 facts: dict[str, CollectionFacts], version: str | None = None) -> None:
+        import pyarrow as pa  # the idc extra; load() has checked it is there
+
+        collection = [names.get(c, c) for c in table.column("collection_id").to_pylist()]
+        table = table.append_column("collection", pa.array(collection, pa.string()))
+        self._table = table.sort_by([("collection", "ascending"), ("PatientID", "ascending"),
+                                     ("StudyInstanceUID", "ascending")])
+        self.facts = facts
+        self.version = version  # idc_index_data_version in the files' metadata
+        self._patients: dict[str, dict[str, Range]] = {}
+        self._studies: dict[tuple[str, str], dict[str, Range]] = {}
+        self._places: dict[str, SeriesPlace] = {}  # by series UID, as series are made
+        self._index_levels()
+
+    def _index_levels(self) -> None:
+        keys = zip(self._table.column("collection").to_pylist(),
+                   self._table.column("PatientID").to_pylist(),
+                   self._table.column("StudyInstanceUID").to_pylist(), strict=True)
+        for row, (collection, patient, study) in enumerate(keys):
+            _extend(self._patients.setdefault(collection, {}), patient, row)
+            _extend(self._studies.setdefault((collection, patient), {}), study, row)
+
+    def __len__(self) -> int:
+        return int(self._table.num_rows)
+
+    def collection_names(self) -> list[str]:
+        return sorted(self._patients)
+
+    def patients_of(self, collection: str) -> list[Patient]:
+        return [Patient(collection, p) for p in self._patients.get(collection, {})]
 
     def studies_of(self, collection: str, patient_id: str | None) -> list[Study]:
-        return list(self._studies(collection, patient_id))
+        found = []
+        for (patient, uid), (start, stop) in self._study_ranges(collection, patient_id):
+            row = self._rows(start, start + 1)[0]
+            found.append(Study(collection, patient, uid, study_date=_date(row.get("StudyDate")),
+                               study_description=row.get("StudyDescription"),
+                               series_count=stop - start))
+        return found
 
-    def _studies(self, collection: str, patient_id: str | None) -> list[Study]:
+    def series_of(self, collection: str, patient_id: str | None) -> list[Series]:
+        return [self._series(row) for _key, (start, stop)
+                in self._study_ranges(collection, patient_id)
+                for row in self._rows(start, stop)]
+
+    def series_by_uid(self, series_uid: str) -> Series | None:
+        import pyarrow.compute as pc
+
+        row = pc.index(self._table.column("SeriesInstanceUID"), series_uid).as_py()
+        return None if row < 0 else self._series(self._rows(row, row + 1)[0])
+
+    def place(self, series_uid: str) -> SeriesPlace | None:
+        """Where the series' objects are; from a series record made earlier, or looked up."""
+        if series_uid not in self._places and self.series_by_uid(series_uid) is None:
+            return None
+        return self._places[series_uid]
+
+    def _study_ranges(self, collection: str, patient_id: str | None
+                      ) -> list[tuple[tuple[str, str], Range]]:
         patients = [patient_id] if patient_id is not None \
-            else list(self.patients.get(collection, {}))
-        return [s for p in patients for s in self.studies.get((collection, p), {}).values()]
+            else list(self._patients.get(collection, {}))
+        return [((p, uid), rows) for p in patients
+                for uid, rows in self._studies.get((collection, p), {}).items()]
+
+    def _rows(self, start: int, stop: int) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self._table.slice(start, stop - start).to_pylist()
+        return rows
+
+    def _series(self, row: dict[str, Any]) -> Series:
+        collection = row["collection"]
+        facts = self.facts.get(collection, CollectionFacts())
+        doi = row.get("source_DOI")
+        series = Series(
+            collection, row["PatientID"], row["StudyInstanceUID"], row["SeriesInstanceUID"],
+            modality=row.get("Modality"), series_description=row.get("SeriesDescription"),
+            series_number=_number(row.get("SeriesNumber")),
+            body_part=row.get("BodyPartExamined"), image_count=row.get("instanceCount"),
+            file_size=None if row.get("series_size_MB") is None
+            else round(row["series_size_MB"] * 1e6),
+            manufacturer=row.get("Manufacturer"), study_date=_date(row.get("StudyDate")),
+            study_description=row.get("StudyDescription"),
+            license_name=row.get("license_short_name") or facts.license_name,
+            license_uri=facts.license_uri,
+            data_description_uri=f"https://doi.org/{doi}" if doi else facts.doi,
+            third_party_analysis="YES" if row.get("analysis_result_id") else None)
+        self._places[series.series_uid] = SeriesPlace(row["aws_bucket"],
+                                                      row["crdc_series_uuid"])
+        return series
+
+
+def _extend(ranges: dict[str, Range], key: str, row: int) -> None:
+    """Grow the range of `key` to take `row` in (rows of one key are adjacent)."""
+    start = ranges.get(key, (row, row))[0]
+    ranges[key] = (start, row + 1)
 
 
 def default_location() -> str | None:
@@ -118,8 +200,9 @@ def load(location: str | None = None) -> IdcCatalog:
     index = _read(pq, location, INDEX_COLUMNS, optional=False)
     assert index is not None
     collections = _read(pq, sibling(location, COLLECTIONS), COLLECTION_COLUMNS, optional=True)
-    return build(index.to_pylist(), [] if collections is None else collections.to_pylist(),
-                 _version(index))
+    rows = [] if collections is None else collections.to_pylist()
+    return IdcCatalog(index, {r["collection_id"]: r["collection_name"] for r in rows},
+                      {r["collection_name"]: _facts(r) for r in rows}, _version(index))
 
 
 def _read(pq: Any, location: str, columns: tuple[str, ...], *, optional: bool) -> Any:
@@ -159,50 +242,6 @@ def _facts(row: dict[str, Any]) -> CollectionFacts:
         license_uri=licence.get("license_url"),
         doi=f"https://doi.org/{doi}" if doi and "://" not in doi else doi,
         archive="NCI Imaging Data Commons (IDC)", archive_citation=original.get("citation"))
-
-
-def build(index_rows: list[dict[str, Any]], collection_rows: list[dict[str, Any]],
-          version: str | None = None) -> IdcCatalog:
-    """The lookups from the rows of both files."""
-    catalog = IdcCatalog(version=version)
-    names = {r["collection_id"]: r["collection_name"] for r in collection_rows}
-    for row in collection_rows:
-        catalog.facts[row["collection_name"]] = _facts(row)
-    for row in index_rows:
-        _add_series(catalog, names.get(row["collection_id"], row["collection_id"]), row)
-    return catalog
-
-
-def _add_series(catalog: IdcCatalog, collection: str, row: dict[str, Any]) -> None:
-    patient_id, study_uid = row["PatientID"], row["StudyInstanceUID"]
-    catalog.collections.setdefault(collection, Collection(collection))
-    catalog.patients.setdefault(collection, {}).setdefault(
-        patient_id, Patient(collection, patient_id))
-    studies = catalog.studies.setdefault((collection, patient_id), {})
-    study = studies.get(study_uid)
-    study = Study(collection, patient_id, study_uid,
-                  study_date=_date(row.get("StudyDate")),
-                  study_description=row.get("StudyDescription"),
-                  series_count=1 + (study.series_count or 0 if study else 0))
-    studies[study_uid] = study
-    facts = catalog.facts.get(collection, CollectionFacts())
-    doi = row.get("source_DOI")
-    series = Series(
-        collection, patient_id, study_uid, row["SeriesInstanceUID"],
-        modality=row.get("Modality"), series_description=row.get("SeriesDescription"),
-        series_number=_number(row.get("SeriesNumber")),
-        body_part=row.get("BodyPartExamined"), image_count=row.get("instanceCount"),
-        file_size=None if row.get("series_size_MB") is None
-        else round(row["series_size_MB"] * 1e6),
-        manufacturer=row.get("Manufacturer"), study_date=study.study_date,
-        study_description=study.study_description,
-        license_name=row.get("license_short_name") or facts.license_name,
-        license_uri=facts.license_uri,
-        data_description_uri=f"https://doi.org/{doi}" if doi else facts.doi,
-        third_party_analysis="YES" if row.get("analysis_result_id") else None)
-    catalog.series.setdefault(study_uid, []).append(series)
-    catalog.by_uid[series.series_uid] = series
-    catalog.places[series.series_uid] = SeriesPlace(row["aws_bucket"], row["crdc_series_uuid"])
 
 
 def _number(text: Any) -> float | None:

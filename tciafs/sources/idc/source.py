@@ -58,7 +58,7 @@ class IdcSource:
         self.s3 = s3
 
     def __repr__(self) -> str:
-        return f"IdcSource({self.s3.endpoint!r}, {len(self.catalog.by_uid)} series)"
+        return f"IdcSource({self.s3.endpoint!r}, {len(self.catalog)} series)"
 
     # -- lifecycle: nothing to log in to, nothing running in the background ---------------
 
@@ -98,10 +98,10 @@ class IdcSource:
         return Collection(name)
 
     async def collections(self, stored: Sequence[Collection] = ()) -> list[Collection]:
-        return sorted(self.catalog.collections.values(), key=lambda c: c.name)
+        return [Collection(name) for name in self.catalog.collection_names()]
 
     async def patients(self, collection: str) -> list[Patient]:
-        return list(self.catalog.patients.get(collection, {}).values())
+        return self.catalog.patients_of(collection)
 
     async def studies(self, collection: str, patient_id: str | None = None) -> list[Study]:
         return self.catalog.studies_of(collection, patient_id)
@@ -110,7 +110,7 @@ class IdcSource:
         return self.catalog.series_of(collection, patient_id)
 
     async def series_by_uid(self, series_uid: str) -> list[Series]:
-        found = self.catalog.by_uid.get(series_uid)
+        found = self.catalog.series_by_uid(series_uid)
         return [] if found is None else [found]
 
     async def cart(self, name: str) -> list[Series]:
@@ -123,7 +123,7 @@ class IdcSource:
     # -- the bucket ----------------------------------------------------------------------
 
     def _place(self, series_uid: str) -> idc_catalog.SeriesPlace:
-        place = self.catalog.places.get(series_uid)
+        place = self.catalog.place(series_uid)
         if place is None:
             raise NotFound(f"series {series_uid} is not in the IDC catalog")
         return place
