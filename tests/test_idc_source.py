@@ -205,3 +205,11 @@ def test_a_mount_of_idc_copies_the_bucket(idc_emulator: launch.EmulatorProcess,
         status = status_json(mnt)
         assert status["source"] == "idc" and status["server"] == url
         assert status["requests"]["requests"]["ListObjectsV2"] == 1
+
+
+@pytest.mark.unit
+def test_the_leaf_name_is_the_object_uuid() -> None:
+    prefix = "5c6b3f0e-0000-5000-8000-000000000001/"
+    assert leaf_name(prefix + "0a1b2c3d-0000-5000-8000-000000000002.dcm", prefix) \
+        == "0a1b2c3d-0000-5000-8000-000000000002"
+    assert leaf_name(prefix + "extra", prefix) == "extra"  # no suffix: the key's rest
