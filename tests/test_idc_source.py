@@ -5,6 +5,7 @@ files through the cache equal to the bucket's bytes; then a real mount with cp a
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import httpx
 import pydicom
 import pytest
 from cacheutil import _with_cache
-from cliutil import status_json
+from cliutil import run_tciafs, status_json
 
 from tciafs.cache import Cache
 from tciafs.catalog import ROOT_INODE, Catalog, Kind
@@ -26,7 +27,7 @@ from tciafs.sources.idc import IdcSource, leaf_name
 from tciafs.sources.idc import catalog as idc_catalog
 from tciafs.tree import Tree
 
-from mountutil import mounted
+from mountutil import lazy_unmount, mounted
 
 DEFAULT_TIER = "handler"
 CATALOG = "/_emulator/idc/idc_index.parquet"
@@ -213,3 +214,29 @@ def test_the_leaf_name_is_the_object_uuid() -> None:
     assert leaf_name(prefix + "0a1b2c3d-0000-5000-8000-000000000002.dcm", prefix) \
         == "0a1b2c3d-0000-5000-8000-000000000002"
     assert leaf_name(prefix + "extra", prefix) == "extra"  # no suffix: the key's rest
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(180)
+def test_the_demo_mounts_the_emulators_buckets(demo_data_dir: Path, tmp_path: Path) -> None:
+    """`--demo --source idc`: the demo emulator starts with its S3 side, and the mount
+    shows the catalog's collections, the IDC-only one included."""
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"),
+           "XDG_CONFIG_HOME": str(tmp_path / "config"),
+           "XDG_DATA_HOME": str(tmp_path / "data"),
+           "XDG_CACHE_HOME": str(tmp_path / "cache-home")}
+    archive = tmp_path / "data" / "tciafs" / "emulator" / "demo"  # where --demo looks
+    archive.parent.mkdir(parents=True)
+    archive.symlink_to(demo_data_dir)  # generated once for the whole session
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        started = run_tciafs("mount", "--demo", "--source", "idc", str(mnt), env=env)
+        assert started.returncode == 0, started.stderr
+        status = status_json(mnt)
+        assert status["source"] == "idc" and status["server"].startswith("http://127.0.0.1:")
+        listed = sorted(p.name for p in mnt.iterdir() if not p.name.startswith("."))
+        assert any("IDC Only" in name for name in listed), listed
+    finally:
+        run_tciafs("umount", str(mnt), env=env)
+        lazy_unmount(mnt)
