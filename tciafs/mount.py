@@ -448,7 +448,7 @@ def status_document(parts: Parts, opts: MountOptions, started: float,
         "listed_ahead": parts.tree.listed_ahead,
     }
     if opts.source != "nbia":  # NBIA's document stays as it was
-        doc.update(source=opts.source, server=opts.s3_endpoint,
+        doc.update(source=opts.source, server=opts.s3_endpoint, api="S3",
                    catalog=opts.idc_catalog or "the installed idc-index-data")
     if parts.control_address is not None:
         doc[controlproto.CONTROL_KEY] = parts.control_address
