@@ -73,7 +73,8 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         max_connections=args.max_connections, timeout=args.timeout, debug=args.debug,
         credentials_file=args.credentials_file, api_key_file=args.api_key_file,
         layout=args.layout, allow_other=args.allow_other, cart=args.cart,
-        manifest=args.manifest.absolute() if args.manifest else None)
+        manifest=args.manifest.absolute() if args.manifest else None,
+        source=args.source, s3_endpoint=args.s3_endpoint, idc_catalog=args.idc_catalog)
 
 
 def _nlst_server(server: str | None, site_cache: str | None) -> str | None:

@@ -71,6 +71,9 @@ class MountOptions:
     allow_other: bool = False
     manifest: Path | None = None
     cart: str | None = None
+    source: str = "nbia"  # a name of tciafs.sources' registry
+    s3_endpoint: str = "https://s3.amazonaws.com"  # IDC: the buckets' S3 endpoint
+    idc_catalog: str | None = None  # IDC: idc_index.parquet's path or URL; None: installed
 
 
 def default_cache_dir(demo: bool) -> Path:
@@ -157,20 +160,29 @@ def fuse_device_problem() -> str | None:
 # -- the demo server ---------------------------------------------------------------------
 
 @contextlib.contextmanager
-def demo_emulator() -> Iterator[tuple[str, str]]:
-    """Run the bundled emulator with the demo archive for as long as the mount lives."""
+def demo_emulator(s3: bool = False) -> Iterator[tuple[str, str, str | None]]:
+    """Run the bundled emulator with the demo archive for as long as the mount lives;
+    with `s3`, its S3 side (IDC's buckets and catalog) too."""
     # Only the demo starts an emulator: the daemon loads the launcher just then.
     from tciafs.emulator import launch
 
     data_dir = paths.data_home() / "emulator" / "demo"
     try:
         emu = launch.start("--host", "127.0.0.1", "--profile", "demo", data_dir=data_dir,
-                           nlst=True)
+                           nlst=True, s3=s3)
     except launch.EmulatorStartError as exc:
         raise MountError("the demo emulator did not start; see the log") from exc
     with emu:
         assert emu.nlst_url is not None  # asked for with nlst=True
-        yield emu.url, emu.nlst_url
+        yield emu.url, emu.nlst_url, emu.s3_url
+
+
+def use_demo(opts: MountOptions, urls: tuple[str, str, str | None]) -> None:
+    """Point the options at the demo emulator's servers."""
+    opts.server, opts.nlst_server, s3_url = urls
+    if s3_url is not None:
+        opts.s3_endpoint = s3_url
+        opts.idc_catalog = f"{s3_url}/_emulator/idc/idc_index.parquet"
 
 
 # -- the daemon ----------------------------------------------------------------------------
@@ -184,7 +196,7 @@ def run_foreground(opts: MountOptions, ready_fd: int | None = None) -> int:
         warn_if_remote(opts.cache_dir)
         with locked_cache_dir(opts.cache_dir), contextlib.ExitStack() as stack:
             if opts.demo:
-                opts.server, opts.nlst_server = stack.enter_context(demo_emulator())
+                use_demo(opts, stack.enter_context(demo_emulator(s3=opts.source == "idc")))
             trio.run(_serve, opts, ready_fd)
         return 0
     except MountError as exc:
@@ -232,6 +244,8 @@ def _report(ready_fd: int | None, message: str) -> None:
 def _source_key(opts: MountOptions) -> str:
     """What makes one persisted catalog differ from another: server, view, selection."""
     server = "demo" if opts.demo else f"{opts.server}|{opts.nlst_server}"
+    if opts.source != "nbia":  # NBIA's keys stay as they were, so its catalogs too
+        server = f"{opts.source}|{server if opts.demo else opts.s3_endpoint}"
     selection = ""
     if opts.manifest is not None:
         selection = "manifest:" + hashlib.sha256(opts.manifest.read_bytes()).hexdigest()
@@ -261,6 +275,8 @@ async def _selection(client: Source, opts: MountOptions) -> list[Series] | None:
 
 
 def _client(opts: MountOptions) -> Source:
+    if opts.source == "idc":
+        return _idc_source(opts)
     try:
         login = credentials.find(os.environ, opts.credentials_file)
         api_key = credentials.read_secret(opts.api_key_file) if opts.api_key_file else None
@@ -273,6 +289,14 @@ def _client(opts: MountOptions) -> Source:
                              nlst_server=opts.nlst_server, login=login, api_key=api_key,
                              max_connections=opts.max_connections, timeout=opts.timeout)
     except ValueError as exc:  # a malformed server URL
+        raise MountError(str(exc)) from None
+
+
+def _idc_source(opts: MountOptions) -> Source:
+    try:
+        return sources.build("idc", endpoint=opts.s3_endpoint, catalog=opts.idc_catalog,
+                             max_connections=opts.max_connections, timeout=opts.timeout)
+    except ValueError as exc:  # no catalog, or one that cannot be read
         raise MountError(str(exc)) from None
 
 
@@ -423,6 +447,9 @@ def status_document(parts: Parts, opts: MountOptions, started: float,
         "page_cache": {**parts.pages.counters, "read_ahead": parts.pages.state},
         "listed_ahead": parts.tree.listed_ahead,
     }
+    if opts.source != "nbia":  # NBIA's document stays as it was
+        doc.update(source=opts.source, server=opts.s3_endpoint, api="S3",
+                   catalog=opts.idc_catalog or "the installed idc-index-data")
     if parts.control_address is not None:
         doc[controlproto.CONTROL_KEY] = parts.control_address
     if offline is not None:

@@ -153,5 +153,5 @@ async def test_the_registry_builds_nbia_by_name(emulator: EmulatorProcess) -> No
 
 
 def test_an_unknown_source_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="unknown source 'idc'.*nbia"):
-        sources.build("idc")
+    with pytest.raises(ValueError, match="unknown source 'dicomweb'.*nbia, idc"):
+        sources.build("dicomweb")

@@ -213,11 +213,14 @@ class Fetcher:
         # From here to the end no await: the file appears in the index and in memory at
         # once (docs/design/cache.md, "Concurrency").
         self.check_revision(series, revision)
+        if expect_sop is not None and sop != expect_sop:
+            if self.source is None or self.source.capabilities.names_are_sop_uids:
+                raise BadCopy(f"server sent instance {sop!r} when asked for {expect_sop!r}")
+            sop = expect_sop  # the source's own name, which the tree asks for it by
+            self.store.path(sop).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         final = self.store.path(sop)
         if not self.space.knows_dir(final.parent):  # the thread may have just made it
             self.space.measure_dir(final.parent)
-        if expect_sop is not None and sop != expect_sop:
-            raise BadCopy(f"server sent instance {sop!r} when asked for {expect_sop!r}")
         if expect_md5 is not None and md5 != expect_md5:
             self.stats.md5_mismatches += 1
             raise BadCopy(f"instance {sop}: MD5 {md5}, the service gives {expect_md5}")

@@ -15,7 +15,7 @@ from tciafs.sources.base import Capabilities, Source
 __all__ = ["Capabilities", "Source", "build", "names"]
 
 # Source name -> the package that builds it.
-_PACKAGES = {"nbia": "tciafs.sources.nbia"}
+_PACKAGES = {"nbia": "tciafs.sources.nbia", "idc": "tciafs.sources.idc"}
 
 
 def names() -> tuple[str, ...]:

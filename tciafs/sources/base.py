@@ -215,6 +215,9 @@ class Capabilities:
     # instance_md5() gives the source's MD5 of one instance: a file fetched alone can be
     # checked before a reader sees it (for some instances only, maybe: see instance_md5).
     instance_checksums: bool = False
+    # Instance names are SOP Instance UIDs, so a fetched file's header must name the one
+    # asked for. False: names are the source's own keys (IDC's object UUIDs).
+    names_are_sop_uids: bool = True
 
 
 # -- streams the cache reads ------------------------------------------------------------
