@@ -45,6 +45,7 @@ def attributes(node: Node, tree: Tree, cache: Cache) -> dict[str, str]:
         return attrs
     attrs["user.tcia.id"] = node.ident
     attrs["user.tcia.collection"] = node.collection
+    attrs["user.tcia.source"] = tree.source.name  # which archive the bytes come from
     attrs.update(_collection_facts(node, tree))
     for keyword, key in _DICOM_FIELDS.get(node.kind, {}).items():
         value = node.meta.get(key)
@@ -55,7 +56,8 @@ def attributes(node: Node, tree: Tree, cache: Cache) -> dict[str, str]:
         if node.meta.get("file_size") is not None:
             attrs["user.tcia.series_bytes"] = str(node.meta["file_size"])
     if node.kind is Kind.INSTANCE:
-        attrs.update(_instance_facts(node, cache))
+        attrs.update(_instance_facts(node, cache,
+                                     tree.source.capabilities.names_are_sop_uids))
     return attrs
 
 
@@ -69,10 +71,11 @@ def _collection_facts(node: Node, tree: Tree) -> dict[str, str]:
     return out
 
 
-def _instance_facts(node: Node, cache: Cache) -> dict[str, str]:
-    out = {"user.dicom.SOPInstanceUID": node.ident,
-           "user.dicom.SeriesInstanceUID": node.series_uid,
+def _instance_facts(node: Node, cache: Cache, named_by_sop: bool) -> dict[str, str]:
+    out = {"user.dicom.SeriesInstanceUID": node.series_uid,
            "user.tcia.cached": "full" if cache.is_cached(node.ident) else "none"}
+    if named_by_sop:  # a source's own key (IDC's object UUID) is no SOPInstanceUID
+        out["user.dicom.SOPInstanceUID"] = node.ident
     md5 = cache.md5_of(node.ident)
     if md5:
         out["user.tcia.md5"] = md5

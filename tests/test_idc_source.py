@@ -123,6 +123,10 @@ async def test_the_tree_from_the_catalog_and_one_listing_per_series(
         assert s3_requests(idc_emulator) == {"ListObjectsV2": 1}
         sizes = {f.ident: (await ops.getattr(f.ino)).st_size for f in files}
         assert sizes == {name: len(data) for name, data in truth.items()}
+        attrs = {os.fsdecode(n): v for n, v in [
+            (n, await ops.getxattr(files[0].ino, n)) for n in await ops.listxattr(files[0].ino)]}
+        assert attrs["user.tcia.source"] == b"idc"
+        assert "user.dicom.SOPInstanceUID" not in attrs  # the name is the object's UUID
         assert s3_requests(idc_emulator) == {"ListObjectsV2": 1}  # sizes before any read
 
         async def read_all() -> None:

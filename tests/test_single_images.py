@@ -313,3 +313,27 @@ def test_a_series_re_submitted_to_the_service_reads_as_it_is_now(faults: Emulato
         with held:
             assert held.read() == old2  # an open file keeps its bytes until closed
         assert second.read_bytes() == want2  # then they are dropped too
+
+
+async def test_a_source_without_instance_md5s_serves_files_unconfirmed(
+        faults: EmulatorProcess, tmp_path: Path) -> None:
+    """The legacy API gives no MD5 of one image: a file fetched alone is served at once,
+    unconfirmed, with no MD5 asked for and none waited on."""
+    url = faults.url
+    uid = _series(url)[1]["SeriesInstanceUID"]
+    sop = _sops(url, uid)[0]
+    reset_stats(url)
+    async with NbiaSource(url, api="legacy", nlst_server=None, timeout=10) as legacy:
+        assert not legacy.capabilities.instance_checksums
+        cache = Cache(tmp_path / "c", 1 << 30, legacy, prefetch=False)
+
+        async def body() -> None:
+            with trio.fail_after(60):
+                entry = await cache.acquire(LUNG, uid, sop)
+            cache.release(entry)
+            assert Path(entry.path).read_bytes() == _truth(url, uid)[sop]
+
+        await _with_cache(cache, body)
+        cache.close()
+    assert "getM5HashForImage" not in stats(url)["requests"]
+    assert _verified(tmp_path / "c", uid) == {sop: 0}

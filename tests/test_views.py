@@ -61,6 +61,7 @@ def test_sidecars_and_xattrs(emulator, tmp_path: Path) -> None:
         assert os.stat(coll / ".LICENSE").st_size == len((coll / ".LICENSE").read_bytes())
 
         assert _xattrs(coll)["user.tcia.level"] == "collection"
+        assert _xattrs(coll)["user.tcia.source"] == "nbia"
         for foreign in ("security.selinux", "user.other"):  # what `ls -l` and others ask
             with pytest.raises(OSError) as missing:
                 os.getxattr(coll, foreign)

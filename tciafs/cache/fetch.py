@@ -151,8 +151,9 @@ class Fetcher:
         assert self.source is not None
         revision = self.revision[series]
         fresh = fresh or series in self.revised
-        md5 = InstanceMd5(self._listed_md5(series, sop))
-        if md5.known or not self.source.capabilities.instance_checksums:
+        md5 = InstanceMd5(self._listed_md5(series, sop),
+                          askable=self.source.capabilities.instance_checksums)
+        if md5.known or not md5.askable:
             await self._download_checked(collection, series, sop, revision, fresh, md5)
             return
         failed: list[Exception] = []
@@ -261,12 +262,15 @@ class InstanceMd5:
     """The MD5 a file fetched alone must match: known before the download (a series'
     list gave it), or asked of the source while the bytes come."""
 
-    def __init__(self, known: str | None) -> None:
+    def __init__(self, known: str | None, *, askable: bool) -> None:
+        """`askable`: the source gives instance MD5s (`instance_checksums`); a file with
+        neither a known MD5 nor a source to ask is kept unconfirmed, with no wait."""
         self.md5 = known
         self.known = known is not None
+        self.askable = askable
         self.error: ClientError | None = None
         self._answered = trio.Event()
-        if self.known:
+        if self.known or not askable:
             self._answered.set()
 
     async def ask(self, source: Source, collection: str, series: str, sop: str,
