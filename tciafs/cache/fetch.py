@@ -8,6 +8,7 @@ are complete, checked and renamed into place (docs/design/cache.md, "Invariants"
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -173,12 +174,18 @@ class Fetcher:
     async def _download_checked(self, collection: str, series: str, sop: str,
                                 revision: int, fresh: bool, md5: InstanceMd5) -> None:
         assert self.source is not None
-        async with (self.source.open_instance(collection, series, sop, fresh=fresh) as stream,
-                    self.download(series, expected=stream.size) as tmp):
-            async for chunk in stream.chunks():
-                await tmp.write(chunk)
-            if stream.size is not None and tmp.size != stream.size:
-                raise BadCopy(f"got {tmp.size} of {stream.size} bytes")
+        async with contextlib.AsyncExitStack() as keep:  # the downloaded file
+            async with self.source.open_instance(collection, series, sop,
+                                                 fresh=fresh) as stream:
+                tmp = await keep.enter_async_context(
+                    self.download(series, expected=stream.size))
+                async for chunk in stream.chunks():
+                    await tmp.write(chunk)
+                if stream.size is not None and tmp.size != stream.size:
+                    raise BadCopy(f"got {tmp.size} of {stream.size} bytes")
+            # The connection goes back to the pool before the MD5 is waited for: the MD5
+            # request may need it, and downloads that each held one while they waited
+            # would leave none for the requests they wait on.
             await self.publish(tmp, collection, series, revision, expect_sop=sop,
                                expect_md5=await md5.result())
         self.stats.single_fetches += 1
