@@ -23,6 +23,7 @@ import httpx
 import trio
 
 from tciafs.backoff import Backoff
+from tciafs.sources import streamed
 from tciafs.sources.base import ServerError
 
 from .s3xml import parse_error
@@ -81,24 +82,17 @@ class Opened:
 
     async def read_capped(self, cap: int = _ERROR_BODY_CAP) -> bytes:
         """Up to `cap` bytes of the body (an error document); a failure is no news."""
-        body = bytearray()
-        with contextlib.suppress(httpx.RequestError):
-            async for chunk in self.response.aiter_bytes():
-                body += chunk
-                if len(body) >= cap:
-                    break
-        return bytes(body)
+        return await streamed.read_capped(self.response, cap)
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        try:
-            with trio.CancelScope(shield=True):
-                await self.response.aclose()
-        finally:
-            self._transport.release(self._borrower)
-            self._transport.stats.bytes_received += self.response.num_bytes_downloaded
+        await streamed.close(self.response, self._closed_after)
+
+    def _closed_after(self, got: int) -> None:
+        self._transport.release(self._borrower)
+        self._transport.stats.bytes_received += got
 
 
 class Transport:

@@ -30,6 +30,7 @@ import httpx
 import trio
 
 from tciafs.backoff import Backoff
+from tciafs.sources import streamed
 from tciafs.sources.base import ServerError
 
 log = logging.getLogger("tciafs.client")
@@ -127,31 +128,21 @@ class OpenResponse:
 
     async def read_error_body(self) -> Reply:
         """Read a (small) error body for its message; a failure reading it is no news."""
-        body = bytearray()
         # Only the message is wanted: a stalled error body must not hold up the retry.
-        with trio.move_on_after(_ERROR_BODY_WAIT):
-            try:
-                async for chunk in self.response.aiter_bytes():
-                    body += chunk
-                    if len(body) >= _ERROR_BODY_CAP:
-                        break
-            except httpx.RequestError:
-                pass
-        return Reply(self.status, self.response.headers, bytes(body))
+        body = await streamed.read_capped(self.response, _ERROR_BODY_CAP, _ERROR_BODY_WAIT)
+        return Reply(self.status, self.response.headers, body)
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        try:
-            with trio.CancelScope(shield=True):
-                await self.response.aclose()
-        finally:
-            self.transport._release(self._borrower)
-            got = self.response.num_bytes_downloaded
-            self.transport.stats.bytes_received += got
-            log.debug("%s: closed after %d B in %.2f s", self.call.what, got,
-                      trio.current_time() - self._started)
+        await streamed.close(self.response, self._closed_after)
+
+    def _closed_after(self, got: int) -> None:
+        self.transport._release(self._borrower)
+        self.transport.stats.bytes_received += got
+        log.debug("%s: closed after %d B in %.2f s", self.call.what, got,
+                  trio.current_time() - self._started)
 
 
 class Transport:
