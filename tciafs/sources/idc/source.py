@@ -89,6 +89,14 @@ class IdcSource:
     def unreachable(self) -> Mapping[str, Mapping[str, object]]:
         return {}
 
+    def traffic(self) -> dict[str, int]:
+        return {self.name: self.s3.stats.bytes_received}
+
+    @property
+    def catalog_version(self) -> str | None:
+        """The idc-index-data version the catalog's files carry, for `tciafs status`."""
+        return self.catalog.version
+
     # -- listings, from the catalog ------------------------------------------------------
 
     def remember_collections(self, stored: Iterable[Collection]) -> None:
