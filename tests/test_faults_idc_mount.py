@@ -173,3 +173,21 @@ def test_a_copy_through_every_fault_at_once_is_exact(bucket: Bucket, tmp_path: P
         assert copied == bucket.truth
         assert injected(bucket, "503") + injected(bucket, "reset") \
             + injected(bucket, "truncate") >= 2
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("fault", [{"p503": 1.0}, {"preset": 1.0}], ids=["503", "reset"])
+def test_a_bucket_that_always_fails_is_an_error_not_a_short_file(
+        bucket: Bucket, tmp_path: Path, fault: dict[str, float]) -> None:
+    """Every answer SlowDown, or every body cut: after the retries and resumes, EIO and a
+    log line; nothing of the file is kept, and it reads once the bucket recovers."""
+    with idc_mount(bucket, tmp_path, "--no-prefetch") as mnt:
+        listed(bucket, mnt)
+        name = sorted(bucket.truth)[-1]
+        set_faults(bucket.url, **fault, endpoints=["GetObject"])
+        with pytest.raises(OSError) as failed:
+            (mnt / bucket.series_path / name).read_bytes()
+        assert failed.value.errno == errno.EIO
+        assert name.removesuffix(".dcm") in _log_of(mnt, tmp_path / "cache")
+        set_faults(bucket.url)
+        assert (mnt / bucket.series_path / name).read_bytes() == bucket.truth[name]
