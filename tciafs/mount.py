@@ -446,10 +446,12 @@ def status_document(parts: Parts, opts: MountOptions, started: float,
         "jobs": parts.control.progress() if parts.control is not None else {},
         "page_cache": {**parts.pages.counters, "read_ahead": parts.pages.state},
         "listed_ahead": parts.tree.listed_ahead,
+        "traffic": client.traffic(),  # bytes received, by archive
     }
     if opts.source != "nbia":  # NBIA's document stays as it was
         doc.update(source=opts.source, server=opts.s3_endpoint, api="S3",
-                   catalog=opts.idc_catalog or "the installed idc-index-data")
+                   catalog=opts.idc_catalog or "the installed idc-index-data",
+                   catalog_version=getattr(client, "catalog_version", None))
     if parts.control_address is not None:
         doc[controlproto.CONTROL_KEY] = parts.control_address
     if offline is not None:

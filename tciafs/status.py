@@ -22,6 +22,7 @@ def render(mountpoint: Path, doc: dict[str, Any]) -> str:
         f"({cache['entries']} files), hit ratio {cache['hit_ratio']:.0%}, "
         f"{format_size(cache['bytes_fetched'])} fetched",
     ]
+    lines += _archives(doc)
     if cache.get("series_fetches") or cache.get("series_resumed") or cache.get("single_fetches"):
         lines.append(f"  fetched  {cache.get('series_fetches', 0)} series whole, "
                      f"{cache.get('series_resumed', 0)} completed from their missing files, "
@@ -75,6 +76,20 @@ def render(mountpoint: Path, doc: dict[str, Any]) -> str:
                      f"{failed}, {format_size(job['bytes'])} of "
                      f"{format_size(job['total_bytes'])}")
     return "\n".join(lines)
+
+
+def _archives(doc: dict[str, Any]) -> list[str]:
+    """The catalog a mount lists from, and the bytes received from each archive."""
+    lines = []
+    if doc.get("catalog"):
+        version = doc.get("catalog_version")
+        lines.append(f"  catalog  {doc['catalog']}"
+                     + (f", idc-index-data {version}" if version else ", version unknown"))
+    traffic = doc.get("traffic", {})
+    if traffic:
+        lines.append("  received " + ", ".join(f"{format_size(got)} from {name}"
+                                               for name, got in sorted(traffic.items())))
+    return lines
 
 
 def _duration(seconds: float) -> str:

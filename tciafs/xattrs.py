@@ -4,13 +4,23 @@
 state, MD5 once known); `user.dicom.*` carries the main DICOM attributes of the level,
 spelled as DICOM keywords. Every value comes from metadata already fetched for the
 listing: reading attributes never sends a request.
+
+`user.dicom.SOPInstanceUID` of a file is its name where the source names files by SOP
+Instance UID (NBIA). Where it does not (IDC names them by object UUID), the UID is known
+once the file is in the cache: it is read from the cached file's header, the first few
+kilobytes, and remembered (an object never changes, so neither does its UID). A file not
+cached has none: an attribute read never fetches, since tools read attributes of whole
+trees at once (getfattr -R, rsync -X, file managers), and a request per file there
+would turn a scan of metadata into one GET per file.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from tciafs.cache import Cache
+from tciafs.cache.store import sop_in_head
 from tciafs.catalog import Kind, Node
 from tciafs.controlproto import XATTR_PREFIX
 from tciafs.tree import Tree
@@ -34,6 +44,9 @@ _DICOM_FIELDS: dict[Kind, dict[str, str]] = {
 }
 # Every attribute's name starts with one of these (user.tciafs.status at the root).
 PREFIXES = (b"user.tcia.", b"user.dicom.", XATTR_PREFIX.encode())
+HEADER_BYTES = 64 * 1024  # where a file's SOP Instance UID is, well past any real header
+_KNOWN_SOPS: dict[str, str] = {}  # by a file's name, where the name is no SOP UID
+_KNOWN_CAP = 100_000  # names remembered at most (about 20 MB): then it starts over
 _LEVEL = {Kind.ROOT: "root", Kind.COLLECTION: "collection", Kind.PATIENT: "patient",
           Kind.STUDY: "study", Kind.SERIES: "series", Kind.INSTANCE: "instance",
           Kind.SIDECAR: "sidecar"}
@@ -74,12 +87,39 @@ def _collection_facts(node: Node, tree: Tree) -> dict[str, str]:
 def _instance_facts(node: Node, cache: Cache, named_by_sop: bool) -> dict[str, str]:
     out = {"user.dicom.SeriesInstanceUID": node.series_uid,
            "user.tcia.cached": "full" if cache.is_cached(node.ident) else "none"}
-    if named_by_sop:  # a source's own key (IDC's object UUID) is no SOPInstanceUID
-        out["user.dicom.SOPInstanceUID"] = node.ident
+    # A source's own key (IDC's object UUID) is no SOPInstanceUID: that is in the header.
+    sop = node.ident if named_by_sop else _sop_of_cached(node, cache)
+    if sop is not None:
+        out["user.dicom.SOPInstanceUID"] = sop
     md5 = cache.md5_of(node.ident)
     if md5:
         out["user.tcia.md5"] = md5
     return out
+
+
+def _sop_of_cached(node: Node, cache: Cache) -> str | None:
+    """The SOP Instance UID in the header of a cached file, else None (module docstring)."""
+    known = _KNOWN_SOPS.get(node.ident)
+    if known is not None:
+        return known
+    entry = cache.hold(node.series_uid, node.ident)  # kept from eviction while read
+    if entry is None:
+        return None
+    try:
+        with open(entry.path, "rb") as stored:
+            head = stored.read(HEADER_BYTES)  # a local read of a few pages, no request
+    except OSError:  # harmed from outside: the next read of the file fetches it again
+        return None
+    finally:
+        cache.release(entry)
+    with contextlib.suppress(Exception):  # pydicom raises many kinds for a bad header
+        sop = sop_in_head([head])
+        if sop:
+            if len(_KNOWN_SOPS) >= _KNOWN_CAP:
+                _KNOWN_SOPS.clear()
+            _KNOWN_SOPS[node.ident] = sop
+            return sop
+    return None
 
 
 def _series_state(node: Node, tree: Tree, cache: Cache) -> str:

@@ -11,6 +11,8 @@ into the current configuration instead::
       "bandwidth": 0,             # bytes/s cap on each response body, 0 = unlimited
       "p429": 0.0, "retry_after": 1,           # 429 Too Many Requests + Retry-After: N
       "p500": 0.0, "p502": 0.0, "p503": 0.0, "p504": 0.0,
+      "p404": 0.0,                # 404; on the S3 server NoSuchKey, as for an object
+                                  # deleted between its listing and its read
       "preset": 0.0,              # reset the connection (RST) part-way through the body
       "ptruncate": 0.0,           # status 200, then end the body early (no final chunk,
                                   # so a ZIP has no central directory) and close
@@ -33,7 +35,8 @@ into the current configuration instead::
       "seed": null                # re-seeds the random generator when given
     }
 
-Each eligible request rolls once for a status fault (p429 + p5xx must not exceed 1),
+Each eligible request rolls once for a status fault (p429 + p404 + p5xx must not
+exceed 1),
 once for a body fault (preset + ptruncate + pshort must not exceed 1) and once for the
 slow first and last byte; with ``pcorrupt``, once more for each image it sends.  A cut
 happens at a random point of the body; it always falls before the last body byte, and for
@@ -52,7 +55,7 @@ Statistics (``GET /_emulator/stats``; ``POST /_emulator/reset`` clears them)::
                     "oauth/token": 1, ...},
       "status": {"200": 6, "429": 1},
       "bytes_sent": 123456,       # response body bytes actually written
-      "faults": {"429": 1, "500": 0, "502": 0, "503": 0, "504": 0,
+      "faults": {"429": 1, "404": 0, "500": 0, "502": 0, "503": 0, "504": 0,
                  "reset": 0, "truncate": 0, "slow_first_byte": 0, "slow_last_byte": 0,
                  "corrupt": 0, "short": 0},
       "servers": {"main": {same keys but "since"}, "nlst": {...}}
@@ -75,8 +78,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 
-STATUS_FAULTS = (429, 500, 502, 503, 504)
-FAULT_KINDS = ("429", "500", "502", "503", "504", "reset", "truncate", "slow_first_byte",
+STATUS_FAULTS = (429, 404, 500, 502, 503, 504)
+FAULT_KINDS = ("429", "404", "500", "502", "503", "504", "reset", "truncate", "slow_first_byte",
                "slow_last_byte", "corrupt", "short")
 
 
@@ -86,6 +89,7 @@ class FaultConfig:
     bandwidth: int = 0
     p429: float = 0.0
     retry_after: int = 1
+    p404: float = 0.0
     p500: float = 0.0
     p502: float = 0.0
     p503: float = 0.0
@@ -106,8 +110,8 @@ class FaultConfig:
         return data
 
 
-_PROBABILITIES = ("p429", "p500", "p502", "p503", "p504", "preset", "ptruncate", "pshort",
-                  "pcorrupt", "pslow")
+_PROBABILITIES = ("p429", "p404", "p500", "p502", "p503", "p504", "preset", "ptruncate",
+                  "pshort", "pcorrupt", "pslow")
 _NON_NEGATIVE = ("latency_ms", "bandwidth", "retry_after", "first_byte_delay_ms",
                  "last_byte_delay_ms")
 
@@ -128,7 +132,7 @@ def parse_config(patch: dict[str, object], base: FaultConfig) -> FaultConfig:
         values[key] = _coerce(key, value)
     config = replace(base, **values)  # type: ignore[arg-type]
     if sum(getattr(config, f"p{s}") for s in STATUS_FAULTS) > 1.0 + 1e-9:
-        raise ValueError("p429 + p500 + p502 + p503 + p504 must not exceed 1")
+        raise ValueError("p429 + p404 + p500 + p502 + p503 + p504 must not exceed 1")
     if config.preset + config.ptruncate + config.pshort > 1.0 + 1e-9:
         raise ValueError("preset + ptruncate + pshort must not exceed 1")
     return config

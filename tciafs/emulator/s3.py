@@ -364,6 +364,8 @@ class S3Service:
     def fault_reply(self, plan: FaultPlan) -> Reply | None:
         if plan.status == 503:
             return _slow_down()
+        if plan.status == 404:  # as for an object deleted after it was listed
+            return error(404, "NoSuchKey", "The specified key does not exist.")
         return _internal_error() if plan.status == 500 else None
 
     def crash_reply(self, exc: Exception) -> Reply:

@@ -141,8 +141,8 @@ def fault_reply(plan: FaultPlan) -> Reply:
                      [("Retry-After", str(plan.retry_after))])
     if status == 500:
         return wire.server_error("Injected fault")
-    titles = {502: "502 Bad Gateway", 503: "503 Service Temporarily Unavailable",
-              504: "504 Gateway Time-out"}
+    titles = {404: "404 Not Found", 502: "502 Bad Gateway",
+              503: "503 Service Temporarily Unavailable", 504: "504 Gateway Time-out"}
     page = (f"<html><head><title>{titles[status]}</title></head><body><center><h1>"
             f"{titles[status]}</h1></center></body></html>\n")
     return Reply(status, page.encode(), "text/html")

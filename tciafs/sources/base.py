@@ -316,6 +316,10 @@ class Source(Protocol):
     def unreachable(self) -> Mapping[str, Mapping[str, object]]:
         """Servers that could not be reached lately, with when and why."""
 
+    def traffic(self) -> dict[str, int]:
+        """Bytes received so far from each archive the source reads, by the archive's
+        source name ({"idc": 123}); a source that reads two archives gives both."""
+
     # -- listings --
 
     def remember_collections(self, stored: Iterable[Collection]) -> None:

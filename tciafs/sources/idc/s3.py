@@ -155,12 +155,14 @@ class S3Client:
                           headers.get("last-modified"), headers.get("content-type"))
 
     @asynccontextmanager
-    async def open(self, bucket: str, key: str, byte_range: tuple[int, int] | None = None
-                   ) -> AsyncIterator[ObjectStream]:
-        """The object's bytes, or bytes start to end-1 of it with `byte_range`."""
+    async def open(self, bucket: str, key: str, byte_range: tuple[int, int] | None = None,
+                   *, listed_size: int | None = None) -> AsyncIterator[ObjectStream]:
+        """The object's bytes, or bytes start to end-1 of it with `byte_range`.
+        `listed_size`: the object's size as a listing gave it, which an answer must
+        agree with (ObjectStream)."""
         if byte_range is not None and not 0 <= byte_range[0] < byte_range[1]:
             raise ValueError(f"not a byte range: {byte_range}")
-        stream = ObjectStream(self, bucket, key, byte_range)
+        stream = ObjectStream(self, bucket, key, byte_range, listed_size)
         try:
             await stream.start()
             yield stream
@@ -178,10 +180,16 @@ class ObjectStream:
 
     After start(): `size` is how many bytes chunks() yields, `object_size` the whole
     object's size where the answer told it, `etag` its ETag.
+
+    With the size a listing gave (an object never changes, so the listing is right), an
+    answer that says the object is shorter (a 200 whose body is whole by its own
+    Content-Length, but short) is continued by range like a body cut short, and one
+    that says it is longer is refused: no reader gets a file cut or grown.
     """
 
     def __init__(self, client: S3Client, bucket: str, key: str,
-                 byte_range: tuple[int, int] | None) -> None:
+                 byte_range: tuple[int, int] | None, listed_size: int | None = None
+                 ) -> None:
         self._client = client
         self.bucket, self.key = bucket, key
         self.what = f"GetObject {bucket}/{key}"
@@ -194,6 +202,7 @@ class ObjectStream:
         self._opened: Opened | None = None
         self._skip = 0  # bytes of the current body before `position` (a 200 to a range)
         self._body_end: int | None = None  # exclusive end of what the current body holds
+        self._listed_size = listed_size
 
     @property
     def size(self) -> int | None:
@@ -244,9 +253,19 @@ class ObjectStream:
             self._skip, body_end = 0, last_byte + 1
             self.object_size = total if total is not None else self.object_size
         self._body_end = body_end
+        self._check_listed_size()
         if first:
             limit = self.object_size if self.object_size is not None else body_end
             self.end = max(start, limit if end is None else min(end, limit))
+
+    def _check_listed_size(self) -> None:
+        listed, told = self._listed_size, self.object_size
+        if listed is None or told is None or told == listed:
+            return
+        if told > listed:
+            raise MalformedResponse(f"{self.what}: the answer gives the object {told} "
+                                    f"bytes, the listing {listed}")
+        self.object_size = listed  # a short answer: chunks() asks for the rest by range
 
     def _content_range(self, response: httpx.Response, start: int,
                        end: int | None) -> tuple[int, int | None]:

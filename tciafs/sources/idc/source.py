@@ -56,6 +56,10 @@ class IdcSource:
     def __init__(self, catalog: idc_catalog.IdcCatalog, s3: S3Client) -> None:
         self.catalog = catalog
         self.s3 = s3
+        # Each listed object's size, by key: an answer must agree with it. A series
+        # listed by an earlier mount (its files stored in the catalog) has none here,
+        # and its answers are taken at their word, as before.
+        self._sizes: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"IdcSource({self.s3.endpoint!r}, {len(self.catalog)} series)"
@@ -88,6 +92,14 @@ class IdcSource:
     @property
     def unreachable(self) -> Mapping[str, Mapping[str, object]]:
         return {}
+
+    def traffic(self) -> dict[str, int]:
+        return {self.name: self.s3.stats.bytes_received}
+
+    @property
+    def catalog_version(self) -> str | None:
+        """The idc-index-data version the catalog's files carry, for `tciafs status`."""
+        return self.catalog.version
 
     # -- listings, from the catalog ------------------------------------------------------
 
@@ -130,9 +142,10 @@ class IdcSource:
 
     async def instances(self, collection: str, series_uid: str) -> list[Instance]:
         place = self._place(series_uid)
-        objects = await self.s3.list_objects(place.bucket, place.prefix)
-        return [Instance(leaf_name(o.key, place.prefix), o.size) for o in objects
-                if not o.key.endswith("/")]
+        objects = [o for o in await self.s3.list_objects(place.bucket, place.prefix)
+                   if not o.key.endswith("/")]
+        self._sizes.update((f"{place.bucket}/{o.key}", o.size) for o in objects)
+        return [Instance(leaf_name(o.key, place.prefix), o.size) for o in objects]
 
     def open_instance(self, collection: str, series_uid: str, sop_uid: str, *,
                       byte_range: tuple[int, int] | None = None, fresh: bool = False
@@ -145,7 +158,8 @@ class IdcSource:
     @asynccontextmanager
     async def _open(self, bucket: str, key: str, byte_range: tuple[int, int] | None
                     ) -> AsyncIterator[InstanceStream]:
-        async with self.s3.open(bucket, key, byte_range) as stream:
+        async with self.s3.open(bucket, key, byte_range,
+                                listed_size=self._sizes.get(f"{bucket}/{key}")) as stream:
             yield stream
 
     async def instance_md5(self, collection: str, series_uid: str, sop_uid: str, *,

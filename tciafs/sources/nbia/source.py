@@ -98,6 +98,9 @@ class NbiaSource:
     def unreachable(self) -> Mapping[str, Mapping[str, object]]:
         return self.client.unreachable
 
+    def traffic(self) -> dict[str, int]:
+        return {self.name: self.client.stats.bytes_received}
+
     # -- listings ------------------------------------------------------------------------
 
     def remember_collections(self, stored: Iterable[Collection]) -> None:
