@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -36,42 +36,12 @@ from tciafs.emulator.model import (
     StudyRecord,
 )
 from tciafs.emulator.ondemand import OnDemandSeries
+from tciafs.emulator.patientwise import PatientwiseArchive
 from tciafs.emulator.profiles import Profile, get_profile
-from tciafs.emulator.records import (
-    Getter,
-    dataset_getter,
-    instance_record,
-    patient_record,
-    series_record,
-    study_record,
-    values_getter,
-)
+from tciafs.emulator.records import Records, dataset_getter, instance_record, values_getter
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 1
-
-@dataclass
-class _Records:
-    """Patients, studies and series in first-seen order, each patient and study once."""
-
-    patients: list[PatientRecord] = field(default_factory=list)
-    studies: list[StudyRecord] = field(default_factory=list)
-    series: list[SeriesRecord] = field(default_factory=list)
-    _seen: set[tuple[str, ...]] = field(default_factory=set)
-
-    def add(self, facts: CollectionFacts, first: Getter, image_count: int,
-            file_size: int) -> SeriesRecord:
-        patient = patient_record(facts.name, first)
-        if ("p", patient.collection, patient.patient_id) not in self._seen:
-            self._seen.add(("p", patient.collection, patient.patient_id))
-            self.patients.append(patient)
-        study = study_record(facts.name, first)
-        if ("s", study.study_instance_uid) not in self._seen:
-            self._seen.add(("s", study.study_instance_uid))
-            self.studies.append(study)
-        record = series_record(facts, first, image_count, file_size)
-        self.series.append(record)
-        return record
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,7 +55,7 @@ def _upper(text: str | None) -> str | None:
 class _ListingArchive:
     """Filters as NBIA does: case-insensitive on collection and patient, exact on UIDs."""
 
-    def __init__(self, profile: Profile, records: _Records) -> None:
+    def __init__(self, profile: Profile, records: Records) -> None:
         self.profile = profile
         self.collections: dict[str, CollectionFacts] = {
             c.facts.name: c.facts for c in profile.collections}
@@ -101,8 +71,9 @@ class _ListingArchive:
                 if (c is None or r.collection.upper() == c)
                 and (p is None or r.patient_id.upper() == p)]
 
-    def patients(self, collection: str | None = None) -> list[PatientRecord]:
-        return self._match(self._patients, collection, None)
+    def patients(self, collection: str | None = None, patient_id: str | None = None
+                 ) -> list[PatientRecord]:
+        return self._match(self._patients, collection, patient_id)
 
     def studies(self, collection: str | None = None, patient_id: str | None = None
                 ) -> list[StudyRecord]:
@@ -136,7 +107,7 @@ class GeneratedArchive(_ListingArchive, OnDemandSeries):
 
     def __init__(self, profile: Profile, *, payload_cache_bytes: int = 256 << 20,
                  instance_cache_records: int = 200_000) -> None:
-        records = _Records()
+        records = Records()
         self._plans: dict[str, SeriesPlan] = {}
         # A series' SOP UIDs share one prefix: the way from an image to its series.
         self._by_sop_prefix: dict[str, str] = {}
@@ -184,7 +155,7 @@ def _from_json(cls: type, data: dict[str, Any]) -> Any:
 
 
 def _write_series(root: Path, facts: CollectionFacts, plan: SeriesPlan,
-                  records: _Records) -> dict[str, Any]:
+                  records: Records) -> dict[str, Any]:
     """Write a series' files, then derive its records by reading them back."""
     folder = root / plan.series_uid
     folder.mkdir()
@@ -207,7 +178,7 @@ def _write_series(root: Path, facts: CollectionFacts, plan: SeriesPlan,
 
 def generate_to_disk(profile: Profile, root: Path) -> None:
     """Write every file of `profile` under `root` (which must exist), index last."""
-    records, layout = _Records(), []
+    records, layout = Records(), []
     for cspec in profile.collections:
         for patient in cspec.patients:
             for plan in plan_patient(profile.seed, cspec.facts.name, patient):
@@ -280,7 +251,7 @@ class DiskArchive(_ListingArchive):
         index = json.loads((root / INDEX_NAME).read_text(encoding="utf-8"))
         if index.get("format") != INDEX_FORMAT:
             raise ValueError(f"{root}: index format {index.get('format')!r} unsupported")
-        records = _Records(
+        records = Records(
             patients=[_from_json(PatientRecord, p) for p in index["patients"]],
             studies=[_from_json(StudyRecord, s) for s in index["studies"]],
             series=[_from_json(SeriesRecord, s) for s in index["series"]])
@@ -337,13 +308,16 @@ def default_data_dir() -> Path:
 
 
 def load_archive(profile: str | Profile, data_dir: Path | None = None
-                 ) -> DiskArchive | GeneratedArchive:
-    """The archive of a named profile ("demo", "scale", "bench") or of a Profile.
+                 ) -> DiskArchive | GeneratedArchive | PatientwiseArchive:
+    """The archive of a named profile ("demo", "scale", "bench", "nlst") or of a Profile.
 
     On-disk profiles are generated into `data_dir` (default: the user cache) the first
-    time and loaded from their index afterwards; the others ignore `data_dir`.
+    time and loaded from their index afterwards; the others ignore `data_dir`. A profile
+    with drawn collections (nlst) holds nothing else.
     """
     spec = get_profile(profile) if isinstance(profile, str) else profile
+    if spec.drawn:
+        return PatientwiseArchive(spec)
     if not spec.on_disk:
         return GeneratedArchive(spec)
     root = ensure_on_disk(spec, Path(data_dir) if data_dir else default_data_dir())

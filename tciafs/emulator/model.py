@@ -97,7 +97,8 @@ class Archive(Protocol):
 
     collections: dict[str, CollectionFacts]
 
-    def patients(self, collection: str | None = None) -> list[PatientRecord]: ...
+    def patients(self, collection: str | None = None, patient_id: str | None = None
+                 ) -> list[PatientRecord]: ...
 
     def studies(self, collection: str | None = None, patient_id: str | None = None
                 ) -> list[StudyRecord]: ...

@@ -8,7 +8,8 @@ records the HTTP layer serves, through these functions alone.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -35,7 +36,7 @@ def dataset_getter(ds: Dataset) -> Getter:
     return get
 
 
-def values_getter(values: dict[str, str | int]) -> Getter:
+def values_getter(values: Mapping[str, str | int | None]) -> Getter:
     """The values the encoder writes into a header, read the same way as a Dataset."""
     def get(keyword: str) -> str | None:
         value = values.get(keyword)
@@ -103,3 +104,27 @@ def instance_record(get: Getter, size: int, md5: str) -> InstanceRecord:
         sop_class_uid=_required(get, "SOPClassUID"),
         instance_number=_int(get("InstanceNumber")),
         acquisition_number=_int(get("AcquisitionNumber")), size=size, md5=md5)
+
+
+@dataclass
+class Records:
+    """Patients, studies and series in first-seen order, each patient and study once."""
+
+    patients: list[PatientRecord] = field(default_factory=list)
+    studies: list[StudyRecord] = field(default_factory=list)
+    series: list[SeriesRecord] = field(default_factory=list)
+    _seen: set[tuple[str, ...]] = field(default_factory=set)
+
+    def add(self, facts: CollectionFacts, first: Getter, image_count: int,
+            file_size: int) -> SeriesRecord:
+        patient = patient_record(facts.name, first)
+        if ("p", patient.collection, patient.patient_id) not in self._seen:
+            self._seen.add(("p", patient.collection, patient.patient_id))
+            self.patients.append(patient)
+        study = study_record(facts.name, first)
+        if ("s", study.study_instance_uid) not in self._seen:
+            self._seen.add(("s", study.study_instance_uid))
+            self.studies.append(study)
+        record = series_record(facts, first, image_count, file_size)
+        self.series.append(record)
+        return record
