@@ -198,15 +198,21 @@ def _encode_dataset_elements(ds: Dataset) -> list[tuple[int, bytes]]:
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _meta_around(sop_class_uid: str) -> tuple[bytes, bytes]:
+    """The file meta elements before and after MediaStorageSOPInstanceUID, the only one
+    that differs between the files of a SOP class: encoded once, not once a file."""
+    before = (_element(0x00020001, "OB", b"\0\1")
+              + encode_value("MediaStorageSOPClassUID", sop_class_uid))
+    after = b"".join((encode_value("TransferSyntaxUID", EXPLICIT_VR_LE),
+                      encode_value("ImplementationClassUID", IMPLEMENTATION_CLASS_UID),
+                      encode_value("ImplementationVersionName", IMPLEMENTATION_VERSION)))
+    return before, after
+
+
 def _file_meta(sop_class_uid: str, sop_instance_uid: str) -> bytes:
-    rest = b"".join((
-        _element(0x00020001, "OB", b"\0\1"),
-        encode_value("MediaStorageSOPClassUID", sop_class_uid),
-        encode_value("MediaStorageSOPInstanceUID", sop_instance_uid),
-        encode_value("TransferSyntaxUID", EXPLICIT_VR_LE),
-        encode_value("ImplementationClassUID", IMPLEMENTATION_CLASS_UID),
-        encode_value("ImplementationVersionName", IMPLEMENTATION_VERSION),
-    ))
+    before, after = _meta_around(sop_class_uid)
+    rest = before + encode_value("MediaStorageSOPInstanceUID", sop_instance_uid) + after
     return _element(0x00020000, "UL", struct.pack("<I", len(rest))) + rest
 
 
@@ -436,9 +442,10 @@ class SeriesPlan:
             return tuple(_encode_dataset_elements(_rtstruct_template(self)))
         return _image_template(self.kind, self.rows, self.cols)
 
-    def header(self, i: int) -> bytes:
-        """The file up to and including the Pixel Data element header (all of it for RT)."""
-        vals = self.instance_values(i)
+    def header(self, i: int, vals: dict[str, str | int] | None = None) -> bytes:
+        """The file up to and including the Pixel Data element header (all of it for RT);
+        `vals` are `instance_values(i)` where the caller has them already."""
+        vals = vals if vals is not None else self.instance_values(i)
         body = b"".join(s if isinstance(s, bytes) else encode_value(s, vals[s])
                         for s in self._segments)
         tail = b""

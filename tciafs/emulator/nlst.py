@@ -104,15 +104,15 @@ class Reconstruction:
 LOCALIZER = Reconstruction(1, 3, 2.5, 22)
 RECONSTRUCTIONS = (
     LOCALIZER,
-    Reconstruction(40, 90, 5.0, 27),  # thick
-    Reconstruction(95, 170, 2.5, 37),  # standard
-    Reconstruction(171, 340, 1.25, 12),  # thin
-    Reconstruction(450, 720, 0.625, 2),  # very thin: the few past 500
+    Reconstruction(40, 90, 5.0, 28),  # thick
+    Reconstruction(90, 160, 2.5, 37),  # standard
+    Reconstruction(165, 320, 1.25, 11),  # thin
+    Reconstruction(450, 700, 0.625, 2),  # very thin: the few past 500
 )
 _RECON_WEIGHTS = tuple(r.weight for r in RECONSTRUCTIONS)
 # Studies a patient: mostly all three rounds. Series a study: one to six.
 _STUDY_WEIGHTS = (4, 16, 80)
-_SERIES_WEIGHTS = (12, 30, 33, 17, 6, 2)
+_SERIES_WEIGHTS = (12, 31, 33, 17, 5, 2)
 
 
 def _series(draws: _Draws, scanner: Scanner, k: int) -> SeriesSpec:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+from collections import ChainMap
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -76,16 +77,19 @@ class OnDemandSeries:
         return payload
 
     def _materialise(self, plan: SeriesPlan) -> _Materialised:
-        records = []
+        records, total = [], 0
         for i in range(plan.count):
-            header, payload = plan.header(i), self._payload(plan, i)
-            size = len(header) + len(payload)
-            if size != plan.size(i):  # the listing promised plan.size(i); never lie
-                raise AssertionError(f"size mismatch in {plan.series_uid} instance {i}")
+            values = plan.instance_values(i)
+            header, payload = plan.header(i, values), self._payload(plan, i)
             md5 = hashlib.md5(header)
             md5.update(payload)
-            records.append(instance_record(values_getter(plan.header_values(i)), size,
+            size = len(header) + len(payload)
+            total += size
+            header_values = ChainMap[str, str | int](values, plan.values)
+            records.append(instance_record(values_getter(header_values), size,
                                            md5.hexdigest()))
+        if total != plan.file_size():  # the listings promised plan.file_size(); never lie
+            raise AssertionError(f"size mismatch in {plan.series_uid}")
         return _Materialised(records)
 
     def instances(self, series_instance_uid: str) -> list[InstanceRecord]:
