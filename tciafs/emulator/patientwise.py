@@ -37,8 +37,11 @@ class PatientwiseArchive(OnDemandSeries):
     """The `Archive` of a profile's drawn collections (`Profile.drawn`).
 
     The caches bound its memory: `patients_cached` planned patients (tens of KB each),
-    and the `OnDemandSeries` caches of drawn planes and instance records.
+    the `OnDemandSeries` caches of drawn planes and instance records, and the ZIPs each
+    server keeps for replay (`zip_cache_bytes`, read by the server).
     """
+
+    zip_cache_bytes = 16 << 20
 
     def __init__(self, profile: Profile, *, patients_cached: int = 256,
                  payload_cache_bytes: int = 16 << 20,
