@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,3 +194,28 @@ def test_memory_stays_bounded_while_2000_patients_are_listed(
                                             "PatientID": patient["PatientId"]})
             assert reply.json()
     assert _rss_kb(emulator.proc.pid) < RSS_BOUND_KB
+
+
+def test_every_generation_serves_a_patient_and_its_smallest_series(
+        emulator: launch.RunningEmulator) -> None:
+    assert emulator.nlst_url is not None
+    base, pid = emulator.nlst_url, "100001"
+    params = {"Collection": "NLST", "PatientID": pid}
+    with httpx.Client(timeout=60) as client:
+        lists = [client.get(f"{base}{root}/getSeries", params=params).json()
+                 for root in (V1, V4, "/services/v4/TCIA/query")]
+        assert len({len(found) for found in lists}) == 1
+        smallest = min(lists[0], key=lambda s: s["ImageCount"])
+        uid = smallest["SeriesInstanceUID"]
+        body = client.get(f"{base}{V1}/getImage", params={"SeriesInstanceUID": uid}).content
+        sops = client.get(f"{base}/services/v4/TCIA/query/getSOPInstanceUIDs",
+                          params={"SeriesInstanceUID": uid}).json()
+        sop = sops[-1]["SOPInstanceUID"]
+        image = client.get(f"{base}{V4}/getSingleImage",
+                           params={"SeriesInstanceUID": uid, "SOPInstanceUID": sop}).content
+        md5 = client.get(f"{base}{V1}/getM5HashForImage", params={"SOPInstanceUid": sop}).text
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        images = [n for n in archive.namelist() if n.endswith(".dcm")]
+        assert len(images) == smallest["ImageCount"] == len(sops)
+        assert sum(archive.getinfo(n).file_size for n in images) == smallest["FileSize"]
+    assert hashlib.md5(image).hexdigest() == md5
