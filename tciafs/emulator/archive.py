@@ -6,8 +6,10 @@ Two implementations of the `Archive` protocol share one listing core:
 - `GeneratedArchive`: nothing on disk; every file is made on demand from the seed. Sizes
   are computed without drawing pixels, MD5s when a series is first materialised.
 
-In both, every record is derived by the same functions from DICOM header values (read
-back from the files, or the exact values the encoder writes) plus the collection facts.
+In both, every record is derived by the same functions (`records.py`) from DICOM header
+values (read back from the files, or the exact values the encoder writes) plus the
+collection facts. A profile too large to plan whole (nlst) gets a third archive,
+`PatientwiseArchive` (`patientwise.py`), which plans one patient at a time.
 """
 
 from __future__ import annotations
