@@ -36,7 +36,7 @@ from tciafs.emulator.model import CollectionFacts
 
 PATIENTS = 26_410
 FIRST_ID = 100_001
-#: The three screening rounds, as the study dates TCIA gives NLST: January 2 of the year.
+#: The three screening rounds, dated as the NLST-Demo collection of the demo profile.
 ROUNDS = (("T0", dt.date(1999, 1, 2)), ("T1", dt.date(2000, 1, 2)),
           ("T2", dt.date(2001, 1, 2)))
 MATRIX = 32
@@ -47,11 +47,15 @@ class _Draws:
     """Uniform draws from a patient's own hashed byte stream: stable on every Python
     and machine (random.Random's algorithms may change between versions)."""
 
+    SIZE = 512  # 170 draws; a patient takes at most about 100
+
     def __init__(self, *key: object) -> None:
-        self._bytes = hashlib.shake_256(repr(key).encode()).digest(512)
+        self._bytes = hashlib.shake_256(repr(key).encode()).digest(self.SIZE)
         self._at = 0
 
     def below(self, n: int) -> int:
+        if self._at + 3 > self.SIZE:
+            raise AssertionError("a patient drew more than its stream holds")
         chunk = self._bytes[self._at:self._at + 3]
         self._at += 3
         return int.from_bytes(chunk, "big") % n
