@@ -17,7 +17,7 @@ import httpx
 import pydicom
 import pytest
 
-from tciafs.emulator import launch
+from tciafs.emulator import cli, launch
 from tciafs.emulator.archive import load_archive
 from tciafs.emulator.dicomgen import UID_ROOT
 from tciafs.emulator.nlst import NlstCollection
@@ -219,3 +219,10 @@ def test_every_generation_serves_a_patient_and_its_smallest_series(
         assert len(images) == smallest["ImageCount"] == len(sops)
         assert sum(archive.getinfo(n).file_size for n in images) == smallest["FileSize"]
     assert hashlib.md5(image).hexdigest() == md5
+
+
+@pytest.mark.unit
+def test_the_profile_refuses_an_idc_side(capsys: pytest.CaptureFixture[str]) -> None:
+    # Its S3 side would list every series of the collection at start.
+    assert cli.main(["--profile", "nlst", "--s3-port", "0"]) == 2
+    assert "no IDC side" in capsys.readouterr().err
