@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -54,6 +55,13 @@ def _upper(text: str | None) -> str | None:
     return None if text is None else text.upper()
 
 
+def _by_patient(rows: Iterable[Any]) -> dict[tuple[str, str], list[Any]]:
+    out: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for r in rows:
+        out[(r.collection.upper(), r.patient_id.upper())].append(r)
+    return out
+
+
 class _ListingArchive:
     """Filters as NBIA does: case-insensitive on collection and patient, exact on UIDs."""
 
@@ -65,6 +73,11 @@ class _ListingArchive:
         self._studies = records.studies
         self._series = records.series
         self._series_by_uid = {s.series_instance_uid: s for s in records.series}
+        # A series listing looks up its patient and studies once a patient: by index,
+        # not by a scan of the whole archive each time.
+        self._patient_rows = {"patients": _by_patient(self._patients),
+                              "studies": _by_patient(self._studies),
+                              "series": _by_patient(self._series)}
 
     @staticmethod
     def _match(rows: Iterable[Any], collection: str | None, patient_id: str | None) -> list:
@@ -73,17 +86,24 @@ class _ListingArchive:
                 if (c is None or r.collection.upper() == c)
                 and (p is None or r.patient_id.upper() == p)]
 
+    def _select(self, kind: str, rows: list[Any], collection: str | None,
+                patient_id: str | None) -> list:
+        if collection is not None and patient_id is not None:
+            return list(self._patient_rows[kind].get((collection.upper(), patient_id.upper()),
+                                                     ()))
+        return self._match(rows, collection, patient_id)
+
     def patients(self, collection: str | None = None, patient_id: str | None = None
                  ) -> list[PatientRecord]:
-        return self._match(self._patients, collection, patient_id)
+        return self._select("patients", self._patients, collection, patient_id)
 
     def studies(self, collection: str | None = None, patient_id: str | None = None
                 ) -> list[StudyRecord]:
-        return self._match(self._studies, collection, patient_id)
+        return self._select("studies", self._studies, collection, patient_id)
 
     def series(self, collection: str | None = None, patient_id: str | None = None,
                study_instance_uid: str | None = None) -> list[SeriesRecord]:
-        rows = self._match(self._series, collection, patient_id)
+        rows = self._select("series", self._series, collection, patient_id)
         if study_instance_uid is not None:
             rows = [s for s in rows if s.study_instance_uid == study_instance_uid]
         return rows
