@@ -226,3 +226,18 @@ def test_the_profile_refuses_an_idc_side(capsys: pytest.CaptureFixture[str]) -> 
     # Its S3 side would list every series of the collection at start.
     assert cli.main(["--profile", "nlst", "--s3-port", "0"]) == 2
     assert "no IDC side" in capsys.readouterr().err
+
+
+def test_the_shared_carts_name_the_first_patient_s_series(
+        emulator: launch.RunningEmulator) -> None:
+    base = f"{emulator.nlst_url}{V1}"
+    with httpx.Client(timeout=60) as client:
+        first = client.get(f"{base}/getSeries",
+                           params={"Collection": "NLST", "PatientID": "100001"}).json()
+        demo = client.get(f"{base}/getContentsByName", params={"name": "nbia-demo-cart"})
+        patient = client.get(f"{base}/getContentsByName",
+                             params={"name": "nbia-first-patient-cart"})
+    assert [s["SeriesInstanceUID"] for s in demo.json()] == [first[0]["SeriesInstanceUID"]]
+    assert ([s["SeriesInstanceUID"] for s in patient.json()]
+            == [s["SeriesInstanceUID"] for s in first])
+    assert _rss_kb(emulator.proc.pid) < RSS_BOUND_KB  # no collection was listed whole
