@@ -6,8 +6,8 @@ from a byte stream hashed from the seed and its position, so any one patient cos
 microseconds and the collection is never held whole: see `PatientwiseArchive`.
 
 What is drawn, and why:
-- patient IDs: six-digit numbers, rising, with gaps (the trial numbered both its arms
-  together; the CT arm holds about half the numbers);
+- patient IDs: six-digit numbers, rising, with gaps (the collection holds the CT arm of
+  a trial that randomised about twice as many people);
 - one to three screening rounds (T0, T1, T2) a patient, most have all three;
 - one to six series a study: CT reconstructions of a few hundred slices dominate,
   localizers have one to three images, and a few thin reconstructions pass 500;
