@@ -26,7 +26,6 @@ from tciafs.emulator.archive import (
     fingerprint,
     generate_to_disk,
     load_archive,
-    series_record,
 )
 from tciafs.emulator.dicomgen import (
     EXPLICIT_VR_LE,
@@ -38,6 +37,7 @@ from tciafs.emulator.dicomgen import (
 )
 from tciafs.emulator.model import CollectionFacts
 from tciafs.emulator.profiles import CollectionSpec, Profile, demo
+from tciafs.emulator.records import series_record
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 

@@ -197,8 +197,10 @@ class TinyArchive:
             "1.0", "0.703125", "1.250000", len(records), sum(r.size for r in records),
             submitted))
 
-    def patients(self, collection: str | None = None) -> list[PatientRecord]:
-        return [p for p in self._patients if _ci(p.collection, collection)]
+    def patients(self, collection: str | None = None, patient_id: str | None = None
+                 ) -> list[PatientRecord]:
+        return [p for p in self._patients
+                if _ci(p.collection, collection) and _ci(p.patient_id, patient_id)]
 
     def studies(self, collection: str | None = None, patient_id: str | None = None
                 ) -> list[StudyRecord]:

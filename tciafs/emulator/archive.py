@@ -6,8 +6,10 @@ Two implementations of the `Archive` protocol share one listing core:
 - `GeneratedArchive`: nothing on disk; every file is made on demand from the seed. Sizes
   are computed without drawing pixels, MD5s when a series is first materialised.
 
-In both, every record is derived by the same functions from DICOM header values (read
-back from the files, or the exact values the encoder writes) plus the collection facts.
+In both, every record is derived by the same functions (`records.py`) from DICOM header
+values (read back from the files, or the exact values the encoder writes) plus the
+collection facts. A profile too large to plan whole (nlst) gets a third archive,
+`PatientwiseArchive` (`patientwise.py`), which plans one patient at a time.
 """
 
 from __future__ import annotations
@@ -19,18 +21,16 @@ import json
 import os
 import shutil
 import tempfile
-import threading
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pydicom
-from cachetools import LRUCache
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
-from tciafs.emulator.dicomgen import GENERATOR_VERSION, SeriesPlan, plan_patient, seed_of
+from tciafs.emulator.dicomgen import GENERATOR_VERSION, SeriesPlan, plan_patient
 from tciafs.emulator.model import (
     CollectionFacts,
     InstanceRecord,
@@ -38,120 +38,13 @@ from tciafs.emulator.model import (
     SeriesRecord,
     StudyRecord,
 )
+from tciafs.emulator.ondemand import OnDemandSeries
+from tciafs.emulator.patientwise import PatientwiseArchive
 from tciafs.emulator.profiles import Profile, get_profile
+from tciafs.emulator.records import Records, dataset_getter, instance_record, values_getter
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 1
-
-Getter = Callable[[str], str | None]
-
-
-# ---------------------------------------------------------------------------------------
-# Header values -> records (the only place metadata is derived)
-
-
-def dataset_getter(ds: Dataset) -> Getter:
-    """Header values of a pydicom Dataset as the strings written in the file."""
-    def get(keyword: str) -> str | None:
-        value = ds.get(keyword)
-        if isinstance(value, MultiValue | list):
-            value = "\\".join(str(v) for v in value)
-        return str(value) if value is not None and str(value) != "" else None
-    return get
-
-
-def values_getter(values: dict[str, str | int]) -> Getter:
-    """The values the encoder writes into a header, read the same way as a Dataset."""
-    def get(keyword: str) -> str | None:
-        value = values.get(keyword)
-        return str(value) if value is not None and str(value) != "" else None
-    return get
-
-
-def _date(text: str | None) -> dt.date | None:
-    return dt.datetime.strptime(text, "%Y%m%d").date() if text else None
-
-
-def _int(text: str | None) -> int | None:
-    return int(float(text)) if text else None
-
-
-def _required(get: Getter, keyword: str) -> str:
-    value = get(keyword)
-    if value is None:
-        raise ValueError(f"header lacks {keyword}")
-    return value
-
-
-def patient_record(collection: str, get: Getter) -> PatientRecord:
-    return PatientRecord(
-        collection=collection, patient_id=_required(get, "PatientID"),
-        patient_name=get("PatientName"), patient_birth_date=_date(get("PatientBirthDate")),
-        patient_sex=get("PatientSex"), ethnic_group=get("EthnicGroup"))
-
-
-def study_record(collection: str, get: Getter) -> StudyRecord:
-    return StudyRecord(
-        collection=collection, patient_id=_required(get, "PatientID"),
-        study_instance_uid=_required(get, "StudyInstanceUID"),
-        study_date=_date(get("StudyDate")), study_description=get("StudyDescription"),
-        study_id=get("StudyID"), patient_age=get("PatientAge"),
-        admitting_diagnoses_description=get("AdmittingDiagnosesDescription"))
-
-
-def submission_time(facts: CollectionFacts, series_uid: str) -> dt.datetime:
-    """When the series was submitted: some hours into the fortnight before release."""
-    start = dt.datetime.combine(facts.date_released - dt.timedelta(days=14), dt.time())
-    return start + dt.timedelta(seconds=seed_of(series_uid) % (13 * 86400))
-
-
-def series_record(facts: CollectionFacts, get: Getter, image_count: int,
-                  file_size: int) -> SeriesRecord:
-    spacing = get("PixelSpacing")
-    uid = _required(get, "SeriesInstanceUID")
-    return SeriesRecord(
-        collection=facts.name, patient_id=_required(get, "PatientID"),
-        study_instance_uid=_required(get, "StudyInstanceUID"), series_instance_uid=uid,
-        modality=_required(get, "Modality"), protocol_name=get("ProtocolName"),
-        series_date=_date(get("SeriesDate")), series_description=get("SeriesDescription"),
-        body_part_examined=get("BodyPartExamined"), series_number=_int(get("SeriesNumber")),
-        manufacturer=get("Manufacturer"), manufacturer_model_name=get("ManufacturerModelName"),
-        software_versions=get("SoftwareVersions"),
-        pixel_spacing_row=spacing.split("\\")[0] if spacing else None,
-        slice_thickness=get("SliceThickness"), image_count=image_count, file_size=file_size,
-        max_submission_timestamp=submission_time(facts, uid))
-
-
-def instance_record(get: Getter, size: int, md5: str) -> InstanceRecord:
-    return InstanceRecord(
-        sop_instance_uid=_required(get, "SOPInstanceUID"),
-        sop_class_uid=_required(get, "SOPClassUID"),
-        instance_number=_int(get("InstanceNumber")),
-        acquisition_number=_int(get("AcquisitionNumber")), size=size, md5=md5)
-
-
-@dataclass
-class _Records:
-    """Patients, studies and series in first-seen order, each patient and study once."""
-
-    patients: list[PatientRecord] = field(default_factory=list)
-    studies: list[StudyRecord] = field(default_factory=list)
-    series: list[SeriesRecord] = field(default_factory=list)
-    _seen: set[tuple[str, ...]] = field(default_factory=set)
-
-    def add(self, facts: CollectionFacts, first: Getter, image_count: int,
-            file_size: int) -> SeriesRecord:
-        patient = patient_record(facts.name, first)
-        if ("p", patient.collection, patient.patient_id) not in self._seen:
-            self._seen.add(("p", patient.collection, patient.patient_id))
-            self.patients.append(patient)
-        study = study_record(facts.name, first)
-        if ("s", study.study_instance_uid) not in self._seen:
-            self._seen.add(("s", study.study_instance_uid))
-            self.studies.append(study)
-        record = series_record(facts, first, image_count, file_size)
-        self.series.append(record)
-        return record
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,10 +55,17 @@ def _upper(text: str | None) -> str | None:
     return None if text is None else text.upper()
 
 
+def _by_patient(rows: Iterable[Any]) -> dict[tuple[str, str], list[Any]]:
+    out: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for r in rows:
+        out[(r.collection.upper(), r.patient_id.upper())].append(r)
+    return out
+
+
 class _ListingArchive:
     """Filters as NBIA does: case-insensitive on collection and patient, exact on UIDs."""
 
-    def __init__(self, profile: Profile, records: _Records) -> None:
+    def __init__(self, profile: Profile, records: Records) -> None:
         self.profile = profile
         self.collections: dict[str, CollectionFacts] = {
             c.facts.name: c.facts for c in profile.collections}
@@ -173,6 +73,11 @@ class _ListingArchive:
         self._studies = records.studies
         self._series = records.series
         self._series_by_uid = {s.series_instance_uid: s for s in records.series}
+        # A series listing looks up its patient and studies once a patient: by index,
+        # not by a scan of the whole archive each time.
+        self._patient_rows = {"patients": _by_patient(self._patients),
+                              "studies": _by_patient(self._studies),
+                              "series": _by_patient(self._series)}
 
     @staticmethod
     def _match(rows: Iterable[Any], collection: str | None, patient_id: str | None) -> list:
@@ -181,28 +86,30 @@ class _ListingArchive:
                 if (c is None or r.collection.upper() == c)
                 and (p is None or r.patient_id.upper() == p)]
 
-    def patients(self, collection: str | None = None) -> list[PatientRecord]:
-        return self._match(self._patients, collection, None)
+    def _select(self, kind: str, rows: list[Any], collection: str | None,
+                patient_id: str | None) -> list:
+        if collection is not None and patient_id is not None:
+            return list(self._patient_rows[kind].get((collection.upper(), patient_id.upper()),
+                                                     ()))
+        return self._match(rows, collection, patient_id)
+
+    def patients(self, collection: str | None = None, patient_id: str | None = None
+                 ) -> list[PatientRecord]:
+        return self._select("patients", self._patients, collection, patient_id)
 
     def studies(self, collection: str | None = None, patient_id: str | None = None
                 ) -> list[StudyRecord]:
-        return self._match(self._studies, collection, patient_id)
+        return self._select("studies", self._studies, collection, patient_id)
 
     def series(self, collection: str | None = None, patient_id: str | None = None,
                study_instance_uid: str | None = None) -> list[SeriesRecord]:
-        rows = self._match(self._series, collection, patient_id)
+        rows = self._select("series", self._series, collection, patient_id)
         if study_instance_uid is not None:
             rows = [s for s in rows if s.study_instance_uid == study_instance_uid]
         return rows
 
     def series_by_uid(self, series_instance_uid: str) -> SeriesRecord | None:
         return self._series_by_uid.get(series_instance_uid)
-
-
-def _slices(data: bytes, chunk_size: int) -> Iterator[bytes]:
-    view = memoryview(data)
-    for start in range(0, len(view), chunk_size):
-        yield bytes(view[start:start + chunk_size])
 
 
 # ---------------------------------------------------------------------------------------
@@ -214,23 +121,15 @@ def _sop_prefix(sop_instance_uid: str) -> str:
     return sop_instance_uid.rpartition(".")[0]
 
 
-@dataclass(frozen=True)
-class _Materialised:
-    records: list[InstanceRecord]
+class GeneratedArchive(_ListingArchive, OnDemandSeries):
+    """Every series planned at start from the seed, every file made when asked for.
 
-
-class GeneratedArchive(_ListingArchive):
-    """Every file made from the seed when asked for; nothing written to disk.
-
-    Listing patients, studies and series never draws a pixel (`planes_drawn` counts the
-    pixel planes drawn, so tests can prove it); listing a series' instances does, as
-    their records carry each file's MD5. Drawn planes and instance records of recent
-    series stay in bounded LRU caches.
+    Listing patients, studies and series never draws a pixel (`OnDemandSeries`).
     """
 
     def __init__(self, profile: Profile, *, payload_cache_bytes: int = 256 << 20,
                  instance_cache_records: int = 200_000) -> None:
-        records = _Records()
+        records = Records()
         self._plans: dict[str, SeriesPlan] = {}
         # A series' SOP UIDs share one prefix: the way from an image to its series.
         self._by_sop_prefix: dict[str, str] = {}
@@ -241,88 +140,16 @@ class GeneratedArchive(_ListingArchive):
                     self._by_sop_prefix[_sop_prefix(plan.sop_uid(0))] = plan.series_uid
                     records.add(cspec.facts, values_getter(plan.header_values(0)),
                                 plan.count, plan.file_size())
-        super().__init__(profile, records)
-        self._lock = threading.Lock()
-        self._payloads: LRUCache[tuple[str, int], bytes] = LRUCache(
-            maxsize=payload_cache_bytes, getsizeof=len)
-        self._instances: LRUCache[str, _Materialised] = LRUCache(
-            maxsize=instance_cache_records, getsizeof=lambda m: max(1, len(m.records)))
-        self.planes_drawn = 0
+        _ListingArchive.__init__(self, profile, records)
+        OnDemandSeries.__init__(self, payload_cache_bytes=payload_cache_bytes,
+                                instance_cache_records=instance_cache_records)
 
     def plan(self, series_instance_uid: str) -> SeriesPlan | None:
         return self._plans.get(series_instance_uid)
 
-    def _payload(self, plan: SeriesPlan, i: int) -> bytes:
-        if not plan.payload_size:
-            return b""
-        key = (plan.series_uid, plan.plane_index(i))
-        with self._lock:
-            cached = self._payloads.get(key)
-        if cached is not None:
-            return cached
-        payload = plan.render_payload(i)
-        with self._lock:
-            self.planes_drawn += plan.frames
-            if len(payload) <= self._payloads.maxsize:
-                self._payloads[key] = payload
-        return payload
-
-    def _materialise(self, plan: SeriesPlan) -> _Materialised:
-        records = []
-        for i in range(plan.count):
-            header, payload = plan.header(i), self._payload(plan, i)
-            size = len(header) + len(payload)
-            if size != plan.size(i):  # the listing promised plan.size(i); never lie
-                raise AssertionError(f"size mismatch in {plan.series_uid} instance {i}")
-            md5 = hashlib.md5(header)
-            md5.update(payload)
-            records.append(instance_record(values_getter(plan.header_values(i)), size,
-                                           md5.hexdigest()))
-        return _Materialised(records)
-
-    def instances(self, series_instance_uid: str) -> list[InstanceRecord]:
-        plan = self._plans.get(series_instance_uid)
-        if plan is None:
-            return []
-        with self._lock:
-            done = self._instances.get(series_instance_uid)
-        if done is None:
-            done = self._materialise(plan)
-            with self._lock:
-                self._instances[series_instance_uid] = done
-        return list(done.records)
-
-    def _locate(self, series_uid: str, sop_uid: str) -> tuple[SeriesPlan, int] | None:
-        plan = self._plans.get(series_uid)
-        i = plan.index_of(sop_uid) if plan else None
-        return None if plan is None or i is None else (plan, i)
-
     def series_of_instance(self, sop_instance_uid: str) -> str | None:
         uid = self._by_sop_prefix.get(_sop_prefix(sop_instance_uid))
         return uid if uid is not None and self._locate(uid, sop_instance_uid) else None
-
-    def instance_bytes(self, series_instance_uid: str, sop_instance_uid: str) -> bytes | None:
-        found = self._locate(series_instance_uid, sop_instance_uid)
-        if found is None:
-            return None
-        plan, i = found
-        return plan.header(i) + self._payload(plan, i)
-
-    def iter_instance_chunks(self, series_instance_uid: str, sop_instance_uid: str,
-                             chunk_size: int = 65536) -> Iterator[bytes]:
-        found = self._locate(series_instance_uid, sop_instance_uid)
-        if found is None:
-            return
-        plan, i = found
-        yield from _slices(plan.header(i), chunk_size)
-        yield from _slices(self._payload(plan, i), chunk_size)
-
-    def dicom_tags(self, series_instance_uid: str) -> Dataset | None:
-        plan = self._plans.get(series_instance_uid)
-        if plan is None:
-            return None
-        # The header alone ends at the Pixel Data element: nothing to draw.
-        return pydicom.dcmread(io.BytesIO(plan.header(0)), stop_before_pixels=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -350,7 +177,7 @@ def _from_json(cls: type, data: dict[str, Any]) -> Any:
 
 
 def _write_series(root: Path, facts: CollectionFacts, plan: SeriesPlan,
-                  records: _Records) -> dict[str, Any]:
+                  records: Records) -> dict[str, Any]:
     """Write a series' files, then derive its records by reading them back."""
     folder = root / plan.series_uid
     folder.mkdir()
@@ -373,7 +200,7 @@ def _write_series(root: Path, facts: CollectionFacts, plan: SeriesPlan,
 
 def generate_to_disk(profile: Profile, root: Path) -> None:
     """Write every file of `profile` under `root` (which must exist), index last."""
-    records, layout = _Records(), []
+    records, layout = Records(), []
     for cspec in profile.collections:
         for patient in cspec.patients:
             for plan in plan_patient(profile.seed, cspec.facts.name, patient):
@@ -446,7 +273,7 @@ class DiskArchive(_ListingArchive):
         index = json.loads((root / INDEX_NAME).read_text(encoding="utf-8"))
         if index.get("format") != INDEX_FORMAT:
             raise ValueError(f"{root}: index format {index.get('format')!r} unsupported")
-        records = _Records(
+        records = Records(
             patients=[_from_json(PatientRecord, p) for p in index["patients"]],
             studies=[_from_json(StudyRecord, s) for s in index["studies"]],
             series=[_from_json(SeriesRecord, s) for s in index["series"]])
@@ -503,13 +330,16 @@ def default_data_dir() -> Path:
 
 
 def load_archive(profile: str | Profile, data_dir: Path | None = None
-                 ) -> DiskArchive | GeneratedArchive:
-    """The archive of a named profile ("demo", "scale", "bench") or of a Profile.
+                 ) -> DiskArchive | GeneratedArchive | PatientwiseArchive:
+    """The archive of a named profile ("demo", "scale", "bench", "nlst") or of a Profile.
 
     On-disk profiles are generated into `data_dir` (default: the user cache) the first
-    time and loaded from their index afterwards; the others ignore `data_dir`.
+    time and loaded from their index afterwards; the others ignore `data_dir`. A profile
+    with drawn collections (nlst) holds nothing else.
     """
     spec = get_profile(profile) if isinstance(profile, str) else profile
+    if spec.drawn:
+        return PatientwiseArchive(spec)
     if not spec.on_disk:
         return GeneratedArchive(spec)
     root = ensure_on_disk(spec, Path(data_dir) if data_dir else default_data_dir())

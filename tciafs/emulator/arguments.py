@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-PROFILES = ("demo", "scale", "bench")
+PROFILES = ("demo", "scale", "bench", "nlst")
 
 
 def default_data_dir(profile: str) -> Path:

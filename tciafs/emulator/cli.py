@@ -65,6 +65,12 @@ def run(args: argparse.Namespace, archive: Archive | None = None) -> int:
         print(f"tciafs emulator: {exc}", file=sys.stderr)
         return 2
     archive = archive if archive is not None else load(args)
+    profile = getattr(archive, "profile", None)
+    if args.s3_port is not None and profile is not None and profile.drawn:
+        # Its IDC side would list every series of the collection: the whole of it.
+        print(f"tciafs emulator: the {args.profile} profile has no IDC side (--s3-port)",
+              file=sys.stderr)
+        return 2
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -8,7 +8,7 @@ from functools import cached_property
 from tciafs.emulator import zipstream
 from tciafs.emulator.auth import GUEST, Auth
 from tciafs.emulator.faults import Faults, Stats
-from tciafs.emulator.model import Archive, CollectionFacts
+from tciafs.emulator.model import Archive, CollectionFacts, PatientRecord, SeriesRecord
 
 #: Shared carts served by getContentsByName (v1/v2) and legacy ContentsByName.
 CARTS: dict[str, str] = {
@@ -75,21 +75,24 @@ class Context:
     def facts(self, collection: str) -> CollectionFacts | None:
         return self.collections.get(collection) or self.by_upper.get(collection.upper())
 
+    def _series_of(self, patient: PatientRecord) -> list[SeriesRecord]:
+        return self.archive.series(collection=patient.collection,
+                                   patient_id=patient.patient_id)
+
     @cached_property
     def carts(self) -> dict[str, list[str]]:
         """Series UIDs of each cart in :data:`CARTS`, derived once from the archive."""
+        # A collection's first series is its first patient's first: found without
+        # listing every series of a collection of tens of thousands of patients.
         public = sorted(self.public)
         firsts: list[str] = []
-        for name in public:
-            series = self.archive.series(collection=name)
-            firsts += [series[0].series_instance_uid] if series else []
         first_patient: list[str] = []
-        patients = self.archive.patients(public[0]) if public else []
-        if patients:
-            p = patients[0]
-            first_patient = [s.series_instance_uid
-                             for s in self.archive.series(collection=p.collection,
-                                                          patient_id=p.patient_id)]
+        for name in public:
+            patients = self.archive.patients(name)
+            if name == public[0] and patients:
+                first_patient = [s.series_instance_uid for s in self._series_of(patients[0])]
+            first = next((found[0] for found in map(self._series_of, patients) if found), None)
+            firsts += [first.series_instance_uid] if first is not None else []
         return {"nbia-demo-cart": firsts, "nbia-first-patient-cart": first_patient}
 
 

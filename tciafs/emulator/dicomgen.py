@@ -21,7 +21,8 @@ import enum
 import functools
 import hashlib
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -62,6 +63,11 @@ def make_uid(*parts: object, digits: int = _UID_DIGITS) -> str:
     uid = f"{UID_ROOT}{number}"
     assert len(uid) <= 64
     return uid
+
+
+#: How a plan names its study, series, frame of reference and SOP prefix: `make_uid`, or a
+#: scheme of a profile's own with the same parts (the nlst profile's UIDs can be located).
+UidMaker = Callable[..., str]
 
 
 def seed_of(*parts: object) -> int:
@@ -192,15 +198,21 @@ def _encode_dataset_elements(ds: Dataset) -> list[tuple[int, bytes]]:
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _meta_around(sop_class_uid: str) -> tuple[bytes, bytes]:
+    """The file meta elements before and after MediaStorageSOPInstanceUID, the only one
+    that differs between the files of a SOP class: encoded once, not once a file."""
+    before = (_element(0x00020001, "OB", b"\0\1")
+              + encode_value("MediaStorageSOPClassUID", sop_class_uid))
+    after = b"".join((encode_value("TransferSyntaxUID", EXPLICIT_VR_LE),
+                      encode_value("ImplementationClassUID", IMPLEMENTATION_CLASS_UID),
+                      encode_value("ImplementationVersionName", IMPLEMENTATION_VERSION)))
+    return before, after
+
+
 def _file_meta(sop_class_uid: str, sop_instance_uid: str) -> bytes:
-    rest = b"".join((
-        _element(0x00020001, "OB", b"\0\1"),
-        encode_value("MediaStorageSOPClassUID", sop_class_uid),
-        encode_value("MediaStorageSOPInstanceUID", sop_instance_uid),
-        encode_value("TransferSyntaxUID", EXPLICIT_VR_LE),
-        encode_value("ImplementationClassUID", IMPLEMENTATION_CLASS_UID),
-        encode_value("ImplementationVersionName", IMPLEMENTATION_VERSION),
-    ))
+    before, after = _meta_around(sop_class_uid)
+    rest = before + encode_value("MediaStorageSOPInstanceUID", sop_instance_uid) + after
     return _element(0x00020000, "UL", struct.pack("<I", len(rest))) + rest
 
 
@@ -333,11 +345,13 @@ class SeriesPlan:
     pixel_seed: int
     distinct_planes: int
     reference: SeriesPlan | None = None  # the CT series an RTSTRUCT outlines
-    _sop_prefix: str = field(init=False, repr=False)
+    # SOP Instance UIDs are this plus ".<instance number>"; "" derives it by `make_uid`.
+    sop_prefix: str = ""
 
     def __post_init__(self) -> None:
         # 30 hashed digits leave room for ".<instance>" within 64 characters.
-        self._sop_prefix = make_uid(self.series_uid, "sop", digits=30)
+        if not self.sop_prefix:
+            self.sop_prefix = make_uid(self.series_uid, "sop", digits=30)
 
     # -- identity and geometry ----------------------------------------------------------
 
@@ -346,12 +360,12 @@ class SeriesPlan:
         return TRAITS[self.kind].sop_class_uid
 
     def sop_uid(self, i: int) -> str:
-        return f"{self._sop_prefix}.{i + 1}"
+        return f"{self.sop_prefix}.{i + 1}"
 
     def index_of(self, sop_uid: str) -> int | None:
         """The instance index of a SOP Instance UID of this series, or None."""
         head, _, number = sop_uid.rpartition(".")
-        if head != self._sop_prefix or not number.isdigit() or number.startswith("0"):
+        if head != self.sop_prefix or not number.isdigit() or number.startswith("0"):
             return None
         i = int(number) - 1
         return i if i < self.count else None
@@ -371,7 +385,7 @@ class SeriesPlan:
         return -(self.cols - 1) / 2 * self.spacing, -(self.rows - 1) / 2 * self.spacing
 
     def instance_values(self, i: int) -> dict[str, str | int]:
-        return _instance_values(self.kind, self._sop_prefix, i, *self.origin_xy, self.z(i))
+        return _instance_values(self.kind, self.sop_prefix, i, *self.origin_xy, self.z(i))
 
     def header_values(self, i: int = 0) -> dict[str, str | int]:
         """Every value this instance's header carries that a profile chose (not the template)."""
@@ -399,7 +413,7 @@ class SeriesPlan:
 
     def file_size(self) -> int:
         """Sum of the instance sizes; memoised across series of the same geometry."""
-        varying = _varying_total(self.kind, self.count, len(self._sop_prefix),
+        varying = _varying_total(self.kind, self.count, len(self.sop_prefix),
                                  *self.origin_xy, self.z0, self.thickness)
         return self.count * (self._fixed_length + self.payload_size) + varying
 
@@ -428,9 +442,10 @@ class SeriesPlan:
             return tuple(_encode_dataset_elements(_rtstruct_template(self)))
         return _image_template(self.kind, self.rows, self.cols)
 
-    def header(self, i: int) -> bytes:
-        """The file up to and including the Pixel Data element header (all of it for RT)."""
-        vals = self.instance_values(i)
+    def header(self, i: int, vals: dict[str, str | int] | None = None) -> bytes:
+        """The file up to and including the Pixel Data element header (all of it for RT);
+        `vals` are `instance_values(i)` where the caller has them already."""
+        vals = vals if vals is not None else self.instance_values(i)
         body = b"".join(s if isinstance(s, bytes) else encode_value(s, vals[s])
                         for s in self._segments)
         tail = b""
@@ -501,15 +516,24 @@ def _varying_total(kind: Kind, count: int, prefix_length: int, x0: float, y0: fl
 # Planning a profile's series
 
 
+def patient_values(patient: PatientSpec) -> dict[str, str | None]:
+    """The patient-level header values of every instance of `patient`."""
+    return {"PatientName": patient.name or patient.patient_id,
+            "PatientID": patient.patient_id,
+            "PatientBirthDate": _da(patient.birth_date),
+            "PatientSex": patient.sex,
+            "EthnicGroup": patient.ethnic_group}
+
+
 def plan_series(seed: int, collection: str, patient: PatientSpec, study: StudySpec,
                 study_index: int, series_index: int,
-                plans_so_far: list[SeriesPlan]) -> SeriesPlan:
+                plans_so_far: list[SeriesPlan], uid: UidMaker = make_uid) -> SeriesPlan:
     """Turn one SeriesSpec into a plan; `plans_so_far` holds the study's earlier plans."""
     spec = study.series[series_index]
     traits = TRAITS[spec.kind]
     key = (seed, collection, patient.patient_id, study_index)
-    study_uid = make_uid(*key, "study")
-    series_uid = make_uid(*key, "series", series_index)
+    study_uid = uid(*key, "study")
+    series_uid = uid(*key, "series", series_index)
     matrix = spec.matrix or traits.matrix
     count = 1 if spec.kind in (Kind.SC_MF, Kind.RTSTRUCT) else spec.count
     frames = spec.count if spec.kind is Kind.SC_MF else 1
@@ -526,12 +550,8 @@ def plan_series(seed: int, collection: str, patient: PatientSpec, study: StudySp
         "StudyDescription": study.description,
         "SeriesDescription": spec.description,
         "ManufacturerModelName": spec.model,
-        "PatientName": patient.name or patient.patient_id,
-        "PatientID": patient.patient_id,
-        "PatientBirthDate": _da(patient.birth_date),
-        "PatientSex": patient.sex,
+        **patient_values(patient),
         "PatientAge": _age(patient.birth_date, study.date),
-        "EthnicGroup": patient.ethnic_group,
         "BodyPartExamined": spec.body_part,
         "SoftwareVersions": spec.software,
         "ProtocolName": spec.protocol,
@@ -540,7 +560,7 @@ def plan_series(seed: int, collection: str, patient: PatientSpec, study: StudySp
         "StudyID": study.study_id,
         "SeriesNumber": str(spec.number if spec.number is not None else series_index + 1),
         # One frame of reference per study: the patient did not move between series.
-        "FrameOfReferenceUID": make_uid(*key, "frame-of-reference"),
+        "FrameOfReferenceUID": uid(*key, "frame-of-reference"),
     }
     if traits.image:
         values["PixelSpacing"] = f"{_ds(spacing)}\\{_ds(spacing)}"
@@ -570,15 +590,18 @@ def plan_series(seed: int, collection: str, patient: PatientSpec, study: StudySp
         pixel_seed=seed_of(seed, series_uid),
         distinct_planes=min(spec.distinct_planes or count, count),
         reference=reference,
+        sop_prefix=uid(series_uid, "sop", digits=30),
     )
 
 
-def plan_patient(seed: int, collection: str, patient: PatientSpec) -> list[SeriesPlan]:
+def plan_patient(seed: int, collection: str, patient: PatientSpec,
+                 uid: UidMaker = make_uid) -> list[SeriesPlan]:
     plans: list[SeriesPlan] = []
     for s, study in enumerate(patient.studies):
         study_plans: list[SeriesPlan] = []
         for k in range(len(study.series)):
-            study_plans.append(plan_series(seed, collection, patient, study, s, k, study_plans))
+            study_plans.append(plan_series(seed, collection, patient, study, s, k, study_plans,
+                                           uid))
         plans += study_plans
     return plans
 

@@ -89,7 +89,8 @@ class PatientRecord:
 
 
 class Archive(Protocol):
-    """What the HTTP layer needs from an archive (demo files or on-demand scale).
+    """What the HTTP layer needs from an archive (demo files, on-demand scale, or nlst
+    drawn patient by patient).
 
     Lists come back in a stable order; filters compare case-insensitively on
     collection and patient id, exactly on UIDs, as the NBIA database does.
@@ -97,7 +98,8 @@ class Archive(Protocol):
 
     collections: dict[str, CollectionFacts]
 
-    def patients(self, collection: str | None = None) -> list[PatientRecord]: ...
+    def patients(self, collection: str | None = None, patient_id: str | None = None
+                 ) -> list[PatientRecord]: ...
 
     def studies(self, collection: str | None = None, patient_id: str | None = None
                 ) -> list[StudyRecord]: ...

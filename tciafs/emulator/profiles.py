@@ -10,16 +10,48 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import Protocol, TypedDict
 
 from tciafs.emulator.dicomgen import Kind, PatientSpec, SeriesSpec, StudySpec
 from tciafs.emulator.model import CollectionFacts
+from tciafs.emulator.nlst import PATIENTS as NLST_PATIENTS
+from tciafs.emulator.nlst import NlstCollection
 
 
 @dataclass(frozen=True)
 class CollectionSpec:
     facts: CollectionFacts
     patients: tuple[PatientSpec, ...]
+
+
+class DrawnCollection(Protocol):
+    """A collection too large to list whole: each patient is drawn from the seed by its
+    position, and every UID it holds names that patient (`owner`), so any one patient,
+    series or image is found without planning the others."""
+
+    facts: CollectionFacts
+    size: int  # patients
+
+    def patient_id(self, index: int) -> str: ...
+
+    def index_of(self, patient_id: str) -> int | None: ...
+
+    def person(self, index: int) -> PatientSpec:
+        """The patient's own facts, without studies: cheap enough to list them all."""
+        ...
+
+    def patient(self, index: int) -> PatientSpec:
+        """The patient with every study and series."""
+        ...
+
+    def uid(self, *parts: object, digits: int = ...) -> str:
+        """The UID scheme its plans use (`tciafs.emulator.dicomgen.UidMaker`)."""
+        ...
+
+    def owner(self, uid: str) -> int | None:
+        """The index of the patient a study, series or SOP Instance UID could belong
+        to; the caller still compares the UID with the patient's own."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -34,6 +66,8 @@ class Profile:
     # IdcSpec. Left out of repr: the fingerprint of the files on disk does not change
     # with it, as nothing of it is written there.
     idc: IdcSpec | None = field(default=None, repr=False, compare=False)
+    # Collections drawn patient by patient when asked for, never planned whole (nlst).
+    drawn: tuple[DrawnCollection, ...] = field(default=(), repr=False, compare=False)
 
 
 class Licence(TypedDict):
@@ -353,7 +387,23 @@ def bench() -> Profile:
                    collections=(CollectionSpec(facts, patients),))
 
 
-PROFILES: dict[str, Callable[[], Profile]] = {"demo": demo, "scale": scale, "bench": bench}
+# ---------------------------------------------------------------------------------------
+# nlst: NLST's shape, drawn patient by patient from the seed, never planned whole
+
+
+def nlst(patients: int = NLST_PATIENTS) -> Profile:
+    facts = CollectionFacts(
+        name="NLST", **CC_BY_4, doi="https://doi.org/10.7937/TCIAFS.NLST",
+        date_released=dt.date(2013, 6, 1), site="NLST",
+        description="Synthetic low-dose screening CT in the shape of the National Lung "
+                    "Screening Trial's collection, kept on the NLST server.", host="nlst")
+    seed = 2002
+    return Profile("nlst", seed=seed, collections=(), on_disk=False,
+                   drawn=(NlstCollection(facts, seed, patients),))
+
+
+PROFILES: dict[str, Callable[[], Profile]] = {"demo": demo, "scale": scale, "bench": bench,
+                                              "nlst": nlst}
 
 
 def get_profile(name: str) -> Profile:

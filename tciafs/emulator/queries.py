@@ -95,7 +95,8 @@ def distinct_values(call: Call, flt: SeriesFilter, attr: str) -> list[str | None
 
 def visible_patients(call: Call, allowed: frozenset[str], collection: str | None,
                      patient_id: str | None = None) -> list[PatientRecord]:
-    patients = call.archive.patients(collection or None)
+    # "" filters to nothing, so only a real value may narrow the archive query.
+    patients = call.archive.patients(collection or None, patient_id or None)
     return [p for p in patients if p.collection in allowed and ci_eq(p.collection, collection)
             and ci_eq(p.patient_id, patient_id)]
 
@@ -117,36 +118,36 @@ def find_instance(archive: Archive, series: SeriesRecord | None, sop: str
 
 
 class Views:
-    """Patient and study look-ups for series rows, loaded once per collection."""
+    """Patient and study look-ups for series rows, loaded once per patient: a listing
+    names few patients, and a collection may hold tens of thousands."""
 
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
-        self._patients: dict[tuple[str, str], PatientRecord] = {}
+        self._patients: dict[tuple[str, str], PatientRecord | None] = {}
         self._studies: dict[str, StudyRecord] = {}
-        self._loaded: set[str] = set()
 
-    def _load(self, collection: str) -> None:
-        if collection in self._loaded:
-            return
-        self._loaded.add(collection)
-        archive = self._ctx.archive
-        for p in archive.patients(collection):
-            self._patients[(p.collection, p.patient_id)] = p
-        for st in archive.studies(collection):
-            self._studies[st.study_instance_uid] = st
+    def _load(self, collection: str, patient_id: str) -> PatientRecord | None:
+        key = (collection, patient_id)
+        if key not in self._patients:
+            archive = self._ctx.archive
+            found = [p for p in archive.patients(collection, patient_id)
+                     if p.collection == collection and p.patient_id == patient_id]
+            self._patients[key] = found[0] if found else None
+            for st in archive.studies(collection, patient_id):
+                self._studies.setdefault(st.study_instance_uid, st)
+        return self._patients[key]
 
     def patient(self, collection: str, patient_id: str) -> PatientRecord | None:
-        self._load(collection)
-        return self._patients.get((collection, patient_id))
+        return self._load(collection, patient_id)
 
-    def study(self, collection: str, uid: str) -> StudyRecord | None:
-        self._load(collection)
+    def study(self, collection: str, patient_id: str, uid: str) -> StudyRecord | None:
+        self._load(collection, patient_id)
         return self._studies.get(uid)
 
     def of(self, s: SeriesRecord) -> SeriesView:
         facts = self._ctx.facts(s.collection)
         assert facts is not None, f"series {s.series_instance_uid} has no collection facts"
-        return SeriesView(s, self.study(s.collection, s.study_instance_uid),
+        return SeriesView(s, self.study(s.collection, s.patient_id, s.study_instance_uid),
                           self.patient(s.collection, s.patient_id), facts)
 
 

@@ -492,8 +492,10 @@ class EmulatorServers:
             self.s3 = S3Service.for_archive(archive)
         try:
             for host, port in ports:
+                # An archive may bound the ZIPs kept for replay (nlst keeps its memory small).
+                kept = getattr(archive, "zip_cache_bytes", zipstream.BODY_CACHE_BYTES)
                 ctx = Context(archive, host, auth, faults, stats, options.expired_token_mode,
-                              options.verbose)
+                              options.verbose, zipstream.BodyCache(kept))
                 if host == "s3" and self.s3 is not None:
                     server = EmulatorHTTPServer((options.host, port), ctx, self.s3, S3Handler)
                 else:
