@@ -16,9 +16,10 @@ import hashlib
 import struct
 from collections.abc import AsyncIterator
 
-# zlib-ng inflates a CT series about 1.6 times as fast as zlib, and checks CRCs 3 times
-# as fast, with the same interface: this is where a cold copy spends its CPU.
-from zlib_ng import zlib_ng as zlib
+# Inflating is where a cold copy spends most of the daemon's CPU. ISA-L (isal) inflates a
+# CT series about 1.3 times as fast as zlib-ng, which was 1.6 times as fast as zlib, and
+# checks CRCs as fast as zlib-ng, 3 times as fast as zlib; its interface is zlib's.
+from isal import isal_zlib as zlib
 
 from tciafs.sources.base import ChecksumMismatch, MalformedResponse, TruncatedStream
 
@@ -202,7 +203,7 @@ class ZipMember:
         assert self._inflater is not None
         try:
             out = self._inflater.decompress(data, limit)
-        # zlib-ng's type stub declares `error` as an instance, not the class it is.
+        # isal's type stub declares `error` as an instance, not the class it is.
         except zlib.error as exc:  # type: ignore[misc]
             raise ChecksumMismatch(
                 f"{self._reader.source.label}: corrupt DEFLATE data in entry {self.name!r}: {exc}"
