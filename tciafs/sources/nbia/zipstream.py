@@ -54,17 +54,22 @@ class _Source:
         self._eof = False
         self.label = label
 
-    async def _fill(self) -> bool:
+    async def _next_chunk(self) -> bytes:
+        """The next non-empty chunk of the stream; b"" at its end."""
         while not self._eof:
             try:
                 chunk = await self._it.__anext__()
             except StopAsyncIteration:
                 self._eof = True
-                return False
+                break
             if chunk:
-                self._buf += chunk
-                return True
-        return False
+                return chunk
+        return b""
+
+    async def _fill(self) -> bool:
+        chunk = await self._next_chunk()
+        self._buf += chunk
+        return bool(chunk)
 
     async def read_exact(self, n: int, what: str) -> bytes:
         while len(self._buf) < n:
@@ -76,8 +81,13 @@ class _Source:
 
     async def read_some(self, limit: int) -> bytes:
         """Up to `limit` bytes; b"" only at the end of the stream."""
-        if not self._buf and not await self._fill():
-            return b""
+        if not self._buf:
+            # Most reads find nothing held back: hand the chunk on as it came, instead
+            # of copying it into the buffer and out again.
+            chunk = await self._next_chunk()
+            if len(chunk) <= limit:
+                return chunk
+            self._buf += chunk
         data = bytes(self._buf[:limit])
         del self._buf[:limit]
         return data
