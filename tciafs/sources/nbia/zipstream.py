@@ -16,9 +16,10 @@ import hashlib
 import struct
 from collections.abc import AsyncIterator
 
-# zlib-ng inflates a CT series about 1.6 times as fast as zlib, and checks CRCs 3 times
-# as fast, with the same interface: this is where a cold copy spends its CPU.
-from zlib_ng import zlib_ng as zlib
+# Inflating is where a cold copy spends most of the daemon's CPU. ISA-L (isal) inflates a
+# CT series about 1.3 times as fast as zlib-ng, which was 1.6 times as fast as zlib, and
+# checks CRCs as fast as zlib-ng, 3 times as fast as zlib; its interface is zlib's.
+from isal import isal_zlib as zlib
 
 from tciafs.sources.base import ChecksumMismatch, MalformedResponse, TruncatedStream
 
@@ -53,17 +54,22 @@ class _Source:
         self._eof = False
         self.label = label
 
-    async def _fill(self) -> bool:
+    async def _next_chunk(self) -> bytes:
+        """The next non-empty chunk of the stream; b"" at its end."""
         while not self._eof:
             try:
                 chunk = await self._it.__anext__()
             except StopAsyncIteration:
                 self._eof = True
-                return False
+                break
             if chunk:
-                self._buf += chunk
-                return True
-        return False
+                return chunk
+        return b""
+
+    async def _fill(self) -> bool:
+        chunk = await self._next_chunk()
+        self._buf += chunk
+        return bool(chunk)
 
     async def read_exact(self, n: int, what: str) -> bytes:
         while len(self._buf) < n:
@@ -75,8 +81,13 @@ class _Source:
 
     async def read_some(self, limit: int) -> bytes:
         """Up to `limit` bytes; b"" only at the end of the stream."""
-        if not self._buf and not await self._fill():
-            return b""
+        if not self._buf:
+            # Most reads find nothing held back: hand the chunk on as it came, instead
+            # of copying it into the buffer and out again.
+            chunk = await self._next_chunk()
+            if len(chunk) <= limit:
+                return chunk
+            self._buf += chunk
         data = bytes(self._buf[:limit])
         del self._buf[:limit]
         return data
@@ -202,7 +213,7 @@ class ZipMember:
         assert self._inflater is not None
         try:
             out = self._inflater.decompress(data, limit)
-        # zlib-ng's type stub declares `error` as an instance, not the class it is.
+        # isal's type stub declares `error` as an instance, not the class it is.
         except zlib.error as exc:  # type: ignore[misc]
             raise ChecksumMismatch(
                 f"{self._reader.source.label}: corrupt DEFLATE data in entry {self.name!r}: {exc}"
