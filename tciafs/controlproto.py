@@ -27,6 +27,7 @@ import errno
 import json
 import os
 import socket
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ TOO_LARGE = errno.ENOSPC  # more than the cache can ever hold at once
 DROP_BATCH = 500  # SOP UIDs per request
 CONTROL_KEY = "control"  # the status document's key for the control socket's address
 MAX_MESSAGE = 16 << 20  # a request names SOP UIDs by the thousand at most
+# A daemon answers its status from memory within milliseconds; one that takes this long is
+# stopped or stuck, and a command asking every mount of the user must not wait on it.
+STATUS_TIMEOUT = 15.0
 
 
 def names_uid(target: str) -> bool:
@@ -104,10 +108,33 @@ def encode_reply(code: int) -> bytes:
 
 # -- the commands' side ----------------------------------------------------------------------
 
-def read_status(mountpoint: Path) -> dict[str, Any]:
-    """The status document of a running mount; OSError when it is none (or not ours)."""
-    result: dict[str, Any] = json.loads(os.getxattr(mountpoint, STATUS_XATTR))
+def read_status(mountpoint: Path, timeout: float = STATUS_TIMEOUT) -> dict[str, Any]:
+    """The status document of a running mount; OSError when it is none (or not ours),
+    and ETIMEDOUT when its daemon does not answer within `timeout` seconds."""
+    result: dict[str, Any] = json.loads(_getxattr_within(mountpoint, STATUS_XATTR, timeout))
     return result
+
+
+def _getxattr_within(path: Path, name: str, timeout: float) -> bytes:
+    """os.getxattr, given up after `timeout`: a daemon that is stopped or stuck would hold
+    the calling thread in the kernel for as long as it stays so. The asking thread is left
+    to the kernel; as a daemon thread it never keeps the command from exiting."""
+    answer: list[bytes | OSError] = []
+
+    def ask() -> None:
+        try:
+            answer.append(os.getxattr(path, name))
+        except OSError as exc:
+            answer.append(exc)
+
+    asker = threading.Thread(target=ask, name="status", daemon=True)
+    asker.start()
+    asker.join(timeout)
+    if not answer:
+        raise OSError(errno.ETIMEDOUT, "the mount's daemon does not answer", str(path))
+    if isinstance(answer[0], OSError):
+        raise answer[0]
+    return answer[0]
 
 
 def send(mountpoint: Path, command: str, target: str) -> None:

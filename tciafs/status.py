@@ -111,7 +111,10 @@ def run(mountpoint: Path | None, as_json: bool) -> int:
         except OSError as exc:
             print(f"tciafs: {target}: not a running tciafs mount ({exc.strerror})",
                   file=sys.stderr)
-            return 1
+            if mountpoint is not None:
+                return 1
+    if not docs:
+        return 1
     if as_json:
         print(json.dumps(docs if mountpoint is None else docs[str(mountpoint)], indent=2))
     else:
