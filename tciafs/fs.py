@@ -264,6 +264,10 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if self.cache.is_cached(node.ident):  # the common case, kept cheap
             entry = await self.cache.acquire(node.collection, node.series_uid, node.ident)
+        elif (lazy := self.cache.acquire_blocks(node.collection, node.series_uid, node.ident,
+                                                node.meta.get("size"))) is not None:
+            # A source with byte ranges: no byte now; each read fetches its blocks.
+            return self._open_handle(OpenFile(entry=lazy), keep_cache=True)
         else:
             await self.ahead.cold_open(node)
             with trio.fail_after(self.open_timeout):
@@ -293,6 +297,8 @@ class Operations(pyfuse3.Operations):
         if handle.entry is None:
             return handle.data[off:off + size]
         self.pages.counters["reads_through_daemon"] += 1
+        if handle.entry.partial:
+            return await self.cache.read_blocks(handle.entry, off, size)
         if handle.fd is None:  # most files are read from pages pushed at open, never here
             handle.fd = await self._cache_file(handle)
         data = os.pread(handle.fd, size, off)
