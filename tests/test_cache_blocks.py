@@ -14,48 +14,35 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pydicom
 import pytest
 from cacheutil import _disk_usage, _with_cache
+from test_idc_source import (  # the same emulator and helpers as the IDC source's tests
+    CATALOG,
+    bucket_bytes,
+    idc_emulator,
+    reset,
+    s3_url,
+    source_of,
+)
 
 from tciafs.cache import Cache
 from tciafs.cache.blocks import BLOCK, parse_key
 from tciafs.cache.layout import block_path
 from tciafs.emulator import launch
 from tciafs.names import encode
-from tciafs.sources import build
 from tciafs.sources.base import Series
-from tciafs.sources.idc import IdcSource, leaf_name
+from tciafs.sources.idc import IdcSource
 from tciafs.sources.nbia import NbiaSource
 
 from mountutil import mounted
 
+__all__ = ["idc_emulator"]  # a fixture: used by name
+
 DEFAULT_TIER = "handler"
-CATALOG = "/_emulator/idc/idc_index.parquet"
-
-
-@pytest.fixture(scope="module")
-def idc_emulator(demo_data_dir: Path) -> Iterator[launch.EmulatorProcess]:
-    emu = launch.start("--profile", "demo", data_dir=demo_data_dir, s3=True)
-    try:
-        yield emu
-    finally:
-        emu.stop()
-
-
-def s3_url(emu: launch.EmulatorProcess) -> str:
-    assert emu.s3_url is not None
-    return emu.s3_url
-
-
-def source_of(emu: launch.EmulatorProcess) -> IdcSource:
-    source = build("idc", endpoint=s3_url(emu), catalog=s3_url(emu) + CATALOG, timeout=10)
-    assert isinstance(source, IdcSource)
-    return source
 
 
 def sent(emu: launch.EmulatorProcess) -> int:
@@ -64,28 +51,11 @@ def sent(emu: launch.EmulatorProcess) -> int:
     return int(stats["servers"]["s3"]["bytes_sent"])
 
 
-def reset(emu: launch.EmulatorProcess) -> None:
-    httpx.post(s3_url(emu) + "/_emulator/reset", timeout=10).raise_for_status()
-
-
 def largest_series(source: IdcSource) -> Series:
     """The CT series with the most files: objects of several blocks each."""
     found = [s for name in source.catalog.collection_names()
              for s in source.catalog.series_of(name, None) if s.modality == "CT"]
     return max(found, key=lambda s: s.image_count or 0)
-
-
-def bucket_bytes(emu: launch.EmulatorProcess, source: IdcSource, series_uid: str
-                 ) -> dict[str, bytes]:
-    """Each object of the series by its leaf name, by plain GETs."""
-    place = source.catalog.place(series_uid)
-    assert place is not None
-    with httpx.Client(base_url=s3_url(emu), timeout=10) as http:
-        listed = http.get(f"/{place.bucket}", params={"list-type": "2",
-                                                      "prefix": place.prefix})
-        keys = [k.split("</Key>")[0] for k in listed.text.split("<Key>")[1:]]
-        return {leaf_name(k, place.prefix): http.get(f"/{place.bucket}/{k}").content
-                for k in keys}
 
 
 @pytest.fixture(scope="module")
