@@ -177,7 +177,8 @@ class Operations(pyfuse3.Operations):
         attr.st_nlink = 1
         attr.st_size = size or 0
         attr.st_blocks = -(-(size or 0) // 512)
-        attr.st_blksize = 128 * 1024
+        attr.st_blksize = (self.cache.io_size(node.ident, size, 128 * 1024)
+                           if node.kind is Kind.INSTANCE else 128 * 1024)
         # Sidecars follow metadata that may still arrive: never let the kernel keep a size.
         known = size is not None and node.kind is not Kind.SIDECAR
         attr.attr_timeout = KNOWN_TTL if known else 0

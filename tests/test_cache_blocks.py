@@ -30,7 +30,7 @@ from test_idc_source import (  # the same emulator and helpers as the IDC source
 )
 
 from tciafs.cache import Cache
-from tciafs.cache.blocks import BLOCK, parse_key
+from tciafs.cache.blocks import BLOCK, FIRST, Opened, index_of, parse_key, start_of
 from tciafs.cache.layout import block_path
 from tciafs.emulator import launch
 from tciafs.names import encode
@@ -84,12 +84,12 @@ async def test_a_header_read_fetches_a_block_not_the_file(
         assert entry is not None and entry.partial
         assert sent(idc_emulator) == 0  # the open fetched nothing
         assert await cache.read_blocks(entry, 0, 8192) == data[:8192]
-        assert sent(idc_emulator) == BLOCK  # the first block, not the file
+        assert sent(idc_emulator) == FIRST  # the first block, not the file
         assert await cache.read_blocks(entry, 100, 1000) == data[100:1100]
-        assert sent(idc_emulator) == BLOCK  # from the block kept
-        middle = 3 * BLOCK + 17
+        assert sent(idc_emulator) == FIRST  # from the block kept
+        middle = start_of(3) + 17
         assert await cache.read_blocks(entry, middle, 5000) == data[middle:middle + 5000]
-        assert sent(idc_emulator) == 2 * BLOCK  # that block alone: not in order
+        assert sent(idc_emulator) == FIRST + BLOCK  # that block alone: not in order
         assert not cache.is_cached(name) and len(block_files(tmp_path / "c")) == 2
         tail = len(data) - 10
         assert await cache.read_blocks(entry, tail, 1 << 20) == data[tail:]  # cut at the end
@@ -101,7 +101,7 @@ async def test_a_header_read_fetches_a_block_not_the_file(
     cache.close()
     # A new daemon finds the blocks where the last one left them.
     again = Cache(tmp_path / "c", 1 << 30, source, prefetch=False)
-    assert again.blocks.present == {name: {0, 3, (len(data) - 1) // BLOCK}}
+    assert again.blocks.present == {name: {0, 3, index_of(len(data) - 1)}}
     assert again.entries == 0
     again.close()
 
@@ -117,22 +117,23 @@ async def test_a_read_in_order_makes_the_file_whole_and_so_do_all_its_blocks(
     reset(idc_emulator)
 
     async def body() -> None:
-        # In order, 128 KiB at a time as the kernel reads: whole after two blocks.
+        # In order, block after block: whole after two blocks.
         entry = cache.acquire_blocks(series.collection, series.series_uid, first, len(data))
         assert entry is not None
-        got = b"".join([await cache.read_blocks(entry, off, BLOCK)
-                        for off in range(0, len(data), BLOCK)])
+        shape = Opened(series.collection, series.series_uid, len(data))
+        got = b"".join([await cache.read_blocks(entry, start_of(i), shape.block_size(i))
+                        for i in range(shape.count)])
         assert got == data and cache.is_cached(first)
         assert Path(cache.store.file(first)).read_bytes() == data
-        assert sent(idc_emulator) <= len(data) + 2 * BLOCK
+        assert sent(idc_emulator) <= len(data) + FIRST + BLOCK
         cache.release(entry)
         # Backwards: never in order, so block by block, then joined into a whole file.
         entry = cache.acquire_blocks(series.collection, series.series_uid, second, len(other))
         assert entry is not None
-        count = -(-len(other) // BLOCK)
-        for idx in reversed(range(count)):
-            part = await cache.read_blocks(entry, idx * BLOCK, BLOCK)
-            assert part == other[idx * BLOCK:(idx + 1) * BLOCK]
+        shape = Opened(series.collection, series.series_uid, len(other))
+        for idx in reversed(range(shape.count)):
+            part = await cache.read_blocks(entry, start_of(idx), shape.block_size(idx))
+            assert part == other[start_of(idx):start_of(idx + 1)]
         assert cache.is_cached(second) and cache.known_size(second) == len(other)
         assert Path(cache.store.file(second)).read_bytes() == other
         cache.release(entry)
@@ -168,7 +169,7 @@ async def test_the_bound_holds_with_blocks(idc_emulator: launch.EmulatorProcess,
                 assert got == data
             else:
                 for idx in (turn % 3, 3):
-                    off = idx * BLOCK + 9
+                    off = start_of(idx) + 9
                     assert await cache.read_blocks(entry, off, 100) == data[off:off + 100]
             cache.release(entry)
             assert cache.used_bytes <= bound
@@ -233,7 +234,7 @@ async def test_blocks_left_by_a_killed_daemon_are_reconciled(
     name = sorted(truth)[0]
     orphan = block_path(root, name, 2)
     orphan.parent.mkdir(parents=True, exist_ok=True)
-    orphan.write_bytes(truth[name][2 * BLOCK:3 * BLOCK])
+    orphan.write_bytes(truth[name][start_of(2):start_of(3)])
     listed = [p for p in block_files(root) if p != orphan]
     assert listed
     listed[0].unlink()
@@ -254,8 +255,8 @@ async def test_blocks_left_by_a_killed_daemon_are_reconciled(
             entry = cache.acquire_blocks(series.collection, series.series_uid, sop,
                                          len(truth[sop]))
             assert entry is not None
-            got = await cache.read_blocks(entry, idx * BLOCK, size)
-            assert got == truth[sop][idx * BLOCK:idx * BLOCK + size]
+            got = await cache.read_blocks(entry, start_of(idx), size)
+            assert got == truth[sop][start_of(idx):start_of(idx) + size]
             cache.release(entry)
 
     async with source:
@@ -295,9 +296,9 @@ def test_a_header_scan_through_a_mount_reads_a_fraction_of_the_series(
         total = sum(map(len, truth.values()))
         print(f"header scan: {scanned} of {total} bytes ({scanned / total:.3f}) in "
               f"{time.monotonic() - started:.2f} s")
-        # The kernel asks for the first 128 KiB window and reads the next one ahead:
-        # two blocks of each file at most, whatever the file's size.
-        assert 0 < scanned <= 2 * BLOCK * len(files)
+        # Files read by blocks say st_blksize 8 KiB: pydicom's first read is 8 KiB, the
+        # kernel's first window 16 KiB, block 0 alone. 5 % is the benchmark's target.
+        assert 0 < scanned <= FIRST * len(files) <= 0.05 * total
         # A file read whole after its header was: byte for byte the bucket's.
         first = files[0]
         (tmp_path / "expected").write_bytes(truth[first.stem])

@@ -41,6 +41,12 @@ log = logging.getLogger("tciafs.cache")
 # fetches no less (the kernel wants the whole window) in more requests; a larger one
 # fetches more than a header read asks for.
 BLOCK = 128 << 10
+# Block 0 is smaller: a file read by blocks tells readers an I/O size of HEADER_IO
+# (st_blksize), so a header reader's first read is 8 KiB, which the kernel's first
+# read-ahead window turns into 16 KiB from offset 0: exactly block 0. Block i > 0 holds
+# FIRST + (i - 1) * BLOCK onwards, 128 KiB windows from there.
+FIRST = 16 << 10
+HEADER_IO = 8 << 10
 WHOLE_LIMIT = 64 << 20  # larger objects are read in blocks, never whole
 IN_ORDER = 2  # a read that follows this many blocks read in order fetches the object whole
 RUN_AHEAD = 32  # blocks one GET brings for an in-order read of a large object (4 MiB)
@@ -70,10 +76,20 @@ class Opened:
 
     @property
     def count(self) -> int:
-        return -(-self.size // BLOCK)
+        return index_of(self.size - 1) + 1
 
     def block_size(self, idx: int) -> int:
-        return min(BLOCK, self.size - idx * BLOCK)
+        return min(start_of(idx + 1), self.size) - start_of(idx)
+
+
+def start_of(idx: int) -> int:
+    """Where block `idx` starts in its object."""
+    return 0 if idx == 0 else FIRST + (idx - 1) * BLOCK
+
+
+def index_of(offset: int) -> int:
+    """The block that holds byte `offset`."""
+    return 0 if offset < FIRST else 1 + (offset - FIRST) // BLOCK
 
 
 class Blocks:
@@ -154,7 +170,7 @@ class Blocks:
         for _ in range(self.fetcher.attempts + 1):  # blocks may go between the awaits
             if sop in self.contents.files:  # whole: the reader's hold keeps it here
                 return _pread(entry.path, off, end - off)
-            first, last = off // BLOCK, (end - 1) // BLOCK
+            first, last = index_of(off), index_of(end - 1)
             small = opened.size <= self.whole_limit
             in_order = first > 0 and all(i in self.present.get(sop, ())
                                          for i in range(max(0, first - IN_ORDER), first))
@@ -186,12 +202,13 @@ class Blocks:
         parts: list[bytes] = []
         pos = off
         while pos < end:
-            idx = pos // BLOCK
+            idx = index_of(pos)
             key = block_key(sop, idx)
             if key not in self.contents.files:
                 return None
-            wanted = min(end, (idx + 1) * BLOCK) - pos
-            data = _pread(str(block_path(self.store.root, sop, idx)), pos - idx * BLOCK, wanted)
+            wanted = min(end, start_of(idx + 1)) - pos
+            data = _pread(str(block_path(self.store.root, sop, idx)), pos - start_of(idx),
+                          wanted)
             if len(data) != wanted:  # harmed from outside: fetch it again
                 self.drop(key)
                 return None
@@ -240,7 +257,7 @@ class Blocks:
                             fresh: bool = False) -> None:
         source = self.fetcher.source
         assert source is not None
-        start, stop = first * BLOCK, min((last + 1) * BLOCK, opened.size)
+        start, stop = start_of(first), min(start_of(last + 1), opened.size)
         revision = self.fetcher.revision[opened.series]
         idx = first
         pending = bytearray()
@@ -256,7 +273,7 @@ class Blocks:
                     idx += 1
         if idx <= last or pending:
             raise BadCopy(f"instance {sop}: bytes {start}-{stop} came "
-                          f"{(idx - first) * BLOCK + len(pending)} long")
+                          f"{start_of(idx) - start + len(pending)} long")
 
     async def _store(self, opened: Opened, sop: str, idx: int, data: bytes,
                      revision: int) -> None:

@@ -24,7 +24,7 @@ import trio
 from tciafs.catalog import listed_series
 from tciafs.sources.base import Source
 
-from .blocks import WHOLE_LIMIT, Blocks, parse_key
+from .blocks import HEADER_IO, WHOLE_LIMIT, Blocks, parse_key
 from .contents import Contents, Holds
 from .fetch import Fetcher
 from .index import Index
@@ -236,6 +236,14 @@ class Cache:
         self.blocks.opened(collection, series, sop, size)
         self.stats.misses += 1
         return Entry(sop, series, size, self.store.file(sop), partial=True)
+
+    def io_size(self, sop: str, size: int | None, usual: int) -> int:
+        """The I/O size (st_blksize) to tell readers of an instance: a small one while it
+        would be read by blocks, so that a header reader's first read asks the kernel for
+        block 0 alone (blocks.py, FIRST); else `usual`."""
+        if sop in self.contents.files or not self.blocks.takes(size):
+            return usual
+        return HEADER_IO
 
     async def read_blocks(self, entry: Entry, off: int, size: int) -> bytes:
         """Read from an entry of `acquire_blocks`."""
