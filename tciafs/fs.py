@@ -265,8 +265,10 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if self.cache.is_cached(node.ident):  # the common case, kept cheap
             entry = await self.cache.acquire(node.collection, node.series_uid, node.ident)
-        elif (lazy := self.cache.acquire_blocks(node.collection, node.series_uid, node.ident,
-                                                node.meta.get("size"))) is not None:
+        elif (lazy := self.cache.acquire_blocks(
+                node.collection, node.series_uid, node.ident, node.meta.get("size"),
+                [(n.ident, n.meta.get("size")) for n in self.tree.following(node, 16)
+                 if n.kind is Kind.INSTANCE])) is not None:
             # A source with byte ranges: no byte now; each read fetches its blocks.
             return self._open_handle(OpenFile(entry=lazy), keep_cache=True)
         else:

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+import trio
 from cacheutil import _disk_usage, _with_cache
 from test_idc_source import (  # the same emulator and helpers as the IDC source's tests
     CATALOG,
@@ -104,6 +105,40 @@ async def test_a_header_read_fetches_a_block_not_the_file(
     assert again.blocks.present == {name: {0, 3, index_of(len(data) - 1)}}
     assert again.entries == 0
     again.close()
+
+
+async def test_a_header_read_fetches_the_next_headers_ahead(
+        idc_emulator: launch.EmulatorProcess, ct: tuple[Series, dict[str, bytes]],
+        tmp_path: Path) -> None:
+    series, truth = ct
+    names = sorted(truth)
+    source = source_of(idc_emulator)
+    cache = Cache(tmp_path / "c", 1 << 30, source, prefetch=False)
+    reset(idc_emulator)
+
+    async def body() -> None:
+        following = [(n, len(truth[n])) for n in names[1:6]]
+        entry = cache.acquire_blocks(series.collection, series.series_uid, names[0],
+                                     len(truth[names[0]]), following)
+        assert entry is not None
+        assert await cache.read_blocks(entry, 0, 100) == truth[names[0]][:100]
+        with trio.fail_after(20):
+            while cache.blocks.count < 6 or cache.blocks._fetching:
+                await trio.sleep(0.01)
+        assert cache.blocks.present == {n: {0} for n in names[:6]}
+        assert sent(idc_emulator) == 6 * FIRST  # each header once: no more, no whole file
+        cache.release(entry)
+        # The next file's header is here already: reading it asks nothing.
+        nxt = cache.acquire_blocks(series.collection, series.series_uid, names[1],
+                                   len(truth[names[1]]))
+        assert nxt is not None
+        assert await cache.read_blocks(nxt, 0, 8192) == truth[names[1]][:8192]
+        assert sent(idc_emulator) == 6 * FIRST
+        cache.release(nxt)
+
+    async with source:
+        await _with_cache(cache, body)
+    cache.close()
 
 
 async def test_a_read_in_order_makes_the_file_whole_and_so_do_all_its_blocks(

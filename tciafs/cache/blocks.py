@@ -50,6 +50,10 @@ HEADER_IO = 8 << 10
 WHOLE_LIMIT = 64 << 20  # larger objects are read in blocks, never whole
 IN_ORDER = 2  # a read that follows this many blocks read in order fetches the object whole
 RUN_AHEAD = 32  # blocks one GET brings for an in-order read of a large object (4 MiB)
+# A header read (block 0) fetches block 0 of the next files of its directory too, this
+# many at once: a header scan waits out one round trip per file otherwise. Half of the
+# source's 8 connections by default, so that the reader's own requests find one free.
+HEADERS_AT_ONCE = 4
 
 
 def block_key(sop: str, idx: int) -> str:
@@ -113,6 +117,11 @@ class Blocks:
         self.present: dict[str, set[int]] = {}  # object → indices of its present blocks
         self._fetching: dict[tuple[str, int], trio.Event] = {}  # single flight per block
         self._joining: set[str] = set()  # objects whose blocks are being joined
+        # The next files of each opened object's directory (name, size), for headers ahead.
+        self._next: dict[str, list[tuple[str, int | None]]] = {}
+        self.nursery: trio.Nursery | None = None  # set while Cache.run runs
+        self._queued: set[str] = set()  # objects whose header is to be fetched ahead
+        self._headers = trio.CapacityLimiter(HEADERS_AT_ONCE)
 
     @property
     def count(self) -> int:
@@ -124,12 +133,16 @@ class Blocks:
         source = self.fetcher.source
         return bool(size) and source is not None and source.capabilities.ranges
 
-    def opened(self, collection: str, series: str, sop: str, size: int) -> None:
+    def opened(self, collection: str, series: str, sop: str, size: int,
+               following: list[tuple[str, int | None]]) -> None:
+        """`following`: the files after it in its directory, in `ls` order, with sizes."""
         self.objects[sop] = Opened(collection, series, size)
+        self._next[sop] = following
 
     def closed(self, sop: str) -> None:
         """The last reader let go of an object read by blocks."""
         self.objects.pop(sop, None)
+        self._next.pop(sop, None)
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -179,6 +192,8 @@ class Blocks:
                 continue
             if in_order and not small:
                 last = min(opened.count - 1, last + RUN_AHEAD)
+            if first == 0:
+                self._headers_ahead(opened, sop)
             data = await self._read_blocks(opened, sop, off, end, range(first, last + 1))
             if data is not None:
                 if small and len(self.present.get(sop, ())) == opened.count:
@@ -220,7 +235,7 @@ class Blocks:
     async def _ensure(self, opened: Opened, sop: str, wanted: range) -> None:
         """Make the blocks present: each run of missing ones in one ranged GET; a block
         another task fetches is waited for (single flight)."""
-        while True:
+        while sop not in self.contents.files:  # whole meanwhile: the caller reads that
             missing = [i for i in wanted if block_key(sop, i) not in self.contents.files]
             if not missing:
                 return
@@ -232,6 +247,33 @@ class Blocks:
             while run_end + 1 in free:
                 run_end += 1
             await self._fetch_run(opened, sop, free[0], run_end)
+
+    def _headers_ahead(self, opened: Opened, sop: str) -> None:
+        """Block 0 of each next file of the directory, fetched in the background: a guess,
+        cheap when wrong (16 KiB a file), that a header scan goes on. A reader does not
+        wait for a guess still queued: it fetches the block itself, and the guess, when
+        its turn comes, finds it here."""
+        if self.nursery is None:
+            return
+        for name, size in self._next.pop(sop, ()):
+            if size and name not in self._queued and not self._has_header(name):
+                self._queued.add(name)
+                self.nursery.start_soon(self._header_ahead,
+                                        Opened(opened.collection, opened.series, size), name)
+
+    def _has_header(self, sop: str) -> bool:
+        return (sop in self.contents.files or (sop, 0) in self._fetching
+                or block_key(sop, 0) in self.contents.files)
+
+    async def _header_ahead(self, opened: Opened, sop: str) -> None:
+        try:
+            async with self._headers:
+                if not self._has_header(sop):
+                    await self._fetch_run(opened, sop, 0, 0)
+        except Exception as exc:  # a guess: a reader that wants it fetches it again
+            log.debug("header of %s fetched ahead: %s", sop, exc)
+        finally:
+            self._queued.discard(sop)
 
     async def _whole(self, opened: Opened, sop: str) -> None:
         """The object is read in order: fetch it whole, and start its series' fetch."""
@@ -264,6 +306,8 @@ class Blocks:
         async with source.open_instance(opened.collection, opened.series, sop,
                                         byte_range=(start, stop), fresh=fresh) as stream:
             async for chunk in stream.chunks():
+                if sop in self.contents.files:
+                    return  # it came whole meanwhile: its blocks are no more use
                 pending += chunk
                 # Each block is kept as it comes: a run cut short keeps its first blocks.
                 while idx <= last and len(pending) >= opened.block_size(idx):
@@ -271,7 +315,7 @@ class Blocks:
                     await self._store(opened, sop, idx, bytes(pending[:size]), revision)
                     del pending[:size]
                     idx += 1
-        if idx <= last or pending:
+        if (idx <= last or pending) and sop not in self.contents.files:
             raise BadCopy(f"instance {sop}: bytes {start}-{stop} came "
                           f"{start_of(idx) - start + len(pending)} long")
 

@@ -208,8 +208,16 @@ class Cache:
     # -- reading -------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        """Host the background series fetches; runs until cancelled."""
-        await self.prefetcher.run(task_status=task_status)
+        """Host the background series fetches and headers fetched ahead; runs until
+        cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.prefetcher.run)
+            self.blocks.nursery = nursery
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self.blocks.nursery = None
 
     async def acquire(self, collection: str, series: str, sop: str,
                       series_bytes: int | None = None) -> Entry:
@@ -225,15 +233,17 @@ class Cache:
         self._touch(sop)
         return self._entry(sop, series)
 
-    def acquire_blocks(self, collection: str, series: str, sop: str,
-                       size: int | None) -> Entry | None:
+    def acquire_blocks(self, collection: str, series: str, sop: str, size: int | None,
+                       following: list[tuple[str, int | None]] | None = None
+                       ) -> Entry | None:
         """Hold an instance not cached whole to read it by blocks (`read_blocks`), with no
         byte fetched yet; None when it is not read so: its source takes no byte ranges,
-        or its size is not known before a read. It counts as a miss."""
+        or its size is not known before a read. It counts as a miss. `following`: the
+        next files of its series (name, size), whose headers a header read fetches ahead."""
         if sop in self.contents.files or size is None or not self.blocks.takes(size):
             return None
         self.holds.take(sop, series)
-        self.blocks.opened(collection, series, sop, size)
+        self.blocks.opened(collection, series, sop, size, following or [])
         self.stats.misses += 1
         return Entry(sop, series, size, self.store.file(sop), partial=True)
 
