@@ -31,6 +31,7 @@ import trio
 
 from tciafs import controlproto, sidecars, xattrs
 from tciafs.cache import Cache, CacheDiskError, CacheFull, Entry, FetchFailed
+from tciafs.cache.blocks import HEADERS_AHEAD
 from tciafs.catalog import ROOT_INODE, Kind, Node, is_damaged
 from tciafs.control import Control, TargetError
 from tciafs.controlproto import CONTROL_NAME, STATUS_XATTR
@@ -267,7 +268,7 @@ class Operations(pyfuse3.Operations):
             entry = await self.cache.acquire(node.collection, node.series_uid, node.ident)
         elif (lazy := self.cache.acquire_blocks(
                 node.collection, node.series_uid, node.ident, node.meta.get("size"),
-                [(n.ident, n.meta.get("size")) for n in self.tree.following(node, 16)
+                [(n.ident, n.meta.get("size")) for n in self.tree.following(node, HEADERS_AHEAD)
                  if n.kind is Kind.INSTANCE])) is not None:
             # A source with byte ranges: no byte now; each read fetches its blocks.
             return self._open_handle(OpenFile(entry=lazy), keep_cache=True)
