@@ -153,8 +153,7 @@ class Blocks:
         """As Store.reconcile does for whole files (tmp/ is emptied there): delete the
         block files the index does not list, forget the rows whose file is missing or of
         another size, and those of objects present whole. Then count the rest."""
-        top = self.store.root / "blocks"
-        top.mkdir(mode=0o700, exist_ok=True)
+        top = self.store.root / "blocks"  # made by the first block: NBIA never has one
         on_disk = {p.name: p for p in top.glob("*/*")}
         lost: list[tuple[str, int]] = []
         for sop, idx, _series, size in self.index.blocks():
@@ -170,8 +169,9 @@ class Blocks:
             orphan.unlink()
         if lost:
             self.index.delete_blocks(lost)
-        for directory in (top, *top.iterdir()):
-            self.space.measure_dir(directory)
+        if top.is_dir():
+            for directory in (top, *top.iterdir()):
+                self.space.measure_dir(directory)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -351,6 +351,8 @@ class Blocks:
             finally:
                 tmp.discard()
         self.space.measure_dir(final.parent)
+        if not self.space.knows_dir(final.parent.parent):  # the first block made blocks/
+            self.space.measure_dir(final.parent.parent)
         self._add(sop, idx, len(data))
         self.stats.bytes_fetched += len(data)
 

@@ -130,7 +130,8 @@ class Store:
     def place_at(self, tmp: TmpFile, final: Path) -> None:
         """Rename a sealed block into place, making its directory if it is the first."""
         with cache_disk(self.root):
-            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for directory in (final.parent.parent, final.parent):  # blocks/, blocks/ab/
+                directory.mkdir(exist_ok=True, mode=0o700)
             os.rename(tmp.path, final)
 
     def place(self, tmp: TmpFile, sop: str) -> Path:
