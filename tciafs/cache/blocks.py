@@ -4,7 +4,8 @@ same LRU and the same crash safety (docs/design/cache.md, "Blocks").
 A source that takes byte ranges (`Capabilities.ranges`: IDC) and lists exact sizes lets
 an open return at once, without a byte: each read then fetches only the blocks it
 covers, one ranged GET per run of missing blocks. A header scan (pydicom
-`stop_before_pixels`, gdcmscanner) so fetches a block or two of each file, not the file.
+`stop_before_pixels`, gdcmscanner) so fetches the 16 KiB block 0 of each file, not the
+file, and the headers of the next files of the directory come ahead of the reader.
 
 - An object read on in order, past its first IN_ORDER blocks, is being copied: it is
   fetched whole as any other file (single flight with the series fetch it also starts).
