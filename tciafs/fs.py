@@ -31,6 +31,7 @@ import trio
 
 from tciafs import controlproto, sidecars, xattrs
 from tciafs.cache import Cache, CacheDiskError, CacheFull, Entry, FetchFailed
+from tciafs.cache.blocks import HEADERS_AHEAD
 from tciafs.catalog import ROOT_INODE, Kind, Node, is_damaged
 from tciafs.control import Control, TargetError
 from tciafs.controlproto import CONTROL_NAME, STATUS_XATTR
@@ -177,7 +178,8 @@ class Operations(pyfuse3.Operations):
         attr.st_nlink = 1
         attr.st_size = size or 0
         attr.st_blocks = -(-(size or 0) // 512)
-        attr.st_blksize = 128 * 1024
+        attr.st_blksize = (self.cache.io_size(node.ident, size, 128 * 1024)
+                           if node.kind is Kind.INSTANCE else 128 * 1024)
         # Sidecars follow metadata that may still arrive: never let the kernel keep a size.
         known = size is not None and node.kind is not Kind.SIDECAR
         attr.attr_timeout = KNOWN_TTL if known else 0
@@ -264,6 +266,12 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if self.cache.is_cached(node.ident):  # the common case, kept cheap
             entry = await self.cache.acquire(node.collection, node.series_uid, node.ident)
+        elif (lazy := self.cache.acquire_blocks(
+                node.collection, node.series_uid, node.ident, node.meta.get("size"),
+                [(n.ident, n.meta.get("size")) for n in self.tree.following(node, HEADERS_AHEAD)
+                 if n.kind is Kind.INSTANCE])) is not None:
+            # A source with byte ranges: no byte now; each read fetches its blocks.
+            return self._open_handle(OpenFile(entry=lazy), keep_cache=True)
         else:
             await self.ahead.cold_open(node)
             with trio.fail_after(self.open_timeout):
@@ -293,6 +301,8 @@ class Operations(pyfuse3.Operations):
         if handle.entry is None:
             return handle.data[off:off + size]
         self.pages.counters["reads_through_daemon"] += 1
+        if handle.entry.partial:
+            return await self.cache.read_blocks(handle.entry, off, size)
         if handle.fd is None:  # most files are read from pages pushed at open, never here
             handle.fd = await self._cache_file(handle)
         data = os.pread(handle.fd, size, off)

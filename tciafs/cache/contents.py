@@ -97,6 +97,16 @@ class Holds:
             del self.open[sop]
         self.let_go_series(series)
 
+    def take_keys(self, keys: list[str]) -> None:
+        """Hold blocks (blocks.py) while a read or a join uses them."""
+        self.open.update(keys)
+
+    def let_go_keys(self, keys: list[str]) -> None:
+        for key in keys:
+            self.open[key] -= 1
+            if self.open[key] <= 0:
+                del self.open[key]
+
     def take_series(self, series: str) -> None:
         self.busy[series] += 1
 

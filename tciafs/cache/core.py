@@ -24,6 +24,7 @@ import trio
 from tciafs.catalog import listed_series
 from tciafs.sources.base import Source
 
+from .blocks import HEADER_IO, WHOLE_LIMIT, Blocks, parse_key
 from .contents import Contents, Holds
 from .fetch import Fetcher
 from .index import Index
@@ -44,9 +45,12 @@ class Cache:
     def __init__(self, root: Path, max_bytes: int, client: Source | None = None, *,
                  prefetch: bool = True, series_parallel: int = 4,
                  hedge_delay: float = 0.5, attempts: int = 3,
-                 still_starting: Callable[[], None] | None = None) -> None:
+                 still_starting: Callable[[], None] | None = None,
+                 whole_limit: int = WHOLE_LIMIT) -> None:
         """`still_starting` is called now and then while a long start-up (rebuilding a
-        lost index) goes on, to tell a service manager not to give up on it."""
+        lost index) goes on, to tell a service manager not to give up on it.
+        `whole_limit`: objects of a source with byte ranges larger than this are only
+        ever read in blocks (blocks.py)."""
         self.root = root
         self.client = client
         self.prefetch = prefetch
@@ -71,6 +75,12 @@ class Cache:
         self._touched: dict[str, float] = {}  # files opened since the last save → when
         self._unsaved_opens = 0
         self._reconcile(rows)
+        self.blocks = Blocks(self.store, self.space, self.index, self.contents, self.holds,
+                             self.fetcher, self.stats, whole_limit=whole_limit,
+                             start_series=self._series_read_in_order,
+                             series_fetching=self.is_fetching)
+        self.blocks.reconcile()
+        self.fetcher.on_whole = self.blocks.whole_published
         self.contents.complete = self.index.complete_series()
 
     # -- start-up ------------------------------------------------------------------------
@@ -128,7 +138,8 @@ class Cache:
 
     @property
     def entries(self) -> int:
-        return len(self.contents.files)
+        """Whole files cached (blocks share their LRU, but are not entries)."""
+        return len(self.contents.files) - self.blocks.count
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -197,8 +208,16 @@ class Cache:
     # -- reading -------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        """Host the background series fetches; runs until cancelled."""
-        await self.prefetcher.run(task_status=task_status)
+        """Host the background series fetches and headers fetched ahead; runs until
+        cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.prefetcher.run)
+            self.blocks.nursery = nursery
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self.blocks.nursery = None
 
     async def acquire(self, collection: str, series: str, sop: str,
                       series_bytes: int | None = None) -> Entry:
@@ -214,6 +233,32 @@ class Cache:
         self._touch(sop)
         return self._entry(sop, series)
 
+    def acquire_blocks(self, collection: str, series: str, sop: str, size: int | None,
+                       following: list[tuple[str, int | None]] | None = None
+                       ) -> Entry | None:
+        """Hold an instance not cached whole to read it by blocks (`read_blocks`), with no
+        byte fetched yet; None when it is not read so: its source takes no byte ranges,
+        or its size is not known before a read. It counts as a miss. `following`: the
+        next files of its series (name, size), whose headers a header read fetches ahead."""
+        if sop in self.contents.files or size is None or not self.blocks.takes(size):
+            return None
+        self.holds.take(sop, series)
+        self.blocks.opened(collection, series, sop, size, following or [])
+        self.stats.misses += 1
+        return Entry(sop, series, size, self.store.file(sop), partial=True)
+
+    def io_size(self, sop: str, size: int | None, usual: int) -> int:
+        """The I/O size (st_blksize) to tell readers of an instance: a small one while it
+        would be read by blocks, so that a header reader's first read asks the kernel for
+        block 0 alone (blocks.py, FIRST); else `usual`."""
+        if sop in self.contents.files or not self.blocks.takes(size):
+            return usual
+        return HEADER_IO
+
+    async def read_blocks(self, entry: Entry, off: int, size: int) -> bytes:
+        """Read from an entry of `acquire_blocks`."""
+        return await self.blocks.read(entry, off, size)
+
     def hold(self, series: str, sop: str) -> Entry | None:
         """Hold a cached instance against eviction, without fetching or counting a hit."""
         if sop not in self.contents.files:
@@ -226,6 +271,8 @@ class Cache:
         """How the file of an entry was changed from outside the mount, if it was:
         "deleted" (a cleaner of old files in /tmp), "cut short" (a copy or restore of the
         cache dir that ran out of room) or "grown". A stat: cheap beside an open."""
+        if entry.partial:
+            return None  # its blocks are checked as they are read
         try:
             size = os.stat(entry.path).st_size
         except FileNotFoundError:
@@ -250,6 +297,8 @@ class Cache:
     def release(self, entry: Entry) -> bool:
         """Let go of a hold; True when that dropped the file, as stale (drop_revised)."""
         self.holds.let_go(entry.sop, entry.series)
+        if entry.partial and entry.sop not in self.holds.open:
+            self.blocks.closed(entry.sop)
         if entry.sop in self.holds.open or entry.sop not in self.contents.stale:
             return False
         self.contents.stale.discard(entry.sop)
@@ -291,6 +340,11 @@ class Cache:
         if series in self.failed_series:
             return False  # it failed once this mount: don't start it again at every open
         return not self.series_complete(series)
+
+    def _series_read_in_order(self, collection: str, series: str) -> None:
+        """A file of the series read by blocks is read in order: a copy, most likely."""
+        if not self.is_fetching(series) and self._wants_prefetch(series, None):
+            self.start_series_fetch(collection, series)
 
     def start_series_fetch(self, collection: str, series: str) -> trio.Event:
         """Fetch a whole series in the background (once); returns its completion event."""
@@ -366,7 +420,11 @@ class Cache:
         """Take a cached file out: from memory, its room, its bytes, then its row. The
         file goes before the index is told: on a full disk, that frees the room the
         index's write needs; a crash in between leaves a row without its file, which
-        the next start forgets."""
+        the next start forgets. A block (blocks.py) goes the same way."""
+        if parse_key(sop) is not None:
+            self.blocks.drop(sop)
+            self.stats.evictions += 1
+            return
         self.space.release(self.contents.remove(sop))
         self.stats.evictions += 1
         self.store.remove(sop)

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 
@@ -55,6 +56,8 @@ class Fetcher:
         # Series re-submitted since their last whole fetch: a shared site cache may still
         # hold the old bytes, so their downloads ask past it until a ZIP comes fresh.
         self.revised: set[str] = set()
+        # Told of each file published whole: parts of it kept as blocks go (blocks.py).
+        self.on_whole: Callable[[str], None] | None = None
 
     def series_revised(self, series: str) -> None:
         """Downloads of the series under way now bring the old bytes; the MD5s its list
@@ -109,7 +112,7 @@ class Fetcher:
     # -- one download --------------------------------------------------------------------
 
     async def with_attempts(self, what: str, func: Callable[..., Awaitable[None]],
-                            *args: str) -> None:
+                            *args: Any) -> None:
         """Run a download up to `attempts` times. After bytes that came whole but wrong,
         the next attempt passes fresh=True: it asks past any shared site cache, whose copy
         may be the damaged one, and the fresh answer replaces it there."""
@@ -254,6 +257,8 @@ class Fetcher:
         if expect_md5 is not None:
             self.service_md5.get(series, {}).pop(sop, None)
         self.stats.bytes_fetched += tmp.size
+        if self.on_whole is not None:
+            self.on_whole(sop)
         event = self._published.pop(sop, None)
         if event is not None:
             event.set()

@@ -44,6 +44,13 @@ CREATE TABLE IF NOT EXISTS series(
     complete INTEGER NOT NULL DEFAULT 0,
     pinned INTEGER NOT NULL DEFAULT 0,
     fetched REAL);
+CREATE TABLE IF NOT EXISTS blocks(
+    sop TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    series TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    last_access REAL NOT NULL,
+    PRIMARY KEY(sop, idx));
 """
 
 _DB_DISK_ERRORS = (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR)  # primary result codes
@@ -135,13 +142,17 @@ class Index:
             verified: bool, last_access: float, make_room: Callable[[], None]) -> None:
         """Record a file as present, pinned if its series is. When the disk is too full
         for the index to grow, `make_room` once and try again."""
-        for attempt in range(2):
-            try:
-                self.db.execute(
-                    "INSERT OR REPLACE INTO instances(sop, series, collection, size, md5, "
+        self._write("INSERT OR REPLACE INTO instances(sop, series, collection, size, md5, "
                     "verified, present, last_access, pinned) VALUES (?, ?, ?, ?, ?, ?, 1, ?, "
                     "(SELECT pinned FROM series WHERE uid=?))",
-                    (sop, series, collection, size, md5, int(verified), last_access, series))
+                    (sop, series, collection, size, md5, int(verified), last_access, series),
+                    make_room)
+
+    def _write(self, sql: str, values: tuple, make_room: Callable[[], None]) -> None:
+        """One row written; a disk too full for the index to grow gets `make_room` once."""
+        for attempt in range(2):
+            try:
+                self.db.execute(sql, values)
                 return
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode & 0xFF in _DB_DISK_ERRORS:
@@ -183,6 +194,22 @@ class Index:
         with contextlib.suppress(sqlite3.Error), transaction(self.db):
             self.db.executemany("UPDATE instances SET last_access=? WHERE sop=?", touched)
             self.db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)", counts)
+
+    # -- blocks: parts of objects read by range (blocks.py) --------------------------------
+
+    def blocks(self) -> list[tuple[str, int, str, int]]:
+        """Every block listed (sop, idx, series, size), least recently fetched first."""
+        return self.db.execute("SELECT sop, idx, series, size FROM blocks "
+                               "ORDER BY last_access").fetchall()
+
+    def add_block(self, sop: str, idx: int, series: str, size: int,
+                  make_room: Callable[[], None]) -> None:
+        """Record a block as present, once its file is in place; `make_room` as for add()."""
+        self._write("INSERT OR REPLACE INTO blocks(sop, idx, series, size, last_access) "
+                    "VALUES (?, ?, ?, ?, ?)", (sop, idx, series, size, time.time()), make_room)
+
+    def delete_blocks(self, blocks: Iterable[tuple[str, int]]) -> None:
+        self.db.executemany("DELETE FROM blocks WHERE sop=? AND idx=?", list(blocks))
 
     # -- series --------------------------------------------------------------------------
 

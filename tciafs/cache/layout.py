@@ -17,3 +17,9 @@ def object_path(root: Path, sop: str) -> Path:
 def object_name(sop: str) -> str:
     # Hashing keeps any UID the server sends ('/', '..', 1,000 bytes) a safe file name.
     return hashlib.sha256(sop.encode()).hexdigest()[:40]
+
+
+def block_path(root: Path, sop: str, idx: int) -> Path:
+    """Where block `idx` of an object read by ranges lives (blocks.py)."""
+    name = object_name(sop)
+    return root / "blocks" / name[:2] / f"{name}.{idx}"

@@ -37,6 +37,9 @@ class Entry:
     series: str
     size: int
     path: str
+    # Read by blocks (Cache.read_blocks): `path` holds the bytes only once the object
+    # became whole; until then they are in block files (cache/blocks.py).
+    partial: bool = False
 
 
 @dataclass

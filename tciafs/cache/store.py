@@ -118,6 +118,22 @@ class Store:
         tmp.close()
         return sop, md5
 
+    async def seal(self, tmp: TmpFile) -> None:
+        """fsync a finished block in a worker thread (as `finish`, with no header to read:
+        a block is any part of a file) and close it."""
+        fd = tmp.fd
+        assert fd is not None
+        with cache_disk(self.root):
+            await trio.to_thread.run_sync(os.fsync, fd)
+        tmp.close()
+
+    def place_at(self, tmp: TmpFile, final: Path) -> None:
+        """Rename a sealed block into place, making its directory if it is the first."""
+        with cache_disk(self.root):
+            for directory in (final.parent.parent, final.parent):  # blocks/, blocks/ab/
+                directory.mkdir(exist_ok=True, mode=0o700)
+            os.rename(tmp.path, final)
+
     def place(self, tmp: TmpFile, sop: str) -> Path:
         """Rename a finished download into place."""
         final = self.path(sop)
