@@ -56,7 +56,11 @@ def sop_of(head: bytes, complete: bool) -> str:
     try:
         ds = read_partial(io.BytesIO(head), stop_when=lambda tag, vr, length:
                           tag > _SOP_INSTANCE_UID, specific_tags=[_SOP_INSTANCE_UID])
-        sop = ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
+        sop = ds.get("SOPInstanceUID")
+        # The meta header's UID stands in only for a dataset read to its end: pydicom
+        # stops quietly at the end of bytes cut inside the dataset.
+        if not sop and complete:
+            sop = ds.file_meta.get("MediaStorageSOPInstanceUID")
     except Exception as exc:  # pydicom raises many kinds for bytes cut inside an element
         if not complete:
             raise HeaderTooLong(str(exc)) from exc
