@@ -1,4 +1,4 @@
-"""The eleven figures: what each is, in the order of the table, and the function that
+"""The twelve figures: what each is, in the order of the table, and the function that
 measures it. Each compares tciafs with a baseline measured in the same run, under the
 same shaping, and keeps the median of its repetitions.
 
@@ -9,12 +9,13 @@ the clock starts (its parents' listings are not part of a copy), the copied dire
 own listing is. Copies are checked byte for byte against the service's MD5s.
 
 The measurements live by kind: fig_copies (1, 2, 3, 8), fig_reads (4, 5, 5b, 6),
-fig_walk (7), fig_faults (9, 10), fig_site_cache (11a, 11b); the steps they share are in
-steps.
+fig_walk (7), fig_faults (9, 10), fig_site_cache (11a, 11b), fig_auto (12); the steps
+they share are in steps.
 """
 
 from __future__ import annotations
 
+from .fig_auto import fig12
 from .fig_copies import fig1, fig8, fig23
 from .fig_faults import fig9, fig10
 from .fig_reads import can_drop_caches, fig4, fig56
@@ -25,7 +26,7 @@ from .steps import Context, Workspace
 
 # What scripts/bench uses: the declarations, the measuring functions and their context.
 __all__ = ["Context", "Workspace", "declare", "number", "fig1", "fig23", "fig4", "fig56",
-           "fig7", "fig8", "fig9", "fig10", "fig11"]
+           "fig7", "fig8", "fig9", "fig10", "fig11", "fig12"]
 
 
 def declare(nodes: int = 4) -> list[Figure]:
@@ -66,6 +67,9 @@ def declare(nodes: int = 4) -> list[Figure]:
         Figure("11b_site_cache_concurrent_copy", f"the same {nodes} concurrent `cp -r`, first "
                "start to last end, vs one node alone copying the study through a cold site "
                "cache", "s", Target("<=", 1.3)),
+        Figure("12_auto_vs_nbia_study_copy", "cold `cp -r` of the demo archive's largest "
+               "study with `--source auto` (IDC's buckets where IDC holds a series) vs "
+               "`--source nbia`, same emulated link", "s", Target("<=", 1.0)),
     ]
 
 

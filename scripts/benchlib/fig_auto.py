@@ -1,0 +1,87 @@
+"""Figure 12: a cold study copy with `--source auto` (NBIA's tree, IDC's buckets where IDC
+holds a series) against `--source nbia`, on the same emulated link.
+
+The bench profile has no IDC side, so this figure runs its own emulator: the demo
+profile with its S3 endpoint, shaped as the others (latency on every request, the
+bandwidth cap on every body). Its largest study on the main server is copied, each
+repetition from a fresh mount and an empty cache, and checked byte for byte against
+NBIA's MD5 lists.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+from tciafs.emulator import launch
+
+from .archive import References, Series, study_path
+from .procs import BenchError, Emulator, mounted, run_timed
+from .steps import Context, alternate, median
+from .verify import check_copy
+
+KEY = "12_auto_vs_nbia_study_copy"
+CATALOG = "/_emulator/idc/idc_index.parquet"
+
+
+def fig12(ctx: Context) -> None:
+    shaped = ("--latency-ms", str(ctx.shaping.latency_ms),
+              "--bandwidth", str(ctx.shaping.bandwidth))
+    log = ctx.results / "logs" / "emulator-auto.log"
+    try:
+        running = launch.start("--profile", "demo", *shaped, data_dir=ctx.work.fresh("demo"),
+                               nlst=True, s3=True, log=log)
+    except launch.EmulatorStartError as exc:
+        raise BenchError(str(exc)) from exc
+    with running:
+        emu = Emulator(running, ctx.shaping)
+        study = largest_study(emu)
+        refs = References(emu, ctx.work.root)
+        expected = {sop: md5 for s in study for sop, md5 in refs.expected(s).items()}
+        times: dict[str, list[float]] = {"auto": [], "nbia": []}
+        for i in range(ctx.reps()):
+            alternate(i, *(lambda i=i, source=source: times[source].append(
+                cold_study_copy(ctx, running, source, study, expected, f"fig12-{source}-{i}"))
+                for source in ("auto", "nbia")))
+    fig = ctx.fig(KEY)
+    fig.samples = {"auto_cp_s": times["auto"], "nbia_cp_s": times["nbia"]}
+    fig.set(median(times["auto"]), median(times["nbia"]))
+    size = sum(s.size for s in study) / 1e6
+    fig.note = (f"the demo archive's largest study: {len(study)} series, {len(expected)} "
+                f"files, {size:.1f} MB, verified against NBIA's MD5 lists; auto reads the "
+                "series IDC holds as parallel object GETs after one ranged GET per header")
+
+
+def largest_study(emu: Emulator) -> list[Series]:
+    """The series of the study with the most files on the main server."""
+    by_study: dict[str, list[Series]] = defaultdict(list)
+    for row in emu.api("getCollectionValues"):
+        for r in emu.api("getSeries", Collection=row["Collection"]):
+            by_study[r["StudyInstanceUID"]].append(Series(
+                r["SeriesInstanceUID"], r["StudyInstanceUID"], r["PatientID"],
+                r["Collection"], int(r["ImageCount"]), int(r["FileSize"])))
+    if not by_study:
+        raise BenchError("the demo archive lists no study")
+    return max(by_study.values(), key=lambda v: sum(s.images for s in v))
+
+
+def cold_study_copy(ctx: Context, emu: launch.RunningEmulator, source: str,
+                    study: list[Series], expected: dict[str, str], label: str) -> float:
+    """`cp -r` of the study from a fresh mount with an empty cache, then every byte
+    checked; the seconds `cp` took."""
+    assert emu.s3_url is not None and emu.nlst_url is not None
+    cache, mnt, dest = (ctx.work.fresh(n) for n in ("cache", "mnt", "copy"))
+    extra = ["--cache-size", ctx.cache_size, "--nlst-server", emu.nlst_url,
+             "--source", source]
+    if source == "auto":
+        extra += ["--s3-endpoint", emu.s3_url, "--idc-catalog", emu.s3_url + CATALOG]
+    try:
+        with mounted(emu.url, mnt, cache, ctx.results / "logs" / f"{label}.log",
+                     *extra) as mount:
+            src = study_path(mount.mountpoint, study[0])
+            os.stat(src)  # the path down to it is resolved before the clock starts
+            seconds = run_timed(["cp", "-r", src, dest / "study"])
+        check_copy(dest, expected, label)
+        return seconds
+    finally:
+        ctx.work.discard(cache, mnt, dest)
