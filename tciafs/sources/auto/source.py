@@ -337,15 +337,13 @@ class AutoSource:
     @asynccontextmanager
     async def _open_series(self, collection: str, series_uid: str, md5: bool,
                            hash_entries: bool, fresh: bool) -> AsyncIterator[SeriesStream]:
-        objects = {} if self._resting() else await self._idc_objects(series_uid)
-        objects = {sop: o for sop, o in objects.items() if o.key not in self._failed}
+        objects, listed = await self._plan(collection, series_uid)
         if not objects:
             async with self.nbia.open_series(collection, series_uid, md5=md5,
                                              hash_entries=hash_entries,
                                              fresh=fresh) as stream:
                 yield stream
             return
-        listed = [i.uid for i in await self.nbia.instances(collection, series_uid)]
         async with trio.open_nursery() as nursery:
             yield IdcSeriesStream(
                 [objects[sop] for sop in listed if sop in objects],
@@ -354,6 +352,30 @@ class AutoSource:
                 nbia_member=self._nbia_member(collection, series_uid, fresh),
                 parallel=self.parallel, nursery=nursery, on_failure=self._bucket_failed)
             nursery.cancel_scope.cancel()
+
+    async def _plan(self, collection: str, series_uid: str
+                    ) -> tuple[dict[str, MappedObject], list[str]]:
+        """The series' usable objects by SOP Instance UID, and the instances NBIA lists
+        now (what the series holds; empty when no object is usable). Both are asked at
+        once: each costs a round trip before the first byte."""
+        if self._resting() or self._place(series_uid) is None:
+            return {}, []
+        listed: list[str] = []
+        failed: list[ClientError] = []
+
+        async def nbia_listing() -> None:
+            try:
+                listed.extend(i.uid for i in await self.nbia.instances(collection,
+                                                                       series_uid))
+            except ClientError as exc:  # raised below as itself, not in a group
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(nbia_listing)
+            objects = await self._idc_objects(series_uid)
+        if failed:
+            raise failed[0]
+        return {sop: o for sop, o in objects.items() if o.key not in self._failed}, listed
 
     async def _fetch_whole(self, obj: MappedObject) -> tuple[list[bytes], str]:
         """An object's bytes and their MD5, checked against its listing."""
