@@ -39,16 +39,9 @@ from tciafs.sources.idc.catalog import SeriesPlace
 from tciafs.sources.nbia.source import NbiaSource
 from tciafs.sources.nbia.source import build as build_nbia
 
-from .mapping import (
-    FIRST_HEAD,
-    LONGEST_HEAD,
-    HeaderTooLong,
-    MappedObject,
-    NotDicom,
-    ObjectMap,
-    sop_of,
-)
-from .streams import CheckedObject, IdcSeriesStream, Member, ObjectCheck, etag_md5
+from .mapper import Mapper
+from .mapping import MappedObject, ObjectMap
+from .streams import CheckedObject, HeldObject, IdcSeriesStream, Member, ObjectCheck, etag_md5
 
 log = logging.getLogger("tciafs.auto")
 
@@ -84,14 +77,13 @@ class AutoSource:
                  parallel: int = 8) -> None:
         self.nbia = nbia
         self.idc = idc
-        self.objects = objects
         self.parallel = parallel
+        self.mapper = Mapper(idc.s3, objects, parallel=parallel,
+                             on_failure=self._bucket_failed)
         # NBIA's, as is: series streams stay true, since a series from IDC is handed to
         # the cache as a stream of parallel object GETs (IdcSeriesStream).
         self.capabilities: Capabilities = nbia.capabilities
         self.stats = AutoStats(nbia.stats, idc.stats)
-        self._by_series: dict[str, dict[str, MappedObject]] = {}  # mapped this mount
-        self._mapping: dict[str, trio.Event] = {}  # series whose header pass runs
         self._failed: set[str] = set()  # keys that failed this mount: NBIA serves them
         self._rest_until = 0.0  # trio time before which the bucket is not asked
         # Which object (None: NBIA) serves the instance a download under way asked for,
@@ -109,7 +101,12 @@ class AutoSource:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        await self.nbia.run(task_status=task_status)
+        """NBIA's token renewal, and the passes that map series."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.nbia.run)
+            self.mapper.nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()  # the nursery stays open to passes
 
     async def become_guest(self) -> None:
         await self.nbia.become_guest()
@@ -119,7 +116,7 @@ class AutoSource:
             await self.nbia.aclose()
             await self.idc.aclose()
         finally:
-            self.objects.close()
+            self.mapper.map.close()
 
     async def __aenter__(self) -> AutoSource:
         return self
@@ -187,91 +184,21 @@ class AutoSource:
         what = obj.key if obj is not None else "the bucket"
         log.warning("IDC: %s failed (%s); reading from NBIA instead", what, exc)
 
+    # -- bytes ---------------------------------------------------------------------------
+
     async def _idc_objects(self, series_uid: str) -> dict[str, MappedObject]:
         """The series' objects by the SOP Instance UID each holds; empty when IDC does
         not hold the series, or cannot be asked now."""
-        known = self._by_series.get(series_uid)
-        if known is not None:
-            return known
         place = self._place(series_uid)
         if place is None or self._resting():
             return {}
-        while series_uid in self._mapping:  # one header pass per series at a time
-            await self._mapping[series_uid].wait()
-            if series_uid in self._by_series:
-                return self._by_series[series_uid]
-        done = self._mapping[series_uid] = trio.Event()
-        try:
-            return await self._map(series_uid, place)
-        finally:
-            del self._mapping[series_uid]
-            done.set()
-
-    async def _map(self, series_uid: str, place: SeriesPlace) -> dict[str, MappedObject]:
-        complete = self.objects.is_mapped(place.bucket, place.prefix)
-        if not complete:
-            try:
-                complete = await self._header_pass(place)
-            except ClientError as exc:
-                self._bucket_failed(None, exc)
-        found = {o.sop: o for o in self.objects.objects(place.bucket, place.prefix)}
-        if complete:  # else asked again at the next read
-            self._by_series[series_uid] = found
-        return found
-
-    async def _header_pass(self, place: SeriesPlace) -> bool:
-        """Read the header of each object of the series not mapped yet; whether every
-        object has its answer now."""
-        listed = [o for o in await self.idc.s3.list_objects(place.bucket, place.prefix)
-                  if not o.key.endswith("/") and o.size > 0]
-        mapped = {o.key for o in self.objects.objects(place.bucket, place.prefix)}
-        todo = iter([o for o in listed if o.key not in mapped])
-        found: list[MappedObject] = []
-        unanswered: list[ClientError] = []
-
-        async def worker() -> None:
-            for o in todo:
-                try:
-                    sop = await self._sop_in(place.bucket, o.key, o.size)
-                except NotDicom as exc:
-                    log.warning("IDC object %s/%s: %s", place.bucket, o.key, exc)
-                    continue
-                except ClientError as exc:
-                    unanswered.append(exc)
-                    continue
-                found.append(MappedObject(place.bucket, o.key, sop, o.size, o.etag))
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(self.parallel):
-                nursery.start_soon(worker)
-        self.objects.add(found)
-        log.info("IDC: mapped %d objects of %s/%s by their headers", len(found),
-                 place.bucket, place.prefix)
-        if unanswered:
-            raise unanswered[0]
-        self.objects.mark_mapped(place.bucket, place.prefix, len(listed))
-        return True
-
-    async def _sop_in(self, bucket: str, key: str, size: int) -> str:
-        """The SOP Instance UID an object's header names: a ranged GET of its first
-        bytes, grown while the header runs past them."""
-        length = FIRST_HEAD
-        while True:
-            end = min(length, size)
-            head = await self.idc.s3.read(bucket, key, (0, end))
-            try:
-                return sop_of(head, complete=end >= size)
-            except HeaderTooLong:
-                if length >= LONGEST_HEAD:
-                    raise NotDicom(f"no SOP Instance UID in its first {length} bytes") from None
-                length *= 8
-
-    # -- bytes ---------------------------------------------------------------------------
+        return await self.mapper.objects(series_uid, place)
 
     async def _object_for(self, series_uid: str, sop_uid: str) -> MappedObject | None:
-        if self._resting():
+        place = self._place(series_uid)
+        if place is None or self._resting():
             return None
-        obj = (await self._idc_objects(series_uid)).get(sop_uid)
+        obj = await self.mapper.object_for(series_uid, place, sop_uid)
         return None if obj is None or obj.key in self._failed else obj
 
     def open_instance(self, collection: str, series_uid: str, sop_uid: str, *,
@@ -296,6 +223,10 @@ class AutoSource:
         obj: MappedObject | None = None
         try:
             obj = await self._object_for(series_uid, sop_uid)
+            held = None if obj is None else self.mapper.bodies.peek(obj.key)
+            if obj is not None and held is not None:  # a pass read it whole, checked
+                self._served_by[sop_uid] = obj
+                return HeldObject(held, obj.size)
             if obj is not None:
                 try:
                     inner = await stack.enter_async_context(
@@ -337,13 +268,28 @@ class AutoSource:
     @asynccontextmanager
     async def _open_series(self, collection: str, series_uid: str, md5: bool,
                            hash_entries: bool, fresh: bool) -> AsyncIterator[SeriesStream]:
-        objects, listed = await self._plan(collection, series_uid)
-        if not objects:
-            async with self.nbia.open_series(collection, series_uid, md5=md5,
-                                             hash_entries=hash_entries,
-                                             fresh=fresh) as stream:
+        place = self._place(series_uid)
+        if place is not None:
+            self.mapper.want_whole(series_uid)
+        try:
+            objects, listed = await self._plan(collection, series_uid)
+            if not objects:
+                async with self.nbia.open_series(collection, series_uid, md5=md5,
+                                                 hash_entries=hash_entries,
+                                                 fresh=fresh) as stream:
+                    yield stream
+                return
+            async with self._idc_series(collection, series_uid, fresh, objects,
+                                        listed) as stream:
                 yield stream
-            return
+        finally:
+            if place is not None:
+                self.mapper.done_with(series_uid, place)
+
+    @asynccontextmanager
+    async def _idc_series(self, collection: str, series_uid: str, fresh: bool,
+                          objects: dict[str, MappedObject], listed: list[str]
+                          ) -> AsyncIterator[SeriesStream]:
         async with trio.open_nursery() as nursery:
             yield IdcSeriesStream(
                 [objects[sop] for sop in listed if sop in objects],
@@ -378,7 +324,11 @@ class AutoSource:
         return {sop: o for sop, o in objects.items() if o.key not in self._failed}, listed
 
     async def _fetch_whole(self, obj: MappedObject) -> tuple[list[bytes], str]:
-        """An object's bytes and their MD5, checked against its listing."""
+        """An object's bytes and their MD5, checked against its listing: as the pass
+        that mapped it read them, or asked for now."""
+        held = self.mapper.bodies.take(obj.key)
+        if held is not None:
+            return held
         check = ObjectCheck(obj)
         async with self.idc.s3.open(obj.bucket, obj.key) as stream:
             data = [check.take(chunk) async for chunk in stream.chunks()]

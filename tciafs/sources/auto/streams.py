@@ -81,6 +81,18 @@ class CheckedObject:
             raise
 
 
+class HeldObject:
+    """An InstanceStream over bytes already read and checked."""
+
+    def __init__(self, data: list[bytes], size: int) -> None:
+        self._data = data
+        self.size = size
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for chunk in self._data:
+            yield chunk
+
+
 @dataclass
 class Member:
     """One file of a series stream: its bytes, whole in memory or streamed."""
