@@ -59,8 +59,9 @@ def fig12(ctx: Context) -> None:
     size = sum(s.size for s in study) / 1e6
     fig.note = (f"the demo archive's largest study: {len(study)} series, {len(expected)} "
                 f"files, {size:.1f} MB, verified against NBIA's MD5 lists; auto reads the "
-                "series IDC holds as parallel object GETs after one ranged GET per header; with "
-                f"the object map kept, auto took {median(times['auto_mapped']):.2f} s")
+                "series IDC holds as parallel object GETs (one per file; the first time, the pass "
+                "that maps objects to instances reads them); with the object map kept, auto "
+                f"took {median(times['auto_mapped']):.2f} s")
 
 
 def largest_study(emu: Emulator) -> list[Series]:

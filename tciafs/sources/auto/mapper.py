@@ -11,7 +11,7 @@ for the whole pass.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -106,13 +106,38 @@ class Mapper:
         self._whole.discard(series_uid)
         self.bodies.drop(place.prefix)
 
-    async def objects(self, series_uid: str, place: SeriesPlace) -> dict[str, MappedObject]:
-        """Every object of the series mapped, by the instance it holds."""
+    async def any_found(self, series_uid: str, place: SeriesPlace) -> bool:
+        """Whether some object of the series holds an instance: the map says so, or the
+        pass finds one (a pass that fails finds none)."""
         run = await self._pass_of(series_uid, place)
         if run is None:
-            return self._complete[series_uid]
-        await run.done.wait()
-        return run.found
+            return bool(self._complete[series_uid])
+        while not run.found and not run.done.is_set():
+            await run.progress.wait()
+        return bool(run.found)
+
+    async def as_found(self, series_uid: str, place: SeriesPlace, order: list[str]
+                       ) -> AsyncIterator[MappedObject]:
+        """The series' objects: in `order` (of SOP Instance UIDs) where the map holds
+        them all, else as the pass finds them, until it ends."""
+        run = await self._pass_of(series_uid, place)
+        if run is None:
+            complete = self._complete[series_uid]
+            for sop in order:
+                if sop in complete:
+                    yield complete[sop]
+            return
+        seen: set[str] = set()
+        while True:
+            done = run.done.is_set()
+            new = [o for sop, o in run.found.items() if sop not in seen]
+            for obj in new:
+                seen.add(obj.sop)
+                yield obj
+            if done:
+                return
+            if not new:  # no checkpoint since the sweep: no find can be missed
+                await run.progress.wait()
 
     async def object_for(self, series_uid: str, place: SeriesPlace,
                          sop_uid: str) -> MappedObject | None:

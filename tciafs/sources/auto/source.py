@@ -186,14 +186,6 @@ class AutoSource:
 
     # -- bytes ---------------------------------------------------------------------------
 
-    async def _idc_objects(self, series_uid: str) -> dict[str, MappedObject]:
-        """The series' objects by the SOP Instance UID each holds; empty when IDC does
-        not hold the series, or cannot be asked now."""
-        place = self._place(series_uid)
-        if place is None or self._resting():
-            return {}
-        return await self.mapper.objects(series_uid, place)
-
     async def _object_for(self, series_uid: str, sop_uid: str) -> MappedObject | None:
         place = self._place(series_uid)
         if place is None or self._resting():
@@ -272,40 +264,45 @@ class AutoSource:
         if place is not None:
             self.mapper.want_whole(series_uid)
         try:
-            objects, listed = await self._plan(collection, series_uid)
-            if not objects:
+            listed = await self._plan(collection, series_uid)
+            if place is None or listed is None:
                 async with self.nbia.open_series(collection, series_uid, md5=md5,
                                                  hash_entries=hash_entries,
                                                  fresh=fresh) as stream:
                     yield stream
                 return
-            async with self._idc_series(collection, series_uid, fresh, objects,
+            async with self._idc_series(collection, series_uid, place, fresh,
                                         listed) as stream:
                 yield stream
         finally:
             if place is not None:
                 self.mapper.done_with(series_uid, place)
 
+    async def _usable(self, found: AsyncIterator[MappedObject]
+                      ) -> AsyncIterator[MappedObject]:
+        """The objects found, but those that failed and, while the bucket rests, any."""
+        async for obj in found:
+            if not self._resting() and obj.key not in self._failed:
+                yield obj
+
     @asynccontextmanager
-    async def _idc_series(self, collection: str, series_uid: str, fresh: bool,
-                          objects: dict[str, MappedObject], listed: list[str]
-                          ) -> AsyncIterator[SeriesStream]:
+    async def _idc_series(self, collection: str, series_uid: str, place: SeriesPlace,
+                          fresh: bool, listed: list[str]) -> AsyncIterator[SeriesStream]:
         async with trio.open_nursery() as nursery:
             yield IdcSeriesStream(
-                [objects[sop] for sop in listed if sop in objects],
-                [sop for sop in listed if sop not in objects],
+                self._usable(self.mapper.as_found(series_uid, place, listed)), listed,
                 fetch=self._fetch_whole, stream=self._stream_object,
                 nbia_member=self._nbia_member(collection, series_uid, fresh),
                 parallel=self.parallel, nursery=nursery, on_failure=self._bucket_failed)
             nursery.cancel_scope.cancel()
 
-    async def _plan(self, collection: str, series_uid: str
-                    ) -> tuple[dict[str, MappedObject], list[str]]:
-        """The series' usable objects by SOP Instance UID, and the instances NBIA lists
-        now (what the series holds; empty when no object is usable). Both are asked at
-        once: each costs a round trip before the first byte."""
-        if self._resting() or self._place(series_uid) is None:
-            return {}, []
+    async def _plan(self, collection: str, series_uid: str) -> list[str] | None:
+        """What NBIA lists of a series IDC holds, once the bucket has shown it serves the
+        series (an object mapped); None: NBIA's series stream serves it. Both are asked
+        at once: each costs a round trip before the first byte."""
+        place = self._place(series_uid)
+        if self._resting() or place is None:
+            return None
         listed: list[str] = []
         failed: list[ClientError] = []
 
@@ -318,10 +315,10 @@ class AutoSource:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(nbia_listing)
-            objects = await self._idc_objects(series_uid)
+            served = await self.mapper.any_found(series_uid, place)
         if failed:
             raise failed[0]
-        return {sop: o for sop, o in objects.items() if o.key not in self._failed}, listed
+        return listed if served and not self._resting() else None
 
     async def _fetch_whole(self, obj: MappedObject) -> tuple[list[bytes], str]:
         """An object's bytes and their MD5, checked against its listing: as the pass

@@ -10,6 +10,7 @@ never held against IDC's bytes: IDC's copy of a file need not be byte for byte N
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -144,20 +145,25 @@ NbiaMember = Callable[[str], Awaitable[tuple[Member, Callable[[], Awaitable[str]
 class IdcSeriesStream:
     """A series as parallel GETs of its objects, handed to the reader one at a time.
 
-    `objects` are the series' objects, each known to hold an instance NBIA lists;
-    `from_nbia` the instances to take from NBIA (IDC lacks them). An object that cannot
-    be fetched or fails its checks is taken from NBIA too, after the others: a reader
-    gets every instance either way. Up to `parallel` GETs run at once, and at most
-    AHEAD_BYTES wait in memory; larger objects stream through when their turn comes.
+    `objects` yields the series' objects as they become known (at once, in NBIA's
+    order, where the map holds them; as the pass that maps them finds them otherwise);
+    `listed` is what NBIA lists. Each instance listed comes once: from its object, or,
+    after the others, from NBIA where IDC lacks it or its object cannot be fetched or
+    fails its checks. A reader gets every instance either way. Up to `parallel` GETs
+    run at once, and at most AHEAD_BYTES wait in memory; larger objects stream through
+    when their turn comes.
     Workers never wait on the reader, so they never hold a connection the reader needs.
     """
 
-    def __init__(self, objects: list[MappedObject], from_nbia: list[str], *,
+    def __init__(self, objects: AsyncIterator[MappedObject], listed: list[str], *,
                  fetch: Opener, stream: Streamer, nbia_member: NbiaMember, parallel: int,
                  nursery: trio.Nursery,
                  on_failure: Callable[[MappedObject, Exception], None]) -> None:
         self.objects = objects
-        self.from_nbia = list(from_nbia)
+        self.listed = listed
+        self._wanted = set(listed)
+        self._delivered: set[str] = set()
+        self._queued: set[str] = set()
         self._fetch = fetch
         self._stream = stream
         self._nbia_member = nbia_member
@@ -173,27 +179,28 @@ class IdcSeriesStream:
         return self._md5s
 
     async def members(self) -> AsyncIterator[Member]:
-        send, queue = trio.open_memory_channel[_Fetched](len(self.objects) + 1)
+        # Unbounded: the feeder is held back by the byte budget and the GETs at once.
+        send, queue = trio.open_memory_channel[_Fetched](math.inf)
         self._nursery.start_soon(self._feed, send)
         async with queue:
             async for fetched in queue:
                 member = await self._member_of(fetched)
                 if member is not None:
+                    self._delivered.add(member.name)
                     yield member
-        for sop in self.from_nbia:
+        for sop in [sop for sop in self.listed if sop not in self._delivered]:
             member, md5 = await self._nbia_member(sop)
             yield member
             self._md5s[sop] = await md5()
 
     async def _member_of(self, fetched: _Fetched) -> Member | None:
-        """The member of a fetched object; None (and the instance goes to NBIA's list)
-        when it failed."""
+        """The member of a fetched object; None when it failed (NBIA's copy then comes
+        after the others)."""
         if fetched.inline:
             return Member(fetched.obj.sop, lambda: self._streamed(fetched.obj))
         await fetched.done.wait()
         if fetched.error is not None:
             self._on_failure(fetched.obj, fetched.error)
-            self.from_nbia.append(fetched.obj.sop)
             self._budget.give(fetched.obj.size)
             return None
         assert fetched.md5 is not None
@@ -220,7 +227,10 @@ class IdcSeriesStream:
 
     async def _feed(self, send: trio.MemorySendChannel[_Fetched]) -> None:
         async with send:
-            for obj in self.objects:
+            async for obj in self.objects:
+                if obj.sop not in self._wanted or obj.sop in self._queued:
+                    continue  # not what NBIA lists now, or a second copy
+                self._queued.add(obj.sop)
                 fetched = _Fetched(obj, inline=obj.size > INLINE_OVER)
                 if not fetched.inline:
                     await self._budget.take(obj.size)
