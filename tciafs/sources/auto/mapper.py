@@ -250,4 +250,4 @@ class Mapper:
             except HeaderTooLong:
                 if length >= LONGEST_HEAD:
                     raise NotDicom(f"no SOP Instance UID in its first {length} bytes") from None
-                length *= 8
+                length = min(length * 8, LONGEST_HEAD)
