@@ -36,8 +36,8 @@ from tciafs.sources.base import (
 from tciafs.sources.idc import IdcSource
 from tciafs.sources.idc import build as build_idc
 from tciafs.sources.idc.catalog import SeriesPlace
-from tciafs.sources.nbia.source import NbiaSource
-from tciafs.sources.nbia.source import build as build_nbia
+from tciafs.sources.nbia import NbiaSource
+from tciafs.sources.nbia import build as build_nbia
 
 from .mapper import Mapper
 from .mapping import MappedObject, ObjectMap
