@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+from cliutil import status_json, status_text
 from dicomutil import dicom_bytes
 from faultutil import _assert_clean_log, _log_of, _series_dirs, _sop, _truth, _wait_quiet
 
@@ -124,6 +125,11 @@ def test_series_idc_holds_come_from_the_bucket_the_rest_from_nbia(
         _wait_quiet(emu.url)
         assert {_sop(p): p.read_bytes() for p in (tmp_path / "only").glob("*.dcm")} == truth
         assert requests(emu, "s3") == {} and nbia_images(emu) >= 1
+        status = status_json(mnt)
+        assert status["source"] == "auto" and status["server"] == emu.url
+        assert status["requests"]["requests"]["s3/GetObject"] > 0
+        assert status["requests"]["idc"]["requests"]["GetObject"] > 0
+        assert "s3/GetObject" in status_text(mnt)
     _assert_clean_log(_log_of(mnt, cache))
 
 

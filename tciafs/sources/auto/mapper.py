@@ -227,8 +227,7 @@ class Mapper:
                 async with self.s3.open(bucket, o.key) as stream:
                     data = [check.take(chunk) async for chunk in stream.chunks()]
                 md5 = check.check()
-                obj = MappedObject(bucket, o.key, sop_of(b"".join(data), complete=True),
-                                   o.size, o.etag)
+                obj = MappedObject(bucket, o.key, _sop_of_whole(data), o.size, o.etag)
                 self.bodies.keep(o.key, data, md5, o.size)
                 kept = True
                 return obj
@@ -251,3 +250,17 @@ class Mapper:
                 if length >= LONGEST_HEAD:
                     raise NotDicom(f"no SOP Instance UID in its first {length} bytes") from None
                 length = min(length * 8, LONGEST_HEAD)
+
+
+def _sop_of_whole(data: list[bytes]) -> str:
+    """The SOP Instance UID of a whole object's bytes, parsed from its first KBs where
+    the header ends there (most do): the object is not copied whole to be parsed."""
+    head = bytearray()
+    for chunk in data:
+        head += chunk
+        if len(head) >= FIRST_HEAD:
+            break
+    try:
+        return sop_of(bytes(head), complete=len(head) >= sum(map(len, data)))
+    except HeaderTooLong:
+        return sop_of(b"".join(data), complete=True)
