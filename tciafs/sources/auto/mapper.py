@@ -179,6 +179,8 @@ class Mapper:
             log.error("IDC: mapping %s failed: %s: %s", place.prefix, type(exc).__name__, exc)
         finally:
             del self._passes[series_uid]
+            if series_uid not in self._whole:  # its stream ended before the pass
+                self.bodies.drop(place.prefix)
             run.done.set()
             run.progress.set()
 

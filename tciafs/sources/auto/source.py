@@ -48,6 +48,7 @@ log = logging.getLogger("tciafs.auto")
 IDC, NBIA = "idc", "nbia"
 REST_AFTER_FAILURE = 60.0  # seconds the bucket is left alone after it kept failing
 MAP_FILE = "idc-object-map.sqlite"
+SERVED_BY_KEPT = 4096  # routes of downloads whose MD5 is not asked for yet
 
 
 class AutoStats:
@@ -212,6 +213,8 @@ class AutoSource:
     async def _route(self, stack: AsyncExitStack, collection: str, series_uid: str,
                      sop_uid: str, fresh: bool) -> InstanceStream:
         deciding = self._deciding.get(sop_uid)
+        if len(self._served_by) > SERVED_BY_KEPT:  # MD5s the cache knew, so never asked
+            del self._served_by[next(iter(self._served_by))]
         obj: MappedObject | None = None
         try:
             obj = await self._object_for(series_uid, sop_uid)
