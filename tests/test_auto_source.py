@@ -177,7 +177,8 @@ def test_the_map_is_kept_and_what_it_lacks_comes_from_nbia(
         assert nbia_images(emu) == 0
     map_file = cache / MAP_FILE
     assert stat.S_IMODE(map_file.stat().st_mode) == 0o600
-    with sqlite3.connect(map_file) as db:
+    # Closed at the end (not only committed), so that the WAL is folded back in.
+    with contextlib.closing(sqlite3.connect(map_file)) as db, db:
         # IDC lacks one instance (NBIA revised the series since), and the object of
         # another is gone from the bucket.
         lacking, gone = _sop(files[2]), _sop(files[3])
@@ -195,6 +196,19 @@ def test_the_map_is_kept_and_what_it_lacks_comes_from_nbia(
         assert requests(emu, "s3") == {"GetObject": 2} and nbia_images(emu) == 2
         check_with_dicom_tools(files[3])
     _assert_clean_log(_log_of(mnt, cache))
+    # The same map, an empty cache, the series streamed: the two instances come from
+    # NBIA inside the stream, the rest from the bucket.
+    streamed = tmp_path / "streamed"
+    streamed.mkdir()
+    (streamed / MAP_FILE).write_bytes(map_file.read_bytes())
+    with mount_auto(emu, mnt, streamed):
+        reset(emu)
+        subprocess.run(["cp", "-r", str(both), str(tmp_path / "out")], check=True)
+        _wait_quiet(emu.url)
+        assert {_sop(p): p.read_bytes() for p in (tmp_path / "out").glob("*.dcm")} == truth
+        assert requests(emu, "main").get("getSingleImage", 0) >= 2
+        assert requests(emu, "s3")["GetObject"] >= len(files) - 1
+    _assert_clean_log(_log_of(mnt, streamed))
 
 
 @pytest.mark.timeout(300)
