@@ -196,7 +196,7 @@ def run_foreground(opts: MountOptions, ready_fd: int | None = None) -> int:
         warn_if_remote(opts.cache_dir)
         with locked_cache_dir(opts.cache_dir), contextlib.ExitStack() as stack:
             if opts.demo:
-                use_demo(opts, stack.enter_context(demo_emulator(s3=opts.source == "idc")))
+                use_demo(opts, stack.enter_context(demo_emulator(s3=opts.source != "nbia")))
             trio.run(_serve, opts, ready_fd)
         return 0
     except MountError as exc:
@@ -244,7 +244,9 @@ def _report(ready_fd: int | None, message: str) -> None:
 def _source_key(opts: MountOptions) -> str:
     """What makes one persisted catalog differ from another: server, view, selection."""
     server = "demo" if opts.demo else f"{opts.server}|{opts.nlst_server}"
-    if opts.source != "nbia":  # NBIA's keys stay as they were, so its catalogs too
+    if opts.source == "auto":  # NBIA's tree, so NBIA's servers
+        server = f"auto|{server}"
+    elif opts.source != "nbia":  # NBIA's keys stay as they were, so its catalogs too
         server = f"{opts.source}|{server if opts.demo else opts.s3_endpoint}"
     selection = ""
     if opts.manifest is not None:
@@ -285,10 +287,15 @@ def _client(opts: MountOptions) -> Source:
     if login is not None:
         log.info("logging in as %s", login)
     try:
-        return sources.build("nbia", server=opts.server, api=opts.api,
-                             nlst_server=opts.nlst_server, login=login, api_key=api_key,
-                             max_connections=opts.max_connections, timeout=opts.timeout)
-    except ValueError as exc:  # a malformed server URL
+        nbia = dict(server=opts.server, api=opts.api, nlst_server=opts.nlst_server,
+                    login=login, api_key=api_key, max_connections=opts.max_connections,
+                    timeout=opts.timeout)
+        if opts.source == "auto":  # NBIA's tree and IDC's buckets; its map in the cache
+            return sources.build("auto", cache_dir=opts.cache_dir,
+                                 s3_endpoint=opts.s3_endpoint, idc_catalog=opts.idc_catalog,
+                                 **nbia)
+        return sources.build("nbia", **nbia)
+    except ValueError as exc:  # a malformed server URL, an unreadable IDC catalog
         raise MountError(str(exc)) from None
 
 
@@ -448,7 +455,11 @@ def status_document(parts: Parts, opts: MountOptions, started: float,
         "listed_ahead": parts.tree.listed_ahead,
         "traffic": client.traffic(),  # bytes received, by archive
     }
-    if opts.source != "nbia":  # NBIA's document stays as it was
+    if opts.source == "auto":
+        doc.update(source="auto", s3_endpoint=opts.s3_endpoint,
+                   catalog=opts.idc_catalog or "the installed idc-index-data",
+                   catalog_version=getattr(client, "catalog_version", None))
+    elif opts.source != "nbia":  # NBIA's document stays as it was
         doc.update(source=opts.source, server=opts.s3_endpoint, api="S3",
                    catalog=opts.idc_catalog or "the installed idc-index-data",
                    catalog_version=getattr(client, "catalog_version", None))

@@ -30,14 +30,15 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
                    help="root URL of the NLST server (default: the public NLST host)")
     p.add_argument("--api", choices=["v4", "v2", "v1", "legacy"], default="v4",
                    help="API generation to speak (default v4)")
-    p.add_argument("--source", choices=["nbia", "idc"], default="nbia",
-                   help="the archive: nbia (TCIA's own service, the default) or idc (NCI "
-                        "Imaging Data Commons: its catalog and public S3 buckets)")
+    p.add_argument("--source", choices=["nbia", "idc", "auto"], default="nbia",
+                   help="the archive: nbia (TCIA's own service, the default), idc (NCI "
+                        "Imaging Data Commons: its catalog and public S3 buckets) or auto "
+                        "(NBIA's tree, read from IDC's buckets where IDC holds a series)")
     p.add_argument("--s3-endpoint", default="https://s3.amazonaws.com", metavar="URL",
-                   help="with --source idc: the S3 endpoint of the buckets "
+                   help="with --source idc or auto: the S3 endpoint of the buckets "
                         "(default: AWS's public one)")
     p.add_argument("--idc-catalog", default=None, metavar="PATH|URL",
-                   help="with --source idc: idc_index.parquet (collections_index.parquet "
+                   help="with --source idc or auto: idc_index.parquet (collections_index.parquet "
                         "beside it); default: the installed idc-index-data package's")
     p.add_argument("--demo", action="store_true",
                    help="start the bundled emulator with the demo archive and mount that")

@@ -58,7 +58,7 @@ def attributes(node: Node, tree: Tree, cache: Cache) -> dict[str, str]:
         return attrs
     attrs["user.tcia.id"] = node.ident
     attrs["user.tcia.collection"] = node.collection
-    attrs["user.tcia.source"] = tree.source.name  # which archive the bytes come from
+    attrs["user.tcia.source"] = _source_of(node, tree)  # which archive the bytes come from
     attrs.update(_collection_facts(node, tree))
     for keyword, key in _DICOM_FIELDS.get(node.kind, {}).items():
         value = node.meta.get(key)
@@ -72,6 +72,16 @@ def attributes(node: Node, tree: Tree, cache: Cache) -> dict[str, str]:
         attrs.update(_instance_facts(node, cache,
                                      tree.source.capabilities.names_are_sop_uids))
     return attrs
+
+
+def _source_of(node: Node, tree: Tree) -> str:
+    """The source's name; per series where a source mixes archives (auto: "idc" or
+    "nbia"), which it tells with no request."""
+    per_series = getattr(tree.source, "source_of_series", None)
+    series_uid = node.ident if node.kind is Kind.SERIES else node.series_uid
+    if per_series is None or not series_uid:
+        return tree.source.name
+    return str(per_series(series_uid))
 
 
 def _collection_facts(node: Node, tree: Tree) -> dict[str, str]:

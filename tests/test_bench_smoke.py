@@ -120,10 +120,10 @@ def _declared_with_results() -> list:
 
 def test_json_shape(tmp_path: Path) -> None:
     declared = _declared_with_results()
-    assert {figures.number(f.key) for f in declared} == set(range(1, 13))
+    assert {figures.number(f.key) for f in declared} == set(range(1, 14))
     # 5b needs root to drop the page cache, and is declared only where it can run.
     assert any(f.key == "5b_warm_read_from_disk" for f in declared) == figures.can_drop_caches()
-    assert len(declared) == 15 + figures.can_drop_caches()
+    assert len(declared) == 16 + figures.can_drop_caches()
     doc = report.figures_json(declared)
     for key, entry in doc.items():
         assert set(entry) >= FIELDS, key

@@ -10,12 +10,12 @@ own listing is. Copies are checked byte for byte against the service's MD5s.
 
 The measurements live by kind: fig_copies (1, 2, 3, 8), fig_reads (4, 5, 5b, 6),
 fig_walk (7), fig_faults (9, 10), fig_site_cache (11a, 11b), fig_header_scan (12a,
-12b); the steps they share are in
-steps.
+12b), fig_auto (13); the steps they share are in steps.
 """
 
 from __future__ import annotations
 
+from .fig_auto import fig13
 from .fig_copies import fig1, fig8, fig23
 from .fig_faults import fig9, fig10
 from .fig_header_scan import fig12
@@ -27,7 +27,7 @@ from .steps import Context, Workspace
 
 # What scripts/bench uses: the declarations, the measuring functions and their context.
 __all__ = ["Context", "Workspace", "declare", "number", "fig1", "fig23", "fig4", "fig56",
-           "fig7", "fig8", "fig9", "fig10", "fig11", "fig12"]
+           "fig7", "fig8", "fig9", "fig10", "fig11", "fig12", "fig13"]
 
 
 def declare(nodes: int = 4) -> list[Figure]:
@@ -73,6 +73,9 @@ def declare(nodes: int = 4) -> list[Figure]:
                "fetched vs the series' bytes", "MB", Target("<=", 0.05)),
         Figure("12b_header_scan_time", "the same header scan vs a cold `cp -r` of the series "
                "from another fresh `--source idc` mount", "s", Target("<=", 0.2)),
+        Figure("13_auto_vs_nbia_study_copy", "cold `cp -r` of the demo archive's largest "
+               "study with `--source auto` (IDC's buckets where IDC holds a series) vs "
+               "`--source nbia`, same emulated link", "s", Target("<=", 1.0)),
     ]
 
 

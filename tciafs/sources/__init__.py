@@ -15,7 +15,8 @@ from tciafs.sources.base import Capabilities, Source
 __all__ = ["Capabilities", "Source", "build", "names"]
 
 # Source name -> the package that builds it.
-_PACKAGES = {"nbia": "tciafs.sources.nbia", "idc": "tciafs.sources.idc"}
+_PACKAGES = {"nbia": "tciafs.sources.nbia", "idc": "tciafs.sources.idc",
+             "auto": "tciafs.sources.auto"}
 
 
 def names() -> tuple[str, ...]:
