@@ -26,6 +26,7 @@ import trio
 
 from tciafs import controlproto, controlserver, credentials, manifest, paths, sources
 from tciafs.cache import Cache
+from tciafs.cache.parallel import Connections
 from tciafs.catalog import Catalog
 from tciafs.control import Control
 from tciafs.defaults import DEFAULT_NLST_SERVER, DEFAULT_SERVER
@@ -63,6 +64,7 @@ class MountOptions:
     prefetch: bool = True
     listing_ttl: float = 6 * 3600
     max_connections: int = 8
+    series_connections: int = 4  # connections one series may use at once
     timeout: float = 30.0
     debug: bool = False
     credentials_file: Path | None = None
@@ -360,7 +362,10 @@ def _offline_selection(catalog: Catalog, opts: MountOptions,
 async def _serve_tree(client: Source, catalog: Catalog, selection: list[Series] | None,
                       opts: MountOptions, ready_fd: int | None, offline: str | None) -> None:
     size = opts.cache_size or default_cache_size(opts.cache_dir)
+    # Background series leave two of the mount's connections to readers, as ZIPs do.
+    connections = Connections(opts.series_connections, max(1, opts.max_connections - 2))
     cache = Cache(opts.cache_dir, size, client, prefetch=opts.prefetch,
+                  connections=connections,
                   still_starting=lambda: notify_systemd(f"EXTEND_TIMEOUT_USEC={60_000_000}"))
     tree = Tree(client, catalog, listing_ttl=opts.listing_ttl, layout=opts.layout,
                 ahead_at_once=opts.max_connections // 2,

@@ -11,7 +11,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import trio
@@ -55,6 +55,11 @@ class Fetcher:
         # Series re-submitted since their last whole fetch: a shared site cache may still
         # hold the old bytes, so their downloads ask past it until a ZIP comes fresh.
         self.revised: set[str] = set()
+
+    @property
+    def fetching(self) -> Mapping[str, trio.Event]:
+        """The files being downloaded now, alone: a series fetch leaves them to that."""
+        return self._fetching
 
     def series_revised(self, series: str) -> None:
         """Downloads of the series under way now bring the old bytes; the MD5s its list

@@ -1,0 +1,180 @@
+"""A series over several connections at once, within polite caps.
+
+NBIA sends a series as one ZIP over one connection, and a connection is capped (TCIA users
+report per-connection limits; the emulator shapes each answer to 20 MB/s). While the ZIP
+streams from its front, a few workers fetch single images from the back of the series'
+listing (`TailFetch`), each checked against its own MD5 (cache/fetch.py, `InstanceMd5`).
+The ZIP skips writing what a single brought or is bringing, and still runs to its end,
+whose MD5 list confirms every file, as before.
+
+The link, as measured, decides when: workers start only once the ZIP's measured rate says
+it has more left than a single image costs, and each worker stops when the ZIP would bring
+the rest before its next single would come.
+
+Caps (docs/connections.md): a series uses at most `per_series` connections (its ZIP and
+its workers), and all series together at most `per_mount` (`Connections`). A worker that
+finds the mount's cap reached is simply not started: extra connections never wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from .contents import Contents
+from .fetch import Fetcher
+from .model import CacheDiskError, CacheFull
+
+log = logging.getLogger("tciafs.cache")
+
+
+# The ZIP must have brought this many files before its rate is trusted.
+MEASURE_AFTER = 3
+# Extra connections start only when the ZIP has at least this much left, at its rate:
+# below that, a single's round trip gains nothing worth another connection.
+WORTH_SECONDS = 1.0
+# Until a single was timed: one round trip plus a file at the ZIP's own rate.
+FIRST_SINGLE_GUESS = 0.25
+LOOK_EVERY = 0.1  # seconds between two looks at whether to start another worker
+
+
+class Connections:
+    """The caps on a mount's background connections: per series, and in all."""
+
+    def __init__(self, per_series: int, per_mount: int) -> None:
+        self.per_series = max(1, per_series)
+        self.per_mount = max(1, per_mount)
+        self.mount = trio.CapacityLimiter(self.per_mount)
+        self.single_seconds: float | None = None  # a single's time, as measured lately
+
+    def timed_single(self, seconds: float) -> None:
+        """Keep a running average of how long one single image takes, start to end."""
+        old = self.single_seconds
+        self.single_seconds = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+    @property
+    def in_use(self) -> int:
+        return int(self.mount.borrowed_tokens)
+
+
+@dataclass
+class ZipProgress:
+    """What a series' ZIP has done so far, as its reader counts it."""
+
+    started: float = field(default_factory=time.monotonic)
+    files: int = 0
+    writing: set[str] = field(default_factory=set)  # the SOP UID of the entry it writes
+    done: bool = False
+
+    def rate(self) -> float | None:
+        """Files a second since the ZIP began; None until it has brought enough to tell."""
+        if self.files < MEASURE_AFTER:
+            return None
+        return self.files / max(time.monotonic() - self.started, 1e-3)
+
+
+class TailFetch:
+    """Single images from the back of a series' listing while its ZIP comes from the front."""
+
+    def __init__(self, fetcher: Fetcher, contents: Contents, connections: Connections,
+                 collection: str, series: str, listed: Sequence[str],
+                 zip_progress: ZipProgress) -> None:
+        self.fetcher = fetcher
+        self.contents = contents
+        self.connections = connections
+        self.collection = collection
+        self.series = series
+        self.listed = listed
+        self.zip = zip_progress
+        self._next = len(listed) - 1  # the back of the listing not yet looked at
+        self.workers = 0  # running now
+        self.peak = 0  # the most that ran at once
+        self.fetched = 0
+        self.stopped: BaseException | None = None  # the cache cannot take more
+
+    async def run(self) -> None:
+        """Start workers while it is worth it and the caps allow; returns when the ZIP
+        has ended and every worker with it (a single under way is let finish: the ZIP
+        skipped its file)."""
+        async with trio.open_nursery() as nursery:
+            while not self.zip.done and self.stopped is None:
+                token = self._take_connection() if self._wants_another() else None
+                if token is not None:
+                    self.workers += 1
+                    self.peak = max(self.peak, self.workers)
+                    nursery.start_soon(self._worker, token)
+                await trio.sleep(LOOK_EVERY)
+        if self.fetched:
+            log.info("series %s: %d files came alone beside its ZIP, on up to %d more "
+                     "connections", self.series, self.fetched, self.peak)
+
+    def _take_connection(self) -> object | None:
+        """A token of the mount's cap for one more worker; None when it is reached:
+        an extra connection never waits for one."""
+        token = object()
+        try:
+            self.connections.mount.acquire_on_behalf_of_nowait(token)
+        except trio.WouldBlock:
+            return None
+        return token
+
+    def _wants_another(self) -> bool:
+        if self.workers >= self.connections.per_series - 1:  # the ZIP holds one
+            return False
+        rate = self.zip.rate()
+        if rate is None:
+            return False
+        return self._missing() / rate > max(WORTH_SECONDS, 2 * self._single_seconds())
+
+    def _single_seconds(self) -> float:
+        measured = self.connections.single_seconds
+        return FIRST_SINGLE_GUESS if measured is None else measured
+
+    def _missing(self) -> int:
+        return max(0, len(self.listed) - self.contents.series_files[self.series])
+
+    def _worth_one_more(self) -> bool:
+        """Whether a single started now would come before the ZIP and the other workers
+        bring every file still missing."""
+        if self.zip.done or self.stopped is not None:
+            return False
+        rate = self.zip.rate() or 0.0
+        others = self.workers - 1
+        return self._missing() > rate * self._single_seconds() + others
+
+    def _pick(self) -> str | None:
+        """The last listed file that nothing has and nothing is bringing. Checked and
+        taken with no await between (single flight: docs/design/cache.md)."""
+        while self._next >= 0:
+            sop = self.listed[self._next]
+            self._next -= 1
+            if (sop not in self.contents.files and sop not in self.fetcher.fetching
+                    and sop not in self.zip.writing):
+                return sop
+        return None
+
+    async def _worker(self, token: object) -> None:
+        try:
+            while self._worth_one_more():
+                sop = self._pick()
+                if sop is None:
+                    return
+                started = time.monotonic()
+                try:
+                    await self.fetcher.fetch_single(self.collection, self.series, sop)
+                except (CacheFull, CacheDiskError) as exc:
+                    self.stopped = exc
+                    return
+                except Exception as exc:  # the ZIP still brings it, or a reader asks
+                    log.info("series %s: a single beside its ZIP failed: %s", self.series,
+                             exc)
+                    continue
+                self.connections.timed_single(time.monotonic() - started)
+                self.fetched += 1
+        finally:
+            self.workers -= 1
+            self.connections.mount.release_on_behalf_of(token)
