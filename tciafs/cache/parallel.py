@@ -4,8 +4,10 @@ NBIA sends a series as one ZIP over one connection, and a connection is capped (
 report per-connection limits; the emulator shapes each answer to 20 MB/s). While the ZIP
 streams from its front, a few workers fetch single images from the back of the series'
 listing (`TailFetch`), each checked against its own MD5 (cache/fetch.py, `InstanceMd5`).
-The ZIP skips writing what a single brought or is bringing, and still runs to its end,
-whose MD5 list confirms every file, as before.
+The ZIP skips writing what a single brought, and still runs to its end, whose MD5 list
+confirms every file, as before. A worker takes no file the ZIP is writing, and the ZIP
+writes a file whose single is under way all the same (its bytes come with it anyway): a
+single that fails then costs nothing.
 
 The link, as measured, decides when: workers start only once the ZIP's measured rate says
 it has more left than a single image costs, and each worker stops when the ZIP would bring
@@ -169,10 +171,12 @@ class TailFetch:
                 except (CacheFull, CacheDiskError) as exc:
                     self.stopped = exc
                     return
-                except Exception as exc:  # the ZIP still brings it, or a reader asks
+                except Exception as exc:
+                    # The ZIP still brings it. Singles that fail (damaged at the source,
+                    # refused) are not worth this connection: the worker ends.
                     log.info("series %s: a single beside its ZIP failed: %s", self.series,
                              exc)
-                    continue
+                    return
                 self.connections.timed_single(time.monotonic() - started)
                 self.fetched += 1
         finally:

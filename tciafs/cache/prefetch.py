@@ -212,17 +212,20 @@ class Prefetcher:
     async def _read_zip(self, stream: SeriesStream, collection: str, series: str,
                         revision: int, names: dict[str, tuple[str, str]],
                         progress: list[int], zip_progress: ZipProgress) -> None:
-        """Store each entry of the ZIP that the cache lacks and no single is bringing."""
+        """Store each entry of the ZIP that the cache lacks.
+
+        An entry whose single is under way is stored all the same: its bytes come with
+        the ZIP anyway, and should that single fail (damaged at the source), the ZIP's
+        copy is the one kept. Whichever is published first is served.
+        """
         # The head tells which file an entry is before it is written: needed to skip one
-        # the cache holds, or one a single fetch brings.
+        # the cache holds, and to keep the singles off the one being written.
         look = self.contents.series_files[series] > 0 or self.connections.per_series > 1
         async for member in stream.members():
             blocks = member.chunks()
             head = await _head_of(blocks) if look else []
             sop = sop_in_head(head) if head else None  # None: header longer than the head
             known = self._cached_copy(sop)
-            if known is None and sop is not None and sop in self.fetcher.fetching:
-                known = (sop, "")  # a single brings it; its MD5 is read from the index
             if known is None:
                 if sop is not None:
                     zip_progress.writing.add(sop)
@@ -389,9 +392,8 @@ class Prefetcher:
         if not expected:
             return {}
         bad: dict[str, str | None] = {}
-        for name, (sop, stored) in names.items():
+        for name, (sop, got) in names.items():
             want = expected.get(name)
-            got = stored or self.index.md5(sop)  # "": a single brought it, not the ZIP
             if want is not None and want == got and self.index.md5(sop) == got:
                 self.index.confirm(sop)
             else:
