@@ -36,6 +36,7 @@ log = logging.getLogger("tciafs.cache")
 
 # The ZIP must have brought this many files before its rate is trusted.
 MEASURE_AFTER = 3
+MEASURE_SECONDS = 0.4  # ... and run this long: a ZIP done sooner never lists its series
 # Extra connections start only when the ZIP has at least this much left, at its rate:
 # below that, a single's round trip gains nothing worth another connection.
 WORTH_SECONDS = 1.0
@@ -71,6 +72,12 @@ class ZipProgress:
     files: int = 0
     writing: set[str] = field(default_factory=set)  # the SOP UID of the entry it writes
     done: bool = False
+
+    def long_enough(self) -> bool:
+        """Whether the ZIP has ended, or has run long enough that its rate tells whether
+        more connections would gain."""
+        return self.done or (self.files >= MEASURE_AFTER
+                             and time.monotonic() - self.started >= MEASURE_SECONDS)
 
     def rate(self) -> float | None:
         """Files a second since the ZIP began; None until it has brought enough to tell."""

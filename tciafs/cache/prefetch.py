@@ -20,7 +20,7 @@ from .failures import may_pass
 from .fetch import Fetcher
 from .index import Index
 from .model import BadCopy, CacheDiskError, CacheFull, CacheStats, FetchFailed, IntegrityError
-from .parallel import Connections, TailFetch, ZipProgress
+from .parallel import LOOK_EVERY, Connections, TailFetch, ZipProgress
 from .store import HEAD_BYTES, sop_in_head
 
 log = logging.getLogger("tciafs.cache")
@@ -247,6 +247,11 @@ class Prefetcher:
         source = self.fetcher.source
         if source is None or not source.capabilities.instance_checksums:
             return  # a single could not be checked before a reader sees it
+        # A ZIP that ends soon never needs the listing (a request, when not known yet).
+        while not zip_progress.long_enough():
+            await trio.sleep(LOOK_EVERY)
+        if zip_progress.done:
+            return
         listed = await self._listing(series)
         if not listed or zip_progress.done:
             return
