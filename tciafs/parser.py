@@ -17,17 +17,6 @@ from tciafs.emulator import arguments as emulator_arguments
 DESCRIPTION = "The `tciafs` command: mount, umount, emulator, cache."
 
 
-def _positive(text: str) -> int:
-    """A count of at least 1: a cap of 0 connections would fetch nothing."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def _add_mount(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mount", help="mount TCIA (or the demo archive) read-only",
                        description="Mount TCIA as /<Collection>/<PatientID>/<StudyInstanceUID>/"
@@ -82,10 +71,10 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listing-ttl", type=float, default=6 * 3600, metavar="SECONDS",
                    help="how long a directory listing is trusted before it is asked "
                         "again (default 21600)")
-    p.add_argument("--max-connections", type=_positive, default=MAX_CONNECTIONS,
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                    help="concurrent requests to the service, per mount (default "
                         f"{MAX_CONNECTIONS}; see docs/connections.md)")
-    p.add_argument("--series-connections", type=_positive, default=SERIES_CONNECTIONS,
+    p.add_argument("--series-connections", type=int, default=SERIES_CONNECTIONS,
                    help="connections one series may use at once, its ZIP included "
                         f"(default {SERIES_CONNECTIONS}; 1: one stream per series)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
