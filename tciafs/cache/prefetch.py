@@ -220,9 +220,10 @@ class Prefetcher:
         """
         # The head tells which file an entry is before it is written: needed to skip one
         # the cache holds, and to keep the singles off the one being written.
-        look = self.contents.series_files[series] > 0 or self.connections.per_series > 1
+        partly_cached = self.contents.series_files[series] > 0
         async for member in stream.members():
             blocks = member.chunks()
+            look = partly_cached or zip_progress.look
             head = await _head_of(blocks) if look else []
             sop = sop_in_head(head) if head else None  # None: header longer than the head
             known = self._cached_copy(sop)
