@@ -2,8 +2,10 @@
 
 NBIA sends a series as one ZIP over one connection, and a connection is capped (TCIA users
 report per-connection limits; the emulator shapes each answer to 20 MB/s). While the ZIP
-streams from its front, a few workers fetch single images from the back of the series'
-listing (`TailFetch`), each checked against its own MD5 (cache/fetch.py, `InstanceMd5`).
+streams, a few workers fetch single images in the order of the series' listing
+(`Singles`), each checked against its own MD5 (cache/fetch.py, `InstanceMd5`). The ZIP
+sends its files in the service's database order, which is not the listing's: workers that
+go the way readers go (`ls`, `cp -r`) keep ahead of them, and the ZIP fills in the rest.
 The ZIP skips writing what a single brought, and still runs to its end, whose MD5 list
 confirms every file, as before. A worker takes no file the ZIP is writing, and the ZIP
 writes a file whose single is under way all the same (its bytes come with it anyway): a
@@ -36,7 +38,7 @@ log = logging.getLogger("tciafs.cache")
 
 # The ZIP must have brought this many files before its rate is trusted.
 MEASURE_AFTER = 3
-MEASURE_SECONDS = 0.4  # ... and run this long: a ZIP done sooner never lists its series
+MEASURE_SECONDS = 0.25  # ... and run this long: a ZIP done sooner never lists its series
 # Extra connections start only when the ZIP has at least this much left, at its rate:
 # below that, a single's round trip gains nothing worth another connection.
 WORTH_SECONDS = 1.0
@@ -89,8 +91,8 @@ class ZipProgress:
         return self.files / max(time.monotonic() - self.started, 1e-3)
 
 
-class TailFetch:
-    """Single images from the back of a series' listing while its ZIP comes from the front."""
+class Singles:
+    """Single images in a series' listing order while its ZIP comes in its own order."""
 
     def __init__(self, fetcher: Fetcher, contents: Contents, connections: Connections,
                  collection: str, series: str, listed: Sequence[str],
@@ -102,7 +104,7 @@ class TailFetch:
         self.series = series
         self.listed = listed
         self.zip = zip_progress
-        self._next = len(listed) - 1  # the back of the listing not yet looked at
+        self._next = 0  # the first file of the listing not yet looked at
         self.workers = 0  # running now
         self.peak = 0  # the most that ran at once
         self.fetched = 0
@@ -165,11 +167,11 @@ class TailFetch:
         return self._missing() > rate * self._single_seconds() + others
 
     def _pick(self) -> str | None:
-        """The last listed file that nothing has and nothing is bringing. Checked and
+        """The next listed file that nothing has and nothing is bringing. Checked and
         taken with no await between (single flight: docs/design/cache.md)."""
-        while self._next >= 0:
+        while self._next < len(self.listed):
             sop = self.listed[self._next]
-            self._next -= 1
+            self._next += 1
             if (sop not in self.contents.files and sop not in self.fetcher.fetching
                     and sop not in self.zip.writing):
                 return sop

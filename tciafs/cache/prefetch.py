@@ -20,7 +20,7 @@ from .failures import may_pass
 from .fetch import Fetcher
 from .index import Index
 from .model import BadCopy, CacheDiskError, CacheFull, CacheStats, FetchFailed, IntegrityError
-from .parallel import LOOK_EVERY, Connections, TailFetch, ZipProgress
+from .parallel import LOOK_EVERY, Connections, Singles, ZipProgress
 from .store import HEAD_BYTES, sop_in_head
 
 log = logging.getLogger("tciafs.cache")
@@ -44,7 +44,7 @@ class Prefetcher:
         self.tasks: dict[str, trio.Event] = {}  # series → set when its fetch ends
         self.limiter = trio.CapacityLimiter(series_parallel)
         self.connections = connections or Connections(4, 8)
-        self.tails: dict[str, TailFetch] = {}  # series → its singles beside the ZIP now
+        self.singles: dict[str, Singles] = {}  # series → its singles beside the ZIP now
         self._nursery: trio.Nursery | None = None
         self.in_flight: dict[str, list[int]] = {}  # series → [bytes so far, instances so far]
         self.failed: dict[str, str] = {}  # series → why its last fetch failed
@@ -174,7 +174,7 @@ class Prefetcher:
         failed: list[BaseException] = []
         async with trio.open_nursery() as nursery:
             if self.connections.per_series > 1:
-                nursery.start_soon(self._tail, collection, series, zip_progress)
+                nursery.start_soon(self._singles, collection, series, zip_progress)
             try:
                 # Each file is hashed as stored, when it is published: not by the ZIP
                 # reader.
@@ -243,8 +243,8 @@ class Prefetcher:
             progress[1] += 1
             zip_progress.files += 1
 
-    async def _tail(self, collection: str, series: str, zip_progress: ZipProgress) -> None:
-        """Singles from the back of the series while its ZIP comes (cache/parallel.py)."""
+    async def _singles(self, collection: str, series: str, zip_progress: ZipProgress) -> None:
+        """Single images beside the series' ZIP (cache/parallel.py)."""
         source = self.fetcher.source
         if source is None or not source.capabilities.instance_checksums:
             return  # a single could not be checked before a reader sees it
@@ -256,12 +256,13 @@ class Prefetcher:
         listed = await self._listing(series)
         if not listed or zip_progress.done:
             return
-        tail = self.tails[series] = TailFetch(self.fetcher, self.contents, self.connections,
-                                              collection, series, listed, zip_progress)
+        singles = self.singles[series] = Singles(self.fetcher, self.contents,
+                                                 self.connections, collection, series,
+                                                 listed, zip_progress)
         try:
-            await tail.run()
+            await singles.run()
         finally:
-            self.tails.pop(series, None)
+            self.singles.pop(series, None)
 
     async def _closed_early(self, series: str, checksums: bool,
                             names: dict[str, tuple[str, str]], expected: dict[str, str]
