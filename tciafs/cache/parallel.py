@@ -38,7 +38,7 @@ log = logging.getLogger("tciafs.cache")
 
 # The ZIP must have brought this many files before its rate is trusted.
 MEASURE_AFTER = 3
-MEASURE_SECONDS = 0.25  # ... and run this long: a ZIP done sooner never lists its series
+MEASURE_SECONDS = 0.5  # ... and run this long: a ZIP done sooner never lists its series
 # Extra connections start only when the ZIP has at least this much left, at its rate:
 # below that, a single's round trip gains nothing worth another connection.
 WORTH_SECONDS = 1.0
