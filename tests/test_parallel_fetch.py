@@ -9,8 +9,6 @@ at once. No test here holds a timing: only counts, caps and bytes.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 from cacheutil import _series, _sops, _truth, _verified, _with_cache
+from parallelutil import OpenDownloads
 
 from tciafs.cache import Cache, FetchFailed
 from tciafs.cache.parallel import Connections
@@ -62,47 +61,12 @@ def _cache(root: Path, source: NbiaSource, listing: list[str], connections: Conn
     return cache
 
 
-class ImageRequests:
-    """Counts the image requests the source has open at once, and the most there were:
-    measured at the client, where the caps apply (the emulator ends a request a little
-    after the client has read its last byte); and how often each file was asked alone."""
-
-    def __init__(self, source: NbiaSource) -> None:
-        self.now = 0
-        self.peak = 0
-        self.alone: collections.Counter[str] = collections.Counter()
-        self._count_alone(source)
-        for name in ("open_instance", "open_series"):
-            setattr(source, name, self._counted(getattr(source, name)))
-
-    def _counted(self, opener):  # type: ignore[no-untyped-def]
-        @contextlib.asynccontextmanager
-        async def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-            self.now += 1
-            self.peak = max(self.peak, self.now)
-            try:
-                async with opener(*args, **kwargs) as stream:
-                    yield stream
-            finally:
-                self.now -= 1
-        return counted
-
-    def _count_alone(self, source: NbiaSource) -> None:
-        opener = source.open_instance
-
-        def counted(collection, series, sop, **kwargs):  # type: ignore[no-untyped-def]
-            self.alone[sop] += 1
-            return opener(collection, series, sop, **kwargs)
-
-        source.open_instance = counted  # type: ignore[method-assign]
-
-
 async def test_a_series_uses_a_few_connections_and_no_more(
         shaped: EmulatorProcess, client: NbiaSource, tmp_path: Path,
         series_truth: tuple[str, dict[str, bytes], list[str]]) -> None:
     uid, truth, listing = series_truth
     cache = _cache(tmp_path / "c", client, listing, Connections(3, 6))
-    requests = ImageRequests(client)
+    requests = OpenDownloads(client)
 
     async def body() -> None:
         await cache.start_series_fetch(LUNG, uid).wait()
@@ -128,7 +92,7 @@ async def test_the_mount_cap_holds_across_series(
     listings = {r["SeriesInstanceUID"]: _sops(shaped.url, r["SeriesInstanceUID"])
                 for r in rows}
     cache = Cache(tmp_path / "c", 1 << 30, client, connections=Connections(4, 3))
-    requests = ImageRequests(client)
+    requests = OpenDownloads(client)
 
     async def instances_of(series: str) -> list[str]:
         return listings[series]
@@ -195,7 +159,7 @@ async def test_a_reader_joins_the_single_under_way(
         series_truth: tuple[str, dict[str, bytes], list[str]]) -> None:
     uid, truth, listing = series_truth
     cache = _cache(tmp_path / "c", client, listing, Connections(4, 6))
-    requests = ImageRequests(client)
+    requests = OpenDownloads(client)
     joined: list[str] = []
 
     async def body() -> None:

@@ -6,36 +6,27 @@ the mount's cap. Counted at the client, where the caps apply; no timing is held.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cacheutil import _with_cache
+from parallelutil import OpenDownloads
+from test_idc_source import CATALOG, idc_emulator, source_of  # noqa: F401 (a fixture)
 
 from tciafs.cache import Cache
 from tciafs.cache.parallel import Connections
 from tciafs.emulator import launch
-from tciafs.sources import build
 from tciafs.sources.idc import IdcSource
 
 from mountutil import set_faults
 
 DEFAULT_TIER = "handler"
-CATALOG = "/_emulator/idc/idc_index.parquet"
-
-
-@pytest.fixture(scope="module")
-def idc_emulator(demo_data_dir: Path) -> Iterator[launch.EmulatorProcess]:
-    emu = launch.start("--profile", "demo", data_dir=demo_data_dir, s3=True)
-    try:
-        yield emu
-    finally:
-        emu.stop()
 
 
 @pytest.fixture
-def slowed(idc_emulator: launch.EmulatorProcess) -> Iterator[launch.EmulatorProcess]:
+def slowed(idc_emulator: launch.EmulatorProcess  # noqa: F811 (the fixture imported)
+           ) -> Iterator[launch.EmulatorProcess]:
     """Each answer a little late, so that GETs overlap as they would over a real link."""
     assert idc_emulator.s3_url is not None
     set_faults(idc_emulator.s3_url, latency_ms=40)
@@ -43,40 +34,12 @@ def slowed(idc_emulator: launch.EmulatorProcess) -> Iterator[launch.EmulatorProc
     set_faults(idc_emulator.s3_url)
 
 
-class OpenObjects:
-    """The objects the source has open at once, and the most there were."""
-
-    def __init__(self, source: IdcSource) -> None:
-        self.now = self.peak = self.total = 0
-        opener = source.open_instance
-
-        @contextlib.asynccontextmanager
-        async def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-            self.now += 1
-            self.total += 1
-            self.peak = max(self.peak, self.now)
-            try:
-                async with opener(*args, **kwargs) as stream:
-                    yield stream
-            finally:
-                self.now -= 1
-
-        source.open_instance = counted  # type: ignore[method-assign]
-
-
-def _source(emu: launch.EmulatorProcess) -> IdcSource:
-    assert emu.s3_url is not None
-    source = build("idc", endpoint=emu.s3_url, catalog=emu.s3_url + CATALOG, timeout=10)
-    assert isinstance(source, IdcSource)
-    return source
-
-
 @pytest.mark.parametrize(("series", "per_series", "per_mount", "cap"),
                          [(1, 3, 8, 3), (2, 3, 8, 6), (2, 4, 3, 3)])
 async def test_series_come_as_parallel_gets_within_the_caps(
         slowed: launch.EmulatorProcess, tmp_path: Path, series: int, per_series: int,
         per_mount: int, cap: int) -> None:
-    source = _source(slowed)
+    source = source_of(slowed)
     collection = source.catalog.collection_names()[0]
     chosen = [s for s in source.catalog.series_of(collection, None)
               if (s.image_count or 0) >= 8][:series]
@@ -94,7 +57,7 @@ async def test_series_come_as_parallel_gets_within_the_caps(
             return names[series]
 
         cache.instances_of = instances_of
-        opened = OpenObjects(source)
+        opened = OpenDownloads(source)
 
         async def body() -> None:
             events = [cache.start_series_fetch(collection, s.series_uid) for s in chosen]
@@ -103,7 +66,8 @@ async def test_series_come_as_parallel_gets_within_the_caps(
 
         await _with_cache(cache, body)
     assert opened.peak == cap  # in parallel, and never past the cap
-    assert opened.total == sum(map(len, names.values()))  # each object once
+    assert sorted(opened.alone) == sorted(n for ns in names.values() for n in ns)
+    assert max(opened.alone.values()) == 1  # each object once
     for series, files in truth.items():
         assert cache.series_complete(series)
         for name, data in files.items():
