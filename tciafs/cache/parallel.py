@@ -61,10 +61,6 @@ class Connections:
         old = self.single_seconds
         self.single_seconds = seconds if old is None else 0.7 * old + 0.3 * seconds
 
-    @property
-    def in_use(self) -> int:
-        return int(self.mount.borrowed_tokens)
-
 
 @dataclass
 class ZipProgress:
@@ -112,8 +108,7 @@ class Singles:
 
     async def run(self) -> None:
         """Start workers while it is worth it and the caps allow; returns when the ZIP
-        has ended and every worker with it (a single under way is let finish: the ZIP
-        skipped its file)."""
+        has ended and every worker with it (a single under way is let finish)."""
         # From the next entry on, the ZIP names each before writing it: no worker takes
         # a file it writes.
         self.zip.look = True
