@@ -420,6 +420,7 @@ def assemble(client: Source, tree: Tree, cache: Cache, *, control: Control | Non
     # The cache fetches a series by the instances the tree lists, and bytes it refuses
     # as wrong must leave the kernel's page cache too.
     cache.instances_of = tree.instance_uids
+    cache.prefetcher.held_instances_of = tree.held_instance_uids
     cache.on_refused = pages.refused
     tree.on_series_revised = revisions.series_revised
     tree.on_series_withdrawn = revisions.series_withdrawn

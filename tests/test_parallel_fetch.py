@@ -58,6 +58,7 @@ def _cache(root: Path, source: NbiaSource, listing: list[str], connections: Conn
         return listing
 
     cache.instances_of = instances_of
+    cache.prefetcher.held_instances_of = lambda series: listing  # as if listed by a reader
     return cache
 
 
@@ -98,6 +99,7 @@ async def test_the_mount_cap_holds_across_series(
         return listings[series]
 
     cache.instances_of = instances_of
+    cache.prefetcher.held_instances_of = listings.get
 
     async def body() -> None:
         events = [cache.start_series_fetch(r["Collection"], r["SeriesInstanceUID"])

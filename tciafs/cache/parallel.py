@@ -73,6 +73,17 @@ class ZipProgress:
     # Read each entry's header before writing it, to tell which file it is: needed only
     # while singles run beside it (a header read costs about 0.3 ms of CPU per file).
     look: bool = False
+    ended: trio.Event = field(default_factory=trio.Event)
+
+    def finish(self) -> None:
+        self.done = True
+        self.ended.set()
+
+    async def pause(self, seconds: float) -> None:
+        """Wait `seconds`, or less when the ZIP ends first: the series' MD5 list waits
+        for whatever runs beside the ZIP to end."""
+        with trio.move_on_after(seconds):
+            await self.ended.wait()
 
     def long_enough(self) -> bool:
         """Whether the ZIP has ended, or has run long enough that its rate tells whether
@@ -114,18 +125,20 @@ class Singles:
         self.zip.look = True
         named_from = self.zip.files + 1
         while self.zip.files < named_from and not self.zip.done:
-            await trio.sleep(LOOK_EVERY / 10)
-        async with trio.open_nursery() as nursery:
-            while not self.zip.done and self.stopped is None:
-                token = self._take_connection() if self._wants_another() else None
-                if token is not None:
-                    self.workers += 1
-                    self.peak = max(self.peak, self.workers)
-                    nursery.start_soon(self._worker, token)
-                await trio.sleep(LOOK_EVERY)
-        if self.fetched:
-            log.info("series %s: %d files came alone beside its ZIP, on up to %d more "
-                     "connections", self.series, self.fetched, self.peak)
+            await self.zip.pause(LOOK_EVERY / 10)
+        try:
+            async with trio.open_nursery() as nursery:
+                while not self.zip.done and self.stopped is None:
+                    token = self._take_connection() if self._wants_another() else None
+                    if token is not None:
+                        self.workers += 1
+                        self.peak = max(self.peak, self.workers)
+                        nursery.start_soon(self._worker, token)
+                    await self.zip.pause(LOOK_EVERY)
+        finally:  # also when the ZIP's end cancels the singles still under way
+            if self.fetched:
+                log.info("series %s: %d files came alone beside its ZIP, on up to %d "
+                         "more connections", self.series, self.fetched, self.peak)
 
     def _take_connection(self) -> object | None:
         """A token of the mount's cap for one more worker; None when it is reached:

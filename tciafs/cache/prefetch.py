@@ -55,6 +55,9 @@ class Prefetcher:
         # The SOP Instance UIDs a series lists, or None when it is not known: a series
         # already partly cached then fetches only the files it lacks.
         self.instances_of: Callable[[str], Awaitable[list[str] | None]] | None = None
+        # The same, only when known without a request: single images beside a ZIP go the
+        # way its readers go, and never cost a listing of their own.
+        self.held_instances_of: Callable[[str], list[str] | None] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Host the background series fetches; runs until cancelled."""
@@ -186,7 +189,11 @@ class Prefetcher:
             except BaseException as exc:  # raised below as itself, not in a group
                 failed.append(exc)
             finally:
-                zip_progress.done = True
+                zip_progress.finish()
+            if not failed:
+                # The ZIP brought every file, those of singles still under way too: they
+                # would only hold up its MD5 list.
+                nursery.cancel_scope.cancel()
         if failed:
             raise failed[0]
         self.fetcher.check_revision(series, revision)  # the list may be of the new bytes
@@ -248,12 +255,9 @@ class Prefetcher:
         source = self.fetcher.source
         if source is None or not source.capabilities.instance_checksums:
             return  # a single could not be checked before a reader sees it
-        # A ZIP that ends soon never needs the listing (a request, when not known yet).
         while not zip_progress.long_enough():
-            await trio.sleep(LOOK_EVERY)
-        if zip_progress.done:
-            return
-        listed = await self._listing(series)
+            await zip_progress.pause(LOOK_EVERY)
+        listed = self.held_instances_of(series) if self.held_instances_of else None
         if not listed or zip_progress.done:
             return
         singles = self.singles[series] = Singles(self.fetcher, self.contents,
