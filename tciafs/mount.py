@@ -26,6 +26,7 @@ import trio
 
 from tciafs import controlproto, controlserver, credentials, manifest, paths, sources
 from tciafs.cache import Cache
+from tciafs.cache.parallel import Connections
 from tciafs.catalog import Catalog
 from tciafs.control import Control
 from tciafs.defaults import DEFAULT_NLST_SERVER, DEFAULT_SERVER
@@ -63,6 +64,7 @@ class MountOptions:
     prefetch: bool = True
     listing_ttl: float = 6 * 3600
     max_connections: int = 8
+    series_connections: int = 4  # connections one series may use at once
     timeout: float = 30.0
     debug: bool = False
     credentials_file: Path | None = None
@@ -367,7 +369,10 @@ def _offline_selection(catalog: Catalog, opts: MountOptions,
 async def _serve_tree(client: Source, catalog: Catalog, selection: list[Series] | None,
                       opts: MountOptions, ready_fd: int | None, offline: str | None) -> None:
     size = opts.cache_size or default_cache_size(opts.cache_dir)
+    # Background series leave two of the mount's connections to readers, as ZIPs do.
+    connections = Connections(opts.series_connections, max(1, opts.max_connections - 2))
     cache = Cache(opts.cache_dir, size, client, prefetch=opts.prefetch,
+                  connections=connections,
                   still_starting=lambda: notify_systemd(f"EXTEND_TIMEOUT_USEC={60_000_000}"))
     tree = Tree(client, catalog, listing_ttl=opts.listing_ttl, layout=opts.layout,
                 ahead_at_once=opts.max_connections // 2,
@@ -422,6 +427,7 @@ def assemble(client: Source, tree: Tree, cache: Cache, *, control: Control | Non
     # The cache fetches a series by the instances the tree lists, and bytes it refuses
     # as wrong must leave the kernel's page cache too.
     cache.instances_of = tree.instance_uids
+    cache.prefetcher.held_instances_of = tree.held_instance_uids
     cache.on_refused = pages.refused
     tree.on_series_revised = revisions.series_revised
     tree.on_series_withdrawn = revisions.series_withdrawn

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from tciafs import __version__, paths
+from tciafs.defaults import MAX_CONNECTIONS, SERIES_CONNECTIONS
 from tciafs.emulator import arguments as emulator_arguments
 
 DESCRIPTION = "The `tciafs` command: mount, umount, emulator, cache."
@@ -71,8 +72,12 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listing-ttl", type=float, default=6 * 3600, metavar="SECONDS",
                    help="how long a directory listing is trusted before it is asked "
                         "again (default 21600)")
-    p.add_argument("--max-connections", type=int, default=8,
-                   help="concurrent requests to the service (default 8)")
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                   help="concurrent requests to the service, per mount (default "
+                        f"{MAX_CONNECTIONS}; see docs/connections.md)")
+    p.add_argument("--series-connections", type=int, default=SERIES_CONNECTIONS,
+                   help="connections one series may use at once, its ZIP included "
+                        f"(default {SERIES_CONNECTIONS}; 1: one stream per series)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="network timeout of one request (default 30)")
     p.add_argument("-f", "--foreground", action="store_true",

@@ -155,6 +155,15 @@ class Tree:
             return None
         return [c.ident for c in await self.children(node.ino) if c.kind is Kind.INSTANCE]
 
+    def held_instance_uids(self, series_uid: str) -> list[str] | None:
+        """The SOP Instance UIDs of a series whose listing is held in memory (someone
+        listed or opened it), in the order `ls` shows; None otherwise: never a request."""
+        node = self.catalog.find_uid(series_uid)
+        listing = self._listings.get(node.ino) if node is not None else None
+        if listing is None:
+            return None
+        return [c.ident for c in listing.values() if c.kind is Kind.INSTANCE]
+
     def following(self, node: Node, count: int) -> list[Node]:
         """Up to `count` entries after `node` in its directory, in the order `ls` shows.
 

@@ -112,7 +112,7 @@ def test_reference_zip_maps_md5_to_sop_uid(tmp_path: Path) -> None:
 def _declared_with_results() -> list:
     declared = figures.declare()
     by_key = {f.key: f for f in declared}
-    by_key["1_cold_series_copy"].set(2.0, 2.5)
+    by_key["1_cold_series_copy"].set(1.0, 2.5)
     by_key["2_cold_study_copy"].error = "emulator gone"
     by_key["8_peak_rss"].set(70.0, 60.0)
     return declared
@@ -120,15 +120,15 @@ def _declared_with_results() -> list:
 
 def test_json_shape(tmp_path: Path) -> None:
     declared = _declared_with_results()
-    assert {figures.number(f.key) for f in declared} == set(range(1, 14))
+    assert {figures.number(f.key) for f in declared} == set(range(1, 15))
     # 5b needs root to drop the page cache, and is declared only where it can run.
     assert any(f.key == "5b_warm_read_from_disk" for f in declared) == figures.can_drop_caches()
-    assert len(declared) == 16 + figures.can_drop_caches()
+    assert len(declared) == 17 + figures.can_drop_caches()
     doc = report.figures_json(declared)
     for key, entry in doc.items():
         assert set(entry) >= FIELDS, key
         assert isinstance(entry["holds"], bool) and isinstance(entry["target"], str)
-    assert doc["1_cold_series_copy"]["ratio"] == pytest.approx(0.8)
+    assert doc["1_cold_series_copy"]["ratio"] == pytest.approx(0.4)
     assert doc["1_cold_series_copy"]["holds"] is True
     assert doc["2_cold_study_copy"]["holds"] is False and "error" in doc["2_cold_study_copy"]
     assert doc["8_peak_rss"]["holds"] is True  # 10 MB apart: within 30 MB
@@ -174,7 +174,7 @@ def test_chart_is_written_with_every_figure_and_its_verdict(chart: ModuleType,
     declared = _declared_with_results()
     holding, missing = tmp_path / "holding", tmp_path / "missing"
     _write_chart(chart, holding, declared)
-    declared[0].set(5.0, 2.0)  # figure 1 now misses its target, ratio <= 1.25
+    declared[0].set(5.0, 2.0)  # figure 1 now misses its target, ratio <= 0.5
     _write_chart(chart, missing, declared)
     _check_chart(missing, [f.key for f in declared])
     with Image.open(missing / "chart.png") as image:

@@ -27,8 +27,8 @@ RUNNERS: list[tuple[frozenset[int], Callable[[F.Context], None]]] = [
     (frozenset({1}), F.fig1), (frozenset({2, 3}), F.fig23), (frozenset({4}), F.fig4),
     (frozenset({5, 6}), F.fig56), (frozenset({7}), F.fig7), (frozenset({8}), F.fig8),
     (frozenset({9}), F.fig9), (frozenset({10}), F.fig10), (frozenset({11}), F.fig11),
-    (frozenset({12}), F.fig12), (frozenset({13}), F.fig13)]
-ALL = frozenset(range(1, 14))
+    (frozenset({12}), F.fig12), (frozenset({13}), F.fig13), (frozenset({14}), F.fig14)]
+ALL = frozenset(range(1, 15))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

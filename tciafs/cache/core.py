@@ -29,6 +29,7 @@ from .contents import Contents, Holds
 from .fetch import Fetcher
 from .index import Index
 from .model import CacheStats, Entry
+from .parallel import Connections
 from .prefetch import Prefetcher
 from .space import Space
 from .store import Store
@@ -45,6 +46,7 @@ class Cache:
     def __init__(self, root: Path, max_bytes: int, client: Source | None = None, *,
                  prefetch: bool = True, series_parallel: int = 4,
                  hedge_delay: float = 0.5, attempts: int = 3,
+                 connections: Connections | None = None,
                  still_starting: Callable[[], None] | None = None,
                  whole_limit: int = WHOLE_LIMIT) -> None:
         """`still_starting` is called now and then while a long start-up (rebuilding a
@@ -71,7 +73,7 @@ class Cache:
         self.fetcher = Fetcher(client, attempts, self.store, self.space, self.index,
                                self.contents, self.stats)
         self.prefetcher = Prefetcher(self.fetcher, self.index, self.contents, self.holds,
-                                     self.stats, self._drop, series_parallel)
+                                     self.stats, self._drop, series_parallel, connections)
         self._touched: dict[str, float] = {}  # files opened since the last save → when
         self._unsaved_opens = 0
         self._reconcile(rows)

@@ -11,7 +11,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -58,6 +58,11 @@ class Fetcher:
         self.revised: set[str] = set()
         # Told of each file published whole: parts of it kept as blocks go (blocks.py).
         self.on_whole: Callable[[str], None] | None = None
+
+    @property
+    def fetching(self) -> Mapping[str, trio.Event]:
+        """The files being downloaded now, alone: a series fetch leaves them to that."""
+        return self._fetching
 
     def series_revised(self, series: str) -> None:
         """Downloads of the series under way now bring the old bytes; the MD5s its list

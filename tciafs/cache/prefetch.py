@@ -2,7 +2,8 @@
 the service's MD5 list, and the file-by-file fallback when every ZIP comes cut short.
 
 Each series has at most one task (`tasks`), and `series_parallel` of them fetch at once
-(docs/design/cache.md, "Concurrency").
+(docs/design/cache.md, "Concurrency"). A series may use a few connections at once, within
+the caps of `Connections` (cache/parallel.py, docs/connections.md).
 """
 
 from __future__ import annotations
@@ -12,26 +13,28 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from tciafs.sources.base import ClientError, TruncatedStream
+from tciafs.sources.base import ClientError, SeriesStream, TruncatedStream
 
 from .contents import Contents, Holds
 from .failures import may_pass
 from .fetch import Fetcher
 from .index import Index
 from .model import BadCopy, CacheDiskError, CacheFull, CacheStats, FetchFailed, IntegrityError
+from .parallel import LOOK_EVERY, Connections, Singles, ZipProgress
 from .store import HEAD_BYTES, sop_in_head
 
 log = logging.getLogger("tciafs.cache")
 
 RESUME_SHARE = 4  # a confirmed series lacking at most 1/4 of its files gets singles
-RESUME_PARALLEL = 4  # singles of one series fetched at once
 REFETCH_IN_A_ROW = 3  # MD5 mismatches fetched again in a row that fail it again: stop
 
 
 class Prefetcher:
     def __init__(self, fetcher: Fetcher, index: Index, contents: Contents, holds: Holds,
-                 stats: CacheStats, drop: Callable[[str], None], series_parallel: int) -> None:
-        """`drop` takes a cached file out of the cache: one the MD5 list refuses."""
+                 stats: CacheStats, drop: Callable[[str], None], series_parallel: int,
+                 connections: Connections | None = None) -> None:
+        """`drop` takes a cached file out of the cache: one the MD5 list refuses.
+        `connections`: the caps on connections per series and per mount."""
         self.fetcher = fetcher
         self.index = index
         self.contents = contents
@@ -40,6 +43,8 @@ class Prefetcher:
         self.drop = drop
         self.tasks: dict[str, trio.Event] = {}  # series → set when its fetch ends
         self.limiter = trio.CapacityLimiter(series_parallel)
+        self.connections = connections or Connections(4, 8)
+        self.singles: dict[str, Singles] = {}  # series → its singles beside the ZIP now
         self._nursery: trio.Nursery | None = None
         self.in_flight: dict[str, list[int]] = {}  # series → [bytes so far, instances so far]
         self.failed: dict[str, str] = {}  # series → why its last fetch failed
@@ -50,6 +55,9 @@ class Prefetcher:
         # The SOP Instance UIDs a series lists, or None when it is not known: a series
         # already partly cached then fetches only the files it lacks.
         self.instances_of: Callable[[str], Awaitable[list[str] | None]] | None = None
+        # The same, only when known without a request: single images beside a ZIP go the
+        # way its readers go, and never cost a listing of their own.
+        self.held_instances_of: Callable[[str], list[str] | None] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Host the background series fetches; runs until cancelled."""
@@ -116,7 +124,7 @@ class Prefetcher:
 
     def _streams_series(self) -> bool:
         """Whether the source sends a whole series as one stream; else its files come one
-        by one, RESUME_PARALLEL at once."""
+        by one, as many at once as the caps allow."""
         source = self.fetcher.source
         return source is not None and source.capabilities.series_streams
 
@@ -164,25 +172,30 @@ class Prefetcher:
         progress = self.in_flight[series] = [0, 0]
         revision = self.fetcher.revision[series]
         names: dict[str, tuple[str, str]] = {}  # entry name → (sop, md5)
-        partly_cached = self.contents.series_files[series] > 0
         fresh = fresh or series in self.fetcher.revised
-        # Each file is hashed as stored, when it is published: not by the ZIP reader.
-        async with source.open_series(collection, series, hash_entries=False,
-                                      fresh=fresh) as stream:
-            async for member in stream.members():
-                blocks = member.chunks()
-                head = await _head_of(blocks) if partly_cached else []
-                known = self._cached_copy(head)
-                if known is None:
-                    known = await self._store(collection, series, revision, head, blocks,
-                                              progress)
-                else:  # cached already: not written again, but its CRC is still checked
-                    progress[0] += sum(map(len, head))
-                    async for block in blocks:
-                        progress[0] += len(block)
-                names[member.name] = known
-                progress[1] += 1
-            expected = stream.md5s
+        zip_progress = ZipProgress()
+        failed: list[BaseException] = []
+        async with trio.open_nursery() as nursery:
+            if self.connections.per_series > 1:
+                nursery.start_soon(self._singles, collection, series, zip_progress)
+            try:
+                # Each file is hashed as stored, when it is published: not by the ZIP
+                # reader.
+                async with self.connections.mount, source.open_series(
+                        collection, series, hash_entries=False, fresh=fresh) as stream:
+                    await self._read_zip(stream, collection, series, revision, names,
+                                         progress, zip_progress)
+                    expected = stream.md5s
+            except BaseException as exc:  # raised below as itself, not in a group
+                failed.append(exc)
+            finally:
+                zip_progress.finish()
+            if not failed:
+                # The ZIP brought every file, those of singles still under way too: they
+                # would only hold up its MD5 list.
+                nursery.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
         self.fetcher.check_revision(series, revision)  # the list may be of the new bytes
         self.stats.series_fetches += 1
         if fresh:
@@ -202,6 +215,58 @@ class Prefetcher:
                               "copy of its ZIP fail the MD5 list")
             await self._fetch_again(collection, series, bad)
         self._complete_if_kept(series, collection, listed or received)
+
+    async def _read_zip(self, stream: SeriesStream, collection: str, series: str,
+                        revision: int, names: dict[str, tuple[str, str]],
+                        progress: list[int], zip_progress: ZipProgress) -> None:
+        """Store each entry of the ZIP that the cache lacks.
+
+        An entry whose single is under way is stored all the same: its bytes come with
+        the ZIP anyway, and should that single fail (damaged at the source), the ZIP's
+        copy is the one kept. Whichever is published first is served.
+        """
+        # The head tells which file an entry is before it is written: needed to skip one
+        # the cache holds, and to keep the singles off the one being written.
+        partly_cached = self.contents.series_files[series] > 0
+        async for member in stream.members():
+            blocks = member.chunks()
+            look = partly_cached or zip_progress.look
+            head = await _head_of(blocks) if look else []
+            sop = sop_in_head(head) if head else None  # None: header longer than the head
+            known = self._cached_copy(sop)
+            if known is None:
+                if sop is not None:
+                    zip_progress.writing.add(sop)
+                try:
+                    known = await self._store(collection, series, revision, head, blocks,
+                                              progress)
+                finally:
+                    zip_progress.writing.discard(sop or "")
+            else:  # not written again, but its CRC is still checked
+                progress[0] += sum(map(len, head))
+                async for block in blocks:
+                    progress[0] += len(block)
+            names[member.name] = known
+            progress[1] += 1
+            zip_progress.files += 1
+
+    async def _singles(self, collection: str, series: str, zip_progress: ZipProgress) -> None:
+        """Single images beside the series' ZIP (cache/parallel.py)."""
+        source = self.fetcher.source
+        if source is None or not source.capabilities.instance_checksums:
+            return  # a single could not be checked before a reader sees it
+        while not zip_progress.long_enough():
+            await zip_progress.pause(LOOK_EVERY)
+        listed = self.held_instances_of(series) if self.held_instances_of else None
+        if not listed or zip_progress.done:
+            return
+        singles = self.singles[series] = Singles(self.fetcher, self.contents,
+                                                 self.connections, collection, series,
+                                                 listed, zip_progress)
+        try:
+            await singles.run()
+        finally:
+            self.singles.pop(series, None)
 
     async def _closed_early(self, series: str, checksums: bool,
                             names: dict[str, tuple[str, str]], expected: dict[str, str]
@@ -240,10 +305,9 @@ class Prefetcher:
                 progress[0] += len(block)
             return await self.fetcher.publish(tmp, collection, series, revision)
 
-    def _cached_copy(self, head: list[bytes]) -> tuple[str, str] | None:
-        """The SOP UID and stored MD5 of the instance whose file starts with `head`, when
-        the cache holds it already: the ZIP's copy need not be written again."""
-        sop = sop_in_head(head) if head else None  # None: the header is longer than the head
+    def _cached_copy(self, sop: str | None) -> tuple[str, str] | None:
+        """The SOP UID and stored MD5 of the instance, when the cache holds it already:
+        the ZIP's copy need not be written again."""
         if sop is None or sop not in self.contents.files or sop in self.contents.stale:
             return None
         md5 = self.index.md5(sop)
@@ -314,9 +378,13 @@ class Prefetcher:
                 progress[0] += self.contents.sizes.get(sop, 0)
                 progress[1] += 1
 
+        async def capped_worker(scope: trio.CancelScope) -> None:
+            async with self.connections.mount:  # each worker holds one of the mount's
+                await worker(scope)
+
         async with trio.open_nursery() as nursery:
-            for _ in range(min(RESUME_PARALLEL, len(missing))):
-                nursery.start_soon(worker, nursery.cancel_scope)
+            for _ in range(min(self.connections.per_series, len(missing))):
+                nursery.start_soon(capped_worker, nursery.cancel_scope)
         if fatal:
             raise fatal[0]
         if failed:

@@ -294,6 +294,22 @@ class Stats:
         self._lock = threading.Lock()
         self._servers: dict[str, _Counts] = {}
         self._since = time.time()
+        # Requests being answered now, over every server, and the most there ever were:
+        # what a client's connection caps must keep low.
+        self._active: Counter[str] = Counter()
+        self._peak: Counter[str] = Counter()
+        self._peak_total = 0
+
+    def begin(self, name: str) -> None:
+        """A request (by bare endpoint name) is being answered from now."""
+        with self._lock:
+            self._active[name] += 1
+            self._peak[name] = max(self._peak[name], self._active[name])
+            self._peak_total = max(self._peak_total, self._active.total())
+
+    def end(self, name: str) -> None:
+        with self._lock:
+            self._active[name] -= 1
 
     def _counts(self, server: str) -> _Counts:
         return self._servers.setdefault(server, _Counts())
@@ -325,6 +341,8 @@ class Stats:
         with self._lock:
             self._servers = {name: _Counts() for name in self._servers}
             self._since = time.time()
+            self._peak = Counter(+self._active)
+            self._peak_total = self._active.total()
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
@@ -337,4 +355,6 @@ class Stats:
                 total.status.update(counts.status)
                 total.faults.update(counts.faults)
             return {"since": self._since, **total.to_json(),
+                    "peak_concurrent": self._peak_total,
+                    "peak_concurrent_requests": dict(self._peak),
                     "servers": {name: c.to_json() for name, c in self._servers.items()}}

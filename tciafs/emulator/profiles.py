@@ -383,8 +383,9 @@ def bench() -> Profile:
                       series=(ct(2000, "Axial 0.5mm", 2, 0.5),)),
         )),
     )
+    # Every series in a bucket as well, for the IDC figure's copies (scripts/bench).
     return Profile("bench", seed=50, on_disk=False,
-                   collections=(CollectionSpec(facts, patients),))
+                   collections=(CollectionSpec(facts, patients),), idc=IdcSpec())
 
 
 # ---------------------------------------------------------------------------------------

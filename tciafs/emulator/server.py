@@ -259,11 +259,12 @@ class Handler(BaseHTTPRequestHandler):
             return
         target = service.route(ctx, req)
         ctx.stats.request(ctx.host, target.name, target.qualified)
+        ctx.stats.begin(target.name)
         plan = ctx.faults.plan([target.name, target.qualified])
-        if plan.latency > 0:
-            time.sleep(plan.latency)
         content = CONTENT_FAULTS.set(ContentFaults(plan))  # bodies are made as they are sent
         try:
+            if plan.latency > 0:
+                time.sleep(plan.latency)
             if plan.status is not None:
                 ctx.stats.fault(ctx.host, str(plan.status))
                 reply = service.fault_reply(plan) or fault_reply(plan)
@@ -272,6 +273,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(reply, plan)
         finally:
             CONTENT_FAULTS.reset(content)
+            ctx.stats.end(target.name)
 
     def _run(self, target: Route) -> Reply:
         try:
