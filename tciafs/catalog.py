@@ -87,6 +87,10 @@ CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS nodes_uid ON nodes(ident) WHERE kind IN ({_UID_KINDS});
 CREATE INDEX IF NOT EXISTS series_by_collection ON nodes(collection)
     WHERE kind = {int(Kind.SERIES)};
+-- A directory's entries in readdir order (by inode): readdir and the look ahead page
+-- through a listing of 10^5 entries without reading all of it (UNIQUE(parent, name)
+-- orders by name, which would make each page sort the whole listing).
+CREATE INDEX IF NOT EXISTS nodes_by_parent ON nodes(parent);
 CREATE TABLE IF NOT EXISTS withdrawn(
     series_uid TEXT PRIMARY KEY,
     meta TEXT NOT NULL,
@@ -237,6 +241,30 @@ class Catalog:
             (parent, ino, ROOT_INODE, limit))
         return [_node(r) for r in rows]
 
+    def child(self, parent: int, name: str) -> Node | None:
+        """The entry `name` of `parent`, by the (parent, name) index: a lookup reads one
+        row, never the listing."""
+        row = self.db.execute(_SELECT_NODES + "WHERE parent=? AND name=? AND ino != ?",
+                              (parent, name, ROOT_INODE)).fetchone()
+        return _node(row) if row else None
+
+    def names_after(self, parent: int, name: str, limit: int) -> list[Node]:
+        """Up to `limit` children of `parent` whose names follow `name`, in name order
+        (the order `ls` shows), by the (parent, name) index."""
+        rows = self.db.execute(
+            _SELECT_NODES + "WHERE parent=? AND name > ? AND ino != ? ORDER BY name LIMIT ?",
+            (parent, name, ROOT_INODE, limit))
+        return [_node(r) for r in rows]
+
+    def outline_after(self, parent: int, ino: int, limit: int
+                      ) -> list[tuple[int, Kind, float | None]]:
+        """(inode, kind, listed) of up to `limit` children after `ino` in readdir order:
+        what the look ahead needs, without parsing each entry's metadata."""
+        rows = self.db.execute(
+            "SELECT ino, kind, listed FROM nodes WHERE parent=? AND ino > ? AND ino != ? "
+            "ORDER BY ino LIMIT ?", (parent, ino, ROOT_INODE, limit))
+        return [(i, Kind(k), listed) for i, k, listed in rows]
+
     def replace_children(self, parent: int, children: Sequence[NewChild],
                          listed: float | None = None) -> None:
         """Make `children` the listing of `parent`, keeping the inodes of names that stay."""
@@ -244,8 +272,23 @@ class Catalog:
         with transaction(self.db):
             old = dict(self.db.execute(
                 "SELECT name, ino FROM nodes WHERE parent=? AND ino != ?", (parent, ROOT_INODE)))
+            fresh, kept = [], []
             for child in children:
-                self._upsert(parent, child, old.pop(child.name, None))
+                ino = old.pop(child.name, None)
+                if ino is None:
+                    fresh.append(child)
+                else:
+                    kept.append((int(child.kind), child.ident, child.collection,
+                                 child.series_uid, _meta_text(child.meta), ino))
+            self.db.executemany("UPDATE nodes SET kind=?, ident=?, collection=?, "
+                                "series_uid=?, meta=? WHERE ino=?", kept)
+            # One statement for the new entries: a first listing inserts them all, and a
+            # cold walk lists 10^4 directories.
+            self.db.executemany(
+                "INSERT INTO nodes(parent, name, kind, ident, collection, series_uid, meta) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(parent, c.name, int(c.kind), c.ident, c.collection, c.series_uid,
+                  _meta_text(c.meta)) for c in fresh])
             for ino in old.values():
                 self._delete_subtree(ino)
             self.db.execute("UPDATE nodes SET listed=? WHERE ino=?", (listed, parent))
@@ -328,21 +371,6 @@ class Catalog:
         all of it, which for a catalog of millions takes seconds from a cold disk."""
         return self.db.execute("SELECT max(ino) FROM nodes").fetchone()[0] or 0
 
-    def _upsert(self, parent: int, child: NewChild, ino: int | None) -> int:
-        meta = json.dumps(child.meta, separators=(",", ":"), default=str)
-        if ino is None:
-            cur = self.db.execute(
-                "INSERT INTO nodes(parent, name, kind, ident, collection, series_uid, meta) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (parent, child.name, int(child.kind), child.ident, child.collection,
-                 child.series_uid, meta))
-            assert cur.lastrowid is not None  # set by every INSERT
-            return cur.lastrowid
-        self.db.execute(
-            "UPDATE nodes SET kind=?, ident=?, collection=?, series_uid=?, meta=? WHERE ino=?",
-            (int(child.kind), child.ident, child.collection, child.series_uid, meta, ino))
-        return ino
-
     def _delete_subtree(self, ino: int) -> None:
         self.db.execute(
             "WITH RECURSIVE sub(i) AS (SELECT ? UNION ALL "
@@ -354,7 +382,11 @@ _SELECT_NODES = ("SELECT ino, parent, name, kind, ident, collection, series_uid,
                  "FROM nodes ")
 
 
+def _meta_text(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, separators=(",", ":"), default=str) if meta else "{}"
+
+
 def _node(row: tuple) -> Node:
     ino, parent, name, kind, ident, collection, series_uid, meta, listed = row
     return Node(ino, parent, name, Kind(kind), ident, collection, series_uid,
-                json.loads(meta), listed)
+                json.loads(meta) if meta != "{}" else {}, listed)
