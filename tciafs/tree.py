@@ -119,9 +119,14 @@ class Tree:
 
     # -- reading -------------------------------------------------------------------------
 
-    def service_down(self) -> None:
-        """Serve stored listings without asking the service, for DOWN_PAUSE seconds."""
-        self._down_until = trio.current_time() + DOWN_PAUSE
+    def service_down(self, pause: float | None = DOWN_PAUSE) -> None:
+        """Serve stored listings without asking the service, for `pause` seconds (None:
+        until service_up)."""
+        self._down_until = math.inf if pause is None else trio.current_time() + pause
+
+    def service_up(self) -> None:
+        """The service answers: stale listings are fetched again as they are read."""
+        self._down_until = -math.inf
 
     def node(self, ino: int) -> Node | None:
         node = self._nodes.get(ino)
