@@ -32,7 +32,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from tciafs import controlproto, sidecars, xattrs
+from tciafs import controlproto, names, sidecars, xattrs
 from tciafs.cache import Cache, CacheDiskError, CacheFull, Entry, FetchFailed
 from tciafs.catalog import ROOT_INODE, Kind, Node, is_damaged
 from tciafs.control import Control, TargetError
@@ -41,7 +41,7 @@ from tciafs.inodes import KernelInodes
 from tciafs.pagecache import PageFeeder
 from tciafs.readahead import ReadAhead
 from tciafs.sources.base import ClientError, NotFound
-from tciafs.tree import ListingUnavailable, Tree
+from tciafs.tree import INSTANCE_SUFFIX, ListingUnavailable, Tree
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +164,27 @@ class Operations(pyfuse3.Operations):
     async def size_settled(self, node: Node) -> None:
         """The instance's bytes are here: if the kernel keeps the size it was told before
         they were (0), have it drop that, before any read relies on it."""
-        if self.lookups.take_provisional(node.ino) and self.mounted:
-            try:  # from a worker thread, as pagecache.invalidate does
-                await trio.to_thread.run_sync(
-                    functools.partial(pyfuse3.invalidate_inode, node.ino, attr_only=True))
+        self._settle(node.ino)
+
+    def size_known(self, sop: str, series_uid: str) -> None:
+        """The cache holds an instance now (a prefetch, a fetch): a size the kernel keeps
+        for it from before is dropped, so that `stat` shows the size at once."""
+        if not self.lookups.provisional:  # nearly always: no lookup in the catalog
+            return
+        series = self.tree.catalog.find_uid(series_uid)
+        if series is not None:
+            child = self.tree.catalog.child(series.ino, names.encode(sop, INSTANCE_SUFFIX))
+            if child is not None:
+                self._settle(child.ino)
+
+    def _settle(self, ino: int) -> None:
+        if self.lookups.take_provisional(ino) and self.mounted:
+            # Attributes only: no page is locked, so the kernel answers at once, and the
+            # loop may ask it directly (pages are invalidated from a worker thread).
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=True)
             except OSError as exc:  # ENOENT: the kernel forgot the inode meanwhile
-                log.debug("invalidating the attributes of inode %d: %s", node.ino, exc)
+                log.debug("invalidating the attributes of inode %d: %s", ino, exc)
 
     # -- attributes ----------------------------------------------------------------------
 

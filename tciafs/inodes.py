@@ -19,6 +19,7 @@ class KernelInodes:
         self._bytes = bytearray()
         self._overflow: dict[int, int] = {}  # counts of 127 and more, and large inodes
         self._sparse_flags: set[int] = set()  # the flag of large inodes
+        self.provisional = 0  # inodes flagged now: none, and nothing need be looked up
 
     def __getitem__(self, ino: int) -> int:
         """How many lookups of `ino` the kernel has not forgotten."""
@@ -45,21 +46,26 @@ class KernelInodes:
     def mark_provisional(self, ino: int) -> None:
         """The kernel was told a size that may change (an instance not fetched yet)."""
         if ino >= _DENSE_LIMIT:
+            self.provisional += ino not in self._sparse_flags
             self._sparse_flags.add(ino)
             return
         self._grow(ino)
-        self._bytes[ino] |= _PROVISIONAL
+        if not self._bytes[ino] & _PROVISIONAL:
+            self.provisional += 1
+            self._bytes[ino] |= _PROVISIONAL
 
     def take_provisional(self, ino: int) -> bool:
         """Whether the kernel may cache a size told before it was known; cleared."""
         if ino >= _DENSE_LIMIT:
             if ino in self._sparse_flags:
                 self._sparse_flags.discard(ino)
+                self.provisional -= 1
                 return True
             return False
         if ino >= len(self._bytes) or not self._bytes[ino] & _PROVISIONAL:
             return False
         self._bytes[ino] &= _COUNT
+        self.provisional -= 1
         return True
 
     def _set(self, ino: int, count: int) -> None:

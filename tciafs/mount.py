@@ -378,6 +378,7 @@ def assemble(client: Source, tree: Tree, cache: Cache, *, control: Control | Non
     # as wrong must leave the kernel's page cache too.
     cache.instances_of = tree.instance_uids
     cache.on_refused = pages.refused
+    cache.contents.on_added = ops.size_known  # sizes the kernel kept as 0 are dropped
     tree.on_series_revised = revisions.series_revised
     tree.on_series_withdrawn = revisions.series_withdrawn
     return Parts(client, tree, cache, pages, ops, control)

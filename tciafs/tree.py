@@ -13,9 +13,14 @@ Listings per directory, by level (NBIA's endpoints in brackets):
   once instead;
 - series: the instances (getSOPInstanceUIDs).
 
-A traversal (find, ls -R, du, rsync) reads one series directory after another and would
-wait out one round trip for each: once it reads one, the listings of the next few series
-in its order are fetched alongside (`list_ahead`).
+Listings live in the catalog, not in memory: a lookup reads one row, readdir a page,
+and only the few nodes in use are held (NODES_HELD), so a walk of 10^7 entries takes no
+more memory than a walk of ten (docs/design/metadata.md).
+
+A traversal (find, ls -R, du, rsync) reads one directory after another and would wait
+out one round trip for each: once it reads one, the next directories a depth-first walk
+reads that are not listed yet (collections, patients, series) are listed alongside, a
+few at a time (`list_ahead`).
 """
 
 from __future__ import annotations
@@ -103,7 +108,7 @@ class Tree:
         self._nursery: trio.Nursery | None = None
         self._ahead: set[int] = set()  # series whose listing is fetched ahead now
         self.listed_ahead = 0  # listings fetched ahead of a traversal, for status
-        self._last_read: tuple[int, float] | None = None  # series read last, and when
+        self._last_read: tuple[int, Kind, float] | None = None  # directory read last
         # Fewer than the source's connections: a reader's own requests must not queue
         # behind guesses (0: none fetched ahead).
         self._ahead_limiter = trio.CapacityLimiter(ahead_at_once) if ahead_at_once else None
@@ -173,12 +178,15 @@ class Tree:
     def list_ahead(self, directory: Node) -> None:
         """A directory is read from its start: if a traversal reads it, fetch in the
         background, a few at a time, the listings it reads next: depth first, the
-        collections, patients and series after this one that are not listed yet (a
+        patients and series after this one in its collection that are not listed yet (a
         patient's listing brings its studies and series)."""
         now, last = trio.current_time(), self._last_read
-        self._last_read = (directory.ino, now)
+        self._last_read = (directory.ino, directory.kind, now)
+        # Two directories of one level in a row make a traversal: a path walked down to
+        # one series, then that series read, does not.
         if (self._nursery is None or self._ahead_limiter is None or last is None
-                or last[0] == directory.ino or now - last[1] > TRAVERSAL_GAP
+                or last[0] == directory.ino or last[1] is not directory.kind
+                or now - last[2] > TRAVERSAL_GAP
                 or now < self._down_until
                 # A walk over stored listings: nothing to fetch, and no scan for it.
                 or now - self._last_fetch > TRAVERSAL_GAP):
@@ -214,7 +222,10 @@ class Tree:
         budget = [SCAN_BUDGET]
         if node.kind is not Kind.SERIES:
             self._scan(node.ino, 0, count, found, budget)
-        while node.ino != ROOT_INODE and len(found) < count and budget[0] > 0:
+        # Within the collection: the next one costs its walk one round trip, and a
+        # guess across collections would list what `ls -R` of one never reads.
+        while (node.kind not in (Kind.ROOT, Kind.COLLECTION) and len(found) < count
+               and budget[0] > 0):
             self._scan(node.parent, node.ino, count, found, budget)
             parent = self.node(node.parent)
             if parent is None:
