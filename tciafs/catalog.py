@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from tciafs.sources.base import Series, plain, series_from_plain
 from tciafs.sqlitedb import is_damaged, open_db, set_aside, transaction
 
@@ -25,6 +27,12 @@ log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 SCHEMA_VERSION = 2
+# A cold walk stores 10^4 listings: checkpoints every 100 pages, each with an fsync on
+# the event loop, took a fifth of its time. A mount checkpoints from a worker thread
+# instead (run_checkpoints); the WAL checkpoints itself only past this many pages.
+AUTOCHECKPOINT_PAGES = 1000
+CHECKPOINT_EVERY = 1.0  # seconds
+CHECKPOINT_FROM = 64 << 10  # bytes of WAL worth a checkpoint
 
 
 class Kind(enum.IntEnum):
@@ -172,6 +180,7 @@ class Catalog:
         # Damage found later (a catalog of millions of rows is not read through here)
         # fails the listing that meets it, as an I/O error.
         self.db = open_db(self.path)
+        self._checkpointer: sqlite3.Connection | None = None
         try:
             self._migrate()
             self.db.executescript(_SCHEMA)
@@ -202,7 +211,35 @@ class Catalog:
                         (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self.db.close()
+
+    async def run_checkpoints(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED
+                              ) -> None:
+        """Move the WAL into the database from a worker thread, every CHECKPOINT_EVERY
+        seconds while it grows; runs until cancelled."""
+        self.db.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+        wal = self.path.with_name(self.path.name + "-wal")
+        task_status.started()
+        while True:
+            await trio.sleep(CHECKPOINT_EVERY)
+            try:
+                grown = wal.stat().st_size >= CHECKPOINT_FROM
+            except FileNotFoundError:
+                continue
+            if grown:
+                await trio.to_thread.run_sync(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        # A connection of its own: PASSIVE waits for no reader or writer of the loop's.
+        try:
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(self.path, isolation_level=None,
+                                                     check_same_thread=False)
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # the next one, or the WAL's own, will do it
+            log.debug("checkpoint of %s: %s", self.path, exc)
 
     def has_listings(self) -> bool:
         """Whether the root was ever listed: then there is a tree to serve offline."""

@@ -151,6 +151,7 @@ class Operations(pyfuse3.Operations):
         self.gid = os.getgid()
         self.lookups = KernelInodes()
         self.mounted = False  # set by init(): the kernel can be told of changes
+        self._last_stamp: tuple[Node | None, int] = (None, 0)  # a directory, its files' times
         self._files: dict[int, OpenFile] = {}
         self._next_fh = 1
 
@@ -198,8 +199,7 @@ class Operations(pyfuse3.Operations):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.ino
         attr.st_uid, attr.st_gid = self.uid, self.gid
-        dated = node if node.kind.is_dir else self.tree.node(node.parent) or node
-        stamp = int(_node_time(dated) * 1e9)
+        stamp = self._stamp(node)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = stamp
         attr.entry_timeout = KNOWN_TTL
         if node.kind.is_dir:
@@ -225,6 +225,15 @@ class Operations(pyfuse3.Operations):
         else:
             attr.attr_timeout = KNOWN_TTL
         return attr
+
+    def _stamp(self, node: Node) -> int:
+        """A file's times are its series'; a listing's files share it, worked out once."""
+        if node.kind.is_dir:
+            return int(_node_time(node) * 1e9)
+        dated = self.tree.node(node.parent) or node
+        if self._last_stamp[0] is not dated:  # the node is read anew when listed again
+            self._last_stamp = (dated, int(_node_time(dated) * 1e9))
+        return self._last_stamp[1]
 
     def _node(self, ino: int) -> Node:
         node = self.tree.node(ino)

@@ -364,6 +364,7 @@ class Parts:
                 await nursery.start(controlserver.serve, self.ops, self.control_address)
         await nursery.start(self.pages.run)
         await nursery.start(self.tree.run)
+        await nursery.start(self.tree.catalog.run_checkpoints)
         await nursery.start(self.client.run)
 
 

@@ -256,13 +256,15 @@ class Tree:
         node = self.node(ino)
         if node is None or not node.kind.is_dir:
             raise NotADirectoryError(ino)
-        while not self._servable(node):
-            pending = self._inflight.get(ino)
-            if pending is None:
-                return await self._load_once(node)
+        if self._servable(node):
+            return node
+        while (pending := self._inflight.get(ino)) is not None:
             await pending.wait()
             node = self.node(ino) or node
-        return node
+            if self._servable(node):
+                return node
+        # One attempt of our own: what it stored is served, whatever it was.
+        return await self._load_once(node)
 
     async def _load_once(self, node: Node) -> Node:
         done = self._inflight[node.ino] = trio.Event()
