@@ -47,8 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=None, metavar="N",
                    help="repetitions per figure, median kept (default 3, 2 with --quick; "
                         "figures 7 and 8 do one fewer)")
-    p.add_argument("--only", type=_numbers, default=ALL, metavar="LIST",
-                   help="comma-separated figure numbers, e.g. 1,4 (default: all)")
+    p.add_argument("--only", type=_numbers, default=None, metavar="LIST",
+                   help="comma-separated figure numbers, e.g. 1,4 (default: all; 12-14 "
+                        "need --scale)")
     p.add_argument("--nodes", type=int, default=4, metavar="N",
                    help="nodes copying at once in figure 11 (default 4)")
     p.add_argument("--scale", action="store_true",
@@ -62,8 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.scale and args.quick:
         p.error("--scale is kept out of --quick runs")
-    if args.scale:
-        args.only = args.only | SCALE
+    if args.only is None:
+        args.only = ALL | (SCALE if args.scale else frozenset())
+    elif args.only & SCALE and not args.scale:
+        p.error("figures 12-14 are measured with --scale")
     if args.repeat is None:
         args.repeat = 2 if args.quick else 3
     if args.repeat < 1:
@@ -134,7 +137,7 @@ def run_all(args: argparse.Namespace, shaping: Shaping, results: Path, work: Pat
             for numbers, runner in RUNNERS:
                 if numbers & args.only:
                     run_figure(ctx, numbers, runner)
-            if args.scale:
+            if args.only & SCALE:
                 run_figure(ctx, SCALE, lambda c: fig_scale.fig_scale(
                     c, args.scale_profile, args.scale_ls_profile or args.scale_profile))
     except Exception as exc:  # the emulator or the discovery failed: nothing measured
