@@ -19,8 +19,8 @@ more memory than a walk of ten (docs/design/metadata.md).
 
 A traversal (find, ls -R, du, rsync) reads one directory after another and would wait
 out one round trip for each: once it reads one, the next directories a depth-first walk
-reads that are not listed yet (collections, patients, series) are listed alongside, a
-few at a time (`list_ahead`).
+reads that are not listed yet (patients, series, within its collection) are listed
+alongside, a few at a time (`list_ahead`).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ DOWN_PAUSE = 60.0
 LIST_AHEAD = 16  # listings fetched ahead of a traversal
 SCAN_BUDGET = 256  # stored entries looked at to find them
 NODES_HELD = 2048  # nodes kept in memory; any other is read from the catalog
-# Two different series read within this many seconds make a traversal; one series read
-# alone (`ls` of it, then a file opened) fetches nothing ahead.
+# Two different directories of one level read within this many seconds make a
+# traversal; one series read alone (`ls` of it, then a file opened) fetches nothing ahead.
 TRAVERSAL_GAP = 5.0
 
 
@@ -106,7 +106,7 @@ class Tree:
         self._withdrawn: list[str] = []
         self._back: list[str] = []
         self._nursery: trio.Nursery | None = None
-        self._ahead: set[int] = set()  # series whose listing is fetched ahead now
+        self._ahead: set[int] = set()  # directories whose listing is fetched ahead now
         self.listed_ahead = 0  # listings fetched ahead of a traversal, for status
         self._last_read: tuple[int, Kind, float] | None = None  # directory read last
         # Fewer than the source's connections: a reader's own requests must not queue
