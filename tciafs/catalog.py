@@ -29,9 +29,11 @@ ROOT_INODE = 1
 SCHEMA_VERSION = 2
 # A cold walk stores 10^4 listings: checkpoints every 100 pages, each with an fsync on
 # the event loop, took a fifth of its time. A mount checkpoints from a worker thread
-# instead (run_checkpoints); the WAL checkpoints itself only past this many pages.
-AUTOCHECKPOINT_PAGES = 1000
-CHECKPOINT_EVERY = 1.0  # seconds
+# instead (run_checkpoints), often enough that the WAL, which counts against the cache's
+# bound (cache.space.META_SLACK: 1 MiB), stays small; the WAL checkpoints itself on the
+# loop only past this many pages (800 KiB), should the thread fall behind.
+AUTOCHECKPOINT_PAGES = 200
+CHECKPOINT_EVERY = 0.2  # seconds
 CHECKPOINT_FROM = 64 << 10  # bytes of WAL worth a checkpoint
 
 

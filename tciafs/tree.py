@@ -68,6 +68,16 @@ NODES_HELD = 2048  # nodes kept in memory; any other is read from the catalog
 TRAVERSAL_GAP = 5.0
 
 
+# What a traversal reading directories of one level lists ahead: no deeper level than
+# it reads (a glob down to the studies never reads the series' instances, which would
+# fill the catalog), and patients, whose listing brings the studies and series below.
+_AHEAD_OF: dict[Kind, frozenset[Kind]] = {
+    Kind.SERIES: frozenset({Kind.SERIES, Kind.PATIENT}),
+    Kind.STUDY: frozenset({Kind.PATIENT}),
+    Kind.PATIENT: frozenset({Kind.PATIENT}),
+}
+
+
 class ListingUnavailable(Exception):
     """The server could not be asked and nothing usable is stored."""
 
@@ -191,7 +201,8 @@ class Tree:
                 # A walk over stored listings: nothing to fetch, and no scan for it.
                 or now - self._last_fetch > TRAVERSAL_GAP):
             return
-        for ino in self._unlisted_after(directory, LIST_AHEAD):
+        kinds = _AHEAD_OF.get(directory.kind, frozenset())
+        for ino in self._unlisted_after(directory, LIST_AHEAD, kinds):
             if ino not in self._ahead:
                 self._ahead.add(ino)
                 self._nursery.start_soon(self._fetch_ahead, ino)
@@ -214,19 +225,21 @@ class Tree:
     def _fresh(self, listed: float | None) -> bool:
         return listed is not None and time.time() - listed < self.listing_ttl
 
-    def _unlisted_after(self, node: Node, count: int) -> list[int]:
-        """Up to `count` directories not listed yet that a depth-first walk reads after
-        `node`, from the stored listings; a bounded look (a collection may hold 10^5
-        patients, and a warm one needs none of them)."""
+    def _unlisted_after(self, node: Node, count: int, kinds: frozenset[Kind]) -> list[int]:
+        """Up to `count` directories of `kinds` not listed yet that a depth-first walk
+        reads after `node`, from the stored listings; a bounded look (a collection may
+        hold 10^5 patients, and a warm one needs none of them)."""
         found: list[int] = []
         budget = [SCAN_BUDGET]
+        if not kinds:
+            return found
         if node.kind is not Kind.SERIES:
-            self._scan(node.ino, 0, count, found, budget)
+            self._scan(node.ino, 0, count, found, budget, kinds)
         # Within the collection: the next one costs its walk one round trip, and a
         # guess across collections would list what `ls -R` of one never reads.
         while (node.kind not in (Kind.ROOT, Kind.COLLECTION) and len(found) < count
                and budget[0] > 0):
-            self._scan(node.parent, node.ino, count, found, budget)
+            self._scan(node.parent, node.ino, count, found, budget, kinds)
             parent = self.node(node.parent)
             if parent is None:
                 break
@@ -234,17 +247,17 @@ class Tree:
         return found[:count]
 
     def _scan(self, parent: int, after: int, count: int, found: list[int],
-              budget: list[int]) -> None:
+              budget: list[int], kinds: frozenset[Kind]) -> None:
         for ino, kind, listed in self.catalog.outline_after(parent, after,
                                                             min(budget[0], 4 * count)):
             budget[0] -= 1
             if len(found) >= count or budget[0] <= 0:
                 return
-            if kind is Kind.STUDY or (kind in (Kind.COLLECTION, Kind.PATIENT)
-                                      and self._fresh(listed)):
-                self._scan(ino, 0, count, found, budget)
-            elif kind in (Kind.COLLECTION, Kind.PATIENT, Kind.SERIES) and not self._fresh(listed):
+            if kind in kinds and not self._fresh(listed):
                 found.append(ino)
+            elif Kind.SERIES in kinds and (kind is Kind.STUDY or (
+                    kind is Kind.PATIENT and self._fresh(listed))):
+                self._scan(ino, 0, count, found, budget, kinds)  # down to its series
 
     def _forget_listing(self, ino: int) -> None:
         self._nodes.pop(ino, None)
