@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 FUSE_DEVICE = "/dev/fuse"
 _M_MMAP_THRESHOLD = -3  # mallopt(3) parameter
 _MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
-READY_GRACE = 0.2  # seconds a mount with a stored tree waits for the probe's answer
+READY_GRACE = 0.1  # seconds a mount with a stored tree waits for the probe's answer
 
 
 @dataclass
