@@ -5,10 +5,14 @@ it asks are built and wired together by tciafs.mount; what to fetch before it is
 for is decided in tciafs.readahead and tciafs.pagecache, and what a revised or
 withdrawn series changes, in tciafs.revisions.
 
-Sizes follow one policy: an instance never fetched reports st_size 0 with an attribute
-timeout of 0, so the kernel asks again; open() fetches the bytes, after which getattr,
-fstat, lseek and read all agree on the exact size, which is then kept (and persisted by
-the cache) for good.
+Sizes follow one policy: an instance never fetched reports st_size 0, which the kernel
+may keep for UNKNOWN_TTL (a walk's `stat` of every file is then answered by the kernel);
+open() fetches the bytes and, if the kernel was told size 0, has it drop that before
+the open returns, after which getattr, fstat, lseek and read all agree on the exact
+size, which is then kept (and persisted by the cache) for good.
+
+Listings and nodes are read from the catalog page by page: what the daemon holds in
+memory follows what is in use, not what a walk has seen (docs/design/metadata.md).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import os
 import sqlite3
 import stat
 import time
-from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -29,16 +32,17 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from tciafs import controlproto, sidecars, xattrs
+from tciafs import controlproto, names, sidecars, xattrs
 from tciafs.cache import Cache, CacheDiskError, CacheFull, Entry, FetchFailed
 from tciafs.cache.blocks import HEADERS_AHEAD
 from tciafs.catalog import ROOT_INODE, Kind, Node, is_damaged
 from tciafs.control import Control, TargetError
 from tciafs.controlproto import CONTROL_NAME, STATUS_XATTR
+from tciafs.inodes import KernelInodes
 from tciafs.pagecache import PageFeeder
 from tciafs.readahead import ReadAhead
 from tciafs.sources.base import ClientError, NotFound
-from tciafs.tree import ListingUnavailable, Tree
+from tciafs.tree import INSTANCE_SUFFIX, ListingUnavailable, Tree
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,13 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 KNOWN_TTL = 3600.0
+# How long the kernel may keep the size of an instance not fetched yet (0). An open
+# fetches it and invalidates the kept size (KernelInodes.take_provisional), so no read
+# ever sees it; a `stat` without an open may show 0 this long after a prefetch fetched it.
+UNKNOWN_TTL = 60.0
+READDIR_PAGE = 128  # entries read from the catalog at a time
 CONTROL_INODE = 1 << 62  # far above any SQLite row id the catalog will hand out
+_UNSUPPORTED_XATTRS = (b"security.", b"system.", b"trusted.")  # namespaces this mount has none of
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _FALLBACK_TIME = dt.datetime(2000, 1, 1, tzinfo=dt.UTC).timestamp()
 
@@ -141,13 +151,43 @@ class Operations(pyfuse3.Operations):
         self.open_timeout = open_timeout
         self.uid = os.getuid()
         self.gid = os.getgid()
-        self.lookups: Counter[int] = Counter()
+        self.lookups = KernelInodes()
+        self.mounted = False  # set by init(): the kernel can be told of changes
+        self._last_stamp: tuple[Node | None, int] = (None, 0)  # a directory, its files' times
         self._files: dict[int, OpenFile] = {}
         self._next_fh = 1
 
+    def init(self) -> None:
+        self.mounted = True
+
     def kernel_knows(self, ino: int) -> bool:
         """Whether the kernel holds the inode: looked up, and not forgotten since."""
-        return self.lookups[ino] > 0
+        return ino in self.lookups
+
+    async def size_settled(self, node: Node) -> None:
+        """The instance's bytes are here: if the kernel keeps the size it was told before
+        they were (0), have it drop that, before any read relies on it."""
+        self._settle(node.ino)
+
+    def size_known(self, sop: str, series_uid: str) -> None:
+        """The cache holds an instance now (a prefetch, a fetch): a size the kernel keeps
+        for it from before is dropped, so that `stat` shows the size at once."""
+        if not self.lookups.provisional:  # nearly always: no lookup in the catalog
+            return
+        series = self.tree.catalog.find_uid(series_uid)
+        if series is not None:
+            child = self.tree.catalog.child(series.ino, names.encode(sop, INSTANCE_SUFFIX))
+            if child is not None:
+                self._settle(child.ino)
+
+    def _settle(self, ino: int) -> None:
+        if self.lookups.take_provisional(ino) and self.mounted:
+            # Attributes only: no page is locked, so the kernel answers at once, and the
+            # loop may ask it directly (pages are invalidated from a worker thread).
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=True)
+            except OSError as exc:  # ENOENT: the kernel forgot the inode meanwhile
+                log.debug("invalidating the attributes of inode %d: %s", ino, exc)
 
     # -- attributes ----------------------------------------------------------------------
 
@@ -161,8 +201,7 @@ class Operations(pyfuse3.Operations):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.ino
         attr.st_uid, attr.st_gid = self.uid, self.gid
-        dated = node if node.kind.is_dir else self.tree.node(node.parent) or node
-        stamp = int(_node_time(dated) * 1e9)
+        stamp = self._stamp(node)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = stamp
         attr.entry_timeout = KNOWN_TTL
         if node.kind.is_dir:
@@ -181,9 +220,23 @@ class Operations(pyfuse3.Operations):
         attr.st_blksize = (self.cache.io_size(node.ident, size, 128 * 1024)
                            if node.kind is Kind.INSTANCE else 128 * 1024)
         # Sidecars follow metadata that may still arrive: never let the kernel keep a size.
-        known = size is not None and node.kind is not Kind.SIDECAR
-        attr.attr_timeout = KNOWN_TTL if known else 0
+        if node.kind is Kind.SIDECAR:
+            attr.attr_timeout = 0
+        elif size is None:
+            attr.attr_timeout = UNKNOWN_TTL
+            self.lookups.mark_provisional(node.ino)
+        else:
+            attr.attr_timeout = KNOWN_TTL
         return attr
+
+    def _stamp(self, node: Node) -> int:
+        """A file's times are its series'; a listing's files share it, worked out once."""
+        if node.kind.is_dir:
+            return int(_node_time(node) * 1e9)
+        dated = self.tree.node(node.parent) or node
+        if self._last_stamp[0] is not dated:  # the node is read anew when listed again
+            self._last_stamp = (dated, int(_node_time(dated) * 1e9))
+        return self._last_stamp[1]
 
     def _node(self, ino: int) -> Node:
         node = self.tree.node(ino)
@@ -223,14 +276,12 @@ class Operations(pyfuse3.Operations):
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         attr = await self.attributes_of(node)
-        self.lookups[node.ino] += 1
+        self.lookups.add(node.ino)
         return attr
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
-            self.lookups[ino] -= count
-            if self.lookups[ino] <= 0:
-                del self.lookups[ino]
+            if self.lookups.drop(ino, count):
                 self.pages.forgotten(ino)
 
     # -- directories ---------------------------------------------------------------------
@@ -243,15 +294,18 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        children = await self.tree.children(fh)
-        if start_id == 0 and (node := self.tree.node(fh)) is not None:
-            self.ahead.listed(node)
-        for index in range(start_id, len(children)):
-            child = children[index]
-            if not pyfuse3.readdir_reply(token, os.fsencode(child.name),
-                                         await self.attributes_of(child), index + 1):
-                return
-            self.lookups[child.ino] += 1
+        # Offsets are inodes: a page is read from the catalog after the last one given,
+        # never the whole listing for each of the kernel's calls.
+        if start_id == 0:
+            self.ahead.listed(await self.tree.listed(fh))
+        after = start_id
+        while page := self.tree.children_page(fh, after, READDIR_PAGE):
+            for child in page:
+                if not pyfuse3.readdir_reply(token, os.fsencode(child.name),
+                                             await self.attributes_of(child), child.ino):
+                    return
+                self.lookups.add(child.ino)
+                after = child.ino
 
     # -- files ---------------------------------------------------------------------------
 
@@ -279,6 +333,7 @@ class Operations(pyfuse3.Operations):
                                                  node.ident, self._series_bytes(node))
         try:
             entry = await self._unharmed(entry)
+            await self.size_settled(node)
             await self.pages.opened(node, entry)
         except BaseException:
             self.cache.release(entry)
@@ -368,7 +423,12 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
-        if not name.startswith(xattrs.PREFIXES):  # security.selinux, asked by `ls -l`
+        if name.startswith(_UNSUPPORTED_XATTRS):
+            # security.selinux, asked by `ls -l` of every entry: "not supported" makes ls
+            # stop asking for this mount (where "no such attribute" does not), which
+            # halves the requests of an `ls -l` of 26,410 patients.
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        if not name.startswith(xattrs.PREFIXES):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         value = self._xattrs(inode).get(os.fsdecode(name))
         if value is None:

@@ -24,7 +24,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from tciafs import controlproto, controlserver, credentials, manifest, paths, sources
+from tciafs import controlproto, controlserver, credentials, paths, sources
 from tciafs.cache import Cache
 from tciafs.cache.parallel import Connections
 from tciafs.catalog import Catalog
@@ -33,14 +33,11 @@ from tciafs.defaults import DEFAULT_NLST_SERVER, DEFAULT_SERVER
 from tciafs.fs import Operations
 from tciafs.mounts import MountError, clear_stale_mount, locked_cache_dir
 from tciafs.pagecache import PageFeeder
+from tciafs.probe import ONLINE, ServiceProbe, online_selection, probe, stored_tree
 from tciafs.readahead import ReadAhead
 from tciafs.revisions import Revisions
 from tciafs.sources.base import (
-    AuthError,
-    ClientError,
-    MalformedResponse,
     Series,
-    ServerError,
     Source,
 )
 from tciafs.tree import Tree
@@ -50,6 +47,7 @@ log = logging.getLogger(__name__)
 FUSE_DEVICE = "/dev/fuse"
 _M_MMAP_THRESHOLD = -3  # mallopt(3) parameter
 _MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
+READY_GRACE = 0.1  # seconds a mount with a stored tree waits for the probe's answer
 
 
 @dataclass
@@ -258,26 +256,6 @@ def _source_key(opts: MountOptions) -> str:
     return f"{server}|{opts.layout}|{selection}"
 
 
-async def _selection(client: Source, opts: MountOptions) -> list[Series] | None:
-    """The series a manifest or a shared cart names, or None for the whole archive."""
-    if opts.manifest is not None:
-        try:
-            uids = manifest.read(opts.manifest)
-        except manifest.ManifestError as exc:
-            raise MountError(str(exc)) from None
-        chosen = await manifest.resolve(client, uids)
-        what = f"manifest {opts.manifest}"
-    elif opts.cart is not None:
-        chosen = await client.cart(opts.cart)
-        what = f"shared cart {opts.cart!r}"
-    else:
-        return None
-    if not chosen:
-        raise MountError(f"{what}: none of its series is known to {opts.server}")
-    log.info("%s: %d series", what, len(chosen))
-    return chosen
-
-
 def _client(opts: MountOptions) -> Source:
     if opts.source == "idc":
         return _idc_source(opts)
@@ -312,62 +290,26 @@ def _idc_source(opts: MountOptions) -> Source:
 async def _serve(opts: MountOptions, ready_fd: int | None) -> None:
     client = _client(opts)
     async with client:
-        unreachable = await _probe(client, opts)
         digest = hashlib.sha256(_source_key(opts).encode()).hexdigest()[:12]
         catalog = Catalog(opts.cache_dir / f"catalog-{digest}.sqlite", _source_key(opts))
         try:
-            if unreachable is None:
-                selection = await _online_selection(client, opts, catalog)
-                offline = None
-            else:
-                selection = _offline_selection(catalog, opts, unreachable)
-                offline = (f"offline: cannot reach {opts.server} ({unreachable}); serving the "
-                           "listings and files this cache holds until it answers")
-                log.warning("%s", offline)
-            await _serve_tree(client, catalog, selection, opts, ready_fd, offline)
+            warm, selection = stored_tree(catalog, opts.manifest is not None
+                                          or opts.cart is not None)
+            if warm:  # ready at once; the service is probed meanwhile
+                await _serve_tree(client, catalog, selection, opts, ready_fd, background=True)
+                return
+            unreachable = await probe(client, opts.server)
+            if unreachable is not None:  # nothing stored to serve without it
+                raise MountError(f"cannot reach {opts.server}: {unreachable}")
+            selection = await online_selection(client, opts.manifest, opts.cart, opts.server,
+                                               catalog)
+            await _serve_tree(client, catalog, selection, opts, ready_fd, background=False)
         finally:
             catalog.close()
 
 
-async def _probe(client: Source, opts: MountOptions) -> ClientError | None:
-    """Log in and ask the service for its collections; the error if it cannot be reached
-    or does not answer like NBIA, which a cache that holds listings can live with."""
-    try:
-        await client.start()
-    except AuthError as exc:
-        raise MountError(str(exc)) from exc
-    except (ServerError, MalformedResponse) as exc:
-        return exc
-    except Exception as exc:  # the client's errors carry the one-line reason
-        raise MountError(f"cannot reach {opts.server}: {exc}") from exc
-    return None
-
-
-async def _online_selection(client: Source, opts: MountOptions,
-                            catalog: Catalog) -> list[Series] | None:
-    try:
-        selection = await _selection(client, opts)
-    except ClientError as exc:
-        raise MountError(f"cannot read the selection: {exc}") from exc
-    catalog.save_selection(selection)
-    return selection
-
-
-def _offline_selection(catalog: Catalog, opts: MountOptions,
-                       unreachable: ClientError) -> list[Series] | None:
-    """What a mount without the service can show: a manifest's or cart's series as last
-    resolved, or the whole archive's stored listings; a cache with neither refuses."""
-    if opts.manifest is not None or opts.cart is not None:
-        selection = catalog.stored_selection()
-        if selection is not None:
-            return selection
-    elif catalog.has_listings():
-        return None
-    raise MountError(f"cannot reach {opts.server}: {unreachable}")
-
-
 async def _serve_tree(client: Source, catalog: Catalog, selection: list[Series] | None,
-                      opts: MountOptions, ready_fd: int | None, offline: str | None) -> None:
+                      opts: MountOptions, ready_fd: int | None, *, background: bool) -> None:
     size = opts.cache_size or default_cache_size(opts.cache_dir)
     # Background series leave two of the mount's connections to readers, as ZIPs do.
     connections = Connections(opts.series_connections, max(1, opts.max_connections - 2))
@@ -375,21 +317,36 @@ async def _serve_tree(client: Source, catalog: Catalog, selection: list[Series] 
                   connections=connections,
                   still_starting=lambda: notify_systemd(f"EXTEND_TIMEOUT_USEC={60_000_000}"))
     tree = Tree(client, catalog, listing_ttl=opts.listing_ttl, layout=opts.layout,
-                ahead_at_once=opts.max_connections // 2,
+                ahead_at_once=ahead_at_once(opts.max_connections),
                 selection=selection)
-    if offline is not None:
-        tree.service_down()
     started = time.time()
 
+    async def refresh_selection() -> None:
+        if selection is not None:  # a manifest's or cart's series, resolved again
+            tree.selection = await online_selection(client, opts.manifest, opts.cart,
+                                                    opts.server, catalog)
+
+    service = ServiceProbe(client, opts.server, on_down=tree.service_down,
+                           on_up=tree.service_up, refresh=refresh_selection
+                           ) if background else None
+
     def snapshot() -> dict[str, Any]:
-        return status_document(parts, opts, started, offline)
+        return status_document(parts, opts, started, service)
 
     parts = assemble(client, tree, cache, control=Control(tree, cache), status=snapshot)
     parts.control_address = controlproto.new_address()
+    parts.service = service
     try:
-        await _run_fuse(parts, opts, ready_fd, offline)
+        await _run_fuse(parts, opts, ready_fd)
     finally:
         cache.close()
+
+
+def ahead_at_once(max_connections: int) -> int:
+    """Listings fetched ahead of a walk at once: most of the connections, as a walk's
+    requests are small and a cold walk waits on their round trips; one or two are left
+    for the readers' own requests."""
+    return max(0, max_connections - max(1, max_connections // 4))
 
 
 @dataclass
@@ -404,9 +361,14 @@ class Parts:
     control: Control | None = None
     # Where the commands reach the control (tciafs.controlserver); None: no commands.
     control_address: str | None = None
+    # The service probed in the background while a stored tree is served; None: it
+    # answered before the mount was made.
+    service: ServiceProbe | None = None
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start the parts' background tasks, each once those it relies on run."""
+        if self.service is not None:  # first: stored listings are served as they are
+            await nursery.start(self.service.run)
         await nursery.start(self.cache.run)
         if self.control is not None:
             await nursery.start(self.control.run_jobs)
@@ -414,6 +376,7 @@ class Parts:
                 await nursery.start(controlserver.serve, self.ops, self.control_address)
         await nursery.start(self.pages.run)
         await nursery.start(self.tree.run)
+        await nursery.start(self.tree.catalog.run_checkpoints)
         await nursery.start(self.client.run)
 
 
@@ -429,13 +392,14 @@ def assemble(client: Source, tree: Tree, cache: Cache, *, control: Control | Non
     cache.instances_of = tree.instance_uids
     cache.prefetcher.held_instances_of = tree.held_instance_uids
     cache.on_refused = pages.refused
+    cache.contents.on_added = ops.size_known  # sizes the kernel kept as 0 are dropped
     tree.on_series_revised = revisions.series_revised
     tree.on_series_withdrawn = revisions.series_withdrawn
     return Parts(client, tree, cache, pages, ops, control)
 
 
 def status_document(parts: Parts, opts: MountOptions, started: float,
-                    offline: str | None) -> dict[str, Any]:
+                    service: ServiceProbe | None = None) -> dict[str, Any]:
     """The status document the mount serves, which `tciafs status` shows."""
     client, cache = parts.client, parts.cache
     s = cache.stats
@@ -471,13 +435,13 @@ def status_document(parts: Parts, opts: MountOptions, started: float,
                    catalog_version=getattr(client, "catalog_version", None))
     if parts.control_address is not None:
         doc[controlproto.CONTROL_KEY] = parts.control_address
-    if offline is not None:
-        doc["offline_at_start"] = offline
+    doc["service"] = service.state if service is not None else ONLINE
+    if service is not None and service.offline is not None:
+        doc["offline_at_start"] = service.offline
     return doc
 
 
-async def _run_fuse(parts: Parts, opts: MountOptions, ready_fd: int | None,
-                    note: str | None = None) -> None:
+async def _run_fuse(parts: Parts, opts: MountOptions, ready_fd: int | None) -> None:
     fuse_options = set(pyfuse3.default_options)
     # "ro": the kernel refuses writes without asking us, and findmnt, backup tools and
     # root's `test -w` see a read-only tree. It refuses setxattr too, so commands come
@@ -499,7 +463,7 @@ async def _run_fuse(parts: Parts, opts: MountOptions, ready_fd: int | None,
         async with trio.open_nursery() as nursery:
             await parts.start(nursery)
             nursery.start_soon(_watch_signals, signalled)
-            nursery.start_soon(_announce_ready, opts.mountpoint, ready_fd, note)
+            nursery.start_soon(_announce_ready, opts.mountpoint, ready_fd, parts.service)
             await pyfuse3.main()
             outside_unmount = not signalled.is_set()
             nursery.cancel_scope.cancel()
@@ -517,9 +481,13 @@ async def _watch_signals(signalled: trio.Event) -> None:
             return
 
 
-async def _announce_ready(mountpoint: Path, ready_fd: int | None, note: str | None) -> None:
+async def _announce_ready(mountpoint: Path, ready_fd: int | None,
+                          service: ServiceProbe | None) -> None:
     # The stat is answered by our own loop, so success proves the mount serves.
     await trio.to_thread.run_sync(os.stat, mountpoint)
+    # A service that answers (or refuses at once) is reported with the mount; one that
+    # needs its back-off is reported as being probed, and the mount is ready meanwhile.
+    note = await service.outcome(READY_GRACE) if service is not None else None
     log.info("mounted %s", mountpoint)
     _report(ready_fd, "ready" if note is None else f"ready: {note}")
     notify_systemd("READY=1")

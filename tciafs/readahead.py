@@ -2,7 +2,7 @@
 
 Each guess is cheap when wrong, and made only while the cache has room for it:
 - a cold open in a study fetches the study's other series too;
-- listing a series directory from its start lists the next series ahead.
+- listing a directory from its start, in a traversal, lists the next directories ahead.
 The page feeder (tciafs.pagecache) makes a third guess, for the kernel: the next files
 of a series, pushed into its page cache.
 """
@@ -38,6 +38,6 @@ class ReadAhead:
                 self.cache.start_series_fetch(sibling.collection, sibling.ident)
 
     def listed(self, directory: Node) -> None:
-        """A directory is listed from its start: a series' next ones will be, too."""
-        if directory.kind is Kind.SERIES and self.cache.room_for_guesses():
+        """A directory is listed from its start: in a traversal, the next ones will be."""
+        if self.cache.room_for_guesses():
             self.tree.list_ahead(directory)

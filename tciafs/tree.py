@@ -13,9 +13,14 @@ Listings per directory, by level (NBIA's endpoints in brackets):
   once instead;
 - series: the instances (getSOPInstanceUIDs).
 
-A traversal (find, ls -R, du, rsync) reads one series directory after another and would
-wait out one round trip for each: once it reads one, the listings of the next few series
-in its order are fetched alongside (`list_ahead`).
+Listings live in the catalog, not in memory: a lookup reads one row, readdir a page,
+and only the few nodes in use are held (NODES_HELD), so a walk of 10^7 entries takes no
+more memory than a walk of ten (docs/design/metadata.md).
+
+A traversal (find, ls -R, du, rsync) reads one directory after another and would wait
+out one round trip for each: once it reads one, the next directories a depth-first walk
+reads that are not listed yet (patients, series, within its collection) are listed
+alongside, a few at a time (`list_ahead`).
 """
 
 from __future__ import annotations
@@ -55,34 +60,31 @@ SERIES_SIDECAR = ".series.json"
 # `ls -R` would otherwise pay, once per directory, a connection attempt (a server found
 # unreachable) or the whole back-off (a service answering 503).
 DOWN_PAUSE = 60.0
-LIST_AHEAD = 8  # series listings fetched ahead of a traversal
-# Two different series read within this many seconds make a traversal; one series read
-# alone (`ls` of it, then a file opened) fetches nothing ahead.
+LIST_AHEAD = 16  # listings fetched ahead of a traversal
+SCAN_BUDGET = 256  # stored entries looked at to find them
+NODES_HELD = 2048  # nodes kept in memory; any other is read from the catalog
+# Two different directories of one level read within this many seconds make a
+# traversal; one series read alone (`ls` of it, then a file opened) fetches nothing ahead.
 TRAVERSAL_GAP = 5.0
+
+
+# What a traversal reading directories of one level lists ahead: no deeper level than
+# it reads (a glob down to the studies never reads the series' instances, which would
+# fill the catalog), and patients, whose listing brings the studies and series below.
+_AHEAD_OF: dict[Kind, frozenset[Kind]] = {
+    Kind.SERIES: frozenset({Kind.SERIES, Kind.PATIENT}),
+    Kind.STUDY: frozenset({Kind.PATIENT}),
+    Kind.PATIENT: frozenset({Kind.PATIENT}),
+}
 
 
 class ListingUnavailable(Exception):
     """The server could not be asked and nothing usable is stored."""
 
 
-class _Order:
-    """A directory listing in name order, for finding what comes after an entry."""
-
-    def __init__(self, listing: dict[str, Node]) -> None:
-        self.listing = listing
-        self._names = sorted(listing)
-        self._index = {name: i for i, name in enumerate(self._names)}
-
-    def after(self, name: str, count: int) -> list[Node]:
-        i = self._index.get(name)
-        if i is None:
-            return []
-        return [self.listing[n] for n in self._names[i + 1:i + 1 + count]]
-
-
 class Tree:
     def __init__(self, source: Source, catalog: Catalog, *, listing_ttl: float = 6 * 3600,
-                 bulk_patients: int = 500, memory_entries: int = 4096, layout: str = "uid",
+                 bulk_patients: int = 500, layout: str = "uid",
                  selection: Sequence[Series] | None = None, ahead_at_once: int = 4) -> None:
         self.source = source
         self.catalog = catalog
@@ -92,14 +94,14 @@ class Tree:
         # A manifest or cart: only these series exist, and the levels above them come
         # from their own records instead of listings.
         self.selection = list(selection) if selection is not None else None
-        # Hot listings stay in memory; the catalog keeps all of them across mounts.
-        self._listings: cachetools.TTLCache[int, dict[str, Node]] = cachetools.TTLCache(
-            maxsize=memory_entries, ttl=min(listing_ttl, 600))
-        self._nodes: cachetools.LRUCache[int, Node] = cachetools.LRUCache(maxsize=200_000)
+        # Listings live in the catalog only; memory holds the few nodes used now, so a
+        # walk of 10^7 entries takes no more of it than a walk of ten.
+        self._nodes: cachetools.LRUCache[int, Node] = cachetools.LRUCache(maxsize=NODES_HELD)
+        self._retry_at: dict[int, float] = {}  # directory → when to ask again (trio clock)
+        self._last_fetch = -math.inf  # when a listing was last fetched (trio clock)
         self._inflight: dict[int, trio.Event] = {}
         self._facts: dict[str, dict[str, Any]] = {}
         self._bulk_inflight: dict[int, trio.Event] = {}  # collection inode → bulk listing
-        self._orders: cachetools.LRUCache[int, _Order] = cachetools.LRUCache(maxsize=64)
         self.requests_saved = 0
         # While the service is down, stale listings are served as stored, without a wait
         # for retries per directory (trio clock).
@@ -114,9 +116,9 @@ class Tree:
         self._withdrawn: list[str] = []
         self._back: list[str] = []
         self._nursery: trio.Nursery | None = None
-        self._ahead: set[int] = set()  # series whose listing is fetched ahead now
+        self._ahead: set[int] = set()  # directories whose listing is fetched ahead now
         self.listed_ahead = 0  # listings fetched ahead of a traversal, for status
-        self._last_read: tuple[int, float] | None = None  # series read last, and when
+        self._last_read: tuple[int, Kind, float] | None = None  # directory read last
         # Fewer than the source's connections: a reader's own requests must not queue
         # behind guesses (0: none fetched ahead).
         self._ahead_limiter = trio.CapacityLimiter(ahead_at_once) if ahead_at_once else None
@@ -132,9 +134,14 @@ class Tree:
 
     # -- reading -------------------------------------------------------------------------
 
-    def service_down(self) -> None:
-        """Serve stored listings without asking the service, for DOWN_PAUSE seconds."""
-        self._down_until = trio.current_time() + DOWN_PAUSE
+    def service_down(self, pause: float | None = DOWN_PAUSE) -> None:
+        """Serve stored listings without asking the service, for `pause` seconds (None:
+        until service_up)."""
+        self._down_until = math.inf if pause is None else trio.current_time() + pause
+
+    def service_up(self) -> None:
+        """The service answers: stale listings are fetched again as they are read."""
+        self._down_until = -math.inf
 
     def node(self, ino: int) -> Node | None:
         node = self._nodes.get(ino)
@@ -145,7 +152,14 @@ class Tree:
         return node
 
     async def children(self, ino: int) -> list[Node]:
-        return list((await self._listing(ino)).values())
+        """The whole listing of a directory: for the few callers that need all of it;
+        readdir pages through it instead (children_page)."""
+        await self.listed(ino)
+        return self.catalog.children(ino)
+
+    def children_page(self, ino: int, after: int, limit: int) -> list[Node]:
+        """Up to `limit` entries of a directory listed already, after inode `after`."""
+        return self.catalog.children_after(ino, after, limit)
 
     async def instance_uids(self, series_uid: str) -> list[str] | None:
         """The SOP Instance UIDs a series lists now (listing it if need be), or None for
@@ -156,55 +170,60 @@ class Tree:
         return [c.ident for c in await self.children(node.ino) if c.kind is Kind.INSTANCE]
 
     def held_instance_uids(self, series_uid: str) -> list[str] | None:
-        """The SOP Instance UIDs of a series whose listing is held in memory (someone
-        listed or opened it), in the order `ls` shows; None otherwise: never a request."""
+        """The SOP Instance UIDs of a series whose listing the catalog holds fresh
+        (someone listed or opened it), in the order `ls` shows; None otherwise: never a
+        request."""
         node = self.catalog.find_uid(series_uid)
-        listing = self._listings.get(node.ino) if node is not None else None
-        if listing is None:
+        if node is None or node.kind is not Kind.SERIES or not self._fresh(node.listed):
             return None
-        return [c.ident for c in listing.values() if c.kind is Kind.INSTANCE]
+        return [c.ident for c in self.catalog.children(node.ino) if c.kind is Kind.INSTANCE]
 
     def following(self, node: Node, count: int) -> list[Node]:
         """Up to `count` entries after `node` in its directory, in the order `ls` shows.
 
-        Only from a listing held in memory: a guess at what comes next is never worth a
-        request.
+        Only from a stored listing: a guess at what comes next is never worth a request.
         """
-        order = self._orders.get(node.parent)  # asked at every open: kept cheap
-        if order is None:
-            listing = self._listings.get(node.parent)
-            if listing is None:
-                return []
-            order = self._orders[node.parent] = _Order(listing)
-        return order.after(node.name, count)
+        return self.catalog.names_after(node.parent, node.name, count)
 
     async def lookup(self, parent: int, name: str) -> Node | None:
         if names.is_junk(name):
             return None
-        return (await self._listing(parent)).get(name)
+        await self.listed(parent)
+        node = self.catalog.child(parent, name)
+        if node is not None and node.kind.is_dir:  # read next, by the walk that asked
+            self._nodes[node.ino] = node
+        return node
 
-    def list_ahead(self, series: Node) -> None:
-        """A series directory is being read: if a traversal reads it, fetch the
-        listings it reads next, in the background, a few at a time: the next series,
-        and the next patients not listed yet (a collection too large to list in bulk),
-        whose listing brings their series. Never a listing of a level above."""
+    def list_ahead(self, directory: Node) -> None:
+        """A directory is read from its start: if a traversal reads it, fetch in the
+        background, a few at a time, the listings it reads next: depth first, the
+        patients and series after this one in its collection that are not listed yet (a
+        patient's listing brings its studies and series)."""
         now, last = trio.current_time(), self._last_read
-        self._last_read = (series.ino, now)
+        self._last_read = (directory.ino, directory.kind, now)
+        # Two directories of one level in a row make a traversal: a path walked down to
+        # one series, then that series read, does not.
         if (self._nursery is None or self._ahead_limiter is None or last is None
-                or last[0] == series.ino or now - last[1] > TRAVERSAL_GAP):
+                or last[0] == directory.ino or last[1] is not directory.kind
+                or now - last[2] > TRAVERSAL_GAP
+                or now < self._down_until
+                # A walk over stored listings: nothing to fetch, and no scan for it.
+                or now - self._last_fetch > TRAVERSAL_GAP):
             return
-        for node in self._listings_after(series, LIST_AHEAD):
-            if node.ino in self._ahead or node.ino in self._listings or self._fresh(node):
-                continue
-            self._ahead.add(node.ino)
-            self._nursery.start_soon(self._fetch_ahead, node.ino)
+        kinds = _AHEAD_OF.get(directory.kind, frozenset())
+        for ino in self._unlisted_after(directory, LIST_AHEAD, kinds):
+            if ino not in self._ahead:
+                self._ahead.add(ino)
+                self._nursery.start_soon(self._fetch_ahead, ino)
 
     async def _fetch_ahead(self, ino: int) -> None:
         assert self._ahead_limiter is not None
         try:
             async with self._ahead_limiter:
-                await self._listing(ino)
-            self.listed_ahead += 1
+                node = self.node(ino)
+                if node is not None and not self._servable(node):
+                    await self.listed(ino)
+                    self.listed_ahead += 1
         except (ClientError, ListingUnavailable, NotADirectoryError) as exc:
             log.debug("listing ahead of inode %d: %s", ino, exc)  # the reader will ask
         except Exception:  # a guess must never end the mount
@@ -212,71 +231,86 @@ class Tree:
         finally:
             self._ahead.discard(ino)
 
-    def _fresh(self, node: Node) -> bool:
-        return node.listed is not None and time.time() - node.listed < self.listing_ttl
+    def _fresh(self, listed: float | None) -> bool:
+        return listed is not None and time.time() - listed < self.listing_ttl
 
-    def _listings_after(self, node: Node, count: int) -> list[Node]:
-        """Up to `count` directories, series or patients not listed yet, that follow
-        `node` in readdir order within its collection, from the stored listings."""
-        found: list[Node] = []
-        while node.kind is not Kind.COLLECTION and len(found) < count:
-            # A bounded look: a collection may hold 10^5 patients, most not listed yet.
-            for sibling in self.catalog.children_after(node.parent, node.ino, 4 * count):
-                self._listings_under(sibling, count, found)
-                if len(found) >= count:
-                    break
+    def _unlisted_after(self, node: Node, count: int, kinds: frozenset[Kind]) -> list[int]:
+        """Up to `count` directories of `kinds` not listed yet that a depth-first walk
+        reads after `node`, from the stored listings; a bounded look (a collection may
+        hold 10^5 patients, and a warm one needs none of them)."""
+        found: list[int] = []
+        budget = [SCAN_BUDGET]
+        if not kinds:
+            return found
+        if node.kind is not Kind.SERIES:
+            self._scan(node.ino, 0, count, found, budget, kinds)
+        # Within the collection: the next one costs its walk one round trip, and a
+        # guess across collections would list what `ls -R` of one never reads.
+        while (node.kind not in (Kind.ROOT, Kind.COLLECTION) and len(found) < count
+               and budget[0] > 0):
+            self._scan(node.parent, node.ino, count, found, budget, kinds)
             parent = self.node(node.parent)
             if parent is None:
                 break
             node = parent
         return found[:count]
 
-    def _listings_under(self, node: Node, count: int, found: list[Node]) -> None:
-        if node.kind is Kind.SERIES or (node.kind is Kind.PATIENT and node.listed is None):
-            found.append(node)
-        elif node.kind in (Kind.PATIENT, Kind.STUDY):
-            for child in self.catalog.children(node.ino):
-                if len(found) >= count:
-                    return
-                self._listings_under(child, count, found)
+    def _scan(self, parent: int, after: int, count: int, found: list[int],
+              budget: list[int], kinds: frozenset[Kind]) -> None:
+        for ino, kind, listed in self.catalog.outline_after(parent, after,
+                                                            min(budget[0], 4 * count)):
+            budget[0] -= 1
+            if len(found) >= count or budget[0] <= 0:
+                return
+            if kind in kinds and not self._fresh(listed):
+                found.append(ino)
+            elif Kind.SERIES in kinds and (kind is Kind.STUDY or (
+                    kind is Kind.PATIENT and self._fresh(listed))):
+                self._scan(ino, 0, count, found, budget, kinds)  # down to its series
 
     def _forget_listing(self, ino: int) -> None:
-        self._listings.pop(ino, None)
-        self._orders.pop(ino, None)
+        self._nodes.pop(ino, None)
 
-    async def _listing(self, ino: int) -> dict[str, Node]:
-        cached = self._listings.get(ino)
-        if cached is not None:
-            return cached
-        while ino in self._inflight:  # single flight: one request per directory at a time
-            await self._inflight[ino].wait()
-            cached = self._listings.get(ino)
-            if cached is not None:
-                return cached
-        done = self._inflight[ino] = trio.Event()
-        try:
-            listing = await self._load(ino)
-        finally:
-            del self._inflight[ino]
-            done.set()
-        self._listings[ino] = listing
-        self._orders.pop(ino, None)
-        return listing
-
-    async def _load(self, ino: int) -> dict[str, Node]:
-        # Straight from the catalog: a bulk listing may have filled this directory since
-        # its node was cached in memory.
-        node = self.catalog.get(ino)
+    async def listed(self, ino: int) -> Node:
+        """The directory `ino`, once the catalog holds a listing of it that may be
+        served: fresh, or stored while the service cannot be asked. Single flight: one
+        request per directory at a time."""
+        node = self.node(ino)
         if node is None or not node.kind.is_dir:
             raise NotADirectoryError(ino)
-        if node.listed is not None and (time.time() - node.listed < self.listing_ttl
-                                        or trio.current_time() < self._down_until):
-            return self._stored(ino)
+        if self._servable(node):
+            return node
+        while (pending := self._inflight.get(ino)) is not None:
+            await pending.wait()
+            node = self.node(ino) or node
+            if self._servable(node):
+                return node
+        # One attempt of our own: what it stored is served, whatever it was.
+        return await self._load_once(node)
+
+    async def _load_once(self, node: Node) -> Node:
+        done = self._inflight[node.ino] = trio.Event()
+        try:
+            await self._load(node)
+        finally:
+            del self._inflight[node.ino]
+            done.set()
+        return self.node(node.ino) or node
+
+    def _servable(self, node: Node) -> bool:
+        if node.listed is None:
+            return False
+        return (time.time() - node.listed < self.listing_ttl
+                or trio.current_time() < max(self._down_until,
+                                             self._retry_at.get(node.ino, -math.inf)))
+
+    async def _load(self, node: Node) -> None:
+        self._last_fetch = trio.current_time()
         try:
             await self._fetch(node)
             await self._report_changes()
         except NotFound:
-            self.catalog.replace_children(ino, [])
+            self.catalog.replace_children(node.ino, [])
         except ClientError as exc:
             if node.listed is None:
                 raise ListingUnavailable(str(exc)) from exc
@@ -284,15 +318,18 @@ class Tree:
                         "as they are for %.0f s", self.path(node), exc, DOWN_PAUSE)
             if isinstance(exc, ServerError):
                 self.service_down()
-        self._nodes.pop(ino, None)
-        return self._stored(ino)
+            else:  # this directory only: not asked again at every lookup in it
+                self._retry_later(node.ino)
+        finally:
+            # A listing rewrites the rows of the directory and of those it fills (a
+            # patient's studies and series, a whole collection in bulk): the nodes held
+            # may be older than the catalog now.
+            self._nodes.clear()
 
-    def _stored(self, ino: int) -> dict[str, Node]:
-        listing = {}
-        for child in self.catalog.children(ino):
-            self._nodes[child.ino] = child
-            listing[child.name] = child
-        return listing
+    def _retry_later(self, ino: int) -> None:
+        now = trio.current_time()
+        self._retry_at = {i: t for i, t in self._retry_at.items() if t > now}
+        self._retry_at[ino] = now + DOWN_PAUSE
 
     def path(self, node: Node) -> str:
         parts = []

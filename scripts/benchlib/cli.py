@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from . import fig_scale
 from . import figures as F
 from .archive import References, discover
 from .chart import write_chart
@@ -29,6 +30,7 @@ RUNNERS: list[tuple[frozenset[int], Callable[[F.Context], None]]] = [
     (frozenset({9}), F.fig9), (frozenset({10}), F.fig10), (frozenset({11}), F.fig11),
     (frozenset({12}), F.fig12), (frozenset({13}), F.fig13), (frozenset({14}), F.fig14)]
 ALL = frozenset(range(1, 15))
+SCALE = frozenset({15, 16, 17})  # --scale only: walks at NLST's scale take an hour
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,11 +48,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=None, metavar="N",
                    help="repetitions per figure, median kept (default 3, 2 with --quick; "
                         "figures 7 and 8 do one fewer)")
-    p.add_argument("--only", type=_numbers, default=ALL, metavar="LIST",
-                   help="comma-separated figure numbers, e.g. 1,4 (default: all)")
+    p.add_argument("--only", type=_numbers, default=None, metavar="LIST",
+                   help="comma-separated figure numbers, e.g. 1,4 (default: all; 12-14 "
+                        "need --scale)")
     p.add_argument("--nodes", type=int, default=4, metavar="N",
                    help="nodes copying at once in figure 11 (default 4)")
+    p.add_argument("--scale", action="store_true",
+                   help="also figures 15-17: walks of 10^6 and 10^7 files and `ls -l` of "
+                        "a 26,410-patient collection (long; never part of --quick)")
+    p.add_argument("--scale-profile", default="nlst", metavar="NAME",
+                   help="emulator profile of the walks (default nlst; sized:C,P,S,R,I for "
+                        "the on-demand scale profile of that shape)")
+    p.add_argument("--scale-ls-profile", default=None, metavar="NAME",
+                   help="profile of figure 14's collection (default: --scale-profile)")
     args = p.parse_args(argv)
+    if args.scale and args.quick:
+        p.error("--scale is kept out of --quick runs")
+    if args.only is None:
+        args.only = ALL | (SCALE if args.scale else frozenset())
+    elif args.only & SCALE and not args.scale:
+        p.error("figures 15-17 are measured with --scale")
     if args.repeat is None:
         args.repeat = 2 if args.quick else 3
     if args.repeat < 1:
@@ -65,8 +82,9 @@ def _numbers(text: str) -> frozenset[int]:
         chosen = frozenset(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of figure numbers: {text!r}") from None
-    if not chosen or not chosen <= ALL:
-        raise argparse.ArgumentTypeError(f"figure numbers are 1 to {max(ALL)}")
+    if not chosen or not chosen <= ALL | SCALE:
+        raise argparse.ArgumentTypeError(f"figure numbers are 1 to {max(ALL)} "
+                                         f"(and {min(SCALE)} to {max(SCALE)} with --scale)")
     # Figures measured from the same runs come together: 2 with 3, 5 with 6.
     for pair in ({2, 3}, {5, 6}):
         if chosen & pair:
@@ -89,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     (results / "logs").mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
-    chosen = [f for f in F.declare(args.nodes) if F.number(f.key) in args.only]
+    declared = F.declare(args.nodes) + (fig_scale.declare(args.scale_profile)
+                                        if args.scale else [])
+    chosen = [f for f in declared if F.number(f.key) in args.only]
     shaping = Shaping(args.latency_ms, args.bandwidth)
     work = Path(tempfile.mkdtemp(prefix="tciafs-bench-"))
     say(f"tciafs bench: {'quick' if args.quick else 'full'} run, latency {args.latency_ms:g} "
@@ -118,6 +138,9 @@ def run_all(args: argparse.Namespace, shaping: Shaping, results: Path, work: Pat
             for numbers, runner in RUNNERS:
                 if numbers & args.only:
                     run_figure(ctx, numbers, runner)
+            if args.only & SCALE:
+                run_figure(ctx, SCALE, lambda c: fig_scale.fig_scale(
+                    c, args.scale_profile, args.scale_ls_profile or args.scale_profile))
     except Exception as exc:  # the emulator or the discovery failed: nothing measured
         _fail(results, chosen, ALL, exc)
 

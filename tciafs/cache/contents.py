@@ -12,6 +12,7 @@ Neither awaits: each change is whole between two checkpoints of trio
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 
 from .index import Index
 
@@ -29,6 +30,7 @@ class Contents:
         self.stale: set[str] = set()  # files held open of a re-submitted series
         self.withdrawn: set[str] = set()  # series the archive stopped listing, this run
         self.complete: set[str] = set()  # series holding every file they list
+        self.on_added: Callable[[str, str], None] | None = None  # (sop, series): a size known
 
     def add(self, sop: str, series: str, size: int, *, pinned: bool,
             oldest: bool = False) -> None:
@@ -42,6 +44,8 @@ class Contents:
         self.sizes[sop] = size
         if pinned:
             self.pinned.add(sop)
+        if self.on_added is not None:
+            self.on_added(sop, series)
 
     def remove(self, sop: str) -> int:
         """A file goes: its series is no longer whole. Returns its size. The index still
