@@ -62,8 +62,8 @@ RUN_AHEAD = 32  # blocks one GET brings for an in-order read of a large object (
 #   HEADERS_AHEAD files is asked for, in order, HEADERS_SCAN_AT_ONCE at once; each
 #   header read moves the window on. A scan then goes at the pace of the reader, not the
 #   link: 200 headers at 50 ms a round trip take 0.4 s at 24 at once. Bench figure 12b:
-#   6 at once within 8 connections took 0.56 to 0.59 of a cold copy, this rule 0.25 to
-#   0.29, about as fast as with no latency at all; 48 at once was no faster.
+#   6 at once within 8 connections took 0.54 to 0.59 of a cold copy, this rule 0.21 to
+#   0.31, near its time with no latency at all; 48 at once was no faster.
 # The guesses ride the source's lane for them (tciafs.sources.lanes; IDC's is
 # AHEAD_CONNECTIONS = 24 connections of its own), so a reader's request never waits
 # behind one. Each header is asked for once: a reader that wants one still queued
