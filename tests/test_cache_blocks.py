@@ -31,7 +31,15 @@ from test_idc_source import (  # the same emulator and helpers as the IDC source
 )
 
 from tciafs.cache import Cache
-from tciafs.cache.blocks import BLOCK, FIRST, Opened, index_of, parse_key, start_of
+from tciafs.cache.blocks import (
+    BLOCK,
+    FIRST,
+    HEADERS_FIRST,
+    Opened,
+    index_of,
+    parse_key,
+    start_of,
+)
 from tciafs.cache.layout import block_path
 from tciafs.emulator import launch
 from tciafs.names import encode
@@ -117,23 +125,25 @@ async def test_a_header_read_fetches_the_next_headers_ahead(
     reset(idc_emulator)
 
     async def body() -> None:
-        following = [(n, len(truth[n])) for n in names[1:6]]
+        # A first header read guesses a few: HEADERS_FIRST of the files it is told of.
+        ahead = 1 + HEADERS_FIRST
+        following = [(n, len(truth[n])) for n in names[1:ahead + 3]]
         entry = cache.acquire_blocks(series.collection, series.series_uid, names[0],
                                      len(truth[names[0]]), following)
         assert entry is not None
         assert await cache.read_blocks(entry, 0, 100) == truth[names[0]][:100]
         with trio.fail_after(20):
-            while cache.blocks.count < 6 or cache.blocks._fetching:
+            while cache.blocks.count < ahead or cache.blocks._fetching:
                 await trio.sleep(0.01)
-        assert cache.blocks.present == {n: {0} for n in names[:6]}
-        assert sent(idc_emulator) == 6 * FIRST  # each header once: no more, no whole file
+        assert cache.blocks.present == {n: {0} for n in names[:ahead]}
+        assert sent(idc_emulator) == ahead * FIRST  # each header once: no more, no whole file
         cache.release(entry)
         # The next file's header is here already: reading it asks nothing.
         nxt = cache.acquire_blocks(series.collection, series.series_uid, names[1],
                                    len(truth[names[1]]))
         assert nxt is not None
         assert await cache.read_blocks(nxt, 0, 8192) == truth[names[1]][:8192]
-        assert sent(idc_emulator) == 6 * FIRST
+        assert sent(idc_emulator) == ahead * FIRST
         cache.release(nxt)
 
     async with source:

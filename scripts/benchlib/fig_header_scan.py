@@ -54,21 +54,23 @@ def fig12(ctx: Context) -> None:
         assert running.s3_url is not None
         s3 = running.s3_url
         where = _series_path(s3, ctx.bench.ct200.uid)
-        scans: list[tuple[float, int, int]] = []
+        scans: list[tuple[float, int, int, int]] = []
         copies: list[float] = []
         for i in range(ctx.reps()):
             alternate(i, lambda i=i: scans.append(_scan(ctx, s3, where, f"fig12-scan-rep{i}")),
                       lambda i=i: copies.append(_copy(ctx, s3, where, f"fig12-copy-rep{i}")))
-    fetched = median([float(b) for _, b, _ in scans])
+    fetched = median([float(b) for _, b, _, _ in scans])
     series_bytes = scans[0][2]
-    scan_s = median([s for s, _, _ in scans])
+    scan_s = median([s for s, _, _, _ in scans])
     bytes_fig = ctx.fig("12a_header_scan_bytes")
-    bytes_fig.samples = {"fetched_MB": [b / MB for _, b, _ in scans]}
+    bytes_fig.samples = {"fetched_MB": [b / MB for _, b, _, _ in scans]}
+    # Each header asked for once: the files' count and the listing, no more.
+    bytes_fig.details = {"s3_requests": [r for _, _, _, r in scans]}
     bytes_fig.set(fetched / MB, series_bytes / MB)
     bytes_fig.note = (f"{ctx.bench.ct200.images} files, {series_bytes / MB:.1f} MB; value = "
                       "body bytes the bucket sent for the scan (its listing included)")
     time_fig = ctx.fig("12b_header_scan_time")
-    time_fig.samples = {"scan_s": [s for s, _, _ in scans], "cp_s": copies}
+    time_fig.samples = {"scan_s": [s for s, _, _, _ in scans], "cp_s": copies}
     time_fig.set(scan_s, median(copies))
     time_fig.note = "scan timed inside its process after importing pydicom; cp -r as a whole"
 
@@ -96,17 +98,19 @@ def _idc_session(ctx: Context, s3: str, label: str) -> Iterator[Mount]:
         ctx.work.discard(mnt, cache)
 
 
-def _sent(s3: str) -> int:
-    stats = httpx.get(s3 + "/_emulator/stats", timeout=10).json()
-    return int(stats["servers"]["s3"]["bytes_sent"])
+def _sent(s3: str) -> tuple[int, int]:
+    """Body bytes the bucket sent since the last reset, and the requests it answered."""
+    stats = httpx.get(s3 + "/_emulator/stats", timeout=10).json()["servers"]["s3"]
+    return int(stats["bytes_sent"]), int(stats["requests_total"])
 
 
 def _reset(s3: str) -> None:
     httpx.post(s3 + "/_emulator/reset", timeout=10).raise_for_status()
 
 
-def _scan(ctx: Context, s3: str, where: Path, label: str) -> tuple[float, int, int]:
-    """The scan's seconds, the bytes the bucket sent for it, and the series' bytes."""
+def _scan(ctx: Context, s3: str, where: Path, label: str) -> tuple[float, int, int, int]:
+    """The scan's seconds, the bytes the bucket sent for it, the series' bytes, and the
+    requests the bucket answered for it."""
     with _idc_session(ctx, s3, label) as mount:
         series_dir = mount.mountpoint / where
         series_dir.parent.stat()  # the path down to it is resolved before the scan
@@ -114,10 +118,10 @@ def _scan(ctx: Context, s3: str, where: Path, label: str) -> tuple[float, int, i
         out = ctx.results / "logs" / f"{label}.out"
         with open(out, "wb") as sink:
             run_timed([sys.executable, "-c", SCAN, series_dir], stdout=sink)
-        fetched = _sent(s3)
+        fetched, requests = _sent(s3)
         seconds = float(out.read_text().split()[-1])
         total = sum(p.stat().st_size for p in series_dir.glob("*.dcm"))
-    return seconds, fetched, total
+    return seconds, fetched, total, requests
 
 
 def _copy(ctx: Context, s3: str, where: Path, label: str) -> float:

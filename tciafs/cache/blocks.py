@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+
+from tciafs.sources import lanes
 
 from .contents import Contents, Holds
 from .fetch import Fetcher
@@ -51,13 +54,23 @@ HEADER_IO = 8 << 10
 WHOLE_LIMIT = 64 << 20  # larger objects are read in blocks, never whole
 IN_ORDER = 2  # a read that follows this many blocks read in order fetches the object whole
 RUN_AHEAD = 32  # blocks one GET brings for an in-order read of a large object (4 MiB)
-# A header read (block 0) fetches block 0 of the next HEADERS_AHEAD files of its
-# directory too, this many at once: a header scan waits out one round trip per file
-# otherwise, so it goes as fast as guesses in flight allow (bench figure 12b: 4 at once
-# 3.4 s, 6 2.5 s, 8 2.1 s). Six of the source's 8 connections by default leave two to
-# the reader's own requests.
-HEADERS_AT_ONCE = 6
-HEADERS_AHEAD = 16
+# Headers ahead. A header read (block 0) is a guess that the next files' headers follow:
+# a header scan waits out one round trip per file unless they are in flight already.
+# - A first header read of a directory fetches block 0 of the next HEADERS_FIRST files,
+#   that many at once: cheap when wrong (16 KiB a file), a viewer may open only one.
+# - Once two files in a row had their header read (a scan), block 0 of the next
+#   HEADERS_AHEAD files is asked for, in order, HEADERS_SCAN_AT_ONCE at once; each
+#   header read moves the window on. A scan then goes at the pace of the reader, not the
+#   link: 200 headers at 50 ms a round trip take 0.4 s at 24 at once. Bench figure 12b:
+#   6 at once within 8 connections took 0.54 to 0.59 of a cold copy, this rule 0.21 to
+#   0.31, near its time with no latency at all; 48 at once was no faster.
+# The guesses ride the source's lane for them (tciafs.sources.lanes; IDC's is
+# AHEAD_CONNECTIONS = 24 connections of its own), so a reader's request never waits
+# behind one. Each header is asked for once: a reader that wants one still queued
+# fetches it itself, and the guess, when its turn comes, finds it here.
+HEADERS_FIRST = 4
+HEADERS_AHEAD = 64
+HEADERS_SCAN_AT_ONCE = 24
 
 
 def block_key(sop: str, idx: int) -> str:
@@ -124,8 +137,12 @@ class Blocks:
         # The next files of each opened object's directory (name, size), for headers ahead.
         self._next: dict[str, list[tuple[str, int | None]]] = {}
         self.nursery: trio.Nursery | None = None  # set while Cache.run runs
-        self._queued: set[str] = set()  # objects whose header is to be fetched ahead
-        self._headers = trio.CapacityLimiter(HEADERS_AT_ONCE)
+        # Headers to fetch ahead, in the order a scan reads them, and the workers on them.
+        self._ahead: deque[tuple[Opened, str]] = deque()
+        self._queued: set[str] = set()  # the objects in _ahead
+        self._workers = 0
+        # Per series: the file a header read expects next (the one after the last read).
+        self._expected: dict[str, str] = {}
 
     @property
     def count(self) -> int:
@@ -253,31 +270,45 @@ class Blocks:
             await self._fetch_run(opened, sop, free[0], run_end)
 
     def _headers_ahead(self, opened: Opened, sop: str) -> None:
-        """Block 0 of each next file of the directory, fetched in the background: a guess,
-        cheap when wrong (16 KiB a file), that a header scan goes on. A reader does not
-        wait for a guess still queued: it fetches the block itself, and the guess, when
-        its turn comes, finds it here."""
+        """Queue block 0 of the next files of the directory, to be fetched in the
+        background: HEADERS_FIRST of them, or HEADERS_AHEAD once a scan is seen."""
         if self.nursery is None:
             return
-        for name, size in self._next.pop(sop, ()):
+        following = self._next.pop(sop, None)
+        if following is None:  # read before: the window moved on when it was
+            return
+        scanning = self._expected.get(opened.series) == sop
+        if following:
+            self._expected[opened.series] = following[0][0]
+        for name, size in following[:HEADERS_AHEAD if scanning else HEADERS_FIRST]:
             if size and name not in self._queued and not self._has_header(name):
                 self._queued.add(name)
-                self.nursery.start_soon(self._header_ahead,
-                                        Opened(opened.collection, opened.series, size), name)
+                self._ahead.append((Opened(opened.collection, opened.series, size), name))
+        at_once = HEADERS_SCAN_AT_ONCE if scanning else HEADERS_FIRST
+        while self._workers < min(at_once, len(self._ahead)):
+            self._workers += 1
+            self.nursery.start_soon(self._fetch_ahead)
 
     def _has_header(self, sop: str) -> bool:
         return (sop in self.contents.files or (sop, 0) in self._fetching
                 or block_key(sop, 0) in self.contents.files)
 
-    async def _header_ahead(self, opened: Opened, sop: str) -> None:
+    async def _fetch_ahead(self) -> None:
+        """One worker on the queue of headers ahead, first in first out, until it is
+        empty: the workers' number is the number in flight."""
         try:
-            async with self._headers:
-                if not self._has_header(sop):
-                    await self._fetch_run(opened, sop, 0, 0)
-        except Exception as exc:  # a guess: a reader that wants it fetches it again
-            log.debug("header of %s fetched ahead: %s", sop, exc)
+            with lanes.ahead():
+                while self._ahead:
+                    opened, sop = self._ahead.popleft()
+                    self._queued.discard(sop)
+                    if self._has_header(sop) or self.series_fetching(opened.series):
+                        continue  # here, or coming whole with its series
+                    try:
+                        await self._fetch_run(opened, sop, 0, 0)
+                    except Exception as exc:  # a guess: a reader that wants it asks again
+                        log.debug("header of %s fetched ahead: %s", sop, exc)
         finally:
-            self._queued.discard(sop)
+            self._workers -= 1
 
     async def _whole(self, opened: Opened, sop: str) -> None:
         """The object is read in order: fetch it whole, and start its series' fetch."""

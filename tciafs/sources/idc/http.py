@@ -9,6 +9,10 @@ means for its operation. A body cut short is the caller's to resume: an object n
 changes, so the rest can be asked for by range.
 
 Requests are anonymous: no credentials are ever read or sent.
+
+Guesses fetched ahead of a reader (tciafs.sources.lanes) ride a lane of their own,
+AHEAD_CONNECTIONS beside the `max_connections` of readers and series fetches: a reader's
+request never waits behind a guess, and the cap users set still bounds everything else.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import httpx
 import trio
 
 from tciafs.backoff import Backoff
-from tciafs.sources import streamed
+from tciafs.sources import lanes, streamed
 from tciafs.sources.base import ServerError
 
 from .s3xml import parse_error
@@ -32,6 +36,12 @@ log = logging.getLogger("tciafs.idc")
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 _ERROR_BODY_CAP = 16 * 1024
+# Connections for guesses, beside the reader's. A header scan waits out one round trip
+# per file unless the next headers are in flight (bench figure 12b); public S3 scales
+# per prefix to thousands of requests a second, and s5cmd runs hundreds of workers by
+# default, so two dozen small ranged GETs at once are ordinary use of the buckets.
+# NBIA's transport has no such lane: its service asks for few connections.
+AHEAD_CONNECTIONS = 24
 
 
 @dataclass
@@ -70,7 +80,7 @@ class Request:
 class Opened:
     """An answer whose headers arrived; its body is unread and it holds a slot."""
 
-    def __init__(self, transport: Transport, response: httpx.Response, borrower: object) -> None:
+    def __init__(self, transport: Transport, response: httpx.Response, borrower: _Slot) -> None:
         self.response = response
         self._transport = transport
         self._borrower = borrower
@@ -96,14 +106,19 @@ class Opened:
 
 
 class Transport:
-    def __init__(self, *, max_connections: int = 8, timeout: float = 30.0,
-                 policy: RetryPolicy | None = None, stats: S3Stats | None = None,
+    def __init__(self, *, max_connections: int = 8, ahead_connections: int = AHEAD_CONNECTIONS,
+                 timeout: float = 30.0, policy: RetryPolicy | None = None,
+                 stats: S3Stats | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """`ahead_connections`: the guesses' own lane (0: they share the readers')."""
         self.policy = policy or RetryPolicy()
         self.stats = stats if stats is not None else S3Stats()
         self.limiter = trio.CapacityLimiter(max_connections)
-        limits = httpx.Limits(max_connections=max_connections,
-                              max_keepalive_connections=max_connections, keepalive_expiry=30.0)
+        self.ahead_limiter = (trio.CapacityLimiter(ahead_connections) if ahead_connections
+                              else self.limiter)
+        pool = max_connections + ahead_connections
+        limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool,
+                              keepalive_expiry=30.0)
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), limits=limits,
             transport=transport, headers={"User-Agent": "tciafs"})
@@ -149,12 +164,12 @@ class Transport:
         raise AssertionError("unreachable")
 
     async def _attempt(self, request: Request, deadline: float) -> Opened | _Failure:
-        borrower = object()
+        borrower = _Slot(self.ahead_limiter if lanes.guessing() else self.limiter)
         self.stats.requests[request.operation] += 1
         response: httpx.Response | None = None
         try:
             with trio.move_on_at(deadline):
-                await self.limiter.acquire_on_behalf_of(borrower)
+                await borrower.limiter.acquire_on_behalf_of(borrower)
                 built = self._client.build_request(request.method, request.url,
                                                    params=request.params,
                                                    headers=request.headers)
@@ -183,10 +198,17 @@ class Transport:
         raise ServerError(f"{request.what}: {failure.reason} (gave up after {tries})",
                           status=failure.status)
 
-    def release(self, borrower: object) -> None:
+    def release(self, borrower: _Slot) -> None:
         # A RuntimeError means the attempt was cancelled before a slot was granted.
         with contextlib.suppress(RuntimeError):
-            self.limiter.release_on_behalf_of(borrower)
+            borrower.limiter.release_on_behalf_of(borrower)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One attempt's claim on a lane: released to the lane it was taken from."""
+
+    limiter: trio.CapacityLimiter
 
 
 @dataclass(frozen=True)

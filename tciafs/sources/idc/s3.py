@@ -322,4 +322,8 @@ class ObjectStream:
                 self.position += len(chunk)
                 yield chunk
             if stop is not None and self.position >= stop:
+                if stop == self._body_end:
+                    # All the answer held: read on to its end, which yields nothing, so
+                    # that its connection goes back to the pool instead of being closed.
+                    continue
                 return
