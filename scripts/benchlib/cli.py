@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="repetitions per figure, median kept (default 3, 2 with --quick; "
                         "figures 7 and 8 do one fewer)")
     p.add_argument("--only", type=_numbers, default=None, metavar="LIST",
-                   help="comma-separated figure numbers, e.g. 1,4 (default: all; 12-14 "
+                   help="comma-separated figure numbers, e.g. 1,4 (default: all; 15-17 "
                         "need --scale)")
     p.add_argument("--nodes", type=int, default=4, metavar="N",
                    help="nodes copying at once in figure 11 (default 4)")
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="emulator profile of the walks (default nlst; sized:C,P,S,R,I for "
                         "the on-demand scale profile of that shape)")
     p.add_argument("--scale-ls-profile", default=None, metavar="NAME",
-                   help="profile of figure 14's collection (default: --scale-profile)")
+                   help="profile of figure 17's collection (default: --scale-profile)")
     args = p.parse_args(argv)
     if args.scale and args.quick:
         p.error("--scale is kept out of --quick runs")
