@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tciafs import cachecmd, config, login, mounts, status
-from tciafs.defaults import DEFAULT_NLST_SERVER, DEFAULT_SERVER
+from tciafs.defaults import DEFAULT_NLST_SERVER, DEFAULT_SERVER, SERIES_CONNECTIONS
 from tciafs.parser import build_parser
 
 if TYPE_CHECKING:
@@ -71,11 +71,21 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         cache_dir=(args.cache_dir or default_cache_dir(args.demo)).absolute(),
         cache_size=args.cache_size, prefetch=args.prefetch, listing_ttl=args.listing_ttl,
         max_connections=args.max_connections,
-        series_connections=args.series_connections, timeout=args.timeout, debug=args.debug,
+        series_connections=_series_connections(args.series_connections, site_cache),
+        timeout=args.timeout, debug=args.debug,
         credentials_file=args.credentials_file, api_key_file=args.api_key_file,
         layout=args.layout, allow_other=args.allow_other, cart=args.cart,
         manifest=args.manifest.absolute() if args.manifest else None,
         source=args.source, s3_endpoint=args.s3_endpoint, idc_catalog=args.idc_catalog)
+
+
+def _series_connections(asked: int | None, site_cache: str | None) -> int:
+    """One stream per series behind a site cache unless asked otherwise: the single
+    images fetched beside a series' ZIP are other URLs to the site cache, so every node
+    would pull them across the uplink again (docs/connections.md)."""
+    if asked is not None:
+        return asked
+    return 1 if site_cache else SERIES_CONNECTIONS
 
 
 def _nlst_server(server: str | None, site_cache: str | None) -> str | None:

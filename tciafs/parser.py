@@ -75,9 +75,10 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                    help="concurrent requests to the service, per mount (default "
                         f"{MAX_CONNECTIONS}; see docs/connections.md)")
-    p.add_argument("--series-connections", type=int, default=SERIES_CONNECTIONS,
+    p.add_argument("--series-connections", type=int, default=None,
                    help="connections one series may use at once, its ZIP included "
-                        f"(default {SERIES_CONNECTIONS}; 1: one stream per series)")
+                        f"(default {SERIES_CONNECTIONS}, or 1 with --site-cache; 1: one "
+                        "stream per series)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="network timeout of one request (default 30)")
     p.add_argument("-f", "--foreground", action="store_true",

@@ -98,6 +98,17 @@ def test_a_site_cache_stands_for_both_servers(parser, xdg, argv, main, nlst) -> 
     assert (opts.server, opts.nlst_server) == (main, nlst)
 
 
+@pytest.mark.parametrize("argv, connections", [
+    ([], 4),
+    (["--site-cache", "http://cache:8080"], 1),  # singles would cross the uplink per node
+    (["--site-cache", "http://cache:8080", "--series-connections", "3"], 3),
+    (["--series-connections", "2"], 2),
+])
+def test_one_stream_per_series_behind_a_site_cache(parser, xdg, argv, connections) -> None:
+    args = config.parse_args(parser, ["mount", "/mnt/tcia", *argv], xdg)
+    assert cli._mount_options(args).series_connections == connections
+
+
 def test_switches_follow_the_same_order(parser, xdg) -> None:
     default_file(xdg, "[mount]\nprefetch = false\ndebug = true\n")
     assert config.parse_args(parser, ["mount", "/m"], xdg).prefetch is False
