@@ -17,7 +17,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -108,15 +108,27 @@ class Store:
                 found.append(FoundFile(sop, series, info.st_size, md5, info.st_mtime))
         return found
 
-    def tmpfile(self, room: Reservation) -> TmpFile:
-        return TmpFile(self.root, room)
+    def tmpfile(self, room: Reservation, *, hashed: bool = False) -> TmpFile:
+        """A file in tmp/; `hashed`: a whole file to `finish`, whose MD5 and header are
+        taken from its bytes as they are written (a block needs neither)."""
+        return TmpFile(self.root, room, hashed=hashed)
 
     async def finish(self, tmp: TmpFile) -> tuple[str, str]:
         """fsync a finished download; its SOP Instance UID and the MD5 of its bytes."""
+        return (await self.finish_all([tmp]))[0]
+
+    async def finish_all(self, tmps: Sequence[TmpFile]) -> list[tuple[str, str]]:
+        """fsync finished downloads, all in one worker-thread job, and close them; the
+        SOP Instance UID and the MD5 of each. The MD5 and (nearly always) the UID were
+        taken from the bytes as they were written; only a header longer than what was
+        kept of it is read back from the file."""
+        named = [tmp.sop_from_head() for tmp in tmps]
+        jobs = [(tmp.fd, tmp.path, sop) for tmp, sop in zip(tmps, named, strict=True)]
         with cache_disk(self.root):
-            sop, md5 = await trio.to_thread.run_sync(_finish_file, tmp.fd, tmp.path, self.root)
-        tmp.close()
-        return sop, md5
+            sops = await trio.to_thread.run_sync(_finish_files, jobs, self.root)
+        for tmp in tmps:
+            tmp.close()
+        return [(sop, tmp.md5()) for sop, tmp in zip(sops, tmps, strict=True)]
 
     async def seal(self, tmp: TmpFile) -> None:
         """fsync a finished block in a worker thread (as `finish`, with no header to read:
@@ -145,9 +157,14 @@ class Store:
 class TmpFile:
     """A download in progress in tmp/, with room reserved ahead in steps."""
 
-    def __init__(self, root: Path, room: Reservation) -> None:
+    def __init__(self, root: Path, room: Reservation, *, hashed: bool = False) -> None:
         self.root = root
         self.room = room
+        # The MD5 and the first bytes, taken in the same pass as the write: reading the
+        # file back for them cost a second pass over every byte, in another thread.
+        self._md5 = _MD5() if hashed else None
+        self._head = bytearray()
+        self.sop: str | None = None  # the SOP UID its head named, when already read
         self.path = root / "tmp" / f"{os.getpid()}-{random.getrandbits(64):016x}"
         with cache_disk(root):
             try:
@@ -178,6 +195,24 @@ class TmpFile:
                 raise CacheFull(f"{full}; every cached file is open or pinned") from exc
             with cache_disk(self.root):
                 _write_all(self.fd, chunk, offset)
+        if self._md5 is not None:  # the bytes are written: they are what is stored
+            self._md5.update(chunk)
+            if len(self._head) < HEAD_BYTES:
+                self._head += chunk[:HEAD_BYTES - len(self._head)]
+
+    def md5(self) -> str:
+        """The MD5 of the bytes written (a file made `hashed`)."""
+        assert self._md5 is not None
+        return self._md5.hexdigest()
+
+    def sop_from_head(self) -> str | None:
+        """The SOP Instance UID its first bytes name; None when the header runs past
+        what was kept of them: the file itself must be read."""
+        if self.sop is not None:
+            return self.sop
+        if len(self._head) >= self.size:  # the whole file: what it says is final
+            return _instance_uids(io.BytesIO(self._head), series_too=False)[0]
+        return sop_in_head([bytes(self._head)])
 
     def close(self) -> None:
         if self.fd is not None:
@@ -233,20 +268,48 @@ def _finish_file(fd: int | None, path: Path, root: Path) -> tuple[str, str]:
         md5 = hashlib.file_digest(stored, _MD5).hexdigest()
         stored.seek(0)
         sop = _instance_uids(stored, series_too=False)[0]
+    _make_parent(root, sop)
+    return sop, md5
+
+
+def _finish_files(jobs: Sequence[tuple[int | None, Path, str | None]], root: Path
+                  ) -> list[str]:
+    """fsync each file (fd, path, its SOP UID when already known); return their SOP
+    UIDs, reading the header of those not known; make the directories they go to.
+
+    One worker-thread job for several files: each hand-off to a thread and back costs
+    the event loop more than an fsync's own CPU.
+    """
+    sops = []
+    for fd, path, sop in jobs:
+        assert fd is not None
+        os.fsync(fd)
+        if sop is None:
+            with open(path, "rb") as stored:
+                sop = _instance_uids(stored, series_too=False)[0]
+        _make_parent(root, sop)
+        sops.append(sop)
+    return sops
+
+
+def _make_parent(root: Path, sop: str) -> None:
     parent = object_path(root, sop).parent
     if not parent.is_dir():  # objects/ too may have been taken, empty, by a cleaner
         parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return sop, md5
 
 
 def sop_in_head(head: list[bytes]) -> str | None:
     """The SOP Instance UID the first bytes of a DICOM file name; None when the header
     runs past them."""
+    data = b"".join(head)
+    buffer = io.BytesIO(data)
     try:
-        return _instance_uids(io.BytesIO(b"".join(head)), series_too=False,
-                              meta_too=False)[0]
+        sop = _instance_uids(buffer, series_too=False, meta_too=False)[0]
     except FetchFailed:
         return None
+    # Parsing stops at the first element past the UID: had it reached the end of the
+    # head, the UID's own value may have been cut there.
+    return sop if buffer.tell() < len(data) else None
 
 
 def _instance_uids(stored: BinaryIO, *, series_too: bool = True,
