@@ -16,6 +16,7 @@ import io
 import os
 import random
 import shutil
+import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -37,6 +38,14 @@ _SOP_INSTANCE_UID = Tag(0x0008, 0x0018)
 _SERIES_INSTANCE_UID = Tag(0x0020, 0x000E)
 _MD5 = functools.partial(hashlib.md5, usedforsecurity=False)  # a checksum, not security
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+_SOP_TAG = 0x00080018
+_IMPLICIT_LE = b"1.2.840.10008.1.2"
+_LITTLE_ENDIAN = (_IMPLICIT_LE, b"1.2.840.10008.1.2.1", b"1.2.840.10008.1.2.4.50",
+                  b"1.2.840.10008.1.2.4.57", b"1.2.840.10008.1.2.4.70",
+                  b"1.2.840.10008.1.2.4.90", b"1.2.840.10008.1.2.4.91",
+                  b"1.2.840.10008.1.2.5")  # uncompressed and the usual encapsulated ones
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
+                       b"UN", b"UR", b"UT", b"UV"})
 
 
 class Store:
@@ -211,7 +220,8 @@ class TmpFile:
         if self.sop is not None:
             return self.sop
         if len(self._head) >= self.size:  # the whole file: what it says is final
-            return _instance_uids(io.BytesIO(self._head), series_too=False)[0]
+            return _plain_sop(self._head) or _instance_uids(io.BytesIO(self._head),
+                                                           series_too=False)[0]
         return sop_in_head([bytes(self._head)])
 
     def close(self) -> None:
@@ -302,6 +312,9 @@ def sop_in_head(head: list[bytes]) -> str | None:
     """The SOP Instance UID the first bytes of a DICOM file name; None when the header
     runs past them."""
     data = b"".join(head)
+    quick = _plain_sop(data)
+    if quick is not None:
+        return quick
     buffer = io.BytesIO(data)
     try:
         sop = _instance_uids(buffer, series_too=False, meta_too=False)[0]
@@ -310,6 +323,62 @@ def sop_in_head(head: list[bytes]) -> str | None:
     # Parsing stops at the first element past the UID: had it reached the end of the
     # head, the UID's own value may have been cut there.
     return sop if buffer.tell() < len(data) else None
+
+
+def _plain_sop(data: bytes | bytearray) -> str | None:
+    """The SOP Instance UID of a plain Part 10 header (preamble, little-endian transfer
+    syntax, elements of defined length, a UID of digits and dots), read straight from its
+    bytes; None for anything else, which pydicom then reads (`_instance_uids`).
+
+    pydicom cost 0.2-0.3 ms of the event loop's CPU per file, for four elements or so.
+    """
+    if data[128:132] != b"DICM":
+        return None
+    meta = _walk(data, 132, explicit=True, group=0x0002)
+    if meta is None:
+        return None
+    end_of_meta, syntax = meta
+    if syntax not in _LITTLE_ENDIAN:
+        return None
+    found = _walk(data, end_of_meta, explicit=syntax != _IMPLICIT_LE, until=_SOP_TAG)
+    if found is None:
+        return None
+    uid = found[1].rstrip(b"\0 ")
+    return uid.decode() if uid and not uid.strip(b"0123456789.") else None
+
+
+def _walk(data: bytes | bytearray, pos: int, *, explicit: bool, group: int | None = None,
+          until: int | None = None) -> tuple[int, bytes] | None:
+    """Walk elements from `pos`: with `group`, to the group's end, returning where it
+    ends and the value of its element 0010 (the transfer syntax, in the file meta);
+    with `until`, to that tag, returning where it starts and its value. None when the
+    bytes end first, the tag is missing, or an element's length is undefined."""
+    wanted = b""
+    while pos + 8 <= len(data):
+        tag_group, element = struct.unpack_from("<HH", data, pos)
+        tag = tag_group << 16 | element
+        if group is not None and tag_group != group:
+            return pos, wanted
+        if until is not None and tag > until:
+            return None
+        if not explicit:
+            length, header = struct.unpack_from("<I", data, pos + 4)[0], 8
+        elif bytes(data[pos + 4:pos + 6]) in _LONG_VRS:
+            if pos + 12 > len(data):
+                return None
+            length, header = struct.unpack_from("<I", data, pos + 8)[0], 12
+        else:
+            length, header = struct.unpack_from("<H", data, pos + 6)[0], 8
+        end = pos + header + length
+        if length == 0xFFFFFFFF or end > len(data):
+            return None
+        value = bytes(data[pos + header:end])
+        if tag == until:
+            return pos, value
+        if group is not None and element == 0x0010:
+            wanted = value.rstrip(b"\0 ")
+        pos = end
+    return None
 
 
 def _instance_uids(stored: BinaryIO, *, series_too: bool = True,
