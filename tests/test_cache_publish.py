@@ -21,12 +21,12 @@ import trio
 from cacheutil import _series, _sops, _truth, _with_cache
 from cliutil import run_tciafs
 from dicomutil import dicom_bytes
+from test_crash import slow_emulator  # noqa: F401  (the fixture: 4 MB/s, kills land mid-ZIP)
 from test_mount import _first_ct_series
 
 from tciafs.cache import Cache, object_path
 from tciafs.cache import store as store_module
 
-from conftest import start_emulator
 from mountutil import lazy_unmount, mounted, needs_fuse, stats
 
 
@@ -88,15 +88,6 @@ async def test_a_series_zip_is_fsynced_before_each_rename_a_batch_per_thread_job
     cache.close()
 
 
-@pytest.fixture(scope="module")
-def slow_emulator(demo_data_dir: Path):
-    # 4 MB/s: a demo CT series takes seconds, so kills land while batches are pending.
-    emu = start_emulator(demo_data_dir, "--profile", "demo", "--bandwidth", "4000000",
-                         nlst=True)
-    yield emu
-    emu.stop()
-
-
 def _rows_without_their_bytes(cache_dir: Path) -> list[str]:
     """Present rows of the index whose file is missing, of another size, or not the bytes
     whose MD5 the row gives: read from disk as the daemon left it, before any start."""
@@ -113,19 +104,20 @@ def _rows_without_their_bytes(cache_dir: Path) -> list[str]:
 
 @needs_fuse
 @pytest.mark.mount
-def test_kill_9_mid_batch_leaves_no_row_without_its_bytes(slow_emulator, tmp_path: Path
-                                                          ) -> None:
+def test_kill_9_mid_batch_leaves_no_row_without_its_bytes(request: pytest.FixtureRequest,
+                                                          tmp_path: Path) -> None:
+    emulator = request.getfixturevalue("slow_emulator")  # test_crash's, imported
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     rows_seen = 0
     for round_, after in enumerate((400_000, 900_000, 1_500_000)):
         run_tciafs("cache", "clear", "--cache-dir", str(cache_dir))
-        with mounted(slow_emulator, mnt, cache_dir) as daemon:
+        with mounted(emulator, mnt, cache_dir) as daemon:
             series = _first_ct_series(mnt)
-            before = stats(slow_emulator.url)["bytes_sent"]
+            before = stats(emulator.url)["bytes_sent"]
             copier = subprocess.Popen(["cp", "-r", str(series), str(tmp_path / f"cp{round_}")],
                                       stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + 20
-            while stats(slow_emulator.url)["bytes_sent"] < before + after:
+            while stats(emulator.url)["bytes_sent"] < before + after:
                 assert time.monotonic() < deadline, "no download started"
                 time.sleep(0.01)
             os.kill(daemon.pid, signal.SIGKILL)
