@@ -11,7 +11,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -210,7 +210,7 @@ class Fetcher:
                        ) -> AsyncIterator[TmpFile]:
         """A file in tmp/ to write a download to; gone afterwards unless published."""
         with self.space.reservation(series, expected) as room:
-            tmp = self.store.tmpfile(room)
+            tmp = self.store.tmpfile(room, hashed=True)
             try:
                 yield tmp
             finally:
@@ -226,8 +226,28 @@ class Fetcher:
         and the file is indexed as verified. `revision`: the series' when the download
         began."""
         sop, md5 = await self.store.finish(tmp)
-        # From here to the end no await: the file appears in the index and in memory at
-        # once (docs/design/cache.md, "Concurrency").
+        return self._place(tmp, sop, md5, collection, series, revision,
+                           expect_sop=expect_sop, expect_md5=expect_md5)
+
+    async def publish_all(self, tmps: Sequence[TmpFile], collection: str, series: str,
+                          revision: int) -> list[tuple[str, str]]:
+        """`publish` several finished downloads of a series (the entries of its ZIP) with
+        one fsync job for all: each is still fsynced before it is renamed and indexed."""
+        finished = await self.store.finish_all(tmps)
+        # No await from here: every file's check, rename, row and entry in memory.
+        return [self._place(tmp, sop, md5, collection, series, revision)
+                for tmp, (sop, md5) in zip(tmps, finished, strict=True)]
+
+    def awaited(self, sop: str) -> bool:
+        """Whether a reader waits for a series fetch to bring the file."""
+        return sop in self._published
+
+    def _place(self, tmp: TmpFile, sop: str, md5: str, collection: str, series: str,
+               revision: int, *, expect_sop: str | None = None,
+               expect_md5: str | None = None) -> tuple[str, str]:
+        """The rest of `publish`, after the fsync: check, rename, index, show. No await:
+        the file appears in the index and in memory at once (docs/design/cache.md,
+        "Concurrency")."""
         self.check_revision(series, revision)
         if expect_sop is not None and sop != expect_sop:
             if self.source is None or self.source.capabilities.names_are_sop_uids:

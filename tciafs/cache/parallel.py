@@ -7,9 +7,9 @@ streams, a few workers fetch single images in the order of the series' listing
 sends its files in the service's database order, which is not the listing's: workers that
 go the way readers go (`ls`, `cp -r`) keep ahead of them, and the ZIP fills in the rest.
 The ZIP skips writing what a single brought, and still runs to its end, whose MD5 list
-confirms every file, as before. A worker takes no file the ZIP is writing, and the ZIP
-writes a file whose single is under way all the same (its bytes come with it anyway): a
-single that fails then costs nothing.
+confirms every file, as before. A worker takes no file the ZIP is writing (or holds to
+publish with its batch), and the ZIP writes a file whose single is under way all the
+same (its bytes come with it anyway): a single that fails then costs nothing.
 
 The link, as measured, decides when: workers start only once the ZIP's measured rate says
 it has more left than a single image costs, and each worker stops when the ZIP would bring
@@ -68,7 +68,9 @@ class ZipProgress:
 
     started: float = field(default_factory=time.monotonic)
     files: int = 0
-    writing: set[str] = field(default_factory=set)  # the SOP UID of the entry it writes
+    # The SOP UIDs of the entry it writes and of those waiting in its batch to be
+    # published (prefetch.ZipBatch): no single is fetched for them.
+    writing: set[str] = field(default_factory=set)
     done: bool = False
     # Read each entry's header before writing it, to tell which file it is: needed only
     # while singles run beside it (a header read costs about 0.3 ms of CPU per file).

@@ -8,7 +8,9 @@ the caps of `Connections` (cache/parallel.py, docs/connections.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
@@ -21,12 +23,14 @@ from .fetch import Fetcher
 from .index import Index
 from .model import BadCopy, CacheDiskError, CacheFull, CacheStats, FetchFailed, IntegrityError
 from .parallel import LOOK_EVERY, Connections, Singles, ZipProgress
-from .store import HEAD_BYTES, sop_in_head
+from .store import HEAD_BYTES, TmpFile, sop_in_head
 
 log = logging.getLogger("tciafs.cache")
 
 RESUME_SHARE = 4  # a confirmed series lacking at most 1/4 of its files gets singles
 REFETCH_IN_A_ROW = 3  # MD5 mismatches fetched again in a row that fail it again: stop
+BATCH_FILES = 8  # a ZIP's finished files fsynced in one worker-thread job, at most
+BATCH_SECONDS = 0.05  # ... and the longest the first of them waits for the others
 
 
 class Prefetcher:
@@ -228,27 +232,29 @@ class Prefetcher:
         # The head tells which file an entry is before it is written: needed to skip one
         # the cache holds, and to keep the singles off the one being written.
         partly_cached = self.contents.series_files[series] > 0
-        async for member in stream.members():
-            blocks = member.chunks()
-            look = partly_cached or zip_progress.look
-            head = await _head_of(blocks) if look else []
-            sop = sop_in_head(head) if head else None  # None: header longer than the head
-            known = self._cached_copy(sop)
-            if known is None:
-                if sop is not None:
-                    zip_progress.writing.add(sop)
-                try:
-                    known = await self._store(collection, series, revision, head, blocks,
-                                              progress)
-                finally:
-                    zip_progress.writing.discard(sop or "")
-            else:  # not written again, but its CRC is still checked
-                progress[0] += sum(map(len, head))
-                async for block in blocks:
-                    progress[0] += len(block)
-            names[member.name] = known
-            progress[1] += 1
-            zip_progress.files += 1
+        async with ZipBatch(self.fetcher, collection, series, revision, names,
+                            zip_progress) as batch:
+            async for member in stream.members():
+                if batch.due():
+                    await batch.flush()
+                blocks = member.chunks()
+                look = partly_cached or zip_progress.look
+                head = await _head_of(blocks) if look else []
+                sop = sop_in_head(head) if head else None  # None: header past the head
+                known = self._cached_copy(sop)
+                if known is None:
+                    batch.claim(sop)
+                    tmp = await batch.new_file()
+                    await self._write(tmp, head, blocks, progress)
+                    batch.add(member.name, tmp, sop)
+                else:  # not written again, but its CRC is still checked
+                    progress[0] += sum(map(len, head))
+                    async for block in blocks:
+                        progress[0] += len(block)
+                    names[member.name] = known
+                progress[1] += 1
+                zip_progress.files += 1
+            await batch.flush()
 
     async def _singles(self, collection: str, series: str, zip_progress: ZipProgress) -> None:
         """Single images beside the series' ZIP (cache/parallel.py)."""
@@ -293,17 +299,16 @@ class Prefetcher:
                               f"the {len(listed)} files it lists")
         return listed
 
-    async def _store(self, collection: str, series: str, revision: int, head: list[bytes],
-                     blocks: AsyncIterator[bytes], progress: list[int]) -> tuple[str, str]:
-        """Write one ZIP entry to the cache and publish it; its SOP UID and MD5."""
-        async with self.fetcher.download(series) as tmp:
-            for block in head:
-                await tmp.write(block)
-            progress[0] += tmp.size
-            async for block in blocks:
-                await tmp.write(block)
-                progress[0] += len(block)
-            return await self.fetcher.publish(tmp, collection, series, revision)
+    @staticmethod
+    async def _write(tmp: TmpFile, head: list[bytes], blocks: AsyncIterator[bytes],
+                     progress: list[int]) -> None:
+        """Write one ZIP entry to a file in tmp/, to be published with its batch."""
+        for block in head:
+            await tmp.write(block)
+        progress[0] += tmp.size
+        async for block in blocks:
+            await tmp.write(block)
+            progress[0] += len(block)
 
     def _cached_copy(self, sop: str | None) -> tuple[str, str] | None:
         """The SOP UID and stored MD5 of the instance, when the cache holds it already:
@@ -443,6 +448,77 @@ class Prefetcher:
             raise IntegrityError(f"{len(failed)} of the {len(bad)} files of series {series} "
                                  "that failed the service's MD5 check failed it again, "
                                  "fetched one by one; they are not served")
+
+
+class ZipBatch:
+    """A series ZIP's finished entries, published a few at a time: one worker-thread job
+    fsyncs them all, then each is renamed and indexed (docs/design/cache.md, "Life of a
+    file"). The hand-off of each file to a thread and back cost the event loop more than
+    the fsync itself.
+
+    A batch is published once it holds BATCH_FILES files, once its first has waited
+    BATCH_SECONDS, when a reader waits for one of its files, and at the ZIP's end.
+    """
+
+    def __init__(self, fetcher: Fetcher, collection: str, series: str, revision: int,
+                 names: dict[str, tuple[str, str]], zip_progress: ZipProgress) -> None:
+        self.fetcher = fetcher
+        self.collection = collection
+        self.series = series
+        self.revision = revision
+        self.names = names  # entry name → (sop, md5), filled as files are published
+        self.zip = zip_progress
+        self._files = contextlib.AsyncExitStack()  # the downloads not yet published
+        self._pending: list[tuple[str, TmpFile]] = []  # (entry name, its file)
+        self._claimed: list[str] = []  # SOP UIDs kept from the singles until published
+        self._since = 0.0
+
+    async def __aenter__(self) -> ZipBatch:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._let_go()
+        await self._files.aclose()  # what was not published is deleted
+
+    def claim(self, sop: str | None) -> None:
+        """Keep the singles beside the ZIP off a file it is about to write."""
+        if sop is not None:
+            self.zip.writing.add(sop)
+            self._claimed.append(sop)
+
+    async def new_file(self) -> TmpFile:
+        return await self._files.enter_async_context(self.fetcher.download(self.series))
+
+    def add(self, name: str, tmp: TmpFile, sop: str | None) -> None:
+        if not self._pending:
+            self._since = time.monotonic()
+        if sop is None:  # named now, so that a reader waiting for it is seen (`due`)
+            sop = tmp.sop_from_head()
+            self.claim(sop)
+        tmp.sop = sop
+        self._pending.append((name, tmp))
+
+    def due(self) -> bool:
+        return bool(self._pending) and (
+            len(self._pending) >= BATCH_FILES
+            or time.monotonic() - self._since >= BATCH_SECONDS
+            or any(self.fetcher.awaited(tmp.sop or "") for _, tmp in self._pending))
+
+    async def flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            published = await self.fetcher.publish_all(
+                [tmp for _, tmp in pending], self.collection, self.series, self.revision)
+            for (name, _), known in zip(pending, published, strict=True):
+                self.names[name] = known
+        self._let_go()
+        files, self._files = self._files, contextlib.AsyncExitStack()
+        await files.aclose()  # each is adopted by the cache now, or a duplicate
+
+    def _let_go(self) -> None:
+        for sop in self._claimed:
+            self.zip.writing.discard(sop)
+        self._claimed.clear()
 
 
 class ShortSeries(BadCopy):
