@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import trio
-from pydicom.filereader import read_partial
-from pydicom.tag import Tag
 
 from .index import FoundFile
 from .layout import object_name, object_path
@@ -34,8 +32,9 @@ from .space import Reservation
 HEAD_BYTES = 16 << 10  # DICOM headers name the SOP Instance UID well within this
 REINDEX_REPORT_EVERY = 10.0  # seconds; systemd is told to wait 60 s more each time
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-_SOP_INSTANCE_UID = Tag(0x0008, 0x0018)
-_SERIES_INSTANCE_UID = Tag(0x0020, 0x000E)
+# Tags as plain numbers (group << 16 | element), which pydicom compares and accepts alike.
+_SOP_INSTANCE_UID = 0x00080018
+_SERIES_INSTANCE_UID = 0x0020000E
 _MD5 = functools.partial(hashlib.md5, usedforsecurity=False)  # a checksum, not security
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _SOP_TAG = 0x00080018
@@ -385,6 +384,10 @@ def _instance_uids(stored: BinaryIO, *, series_too: bool = True,
                    meta_too: bool = True) -> tuple[str, str]:
     """SOPInstanceUID (and SeriesInstanceUID) from a file's header; with `meta_too`,
     the file meta's MediaStorageSOPInstanceUID stands in for a missing one."""
+    # pydicom (with numpy, a fifth of a second) is loaded when a header first needs it,
+    # not when the daemon starts: most headers are read without it (above).
+    from pydicom.filereader import read_partial
+
     last = _SERIES_INSTANCE_UID if series_too else _SOP_INSTANCE_UID
     try:
         # Parsing stops past the last UID wanted: the rest is never needed here.
