@@ -20,7 +20,7 @@ from tciafs.defaults import DEFAULT_NLST_SERVER, DEFAULT_SERVER, SERIES_CONNECTI
 from tciafs.parser import build_parser
 
 if TYPE_CHECKING:
-    from tciafs.mount import MountOptions
+    from tciafs.spawn import MountOptions
 
 LOG_BYTES = 16 << 20  # a detached daemon's log file, before it is rotated
 LOG_BACKUPS = 3
@@ -59,7 +59,7 @@ def setup_logging(debug: bool, log_file: Path | None = None) -> None:
 
 
 def _mount_options(args: argparse.Namespace) -> MountOptions:
-    from tciafs.mount import MountOptions, default_cache_dir
+    from tciafs.spawn import MountOptions, default_cache_dir
 
     site_cache = args.site_cache.rstrip("/") if args.site_cache else None
 
@@ -97,17 +97,19 @@ def _nlst_server(server: str | None, site_cache: str | None) -> str | None:
 
 
 def _cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
-    # The daemon, trio and pyfuse3: loaded for this command alone, so that the commands
-    # that talk to a running mount start fast.
-    from tciafs import mount
+    from tciafs import spawn
 
     opts = _mount_options(args)
     try:
         if args.foreground:
+            # The daemon, trio and pyfuse3: loaded by the daemon alone; the command that
+            # starts it in the background only waits for it to answer.
+            from tciafs import mount
+
             setup_logging(args.debug, args.log_file)
             return mount.run_foreground(opts, args.ready_fd)
-        return mount.spawn_daemon(argv, opts)
-    except mount.MountError as exc:
+        return spawn.spawn_daemon(argv, opts)
+    except mounts.MountError as exc:
         print(f"tciafs: {exc}", file=sys.stderr)
         return 1
 
