@@ -116,7 +116,8 @@ def site_copy(ctx: Context, label: str, nodes: int, expected: dict[str, str]) ->
         with site_cache(ctx, label) as site:
             ctx.emu.reset()  # from here on, every byte the nodes cause upstream counts
             with contextlib.ExitStack() as stack:
-                mounts = [stack.enter_context(session(ctx, f"{label}-node{n}", server=site.url))
+                mounts = [stack.enter_context(session(ctx, f"{label}-node{n}", server=site.url,
+                                                   extra=("--site-cache", site.url)))
                           for n in range(nodes)]
                 sources = [study_path(m.mountpoint, study[0]) for m in mounts]
                 for src in sources:

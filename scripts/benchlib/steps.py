@@ -77,15 +77,16 @@ class Context:
 
 @contextlib.contextmanager
 def session(ctx: Context, label: str, cache: Path | None = None,
-            server: str | None = None) -> Iterator[Mount]:
-    """A mount on a fresh mountpoint; a fresh cache unless one is given (then kept)."""
+            server: str | None = None, extra: Sequence[str] = ()) -> Iterator[Mount]:
+    """A mount on a fresh mountpoint; a fresh cache unless one is given (then kept);
+    `extra`: more `tciafs mount` options."""
     own_cache = cache is None
     cache = cache or ctx.work.fresh("cache")
     mnt = ctx.work.fresh("mnt")
     log = ctx.results / "logs" / f"{label}.log"
     try:
         with mounted(server or ctx.emu.url, mnt, cache, log,
-                     "--cache-size", ctx.cache_size) as mount:
+                     "--cache-size", ctx.cache_size, *extra) as mount:
             try:
                 yield mount
             finally:
