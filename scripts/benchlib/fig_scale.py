@@ -64,19 +64,27 @@ def emulator_command(profile: str) -> list[str]:
     return [sys.executable, "-m", "tciafs.emulator", "--profile", profile]
 
 
+def on_nlst_host(profile: str) -> bool:
+    """The nlst profile's one collection is served by the NLST server, as the real
+    service serves NLST: the walks need that server and a mount that names it."""
+    return profile == "nlst"
+
+
 def fig_scale(ctx: Context, profile: str, ls_profile: str) -> None:
     chosen = ctx.figures
     log = ctx.results / "logs"
     if {"15a_walk_cold", "15b_walk_remount", "16a_walk_peak_rss",
             "16b_listings_peak_rss"} & set(chosen):
         with emulator(emulator_command(profile), ctx.shaping,
-                      log / "emulator-scale-walk.log", timeout=600) as emu:
+                      log / "emulator-scale-walk.log", timeout=600,
+                      nlst=on_nlst_host(profile)) as emu:
             walks(ctx, emu)
             if "16b_listings_peak_rss" in chosen:
                 listings(ctx, emu)
     if "17_ls_l_collection" in chosen:
         with emulator(emulator_command(ls_profile), ctx.shaping,
-                      log / "emulator-scale-ls.log", timeout=600) as emu:
+                      log / "emulator-scale-ls.log", timeout=600,
+                      nlst=on_nlst_host(ls_profile)) as emu:
             ls_long(ctx, emu)
 
 
@@ -92,12 +100,14 @@ def walk(root: Path, limit: int, long: bool = False) -> dict[str, float]:
 def walks(ctx: Context, emu: Emulator) -> None:
     cache = ctx.work.fresh("cache")
     try:
-        with session(ctx, "scale-walk-cold", cache, server=emu.url) as mount:
+        with session(ctx, "scale-walk-cold", cache, server=emu.url,
+                     extra=emu.mount_args) as mount:
             emu.reset()  # after the mount answers: its start-up probe is not counted
             cold = walk(mount.mountpoint, WALK_FILES)
             cold_req, cold_rss = emu.stats()["requests"], mount.peak_rss_kib()
             ahead = mount.status().get("listed_ahead", 0)
-        with session(ctx, "scale-walk-remount", cache, server=emu.url) as mount:
+        with session(ctx, "scale-walk-remount", cache, server=emu.url,
+                     extra=emu.mount_args) as mount:
             emu.reset()
             warm = walk(mount.mountpoint, WALK_FILES)
             warm_req, warm_rss = emu.stats()["requests"], mount.peak_rss_kib()
@@ -122,7 +132,8 @@ def walks(ctx: Context, emu: Emulator) -> None:
 
 
 def listings(ctx: Context, emu: Emulator) -> None:
-    with emu.unshaped(), session(ctx, "scale-listings", server=emu.url) as mount:
+    with emu.unshaped(), session(ctx, "scale-listings", server=emu.url,
+                     extra=emu.mount_args) as mount:
         run = walk(mount.mountpoint, LISTING_FILES)
         rss = mount.peak_rss_kib()
     fig = ctx.fig("16b_listings_peak_rss")
@@ -140,9 +151,11 @@ def ls_long(ctx: Context, emu: Emulator) -> None:
     cache = ctx.work.fresh("cache")
     native = ctx.work.fresh("native")
     try:
-        with session(ctx, "scale-ls-cold", cache, server=emu.url) as mount:
+        with session(ctx, "scale-ls-cold", cache, server=emu.url,
+                     extra=emu.mount_args) as mount:
             collection, entries = _largest_collection(mount.mountpoint)
-        with session(ctx, "scale-ls-remount", cache, server=emu.url) as mount:
+        with session(ctx, "scale-ls-remount", cache, server=emu.url,
+                     extra=emu.mount_args) as mount:
             target = mount.mountpoint / collection
             first = run_timed(["ls", "-l", target])  # catalog warm, kernel cold
             again = [run_timed(["ls", "-l", target]) for _ in range(ctx.repeat)]

@@ -61,6 +61,12 @@ class Emulator:
     def proc(self) -> subprocess.Popen:
         return self.running.proc
 
+    @property
+    def mount_args(self) -> tuple[str, ...]:
+        """What a mount needs beside --server: the NLST server, where there is one."""
+        nlst = self.running.nlst_url
+        return ("--nlst-server", nlst) if nlst else ()
+
     def api(self, endpoint: str, **params: str) -> Any:
         reply = httpx.get(f"{self.url}/nbia-api/services/v4/{endpoint}", params=params,
                           timeout=60)
@@ -89,12 +95,14 @@ class Emulator:
 
 @contextlib.contextmanager
 def emulator(cmd: Sequence[str], shaping: Shaping, log_path: Path,
-             timeout: float = 180.0) -> Iterator[Emulator]:
+             timeout: float = 180.0, nlst: bool = False) -> Iterator[Emulator]:
     """Start an emulator command (one that runs the emulator's CLI), shaped, its stderr
-    appended to `log_path`; stop it when the block ends."""
+    appended to `log_path`, with its NLST server too if `nlst`; stop it when the block
+    ends."""
     shaped = ("--latency-ms", str(shaping.latency_ms), "--bandwidth", str(shaping.bandwidth))
     try:
-        running = launch.start(*shaped, command=cmd, log=log_path, timeout=timeout)
+        running = launch.start(*shaped, command=cmd, log=log_path, timeout=timeout,
+                               nlst=nlst)
     except launch.EmulatorStartError as exc:
         raise BenchError(str(exc)) from exc
     with running:
