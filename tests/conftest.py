@@ -104,6 +104,17 @@ def emulator(demo_data_dir: Path) -> Iterator[EmulatorProcess]:
         emu.stop()
 
 
+@pytest.fixture(scope="module")
+def scale_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorProcess]:
+    """The scale-profile emulator (1,000 series of 100 small images), one per test module:
+    the modules that use it set faults or count requests of their own."""
+    emu = start_emulator(tmp_path_factory.mktemp("scale-archive"), "--profile", "scale")
+    try:
+        yield emu
+    finally:
+        emu.stop()
+
+
 @pytest.fixture
 async def client(emulator: EmulatorProcess) -> AsyncIterator[NbiaSource]:
     """The NBIA source of the session's emulator, as the cache's tests use it."""

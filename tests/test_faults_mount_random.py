@@ -19,7 +19,6 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import pytest
 from cliutil import run_tciafs
 from faultutil import _assert_clean_log, _log_of, _series_dirs, _sop, _truth, _wait_quiet
 
-from conftest import EmulatorProcess, start_emulator
+from conftest import EmulatorProcess
 from mountutil import mounted, needs_fuse, reset_stats, set_faults, stats
 
 pytestmark = [needs_fuse, pytest.mark.mount]
@@ -103,16 +102,6 @@ def _read_all(paths: list[Path], outcomes: list[Outcome], stop_at: float) -> Non
             continue
         outcomes.append(Outcome(path, time.monotonic() - started, None,
                                 hashlib.md5(data).hexdigest()))
-
-
-@pytest.fixture(scope="module")
-def scale_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorProcess]:
-    """A dedicated scale-profile emulator (1,000 series of 100 small images) for faults."""
-    emu = start_emulator(tmp_path_factory.mktemp("scale-archive"), "--profile", "scale")
-    try:
-        yield emu
-    finally:
-        emu.stop()
 
 
 READERS = 16

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pyfuse3
@@ -28,17 +28,8 @@ from tciafs.mount import assemble
 from tciafs.sources.nbia import NbiaSource
 from tciafs.tree import NODES_HELD, Tree
 
-from conftest import EmulatorProcess, start_emulator
+from conftest import EmulatorProcess
 from mountutil import mounted, needs_fuse, reset_stats, stats
-
-
-@pytest.fixture(scope="module")
-def scale_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorProcess]:
-    emu = start_emulator(tmp_path_factory.mktemp("scale"), "--profile", "scale")
-    try:
-        yield emu
-    finally:
-        emu.stop()
 
 
 @pytest.fixture(autouse=True)
