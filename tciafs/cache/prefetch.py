@@ -476,7 +476,17 @@ class ZipBatch:
     async def __aenter__(self) -> ZipBatch:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None,
+                        tb: object) -> None:
+        if isinstance(exc, Exception) and self._pending:
+            # A ZIP cut short (or closed early): the entries it brought whole, each
+            # through its CRC, are kept as if each had been published alone; only the
+            # one it was writing is lost. Cancellation publishes nothing.
+            try:
+                await self.flush()
+            except Exception as failed:  # the ZIP's own error is the one to report
+                log.warning("series %s: the files a cut ZIP brought could not be kept: %s",
+                            self.series, failed)
         self._let_go()
         await self._files.aclose()  # what was not published is deleted
 
