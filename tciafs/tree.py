@@ -268,7 +268,8 @@ class Tree:
                     kind is Kind.PATIENT and self._fresh(listed))):
                 self._scan(ino, 0, count, found, budget, kinds)  # down to its series
 
-    def _forget_listing(self, ino: int) -> None:
+    def _drop_node(self, ino: int) -> None:
+        """Listings live in the catalog; only the node held in memory goes stale."""
         self._nodes.pop(ino, None)
 
     async def listed(self, ino: int) -> Node:
@@ -423,7 +424,7 @@ class Tree:
         for target in targets:
             self._store_patient(target, by_patient.get(target.ident.upper(), []), study_ids,
                                 listed, answered=answered)
-            self._forget_listing(target.ino)
+            self._drop_node(target.ino)
         self.requests_saved += len(targets) - 1
 
     async def _series_rows(self, collection: str, patient_id: str | None) -> list[Series]:
@@ -457,7 +458,7 @@ class Tree:
                              s.series_uid, plain(s))
                     for name, s in zip(self._series_names(rows), rows, strict=True)]
             self.catalog.replace_children(study.ino, _unique(kids, "series"), listed)
-            self._forget_listing(study.ino)
+            self._drop_node(study.ino)
         self._note_revised(before, series)
         if answered:
             still = {s.series_uid for s in series}
@@ -486,7 +487,7 @@ class Tree:
             node = node or self.catalog.find_uid(s.series_uid)  # renamed, or new
             if node is not None:
                 self.catalog.mark_listed([node.ino], 0.0)  # stale, but kept for offline
-                self._forget_listing(node.ino)
+                self._drop_node(node.ino)
                 self._nodes.pop(node.ino, None)
                 self._revised.append(node.ino)
 
@@ -569,10 +570,9 @@ class Tree:
     # -- invalidation --------------------------------------------------------------------
 
     def forget_listing(self, ino: int) -> None:
-        """Drop a listing from memory and mark it stale, so the next access refetches."""
-        self._forget_listing(ino)
+        """Mark a listing stale, so the next access fetches it again."""
         self.catalog.mark_listed([ino], 0.0)
-        self._nodes.pop(ino, None)
+        self._drop_node(ino)
 
 
 def _stale(was: str | None, now: str | None, *, back: bool) -> bool:
