@@ -90,6 +90,7 @@ class Holds:
     def __init__(self) -> None:
         self.open: collections.Counter[str] = collections.Counter()
         self.busy: collections.Counter[str] = collections.Counter()  # series
+        self.on_free: Callable[[], None] | None = None  # a file no longer held: evictable
 
     def take(self, sop: str, series: str) -> None:
         self.open[sop] += 1
@@ -99,6 +100,7 @@ class Holds:
         self.open[sop] -= 1
         if self.open[sop] <= 0:
             del self.open[sop]
+            self._freed()
         self.let_go_series(series)
 
     def take_keys(self, keys: list[str]) -> None:
@@ -110,6 +112,11 @@ class Holds:
             self.open[key] -= 1
             if self.open[key] <= 0:
                 del self.open[key]
+                self._freed()
+
+    def _freed(self) -> None:
+        if self.on_free is not None:
+            self.on_free()
 
     def take_series(self, series: str) -> None:
         self.busy[series] += 1

@@ -457,7 +457,8 @@ class ZipBatch:
     the fsync itself.
 
     A batch is published once it holds BATCH_FILES files, once its first has waited
-    BATCH_SECONDS, when a reader waits for one of its files, and at the ZIP's end.
+    BATCH_SECONDS, when a reader waits for one of its files, when a download waits for
+    the room it holds, and at the ZIP's end.
     """
 
     def __init__(self, fetcher: Fetcher, collection: str, series: str, revision: int,
@@ -506,13 +507,15 @@ class ZipBatch:
             sop = tmp.sop_from_head()
             self.claim(sop)
         tmp.sop = sop
+        tmp.room.written = True  # it frees no room until the batch is published
         self._pending.append((name, tmp))
 
     def due(self) -> bool:
         return bool(self._pending) and (
             len(self._pending) >= BATCH_FILES
             or time.monotonic() - self._since >= BATCH_SECONDS
-            or any(self.fetcher.awaited(tmp.sop or "") for _, tmp in self._pending))
+            or any(self.fetcher.awaited(tmp.sop or "") for _, tmp in self._pending)
+            or self.fetcher.space.wanted())
 
     async def flush(self) -> None:
         if self._pending:

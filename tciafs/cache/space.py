@@ -15,11 +15,18 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import trio
+
 from .contents import Contents, Holds
 from .model import CacheFull
 
 META_SLACK = 1 << 20  # the WAL checkpoints at 100 pages; the index grows in small steps
 RESERVE_STEP = 1 << 20
+# A download that finds the cache full while other downloads go on waits for them to
+# free room; after ROOM_IDLE seconds in which nothing was freed, or ROOM_WAIT in all, it
+# goes on with only the room each chunk needs, and fails if even that is refused.
+ROOM_IDLE = 2.0
+ROOM_WAIT = 60.0
 
 
 class Space:
@@ -34,6 +41,9 @@ class Space:
         self.file_bytes = 0  # cached files plus reservations of downloads in progress
         self._dir_bytes: dict[str, int] = {}
         self._reservations: set[Reservation] = set()  # of downloads in progress
+        self._waiters = 0  # downloads waiting for room (room_freed)
+        self._freed = trio.Event()
+        holds.on_free = self._room_changed
 
     # -- what is used --------------------------------------------------------------------
 
@@ -69,19 +79,56 @@ class Space:
 
     # -- claiming room -------------------------------------------------------------------
 
-    def reserve(self, nbytes: int, series: str) -> None:
+    def reserve(self, nbytes: int, series: str, *, reclaim: bool = True) -> None:
         """Claim room for `nbytes` more, evicting as needed; raise CacheFull if impossible.
         Measure, evict and account in one step, with no await between (docs/design/
-        cache.md, "Concurrency"): two downloads could otherwise claim the same room."""
+        cache.md, "Concurrency"): two downloads could otherwise claim the same room.
+        `reclaim`: take back room other downloads reserved ahead, as a last resort."""
         # META_SLACK keeps room for the SQLite files to grow until the next checkpoint.
         need = self.used_bytes + nbytes + META_SLACK - self.max_bytes
         if need > 0:
-            self.evict(need, series)
+            self.evict(need, series, reclaim=reclaim)
         self.file_bytes += nbytes
 
     def release(self, nbytes: int) -> None:
         """Bytes no longer taken: a file dropped, or room a download did not use."""
         self.file_bytes -= nbytes
+        if nbytes > 0:
+            self._room_changed()
+
+    def _room_changed(self) -> None:
+        """Room was freed, or a file became evictable: wake the downloads waiting."""
+        if self._waiters:
+            self._freed.set()
+            self._freed = trio.Event()
+
+    def worth_waiting(self, room: Reservation) -> bool:
+        """Whether `room` may wait for others to free room: downloads other than it are
+        going on, not waiting for room themselves (they will end, and free room or leave
+        files that can be evicted), and none of its series' finished files waits to be
+        published (that series' ZIP publishes them only once `room` is written)."""
+        busy = False
+        for other in self._reservations:
+            if other.written and other.series == room.series:
+                return False
+            busy = busy or (other is not room and not (other.waiting or other.written))
+        return busy
+
+    def wanted(self) -> bool:
+        """Whether downloads are waiting for room."""
+        return self._waiters > 0
+
+    async def room_freed(self, deadline: float) -> bool:
+        """Wait until room may have been freed; False when nothing was for ROOM_IDLE
+        seconds, or `deadline` (trio's clock) passed."""
+        self._waiters += 1
+        try:
+            with trio.move_on_at(min(deadline, trio.current_time() + ROOM_IDLE)):
+                await self._freed.wait()
+                return True
+            return False
+        finally:
+            self._waiters -= 1
 
     @contextlib.contextmanager
     def reservation(self, series: str, expected: int | None) -> Iterator[Reservation]:
@@ -92,12 +139,19 @@ class Space:
             yield room
         finally:
             self._reservations.discard(room)
+            self._room_changed()
 
     # -- eviction ------------------------------------------------------------------------
 
-    def evict(self, need: int, series: str) -> None:
+    def evict(self, need: int, series: str, *, reclaim: bool = True) -> None:
         """Drop files, least recently used first, until `need` bytes are free. Files of
-        busy series go only when nothing else is left; held and pinned ones never."""
+        busy series go only when nothing else is left; held and pinned ones never.
+        Without `reclaim` (a download that would rather wait), nothing is dropped
+        unless enough can be."""
+        if not reclaim and sum(size for sop, size in self.contents.files.items()
+                               if self._evictable(sop, True)) < need:
+            raise CacheFull(f"cache full: {self.max_bytes} bytes bound, taken by "
+                            f"downloads in progress while reading series {series}")
         for allow_busy in (False, True):
             for sop in list(self.contents.files):
                 if need <= 0:
@@ -106,7 +160,7 @@ class Space:
                     continue
                 need -= self.contents.files[sop]
                 self.drop(sop)
-        if need > 0:
+        if need > 0 and reclaim:
             need -= self._reclaim_ahead()
         if need > 0:
             raise CacheFull(f"cache full: {self.max_bytes} bytes bound, nothing evictable "
@@ -136,25 +190,52 @@ class Reservation:
         self.expected = expected  # the file's size, when the server said it
         self.used = 0
         self.reserved = 0
+        self.waiting = False  # for room (claim)
+        self.written = False  # every byte is in; it waits to be published
 
-    def take(self, nbytes: int) -> None:
-        """Room for `nbytes` more bytes, reserved before they are written."""
+    async def claim(self, nbytes: int) -> None:
+        """`take`, but while other downloads hold the room, wait for them to finish
+        rather than write on with only the room this chunk needs: a cache too small
+        for many readers at once then slows them down instead of failing them, and a
+        download that has its room never waits for one that has not."""
+        if self.used + nbytes <= self.reserved:
+            self.used += nbytes
+            return
+        deadline = trio.current_time() + ROOM_WAIT
+        while self.space.worth_waiting(self):
+            try:
+                self.take(nbytes, patient=True)
+                return
+            except CacheFull:
+                pass
+            self.waiting = True
+            try:
+                freed = await self.space.room_freed(deadline)
+            finally:
+                self.waiting = False
+            if not freed:
+                break
+        self.take(nbytes)
+
+    def take(self, nbytes: int, *, patient: bool = False) -> None:
+        """Room for `nbytes` more bytes, reserved before they are written. `patient`:
+        the expected rest of the file or nothing, taking no room back from others."""
         if self.used + nbytes > self.reserved:
-            self._reserve_for(nbytes)
+            self._reserve_for(nbytes, patient)
         self.used += nbytes
 
-    def _reserve_for(self, nbytes: int) -> None:
+    def _reserve_for(self, nbytes: int, patient: bool) -> None:
         """Reserve the expected rest of the file, or a MiB ahead; what stays unused is
-        given back when the file is published. Near a full cache, fall back to exactly
-        what this chunk needs."""
+        given back when the file is published. Near a full cache, unless `patient`,
+        fall back to exactly what this chunk needs."""
         need = self.used + nbytes - self.reserved
         ahead = (self.expected - self.reserved if self.expected and self.expected > self.used
                  else RESERVE_STEP)
         step = max(need, ahead)
         try:
-            self.space.reserve(step, self.series)
+            self.space.reserve(step, self.series, reclaim=not patient)
         except CacheFull:
-            if step == need:
+            if step == need or patient:
                 raise
             # Reclaiming may have settled this very file: ask again for what it lacks.
             step = self.used + nbytes - self.reserved

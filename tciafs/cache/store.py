@@ -188,7 +188,7 @@ class TmpFile:
 
     async def write(self, chunk: bytes) -> None:
         offset = self.size
-        self.room.take(len(chunk))
+        await self.room.claim(len(chunk))
         try:
             with cache_disk(self.root, full_too=False):
                 _write_all(self.fd, chunk, offset)
