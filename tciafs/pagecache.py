@@ -138,6 +138,11 @@ class PageFeeder:
         if ino is not None:  # else never handed to the kernel
             await self.invalidate(ino)
 
+    @property
+    def reading_from_disk(self) -> bool:
+        """Whether a worker thread is reading files into memory before their push."""
+        return bool(self._loading)
+
     async def invalidate(self, ino: int) -> None:
         """Have the kernel drop the inode's pages and attributes (a no-op unmounted)."""
         if self._pusher is None:

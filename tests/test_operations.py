@@ -272,6 +272,16 @@ async def _cached_series(harness) -> list[int]:
     return inodes
 
 
+async def _feeder_settled(ops: Operations) -> None:
+    """Every task blocked, and no file being read from disk in a worker thread (a task
+    waiting for a thread counts as blocked): what the feeder will push, it has."""
+    with trio.fail_after(30):
+        await trio.testing.wait_all_tasks_blocked()
+        while ops.pages.reading_from_disk:
+            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+
+
 def _holds(ops: Operations, inodes: list[int]) -> list[int]:
     return [ops.cache.open_count(ops.tree.node(ino).ident) for ino in inodes]
 
@@ -285,7 +295,7 @@ async def test_read_ahead_pushes_only_files_nobody_has_open(harness) -> None:
                                                                   task_status=task_status))
     first = await ops.open(inodes[0], os.O_RDONLY, None)
     assert pusher.pushed == [inodes[0]]  # at open, before the handle is handed out
-    await trio.testing.wait_all_tasks_blocked()
+    await _feeder_settled(ops)
     assert pusher.pushed == inodes[:1 + ops.pages.ahead_files]  # then the next, in order
     assert _holds(ops, inodes) == [1] + [0] * (len(inodes) - 1)  # the queue let go
 
@@ -293,7 +303,7 @@ async def test_read_ahead_pushes_only_files_nobody_has_open(harness) -> None:
     # open must not push into it, since the first handle's reads may lock its pages.
     await ops.forget([(inodes[0], 1)])
     second = await ops.open(inodes[0], os.O_RDONLY, None)
-    await trio.testing.wait_all_tasks_blocked()
+    await _feeder_settled(ops)
     assert pusher.pushed.count(inodes[0]) == 1
     for info in (first, second):
         await ops.release(info.fh)
@@ -308,14 +318,14 @@ async def test_a_queued_file_is_pushed_at_its_open_and_holds_end_with_the_feeder
     pusher = RecordingPusher()
     feeder = trio.CancelScope()
     harness.nursery.start_soon(_run_in, feeder, ops.pages.run(pusher=pusher))
-    await trio.testing.wait_all_tasks_blocked()
+    await _feeder_settled(ops)
     first = await ops.open(inodes[0], os.O_RDONLY, None)
     # Opened before the feeder had its turn: pushed by its own open, not twice.
     second = await ops.open(inodes[1], os.O_RDONLY, None)
     assert pusher.pushed == inodes[:2]
     assert _holds(ops, inodes[2:2 + ops.pages.ahead_files]) == [1] * ops.pages.ahead_files
     feeder.cancel()
-    await trio.testing.wait_all_tasks_blocked()
+    await _feeder_settled(ops)
     assert pusher.closed and ops.pages.state == "stopped"
     assert _holds(ops, inodes) == [1, 1] + [0] * (len(inodes) - 2)
     for info in (first, second):
