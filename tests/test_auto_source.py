@@ -175,6 +175,7 @@ def test_the_map_is_kept_and_what_it_lacks_comes_from_nbia(
         truth, _ = _truth(emu.url, both.name)
         reset(emu)
         assert files[0].read_bytes() == truth[_sop(files[0])]
+        _wait_quiet(emu.url)  # the header pass goes on after the reader's object is found
         # One listing, a header per object, then the object itself.
         assert requests(emu, "s3") == {"ListObjectsV2": 1, "GetObject": len(files) + 1}
         assert nbia_images(emu) == 0
