@@ -361,27 +361,26 @@ class Blocks:
         key = block_key(sop, idx)
         if key in self.contents.files or sop in self.contents.files:
             return
+        final = block_path(self.store.root, sop, idx)
         with self.space.reservation(opened.series, len(data)) as room:
-            tmp = self.store.tmpfile(room)
+            await room.claim(len(data))
             try:
-                await tmp.write(data)
-                await self.store.seal(tmp)
-                # From here no await: file, row and memory change together.
+                await self.store.put_block(data, final,
+                                           lambda: room.make_room(len(data)))
+                # From here no await: the checks, the row and memory change together.
                 self.fetcher.check_revision(opened.series, revision)
                 if key in self.contents.files or sop in self.contents.files:
+                    final.unlink(missing_ok=True)  # came meanwhile, as a block or whole
+                    room.give_back()
                     return
-                final = block_path(self.store.root, sop, idx)
-                room.settle()
-                self.store.place_at(tmp, final)
-                try:  # the file before its row, as for whole files
-                    self.index.add_block(sop, idx, opened.series, len(data),
-                                         make_room=lambda: self.space.evict(1, opened.series))
-                except BaseException:
+                # The file before its row, as for whole files.
+                self.index.add_block(sop, idx, opened.series, len(data),
+                                     make_room=lambda: self.space.evict(1, opened.series))
+            except BaseException:
+                if room.reserved:  # not given back above: no row names the file
                     final.unlink(missing_ok=True)
-                    raise
-                tmp.adopted()
-            finally:
-                tmp.discard()
+                    room.give_back()
+                raise
         self.space.measure_dir(final.parent)
         if not self.space.knows_dir(final.parent.parent):  # the first block made blocks/
             self.space.measure_dir(final.parent.parent)

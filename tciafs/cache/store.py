@@ -138,21 +138,19 @@ class Store:
             tmp.close()
         return [(sop, tmp.md5()) for sop, tmp in zip(sops, tmps, strict=True)]
 
-    async def seal(self, tmp: TmpFile) -> None:
-        """fsync a finished block in a worker thread (as `finish`, with no header to read:
-        a block is any part of a file) and close it."""
-        fd = tmp.fd
-        assert fd is not None
-        with cache_disk(self.root):
-            await trio.to_thread.run_sync(os.fsync, fd)
-        tmp.close()
-
-    def place_at(self, tmp: TmpFile, final: Path) -> None:
-        """Rename a sealed block into place, making its directory if it is the first."""
-        with cache_disk(self.root):
-            for directory in (final.parent.parent, final.parent):  # blocks/, blocks/ab/
-                directory.mkdir(exist_ok=True, mode=0o700)
-            os.rename(tmp.path, final)
+    async def put_block(self, data: bytes, final: Path, make_room: Callable[[], None]
+                        ) -> None:
+        """Write a block whose room is reserved: in tmp/, fsynced, then renamed to
+        `final`, all in one worker-thread job (creating, writing and renaming a small
+        file on the event loop cost it more than the thread's hand-off). When the disk
+        refuses the bytes for reasons outside the cache, `make_room` once and again."""
+        for last in (False, True):
+            try:
+                with cache_disk(self.root, full_too=last):
+                    await trio.to_thread.run_sync(_put_file, self.root, data, final)
+                return
+            except OSError:  # full, the first time
+                make_room()
 
     def place(self, tmp: TmpFile, sop: str) -> Path:
         """Rename a finished download into place."""
@@ -299,6 +297,24 @@ def _finish_files(jobs: Sequence[tuple[int | None, Path, str | None]], root: Pat
         _make_parent(root, sop)
         sops.append(sop)
     return sops
+
+
+def _put_file(root: Path, data: bytes, final: Path) -> None:
+    """A new file `final` holding `data`, whole and on disk once it has its name."""
+    tmp = root / "tmp" / f"{os.getpid()}-{random.getrandbits(64):016x}"
+    try:
+        fd = os.open(tmp, _TMP_FLAGS, 0o600)
+        try:
+            _write_all(fd, data, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        for directory in (final.parent.parent, final.parent):  # blocks/, blocks/ab/
+            directory.mkdir(exist_ok=True, mode=0o700)
+        os.rename(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _make_parent(root: Path, sop: str) -> None:
