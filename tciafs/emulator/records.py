@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from tciafs.emulator.dicomgen import seed_of
 from tciafs.emulator.model import (
     CollectionFacts,
     InstanceRecord,
@@ -22,6 +21,7 @@ from tciafs.emulator.model import (
     SeriesRecord,
     StudyRecord,
 )
+from tciafs.emulator.uids import seed_of
 
 Getter = Callable[[str], str | None]
 
