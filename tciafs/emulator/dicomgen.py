@@ -127,8 +127,13 @@ class SeriesPlan:
         """Patient coordinates of the first pixel's centre: the image is centred on 0,0."""
         return -(self.cols - 1) / 2 * self.spacing, -(self.rows - 1) / 2 * self.spacing
 
+    @functools.cached_property
+    def _xy_text(self) -> str:
+        """ImagePositionPatient up to its z, the same in every instance."""
+        return _xy_text(*self.origin_xy)
+
     def instance_values(self, i: int) -> dict[str, str | int]:
-        return _instance_values(self.kind, self.sop_prefix, i, *self.origin_xy, self.z(i))
+        return _instance_values(self.kind, self.sop_prefix, i, self._xy_text, self.z(i))
 
     def header_values(self, i: int = 0) -> dict[str, str | int]:
         """Every value this instance's header carries that a profile chose (not the template)."""
@@ -185,18 +190,26 @@ class SeriesPlan:
             return tuple(encode_dataset_elements(rtstruct_template(self)))
         return image_template(self.kind, self.rows, self.cols)
 
+    @functools.cached_property
+    def _pixel_data_head(self) -> bytes:
+        if not self.payload_size:
+            return b""
+        # Pixel Data is long-VR: tag, "OW", two reserved bytes, 32-bit length.
+        return struct.pack("<HH2s2xI", PIXEL_DATA_TAG >> 16, PIXEL_DATA_TAG & 0xFFFF,
+                           b"OW", self.payload_size)
+
     def header(self, i: int, vals: dict[str, str | int] | None = None) -> bytes:
         """The file up to and including the Pixel Data element header (all of it for RT);
         `vals` are `instance_values(i)` where the caller has them already."""
         vals = vals if vals is not None else self.instance_values(i)
-        body = b"".join(s if isinstance(s, bytes) else encode_value(s, vals[s])
-                        for s in self._segments)
-        tail = b""
-        if self.payload_size:
-            # Pixel Data is long-VR: tag, "OW", two reserved bytes, 32-bit length.
-            tail = struct.pack("<HH2s2xI", PIXEL_DATA_TAG >> 16, PIXEL_DATA_TAG & 0xFFFF,
-                               b"OW", self.payload_size)
-        return PREAMBLE + file_meta(self.sop_class_uid, str(vals["SOPInstanceUID"])) + body + tail
+        # Listing a series makes every header (their MD5s order the listing): keep the
+        # loop plain, it runs once an instance.
+        parts = [PREAMBLE, file_meta(self.sop_class_uid, str(vals["SOPInstanceUID"]))]
+        for segment in self._segments:
+            parts.append(segment if isinstance(segment, bytes)
+                         else encode_value(segment, vals[segment]))
+        parts.append(self._pixel_data_head)
+        return b"".join(parts)
 
     def plane_index(self, i: int) -> int:
         return i % self.distinct_planes
@@ -225,14 +238,23 @@ class SeriesPlan:
         return self.header(i) + self.render_payload(i)
 
 
-def _instance_values(kind: Kind, sop_prefix: str, i: int, x0: float, y0: float,
+def _xy_text(x0: float, y0: float) -> str:
+    return f"{decimal_string(x0)}\\{decimal_string(y0)}\\"
+
+
+_CROSS_SECTIONS = frozenset((Kind.CT, Kind.MR, Kind.PT))
+
+
+def _instance_values(kind: Kind, sop_prefix: str, i: int, xy_text: str,
                      z: float) -> dict[str, str | int]:
-    out: dict[str, str | int] = {"SOPInstanceUID": f"{sop_prefix}.{i + 1}",
-                                 "InstanceNumber": str(i + 1)}
-    if kind in (Kind.CT, Kind.MR, Kind.PT):
+    """`xy_text` is ImagePositionPatient's x and y, as `_xy_text` writes them."""
+    number = str(i + 1)
+    out: dict[str, str | int] = {"SOPInstanceUID": f"{sop_prefix}.{number}",
+                                 "InstanceNumber": number}
+    if kind in _CROSS_SECTIONS:
         z_text = decimal_string(z)
         out["AcquisitionNumber"] = "1"
-        out["ImagePositionPatient"] = f"{decimal_string(x0)}\\{decimal_string(y0)}\\{z_text}"
+        out["ImagePositionPatient"] = xy_text + z_text
         out["SliceLocation"] = z_text
         if kind is Kind.PT:
             out["ImageIndex"] = i + 1
@@ -245,13 +267,15 @@ def _varying_length(values: dict[str, str | int]) -> int:
     return meta + sum(encoded_length(k, v) for k, v in values.items())
 
 
-@functools.lru_cache(maxsize=256)
+# Sized for the nlst profile's geometries (about 530: image counts by thickness), so
+# that listing its patients' series finds their totals here once the walk is warm.
+@functools.lru_cache(maxsize=1024)
 def _varying_total(kind: Kind, count: int, prefix_length: int, x0: float, y0: float,
                    z0: float, thickness: float) -> int:
     # Only the lengths of the SOP UIDs matter here, so any prefix of the right length
     # gives the same total; that lets every series of one geometry share the result.
-    prefix = "1" * prefix_length
-    return sum(_varying_length(_instance_values(kind, prefix, i, x0, y0, z0 + i * thickness))
+    prefix, xy_text = "1" * prefix_length, _xy_text(x0, y0)
+    return sum(_varying_length(_instance_values(kind, prefix, i, xy_text, z0 + i * thickness))
                for i in range(count))
 
 

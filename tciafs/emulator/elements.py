@@ -41,13 +41,18 @@ def tag_vr(keyword: str) -> tuple[int, str]:
     return tag, dictionary_VR(keyword)
 
 
-def _value_bytes(vr: str, value: str | int) -> bytes:
-    if isinstance(value, int):
-        return struct.pack("<H" if vr == "US" else "<I", value)
-    raw = value.encode("utf-8")  # SpecificCharacterSet is ISO_IR 192 in every template
-    if len(raw) & 1:
-        raw += b"\0" if vr == "UI" else b" "
-    return raw
+# The packers an instance's values go through, built once.
+_U16, _U32 = struct.Struct("<H").pack, struct.Struct("<I").pack
+
+
+@functools.cache
+def _head(keyword: str) -> tuple[bytes, bool, bytes, str]:
+    """What every element of `keyword` starts with (tag and VR), whether its VR is a
+    long one, the byte that pads an odd value, and the VR: looked up once a keyword,
+    as an instance's header encodes the same few keywords again and again."""
+    tag, vr = tag_vr(keyword)
+    head = struct.pack("<HH2s", tag >> 16, tag & 0xFFFF, vr.encode())
+    return head, vr in _LONG_VRS, b"\0" if vr == "UI" else b" ", vr
 
 
 def element(tag: int, vr: str, payload: bytes) -> bytes:
@@ -57,8 +62,15 @@ def element(tag: int, vr: str, payload: bytes) -> bytes:
 
 
 def encode_value(keyword: str, value: str | int) -> bytes:
-    tag, vr = tag_vr(keyword)
-    return element(tag, vr, _value_bytes(vr, value))
+    head, long_vr, pad, vr = _head(keyword)
+    if isinstance(value, int):
+        raw = _U16(value) if vr == "US" else _U32(value)
+    else:
+        raw = value.encode("utf-8")  # SpecificCharacterSet is ISO_IR 192 in every template
+        if len(raw) & 1:
+            raw += pad
+    # A long VR has two reserved bytes and a 32-bit length; the others a 16-bit one.
+    return head + b"\0\0" + _U32(len(raw)) + raw if long_vr else head + _U16(len(raw)) + raw
 
 
 def encoded_length(keyword: str, value: str | int) -> int:
@@ -95,8 +107,12 @@ def _meta_around(sop_class_uid: str) -> tuple[bytes, bytes]:
     return before, after
 
 
+# FileMetaInformationGroupLength: its tag, VR and 16-bit length (4) before its value.
+_GROUP_LENGTH_HEAD = struct.pack("<HH2sH", 0x0002, 0x0000, b"UL", 4)
+
+
 def file_meta(sop_class_uid: str, sop_instance_uid: str) -> bytes:
     before, after = _meta_around(sop_class_uid)
     rest = before + encode_value("MediaStorageSOPInstanceUID", sop_instance_uid) + after
-    return element(0x00020000, "UL", struct.pack("<I", len(rest))) + rest
+    return _GROUP_LENGTH_HEAD + _U32(len(rest)) + rest
 
