@@ -32,11 +32,14 @@ from tciafs.emulator.elements import (
     EXPLICIT_VR_LE,
     PIXEL_DATA_TAG,
     PREAMBLE,
+    Head,
     decimal_string,
     encode_dataset_elements,
     encode_value,
+    encode_with,
     encoded_length,
     file_meta,
+    head_of,
     tag_vr,
 )
 from tciafs.emulator.phantoms import ct_plane, grid, mr_plane, pt_plane
@@ -185,6 +188,11 @@ class SeriesPlan:
                 merged.append(part)
         return tuple(merged)
 
+    @functools.cached_property
+    def _slots(self) -> tuple[bytes | tuple[str, Head], ...]:
+        """`_segments` with each slot's keyword and its `Head`, looked up once a series."""
+        return tuple(s if isinstance(s, bytes) else (s, head_of(s)) for s in self._segments)
+
     def _template(self) -> tuple[tuple[int, bytes], ...]:
         if self.kind is Kind.RTSTRUCT:
             return tuple(encode_dataset_elements(rtstruct_template(self)))
@@ -205,9 +213,9 @@ class SeriesPlan:
         # Listing a series makes every header (their MD5s order the listing): keep the
         # loop plain, it runs once an instance.
         parts = [PREAMBLE, file_meta(self.sop_class_uid, str(vals["SOPInstanceUID"]))]
-        for segment in self._segments:
+        for segment in self._slots:
             parts.append(segment if isinstance(segment, bytes)
-                         else encode_value(segment, vals[segment]))
+                         else encode_with(segment[1], vals[segment[0]]))
         parts.append(self._pixel_data_head)
         return b"".join(parts)
 

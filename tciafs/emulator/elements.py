@@ -44,12 +44,15 @@ def tag_vr(keyword: str) -> tuple[int, str]:
 # The packers an instance's values go through, built once.
 _U16, _U32 = struct.Struct("<H").pack, struct.Struct("<I").pack
 
+#: What every element of a keyword starts with (tag and VR), whether its VR is a long
+#: one, the byte that pads an odd value, and the VR.
+Head = tuple[bytes, bool, bytes, str]
+
 
 @functools.cache
-def _head(keyword: str) -> tuple[bytes, bool, bytes, str]:
-    """What every element of `keyword` starts with (tag and VR), whether its VR is a
-    long one, the byte that pads an odd value, and the VR: looked up once a keyword,
-    as an instance's header encodes the same few keywords again and again."""
+def head_of(keyword: str) -> Head:
+    """A keyword's `Head`, looked up once: an instance's header encodes the same few
+    keywords again and again, and a series' listing holds them (`encode_with`)."""
     tag, vr = tag_vr(keyword)
     head = struct.pack("<HH2s", tag >> 16, tag & 0xFFFF, vr.encode())
     return head, vr in _LONG_VRS, b"\0" if vr == "UI" else b" ", vr
@@ -62,7 +65,12 @@ def element(tag: int, vr: str, payload: bytes) -> bytes:
 
 
 def encode_value(keyword: str, value: str | int) -> bytes:
-    head, long_vr, pad, vr = _head(keyword)
+    return encode_with(head_of(keyword), value)
+
+
+def encode_with(known: Head, value: str | int) -> bytes:
+    """The element of a value, its keyword's `Head` known."""
+    head, long_vr, pad, vr = known
     if isinstance(value, int):
         raw = _U16(value) if vr == "US" else _U32(value)
     else:
