@@ -40,7 +40,8 @@ def values_getter(values: Mapping[str, str | int | None]) -> Getter:
     """The values the encoder writes into a header, read the same way as a Dataset."""
     def get(keyword: str) -> str | None:
         value = values.get(keyword)
-        return str(value) if value is not None and str(value) != "" else None
+        text = str(value) if value is not None else ""
+        return text or None
     return get
 
 
