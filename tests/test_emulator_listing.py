@@ -1,5 +1,5 @@
 """What the emulator lists of a series' instances: the same bytes as ever, and records
-that match the files served.
+that match the files served; and dates read as they always were.
 
 Listing a series (getSOPInstanceUIDs orders its answer by MD5) makes every instance's
 header and hashes it with its pixels, through a path tuned for speed; these tests hold
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Callable
 
 import pytest
 from pydicom.dataelem import DataElement
@@ -23,6 +24,7 @@ from tciafs.emulator.elements import encode_value, encoded_length, tag_vr
 from tciafs.emulator.model import CollectionFacts
 from tciafs.emulator.patientwise import PatientwiseArchive
 from tciafs.emulator.profiles import CollectionSpec, Profile, demo
+from tciafs.emulator.records import patient_record, values_getter
 from tciafs.emulator.specs import Kind, PatientSpec, SeriesSpec, StudySpec
 
 # Taken from the generator before its listing path was tuned. A change here means the
@@ -130,3 +132,18 @@ def test_every_record_listed_matches_the_file_served() -> None:
             assert hashlib.md5(data).hexdigest() == record.md5
     # Each distinct plane drawn once, the many-planed series' too.
     assert archive.planes_drawn == 20 + 2 + 3 + 3 + 4
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("text", ["19440229", "20001231", "00010101", "99991231",
+                                  "20010229", "20201301", "20200100", "2020111", "2020-1-1",
+                                  "202011", "２０２００１０１"])
+def test_a_date_reads_as_strptime_reads_it(text: str) -> None:
+    def read(parse: Callable[[], object]) -> object:
+        try:
+            return parse()
+        except ValueError:
+            return ValueError
+    get = values_getter({"PatientID": "P", "PatientBirthDate": text})
+    expected = read(lambda: dt.datetime.strptime(text, "%Y%m%d").date())
+    assert read(lambda: patient_record("C", get).patient_birth_date) == expected

@@ -46,7 +46,13 @@ def values_getter(values: Mapping[str, str | int | None]) -> Getter:
 
 
 def _date(text: str | None) -> dt.date | None:
-    return dt.datetime.strptime(text, "%Y%m%d").date() if text else None
+    if not text:
+        return None
+    if len(text) == 8 and text.isascii() and text.isdigit():
+        # What strptime("%Y%m%d") reads of eight digits, for a fraction of its cost
+        # (listing NLST's 26,410 patients parses as many dates).
+        return dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    return dt.datetime.strptime(text, "%Y%m%d").date()
 
 
 def _int(text: str | None) -> int | None:
