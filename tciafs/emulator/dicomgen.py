@@ -379,4 +379,3 @@ def plan_patient(seed: int, collection: str, patient: PatientSpec,
                                            uid))
         plans += study_plans
     return plans
-

@@ -123,4 +123,3 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str) -> bytes:
     before, after = _meta_around(sop_class_uid)
     rest = before + encode_value("MediaStorageSOPInstanceUID", sop_instance_uid) + after
     return _GROUP_LENGTH_HEAD + _U32(len(rest)) + rest
-

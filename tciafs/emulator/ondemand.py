@@ -22,7 +22,7 @@ from tciafs.emulator.dicomgen import SeriesPlan
 from tciafs.emulator.model import InstanceRecord
 from tciafs.emulator.records import instance_record, values_getter
 
-#: Planes a listing holds at once (the nlst and scale profiles draw two to a few a series).
+#: Planes a listing holds at once (the nlst, scale and bench profiles draw two to eight).
 _PLANES_HELD = 16
 
 

@@ -74,4 +74,3 @@ class PatientSpec:
     studies: tuple[StudySpec, ...]
     ethnic_group: str | None = None
     name: str | None = None  # TCIA de-identification usually sets the name to the id
-

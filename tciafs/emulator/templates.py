@@ -190,4 +190,3 @@ def rtstruct_template(plan: SeriesPlan) -> Dataset:
     observation.ROIInterpreter = ""
     ds.RTROIObservationsSequence = Sequence([observation])
     return ds
-

@@ -36,4 +36,3 @@ UidMaker = Callable[..., str]
 
 def seed_of(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode("utf-8")).digest()[:8], "big")
-
