@@ -17,5 +17,7 @@ Its modules, callers first (imports run down this list, never up):
 * ``context``: what an endpoint sees of one request.
 * ``faults``, ``auth``, ``wire``, ``zipstream``: fault plans and statistics, users and
   tokens, NBIA's reply formats, the streaming ZIP writer.
-* ``archive``, ``profiles``, ``dicomgen``, ``model``: the archives and their records.
+* ``archive``, ``profiles``, ``model``: the archives and their records.
+* ``dicomgen``, with ``uids``, ``specs``, ``elements``, ``templates``, ``phantoms``: the
+  generated DICOM files.
 """

@@ -19,7 +19,6 @@ import threading
 import uuid
 from dataclasses import dataclass
 
-from tciafs.emulator.dicomgen import UID_ROOT
 from tciafs.emulator.model import Archive, CollectionFacts, SeriesRecord
 from tciafs.emulator.profiles import (
     BUCKETS,
@@ -28,6 +27,7 @@ from tciafs.emulator.profiles import (
     Profile,
     SeriesRef,
 )
+from tciafs.emulator.uids import UID_ROOT
 
 #: The namespace of every crdc UUID the emulator makes.
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_OID, UID_ROOT.rstrip("."))

@@ -24,15 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from tciafs.emulator.dicomgen import (
-    UID_ROOT,
-    Kind,
-    PatientSpec,
-    SeriesSpec,
-    StudySpec,
-    make_uid,
-)
 from tciafs.emulator.model import CollectionFacts
+from tciafs.emulator.specs import Kind, PatientSpec, SeriesSpec, StudySpec
+from tciafs.emulator.uids import UID_ROOT, make_uid
 
 PATIENTS = 26_410
 FIRST_ID = 100_001

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
-from collections import ChainMap
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,6 +21,9 @@ from pydicom.dataset import Dataset
 from tciafs.emulator.dicomgen import SeriesPlan
 from tciafs.emulator.model import InstanceRecord
 from tciafs.emulator.records import instance_record, values_getter
+
+#: Planes a listing holds at once (the nlst, scale and bench profiles draw two to eight).
+_PLANES_HELD = 16
 
 
 def slices(data: bytes, chunk_size: int) -> Iterator[bytes]:
@@ -76,16 +78,28 @@ class OnDemandSeries:
                 self._payloads[key] = payload
         return payload
 
+    def _planes(self, plan: SeriesPlan) -> list[bytes] | None:
+        """The series' distinct planes, in plane order, where they are few enough to
+        hold while its instances are listed (None: ask `_payload` an instance at a time)."""
+        if plan.distinct_planes > _PLANES_HELD:
+            return None
+        return [self._payload(plan, j) for j in range(plan.distinct_planes)]
+
     def _materialise(self, plan: SeriesPlan) -> _Materialised:
+        # Runs once an instance of every series listed (getSOPInstanceUIDs orders its
+        # answer by MD5): the planes are looked up once a series, not once an instance.
         records, total = [], 0
+        planes = self._planes(plan)
         for i in range(plan.count):
             values = plan.instance_values(i)
-            header, payload = plan.header(i, values), self._payload(plan, i)
+            header = plan.header(i, values)
+            payload = (planes[plan.plane_index(i)] if planes is not None
+                       else self._payload(plan, i))
             md5 = hashlib.md5(header)
             md5.update(payload)
             size = len(header) + len(payload)
             total += size
-            header_values = ChainMap[str, str | int](values, plan.values)
+            header_values = {**plan.values, **values}  # the instance's own values win
             records.append(instance_record(values_getter(header_values), size,
                                            md5.hexdigest()))
         if total != plan.file_size():  # the listings promised plan.file_size(); never lie

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypedDict
 
-from tciafs.emulator.dicomgen import Kind, PatientSpec, SeriesSpec, StudySpec
 from tciafs.emulator.model import CollectionFacts
 from tciafs.emulator.nlst import PATIENTS as NLST_PATIENTS
 from tciafs.emulator.nlst import NlstCollection
+from tciafs.emulator.specs import Kind, PatientSpec, SeriesSpec, StudySpec
 
 
 @dataclass(frozen=True)

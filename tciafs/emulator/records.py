@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from tciafs.emulator.dicomgen import seed_of
 from tciafs.emulator.model import (
     CollectionFacts,
     InstanceRecord,
@@ -22,6 +21,7 @@ from tciafs.emulator.model import (
     SeriesRecord,
     StudyRecord,
 )
+from tciafs.emulator.uids import seed_of
 
 Getter = Callable[[str], str | None]
 
@@ -40,12 +40,19 @@ def values_getter(values: Mapping[str, str | int | None]) -> Getter:
     """The values the encoder writes into a header, read the same way as a Dataset."""
     def get(keyword: str) -> str | None:
         value = values.get(keyword)
-        return str(value) if value is not None and str(value) != "" else None
+        text = str(value) if value is not None else ""
+        return text or None
     return get
 
 
 def _date(text: str | None) -> dt.date | None:
-    return dt.datetime.strptime(text, "%Y%m%d").date() if text else None
+    if not text:
+        return None
+    if len(text) == 8 and text.isascii() and text.isdigit():
+        # What strptime("%Y%m%d") reads of eight digits, for a fraction of its cost
+        # (listing NLST's 26,410 patients parses as many dates).
+        return dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    return dt.datetime.strptime(text, "%Y%m%d").date()
 
 
 def _int(text: str | None) -> int | None:
