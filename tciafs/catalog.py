@@ -37,6 +37,10 @@ CHECKPOINT_EVERY = 0.2  # seconds
 CHECKPOINT_FROM = 64 << 10  # bytes of WAL worth a checkpoint
 
 
+class ListingUnavailable(Exception):
+    """The server could not be asked and nothing usable is stored."""
+
+
 class Kind(enum.IntEnum):
     ROOT = 0
     COLLECTION = 1
