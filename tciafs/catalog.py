@@ -284,6 +284,13 @@ class Catalog:
             (parent, ino, ROOT_INODE, limit))
         return [_node(r) for r in rows]
 
+    def count_children(self, parent: int, kind: Kind, limit: int) -> int:
+        """How many children of `kind` `parent` has, counted up to `limit`: a bounded
+        look through the index, whatever the size of the listing."""
+        return self.db.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM nodes WHERE parent=? AND kind=? "
+            "AND ino != ? LIMIT ?)", (parent, int(kind), ROOT_INODE, limit)).fetchone()[0]
+
     def child(self, parent: int, name: str) -> Node | None:
         """The entry `name` of `parent`, by the (parent, name) index: a lookup reads one
         row, never the listing."""

@@ -313,9 +313,13 @@ class Tree:
             fresh = self.catalog.get(patient.ino)
             if fresh is not None and fresh.listed is not None:
                 return
-        siblings = [n for n in self.catalog.children(patient.parent) if n.kind is Kind.PATIENT]
-        bulk = len(siblings) <= self.bulk_patients
+        # Counted, not read: a collection of 26,410 patients would otherwise be parsed
+        # in full for each patient listed on its own.
+        bulk = self.catalog.count_children(patient.parent, Kind.PATIENT,
+                                           self.bulk_patients + 1) <= self.bulk_patients
         if bulk:
+            siblings = [n for n in self.catalog.children(patient.parent)
+                        if n.kind is Kind.PATIENT]
             done = self._bulk_inflight[patient.parent] = trio.Event()
             try:
                 await self._fill_patients(patient, siblings, None)
