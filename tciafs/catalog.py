@@ -284,6 +284,12 @@ class Catalog:
             (parent, ino, ROOT_INODE, limit))
         return [_node(r) for r in rows]
 
+    def idents(self, parent: int, kind: Kind) -> list[tuple[int, str]]:
+        """(inode, identifier) of the children of `kind` of `parent`: a listing checked
+        against a new one without parsing each entry's metadata."""
+        return self.db.execute("SELECT ino, ident FROM nodes WHERE parent=? AND kind=? "
+                               "AND ino != ?", (parent, int(kind), ROOT_INODE)).fetchall()
+
     def count_children(self, parent: int, kind: Kind, limit: int) -> int:
         """How many children of `kind` `parent` has, counted up to `limit`: a bounded
         look through the index, whatever the size of the listing."""
@@ -313,7 +319,7 @@ class Catalog:
         rows = self.db.execute(
             "SELECT ino, kind, listed FROM nodes WHERE parent=? AND ino > ? AND ino != ? "
             "ORDER BY ino LIMIT ?", (parent, ino, ROOT_INODE, limit))
-        return [(i, Kind(k), listed) for i, k, listed in rows]
+        return [(i, _KINDS[k], listed) for i, k, listed in rows]
 
     def replace_children(self, parent: int, children: Sequence[NewChild],
                          listed: float | None = None) -> None:
@@ -436,7 +442,10 @@ def _meta_text(meta: dict[str, Any]) -> str:
     return json.dumps(meta, separators=(",", ":"), default=str) if meta else "{}"
 
 
+_KINDS = tuple(Kind)  # by value: an index is cheaper than Kind(), per row read
+
+
 def _node(row: tuple) -> Node:
     ino, parent, name, kind, ident, collection, series_uid, meta, listed = row
-    return Node(ino, parent, name, Kind(kind), ident, collection, series_uid,
+    return Node(ino, parent, name, _KINDS[kind], ident, collection, series_uid,
                 json.loads(meta) if meta != "{}" else {}, listed)

@@ -298,9 +298,9 @@ class Tree:
         gone: list[Node] = []
         if patients and self.selection is None:  # an empty answer may be a glitch
             listed = {p.patient_id for p in patients}
-            for n in self.catalog.children(coll.ino):
-                if n.kind is Kind.PATIENT and n.ident not in listed:
-                    gone += self.catalog.series_under(n.ino).values()
+            for ino, ident in self.catalog.idents(coll.ino, Kind.PATIENT):
+                if ident not in listed:
+                    gone += self.catalog.series_under(ino).values()
         self.catalog.replace_children(coll.ino, _unique(children, "patient"))
         self._note_withdrawn(gone)
 
