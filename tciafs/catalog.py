@@ -52,7 +52,7 @@ class Kind(enum.IntEnum):
 
     @property
     def is_dir(self) -> bool:
-        return self not in (Kind.INSTANCE, Kind.SIDECAR)
+        return self < Kind.INSTANCE  # the levels come first: asked of every entry served
 
 
 @dataclass(slots=True)
