@@ -178,9 +178,11 @@ class Tree:
 
     @property
     def listed_ahead(self) -> int:
+        """Listings fetched ahead of a traversal so far, for status."""
         return self._list_ahead.listed_ahead
 
     def fresh(self, listed: float | None) -> bool:
+        """Whether a listing stored at `listed` (None: never) is younger than the TTL."""
         return listed is not None and time.time() - listed < self.listing_ttl
 
     def _drop_node(self, ino: int) -> None:
@@ -214,6 +216,8 @@ class Tree:
         return self.node(node.ino) or node
 
     def servable(self, node: Node) -> bool:
+        """Whether the stored listing of `node` may be served without asking: fresh, or
+        stored while the service, or this directory, is not asked again for now."""
         if node.listed is None:
             return False
         return (time.time() - node.listed < self.listing_ttl
