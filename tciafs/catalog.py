@@ -37,6 +37,10 @@ CHECKPOINT_EVERY = 0.2  # seconds
 CHECKPOINT_FROM = 64 << 10  # bytes of WAL worth a checkpoint
 
 
+class ListingUnavailable(Exception):
+    """The server could not be asked and nothing usable is stored."""
+
+
 class Kind(enum.IntEnum):
     ROOT = 0
     COLLECTION = 1
@@ -48,7 +52,7 @@ class Kind(enum.IntEnum):
 
     @property
     def is_dir(self) -> bool:
-        return self not in (Kind.INSTANCE, Kind.SIDECAR)
+        return self < Kind.INSTANCE  # the levels come first: asked of every entry served
 
 
 @dataclass(slots=True)
@@ -280,6 +284,19 @@ class Catalog:
             (parent, ino, ROOT_INODE, limit))
         return [_node(r) for r in rows]
 
+    def idents(self, parent: int, kind: Kind) -> list[tuple[int, str]]:
+        """(inode, identifier) of the children of `kind` of `parent`: a listing checked
+        against a new one without parsing each entry's metadata."""
+        return self.db.execute("SELECT ino, ident FROM nodes WHERE parent=? AND kind=? "
+                               "AND ino != ?", (parent, int(kind), ROOT_INODE)).fetchall()
+
+    def count_children(self, parent: int, kind: Kind, limit: int) -> int:
+        """How many children of `kind` `parent` has, counted up to `limit`: a bounded
+        look through the index, whatever the size of the listing."""
+        return self.db.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM nodes WHERE parent=? AND kind=? "
+            "AND ino != ? LIMIT ?)", (parent, int(kind), ROOT_INODE, limit)).fetchone()[0]
+
     def child(self, parent: int, name: str) -> Node | None:
         """The entry `name` of `parent`, by the (parent, name) index: a lookup reads one
         row, never the listing."""
@@ -302,7 +319,7 @@ class Catalog:
         rows = self.db.execute(
             "SELECT ino, kind, listed FROM nodes WHERE parent=? AND ino > ? AND ino != ? "
             "ORDER BY ino LIMIT ?", (parent, ino, ROOT_INODE, limit))
-        return [(i, Kind(k), listed) for i, k, listed in rows]
+        return [(i, _KINDS[k], listed) for i, k, listed in rows]
 
     def replace_children(self, parent: int, children: Sequence[NewChild],
                          listed: float | None = None) -> None:
@@ -425,7 +442,10 @@ def _meta_text(meta: dict[str, Any]) -> str:
     return json.dumps(meta, separators=(",", ":"), default=str) if meta else "{}"
 
 
+_KINDS = tuple(Kind)  # by value: an index is cheaper than Kind(), per row read
+
+
 def _node(row: tuple) -> Node:
     ino, parent, name, kind, ident, collection, series_uid, meta, listed = row
-    return Node(ino, parent, name, Kind(kind), ident, collection, series_uid,
+    return Node(ino, parent, name, _KINDS[kind], ident, collection, series_uid,
                 json.loads(meta) if meta != "{}" else {}, listed)

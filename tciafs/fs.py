@@ -204,23 +204,24 @@ class Operations(pyfuse3.Operations):
         stamp = self._stamp(node)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = stamp
         attr.entry_timeout = KNOWN_TTL
-        if node.kind.is_dir:
+        kind = node.kind
+        if kind.is_dir:
             attr.st_mode = stat.S_IFDIR | 0o555
             attr.st_nlink = 2
             attr.st_size = 0
             attr.attr_timeout = KNOWN_TTL
             return attr
-        size = sidecar_size if node.kind is Kind.SIDECAR else self.cache.known_size(node.ident)
-        if size is None and node.kind is Kind.INSTANCE:
+        size = sidecar_size if kind is Kind.SIDECAR else self.cache.known_size(node.ident)
+        if size is None and kind is Kind.INSTANCE and node.meta:
             size = node.meta.get("size")  # listed by a source that knows sizes before a read
         attr.st_mode = stat.S_IFREG | 0o444
         attr.st_nlink = 1
         attr.st_size = size or 0
         attr.st_blocks = -(-(size or 0) // 512)
         attr.st_blksize = (self.cache.io_size(node.ident, size, 128 * 1024)
-                           if node.kind is Kind.INSTANCE else 128 * 1024)
+                           if kind is Kind.INSTANCE else 128 * 1024)
         # Sidecars follow metadata that may still arrive: never let the kernel keep a size.
-        if node.kind is Kind.SIDECAR:
+        if kind is Kind.SIDECAR:
             attr.attr_timeout = 0
         elif size is None:
             attr.attr_timeout = UNKNOWN_TTL
@@ -301,8 +302,11 @@ class Operations(pyfuse3.Operations):
         after = start_id
         while page := self.tree.children_page(fh, after, READDIR_PAGE):
             for child in page:
-                if not pyfuse3.readdir_reply(token, os.fsencode(child.name),
-                                             await self.attributes_of(child), child.ino):
+                # A sidecar's size needs its content; any other entry's attributes are
+                # made without a coroutine of their own (a walk is served 10^6 of them).
+                attr = (await self.attributes_of(child) if child.kind is Kind.SIDECAR
+                        else self.attributes(child))
+                if not pyfuse3.readdir_reply(token, os.fsencode(child.name), attr, child.ino):
                     return
                 self.lookups.add(child.ino)
                 after = child.ino

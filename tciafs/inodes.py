@@ -33,6 +33,14 @@ class KernelInodes:
         return isinstance(ino, int) and self[ino] > 0
 
     def add(self, ino: int, n: int = 1) -> None:
+        # readdirplus adds one lookup for every entry it serves: the common case, a
+        # small count in the table, is kept to a few byte operations.
+        if ino < len(self._bytes):
+            byte = self._bytes[ino]
+            count = (byte & _COUNT) + n
+            if count < _OVERFLOW:
+                self._bytes[ino] = (byte & _PROVISIONAL) | count
+                return
         self._set(ino, self[ino] + n)
 
     def drop(self, ino: int, n: int) -> bool:

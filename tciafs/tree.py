@@ -17,10 +17,8 @@ Listings live in the catalog, not in memory: a lookup reads one row, readdir a p
 and only the few nodes in use are held (NODES_HELD), so a walk of 10^7 entries takes no
 more memory than a walk of ten (docs/design/metadata.md).
 
-A traversal (find, ls -R, du, rsync) reads one directory after another and would wait
-out one round trip for each: once it reads one, the next directories a depth-first walk
-reads that are not listed yet (patients, series, within its collection) are listed
-alongside, a few at a time (`list_ahead`).
+A traversal (find, ls -R, du, rsync) has the next directories it reads listed ahead,
+a few at a time (tciafs.listahead).
 """
 
 from __future__ import annotations
@@ -36,7 +34,8 @@ import cachetools
 import trio
 
 from tciafs import layout, names
-from tciafs.catalog import ROOT_INODE, Catalog, Kind, NewChild, Node
+from tciafs.catalog import ROOT_INODE, Catalog, Kind, ListingUnavailable, NewChild, Node
+from tciafs.listahead import ListAhead
 from tciafs.sources.base import (
     MAIN_HOST,
     ClientError,
@@ -60,26 +59,8 @@ SERIES_SIDECAR = ".series.json"
 # `ls -R` would otherwise pay, once per directory, a connection attempt (a server found
 # unreachable) or the whole back-off (a service answering 503).
 DOWN_PAUSE = 60.0
-LIST_AHEAD = 16  # listings fetched ahead of a traversal
-SCAN_BUDGET = 256  # stored entries looked at to find them
 NODES_HELD = 2048  # nodes kept in memory; any other is read from the catalog
-# Two different directories of one level read within this many seconds make a
-# traversal; one series read alone (`ls` of it, then a file opened) fetches nothing ahead.
-TRAVERSAL_GAP = 5.0
 
-
-# What a traversal reading directories of one level lists ahead: no deeper level than
-# it reads (a glob down to the studies never reads the series' instances, which would
-# fill the catalog), and patients, whose listing brings the studies and series below.
-_AHEAD_OF: dict[Kind, frozenset[Kind]] = {
-    Kind.SERIES: frozenset({Kind.SERIES, Kind.PATIENT}),
-    Kind.STUDY: frozenset({Kind.PATIENT}),
-    Kind.PATIENT: frozenset({Kind.PATIENT}),
-}
-
-
-class ListingUnavailable(Exception):
-    """The server could not be asked and nothing usable is stored."""
 
 
 class Tree:
@@ -98,7 +79,7 @@ class Tree:
         # walk of 10^7 entries takes no more of it than a walk of ten.
         self._nodes: cachetools.LRUCache[int, Node] = cachetools.LRUCache(maxsize=NODES_HELD)
         self._retry_at: dict[int, float] = {}  # directory → when to ask again (trio clock)
-        self._last_fetch = -math.inf  # when a listing was last fetched (trio clock)
+        self.last_fetch = -math.inf  # when a listing was last fetched (trio clock)
         self._inflight: dict[int, trio.Event] = {}
         self._facts: dict[str, dict[str, Any]] = {}
         self._bulk_inflight: dict[int, trio.Event] = {}  # collection inode → bulk listing
@@ -115,22 +96,15 @@ class Tree:
         self.on_series_withdrawn: Callable[[list[str], list[str]], Awaitable[None]] | None = None
         self._withdrawn: list[str] = []
         self._back: list[str] = []
-        self._nursery: trio.Nursery | None = None
-        self._ahead: set[int] = set()  # directories whose listing is fetched ahead now
-        self.listed_ahead = 0  # listings fetched ahead of a traversal, for status
-        self._last_read: tuple[int, Kind, float] | None = None  # directory read last
         # Fewer than the source's connections: a reader's own requests must not queue
         # behind guesses (0: none fetched ahead).
-        self._ahead_limiter = trio.CapacityLimiter(ahead_at_once) if ahead_at_once else None
+        self._list_ahead = ListAhead(self, ahead_at_once)
         # Requests reach the right server from what a previous mount stored, unlisted.
         source.remember_collections(self._stored_collections())
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Host the listings fetched ahead; runs until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        await self._list_ahead.run(task_status=task_status)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -142,6 +116,10 @@ class Tree:
     def service_up(self) -> None:
         """The service answers: stale listings are fetched again as they are read."""
         self._down_until = -math.inf
+
+    def serving_stored(self, now: float) -> bool:
+        """Whether stored listings are served as they are at trio time `now`."""
+        return now < self._down_until
 
     def node(self, ino: int) -> Node | None:
         node = self._nodes.get(ino)
@@ -174,7 +152,7 @@ class Tree:
         (someone listed or opened it), in the order `ls` shows; None otherwise: never a
         request."""
         node = self.catalog.find_uid(series_uid)
-        if node is None or node.kind is not Kind.SERIES or not self._fresh(node.listed):
+        if node is None or node.kind is not Kind.SERIES or not self.fresh(node.listed):
             return None
         return [c.ident for c in self.catalog.children(node.ino) if c.kind is Kind.INSTANCE]
 
@@ -195,78 +173,17 @@ class Tree:
         return node
 
     def list_ahead(self, directory: Node) -> None:
-        """A directory is read from its start: if a traversal reads it, fetch in the
-        background, a few at a time, the listings it reads next: depth first, the
-        patients and series after this one in its collection that are not listed yet (a
-        patient's listing brings its studies and series)."""
-        now, last = trio.current_time(), self._last_read
-        self._last_read = (directory.ino, directory.kind, now)
-        # Two directories of one level in a row make a traversal: a path walked down to
-        # one series, then that series read, does not.
-        if (self._nursery is None or self._ahead_limiter is None or last is None
-                or last[0] == directory.ino or last[1] is not directory.kind
-                or now - last[2] > TRAVERSAL_GAP
-                or now < self._down_until
-                # A walk over stored listings: nothing to fetch, and no scan for it.
-                or now - self._last_fetch > TRAVERSAL_GAP):
-            return
-        kinds = _AHEAD_OF.get(directory.kind, frozenset())
-        for ino in self._unlisted_after(directory, LIST_AHEAD, kinds):
-            if ino not in self._ahead:
-                self._ahead.add(ino)
-                self._nursery.start_soon(self._fetch_ahead, ino)
+        """A directory is read from its start: a traversal's next ones are listed ahead."""
+        self._list_ahead.read(directory)
 
-    async def _fetch_ahead(self, ino: int) -> None:
-        assert self._ahead_limiter is not None
-        try:
-            async with self._ahead_limiter:
-                node = self.node(ino)
-                if node is not None and not self._servable(node):
-                    await self.listed(ino)
-                    self.listed_ahead += 1
-        except (ClientError, ListingUnavailable, NotADirectoryError) as exc:
-            log.debug("listing ahead of inode %d: %s", ino, exc)  # the reader will ask
-        except Exception:  # a guess must never end the mount
-            log.exception("listing ahead of inode %d failed", ino)
-        finally:
-            self._ahead.discard(ino)
+    @property
+    def listed_ahead(self) -> int:
+        """Listings fetched ahead of a traversal so far, for status."""
+        return self._list_ahead.listed_ahead
 
-    def _fresh(self, listed: float | None) -> bool:
+    def fresh(self, listed: float | None) -> bool:
+        """Whether a listing stored at `listed` (None: never) is younger than the TTL."""
         return listed is not None and time.time() - listed < self.listing_ttl
-
-    def _unlisted_after(self, node: Node, count: int, kinds: frozenset[Kind]) -> list[int]:
-        """Up to `count` directories of `kinds` not listed yet that a depth-first walk
-        reads after `node`, from the stored listings; a bounded look (a collection may
-        hold 10^5 patients, and a warm one needs none of them)."""
-        found: list[int] = []
-        budget = [SCAN_BUDGET]
-        if not kinds:
-            return found
-        if node.kind is not Kind.SERIES:
-            self._scan(node.ino, 0, count, found, budget, kinds)
-        # Within the collection: the next one costs its walk one round trip, and a
-        # guess across collections would list what `ls -R` of one never reads.
-        while (node.kind not in (Kind.ROOT, Kind.COLLECTION) and len(found) < count
-               and budget[0] > 0):
-            self._scan(node.parent, node.ino, count, found, budget, kinds)
-            parent = self.node(node.parent)
-            if parent is None:
-                break
-            node = parent
-        return found[:count]
-
-    def _scan(self, parent: int, after: int, count: int, found: list[int],
-              budget: list[int], kinds: frozenset[Kind]) -> None:
-        for ino, kind, listed in self.catalog.outline_after(parent, after,
-                                                            min(budget[0], 4 * count)):
-            budget[0] -= 1
-            if len(found) >= count or budget[0] <= 0:
-                return
-            if kind in kinds and not self._fresh(listed):
-                found.append(ino)
-            elif Kind.SERIES in kinds and (kind is Kind.STUDY or (
-                    kind is Kind.PATIENT and self._fresh(listed))):
-                self._scan(ino, 0, count, found, budget, kinds)  # down to its series
 
     def _drop_node(self, ino: int) -> None:
         """Listings live in the catalog; only the node held in memory goes stale."""
@@ -279,12 +196,12 @@ class Tree:
         node = self.node(ino)
         if node is None or not node.kind.is_dir:
             raise NotADirectoryError(ino)
-        if self._servable(node):
+        if self.servable(node):
             return node
         while (pending := self._inflight.get(ino)) is not None:
             await pending.wait()
             node = self.node(ino) or node
-            if self._servable(node):
+            if self.servable(node):
                 return node
         # One attempt of our own: what it stored is served, whatever it was.
         return await self._load_once(node)
@@ -298,7 +215,9 @@ class Tree:
             done.set()
         return self.node(node.ino) or node
 
-    def _servable(self, node: Node) -> bool:
+    def servable(self, node: Node) -> bool:
+        """Whether the stored listing of `node` may be served without asking: fresh, or
+        stored while the service, or this directory, is not asked again for now."""
         if node.listed is None:
             return False
         return (time.time() - node.listed < self.listing_ttl
@@ -306,7 +225,7 @@ class Tree:
                                              self._retry_at.get(node.ino, -math.inf)))
 
     async def _load(self, node: Node) -> None:
-        self._last_fetch = trio.current_time()
+        self.last_fetch = trio.current_time()
         try:
             await self._fetch(node)
             await self._report_changes()
@@ -383,9 +302,9 @@ class Tree:
         gone: list[Node] = []
         if patients and self.selection is None:  # an empty answer may be a glitch
             listed = {p.patient_id for p in patients}
-            for n in self.catalog.children(coll.ino):
-                if n.kind is Kind.PATIENT and n.ident not in listed:
-                    gone += self.catalog.series_under(n.ino).values()
+            for ino, ident in self.catalog.idents(coll.ino, Kind.PATIENT):
+                if ident not in listed:
+                    gone += self.catalog.series_under(ino).values()
         self.catalog.replace_children(coll.ino, _unique(children, "patient"))
         self._note_withdrawn(gone)
 
@@ -398,9 +317,13 @@ class Tree:
             fresh = self.catalog.get(patient.ino)
             if fresh is not None and fresh.listed is not None:
                 return
-        siblings = [n for n in self.catalog.children(patient.parent) if n.kind is Kind.PATIENT]
-        bulk = len(siblings) <= self.bulk_patients
+        # Counted, not read: a collection of 26,410 patients would otherwise be parsed
+        # in full for each patient listed on its own.
+        bulk = self.catalog.count_children(patient.parent, Kind.PATIENT,
+                                           self.bulk_patients + 1) <= self.bulk_patients
         if bulk:
+            siblings = [n for n in self.catalog.children(patient.parent)
+                        if n.kind is Kind.PATIENT]
             done = self._bulk_inflight[patient.parent] = trio.Event()
             try:
                 await self._fill_patients(patient, siblings, None)

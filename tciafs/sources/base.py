@@ -115,9 +115,13 @@ class Series:
 def plain(record: Any) -> dict[str, Any]:
     """A record's fields (or a mapping's items) that are set, with dates as ISO strings:
     ready for JSON."""
-    fields = record if isinstance(record, dict) else dataclasses.asdict(record)
+    items: Iterable[tuple[str, Any]]
+    if isinstance(record, dict):
+        items = record.items()
+    else:  # records are flat: asdict's deep copy of each field was a listing's main cost
+        items = ((f.name, getattr(record, f.name)) for f in dataclasses.fields(record))
     return {k: v.isoformat() if isinstance(v, datetime.date) else v
-            for k, v in fields.items() if v is not None}
+            for k, v in items if v is not None}
 
 
 _SERIES_DATES = frozenset(f.name for f in dataclasses.fields(Series) if "date" in str(f.type))
