@@ -246,10 +246,11 @@ async def _serve_tree(client: Source, catalog: Catalog, selection: list[Series] 
 
 
 def ahead_at_once(max_connections: int) -> int:
-    """Listings fetched ahead of a walk at once: most of the connections, as a walk's
-    requests are small and a cold walk waits on their round trips; one or two are left
-    for the readers' own requests."""
-    return max(0, max_connections - max(1, max_connections // 4))
+    """Listings fetched ahead of a walk at once: all connections but one, as a walk's
+    requests are small and a cold walk waits on their round trips (the number in flight
+    bounds it: docs/benchmarks.md, "Where a cold walk's CPU goes"); the one left is for
+    the readers' own requests."""
+    return max(0, max_connections - 1)
 
 
 @dataclass
