@@ -1,7 +1,11 @@
 """A cache too small for every download at once: a download that finds the room held by
 other downloads waits for them to free it instead of failing; two that outgrow the room
-together both finish; one that waits on a download that never ends gives up in bounded
-time with a clear error."""
+together both finish without waiting out the idle limit; one that waits on a download that
+never ends gives up after it, with a clear error.
+
+The tests run on trio's autojump clock (pytest-trio's `autojump_clock`): waits take no
+real time, and the time a test waited is exact, so "did not wait out ROOM_IDLE" is a
+statement of logic, not of speed."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import pytest
 import trio
 
 from tciafs.cache import META_SLACK, Cache, CacheFull
+from tciafs.cache.space import ROOM_IDLE
 
 DEFAULT_TIER = "handler"  # the Cache's own space and tmp files, no server
 
@@ -41,7 +46,8 @@ async def _download(cache: Cache, size: int, parts: int, events: list[str], name
             tmp.discard()
 
 
-async def test_a_download_waits_for_the_room_another_frees(tmp_path: Path) -> None:
+async def test_a_download_waits_for_the_room_another_frees(tmp_path: Path,
+                                                          autojump_clock) -> None:
     cache = _small_cache(tmp_path, 1_000_000)
     events: list[str] = []
     go_on = trio.Event()
@@ -50,16 +56,17 @@ async def test_a_download_waits_for_the_room_another_frees(tmp_path: Path) -> No
             nursery.start_soon(_download, cache, 800_000, 1, events, "first", go_on)
             await trio.sleep(0.05)
             nursery.start_soon(_download, cache, 800_000, 1, events, "second")
-            await trio.sleep(0.3)  # the second cannot have its room while the first holds it
+            await trio.sleep(ROOM_IDLE / 2)  # no room for the second while the first holds it
             assert events == ["first waits"]
             go_on.set()
     assert events == ["first waits", "first wrote", "second wrote"]
+    assert trio.current_time() < ROOM_IDLE  # woken by the room freed, not by the limit
     assert cache.used_bytes <= cache.max_bytes
     cache.close()
 
 
 async def test_two_downloads_that_outgrow_the_room_together_both_finish(
-        tmp_path: Path) -> None:
+        tmp_path: Path, autojump_clock) -> None:
     cache = _small_cache(tmp_path, 1_000_000)
     events: list[str] = []
     both_begun = trio.Event()
@@ -70,12 +77,13 @@ async def test_two_downloads_that_outgrow_the_room_together_both_finish(
             await trio.sleep(0.05)
             both_begun.set()
     assert sorted(events) == ["a waits", "a wrote", "b waits", "b wrote"]
+    assert trio.current_time() < ROOM_IDLE  # neither waited out the limit for the other
     assert cache.used_bytes <= cache.max_bytes
     cache.close()
 
 
 async def test_room_held_by_a_download_that_never_ends_is_refused_in_time(
-        tmp_path: Path) -> None:
+        tmp_path: Path, autojump_clock) -> None:
     cache = _small_cache(tmp_path, 1_000_000)
     events: list[str] = []
     never = trio.Event()
@@ -83,18 +91,23 @@ async def test_room_held_by_a_download_that_never_ends_is_refused_in_time(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_download, cache, 800_000, 1, events, "held", never)
             await trio.sleep(0.05)
+            began = trio.current_time()
             await _download(cache, 800_000, 1, events, "late")
             assert events == ["held waits", "late full"]
+            # It waited for the room, then gave up once nothing had moved for ROOM_IDLE.
+            assert trio.current_time() - began == pytest.approx(ROOM_IDLE, abs=0.01)
             nursery.cancel_scope.cancel()
     cache.close()
 
 
 @pytest.mark.parametrize("parts", [1, 4])
-async def test_a_download_with_room_to_spare_does_not_wait(tmp_path: Path, parts: int) -> None:
+async def test_a_download_with_room_to_spare_does_not_wait(tmp_path: Path, parts: int,
+                                                           autojump_clock) -> None:
     cache = _small_cache(tmp_path, 4_000_000)
     events: list[str] = []
     async with trio.open_nursery() as nursery:
         for name in ("a", "b", "c"):
             nursery.start_soon(_download, cache, 800_000, parts, events, name)
     assert sorted(events) == ["a wrote", "b wrote", "c wrote"]
+    assert trio.current_time() == 0
     cache.close()

@@ -19,6 +19,7 @@ Objects never change (IDC: a new version is a new key), so a block never goes st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import deque
@@ -369,17 +370,20 @@ class Blocks:
                                            lambda: room.make_room(len(data)))
                 # From here no await: the checks, the row and memory change together.
                 self.fetcher.check_revision(opened.series, revision)
-                if key in self.contents.files or sop in self.contents.files:
-                    final.unlink(missing_ok=True)  # came meanwhile, as a block or whole
+                if key in self.contents.files:  # stored meanwhile: the same bytes, its file
                     room.give_back()
+                    return
+                if sop in self.contents.files:  # came whole meanwhile: no block is kept
+                    room.give_back()
+                    _remove(final)
                     return
                 # The file before its row, as for whole files.
                 self.index.add_block(sop, idx, opened.series, len(data),
                                      make_room=lambda: self.space.evict(1, opened.series))
             except BaseException:
                 if room.reserved:  # not given back above: no row names the file
-                    final.unlink(missing_ok=True)
                     room.give_back()
+                    _remove(final)
                 raise
         self.space.measure_dir(final.parent)
         if not self.space.knows_dir(final.parent.parent):  # the first block made blocks/
@@ -447,3 +451,10 @@ def _pread(path: str | Path, offset: int, size: int) -> bytes:
 def _read_all(path: Path) -> bytes:
     with open(path, "rb") as stored:
         return stored.read()
+
+
+def _remove(path: Path) -> None:
+    """Delete a block file no row names; one left behind is an orphan the next start
+    deletes."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)

@@ -148,23 +148,35 @@ class Space:
         busy series go only when nothing else is left; held and pinned ones never.
         Without `reclaim` (a download that would rather wait), nothing is dropped
         unless enough can be."""
-        if not reclaim and sum(size for sop, size in self.contents.files.items()
-                               if self._evictable(sop, True)) < need:
+        victims, freed = self._victims(need)
+        if freed < need and not reclaim:
             raise CacheFull(f"cache full: {self.max_bytes} bytes bound, taken by "
                             f"downloads in progress while reading series {series}")
-        for allow_busy in (False, True):
-            for sop in list(self.contents.files):
-                if need <= 0:
-                    return
-                if not self._evictable(sop, allow_busy):
-                    continue
-                need -= self.contents.files[sop]
-                self.drop(sop)
+        for sop in victims:
+            self.drop(sop)
+        need -= freed
         if need > 0 and reclaim:
             need -= self._reclaim_ahead()
         if need > 0:
             raise CacheFull(f"cache full: {self.max_bytes} bytes bound, nothing evictable "
                             f"(open or pinned files hold it) while reading series {series}")
+
+    def _victims(self, need: int) -> tuple[list[str], int]:
+        """The files eviction would drop for `need` bytes, and their bytes: looked at in
+        order only until there are enough (a full cache is the usual state, and may hold
+        10^5 entries)."""
+        victims: list[str] = []
+        freed = 0
+        for allow_busy in (False, True):
+            for sop, size in self.contents.files.items():
+                if freed >= need:
+                    return victims, freed
+                # The second pass takes only what the first left: files of busy series.
+                if self._evictable(sop, allow_busy) and (
+                        not allow_busy or not self._evictable(sop, False)):
+                    victims.append(sop)
+                    freed += size
+        return victims, freed
 
     def _evictable(self, sop: str, allow_busy: bool) -> bool:
         if self.holds.open[sop] or sop in self.contents.pinned:

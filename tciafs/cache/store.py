@@ -303,7 +303,11 @@ def _put_file(root: Path, data: bytes, final: Path) -> None:
     """A new file `final` holding `data`, whole and on disk once it has its name."""
     tmp = root / "tmp" / f"{os.getpid()}-{random.getrandbits(64):016x}"
     try:
-        fd = os.open(tmp, _TMP_FLAGS, 0o600)
+        try:
+            fd = os.open(tmp, _TMP_FLAGS, 0o600)
+        except FileNotFoundError:  # a cleaner of old, empty directories took tmp/
+            tmp.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(tmp, _TMP_FLAGS, 0o600)
         try:
             _write_all(fd, data, 0)
             os.fsync(fd)
