@@ -167,21 +167,20 @@ class Space:
         10^5 entries)."""
         victims: list[str] = []
         freed = 0
-        for allow_busy in (False, True):
+        for busy in (False, True):  # files of busy series only when nothing else is left
             for sop, size in self.contents.files.items():
                 if freed >= need:
                     return victims, freed
-                # The second pass takes only what the first left: files of busy series.
-                if self._evictable(sop, allow_busy) and (
-                        not allow_busy or not self._evictable(sop, False)):
+                if self._evictable(sop) and self._busy(sop) is busy:
                     victims.append(sop)
                     freed += size
         return victims, freed
 
-    def _evictable(self, sop: str, allow_busy: bool) -> bool:
-        if self.holds.open[sop] or sop in self.contents.pinned:
-            return False
-        return allow_busy or not self.holds.busy[self.contents.series_of.get(sop, "")]
+    def _evictable(self, sop: str) -> bool:
+        return not self.holds.open[sop] and sop not in self.contents.pinned
+
+    def _busy(self, sop: str) -> bool:
+        return bool(self.holds.busy[self.contents.series_of.get(sop, "")])
 
     def _reclaim_ahead(self) -> int:
         """Take back the room downloads reserved ahead of their bytes; return how much."""

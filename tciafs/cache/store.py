@@ -171,13 +171,9 @@ class TmpFile:
         self._md5 = _MD5() if hashed else None
         self._head = bytearray()
         self.sop: str | None = None  # the SOP UID its head named, when already read
-        self.path = root / "tmp" / f"{os.getpid()}-{random.getrandbits(64):016x}"
         with cache_disk(root):
-            try:
-                self.fd: int | None = os.open(self.path, _TMP_FLAGS, 0o600)
-            except FileNotFoundError:  # a cleaner of old, empty directories took tmp/
-                self.path.parent.mkdir(mode=0o700, exist_ok=True)
-                self.fd = os.open(self.path, _TMP_FLAGS, 0o600)
+            self.path, fd = _new_tmp(root)
+        self.fd: int | None = fd
         self._kept = False
 
     @property
@@ -299,15 +295,20 @@ def _finish_files(jobs: Sequence[tuple[int | None, Path, str | None]], root: Pat
     return sops
 
 
+def _new_tmp(root: Path) -> tuple[Path, int]:
+    """A new, empty file in tmp/, open for writing."""
+    path = root / "tmp" / f"{os.getpid()}-{random.getrandbits(64):016x}"
+    try:
+        return path, os.open(path, _TMP_FLAGS, 0o600)
+    except FileNotFoundError:  # a cleaner of old, empty directories took tmp/
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        return path, os.open(path, _TMP_FLAGS, 0o600)
+
+
 def _put_file(root: Path, data: bytes, final: Path) -> None:
     """A new file `final` holding `data`, whole and on disk once it has its name."""
-    tmp = root / "tmp" / f"{os.getpid()}-{random.getrandbits(64):016x}"
+    tmp, fd = _new_tmp(root)
     try:
-        try:
-            fd = os.open(tmp, _TMP_FLAGS, 0o600)
-        except FileNotFoundError:  # a cleaner of old, empty directories took tmp/
-            tmp.parent.mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(tmp, _TMP_FLAGS, 0o600)
         try:
             _write_all(fd, data, 0)
             os.fsync(fd)
