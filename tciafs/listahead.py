@@ -78,6 +78,16 @@ class ListAhead:
                 self._ahead.add(ino)
                 self._nursery.start_soon(self._fetch, ino)
 
+    def soon(self, directories: list[Node]) -> None:
+        """List these directories in the background, when not listed yet: the mount
+        guessed that they will be read (the series of a study being fetched)."""
+        if self._nursery is None or self._limiter is None:
+            return
+        for node in directories:
+            if node.ino not in self._ahead and not self.tree.fresh(node.listed):
+                self._ahead.add(node.ino)
+                self._nursery.start_soon(self._fetch, node.ino)
+
     async def _fetch(self, ino: int) -> None:
         assert self._limiter is not None
         try:

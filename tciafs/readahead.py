@@ -1,7 +1,7 @@
 """The mount's guesses at what will be asked for next, fetched or listed before it is.
 
 Each guess is cheap when wrong, and made only while the cache has room for it:
-- a cold open in a study fetches the study's other series too;
+- a cold open in a study fetches the study's other series too, and lists them;
 - listing a directory from its start, in a traversal, lists the next directories ahead.
 The page feeder (tciafs.pagecache) makes a third guess, for the kernel: the next files
 of a series, pushed into its page cache.
@@ -33,9 +33,13 @@ class ReadAhead:
         total = sum(n.meta.get("file_size") or 0 for n in siblings)
         if len(siblings) < 2 or total > self.cache.max_bytes // 2:
             return
-        for sibling in siblings:
-            if sibling.ino != series.ino and not self.cache.series_complete(sibling.ident):
-                self.cache.start_series_fetch(sibling.collection, sibling.ident)
+        fetched = [n for n in siblings
+                   if n.ino != series.ino and not self.cache.series_complete(n.ident)]
+        for sibling in fetched:
+            self.cache.start_series_fetch(sibling.collection, sibling.ident)
+        # Their readers will list them first: one request each, before they ask, and
+        # the listing lets singles run beside their ZIPs.
+        self.tree.list_soon(fetched)
 
     def listed(self, directory: Node) -> None:
         """A directory is listed from its start: in a traversal, the next ones will be."""

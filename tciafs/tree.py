@@ -176,6 +176,10 @@ class Tree:
         """A directory is read from its start: a traversal's next ones are listed ahead."""
         self._list_ahead.read(directory)
 
+    def list_soon(self, directories: list[Node]) -> None:
+        """Directories the mount guesses will be read soon are listed in the background."""
+        self._list_ahead.soon(directories)
+
     @property
     def listed_ahead(self) -> int:
         """Listings fetched ahead of a traversal so far, for status."""

@@ -437,6 +437,35 @@ async def test_a_traversal_lists_the_next_patients_ahead_when_not_listed_in_bulk
         nursery.cancel_scope.cancel()
 
 
+async def test_a_cold_open_lists_the_other_series_of_its_study(emulator, tmp_path: Path
+                                                               ) -> None:
+    """The study's other series are fetched in the background, and listed too: `cp -r`
+    of the study then finds each listed when it gets there."""
+    client, ops = _build(emulator, tmp_path, prefetch=True)
+    async with client, trio.open_nursery() as nursery:
+        await nursery.start(ops.cache.run)
+        await nursery.start(ops.tree.run)
+        harness = Harness(ops, nursery)
+        lung = next(a for name, a in await harness.readdir(ROOT_INODE)
+                    if name == "Demo-Lung CT_2024")
+        (_, patient), *_ = await harness.readdir(lung.st_ino)
+        (_, study), *_ = await harness.readdir(patient.st_ino)
+        series = [a.st_ino for _, a in await harness.readdir(study.st_ino)
+                  if ops.tree.node(a.st_ino).kind is Kind.SERIES]
+        assert len(series) >= 2
+        first, *others = series
+        assert all(ops.tree.catalog.get(ino).listed is None for ino in others)
+        instance = next(a.st_ino for _, a in await harness.readdir(first)
+                        if ops.tree.node(a.st_ino).kind is Kind.INSTANCE)
+        reset_stats(emulator.url)
+        await ops.release((await ops.open(instance, os.O_RDONLY, None)).fh)
+        with trio.fail_after(30):
+            while any(ops.tree.catalog.get(ino).listed is None for ino in others):
+                await trio.sleep(0.02)
+        assert stats(emulator.url)["requests"].get("getSOPInstanceUIDs") == len(others)
+        nursery.cancel_scope.cancel()
+
+
 async def test_with_one_connection_nothing_is_listed_ahead(emulator, tmp_path: Path) -> None:
     async with NbiaSource(emulator.url, nlst_server=emulator.nlst_url, timeout=10) as client, \
             trio.open_nursery() as nursery:

@@ -87,6 +87,68 @@ async def test_a_series_uses_a_few_connections_and_no_more(
     assert cache.series_complete(uid)
 
 
+async def test_singles_take_the_series_from_the_back(
+        shaped: EmulatorProcess, client: NbiaSource, tmp_path: Path,
+        series_truth: tuple[str, dict[str, bytes], list[str]]) -> None:
+    """The ZIP comes in the listing's order (both in database order), so the workers
+    start at the listing's end and the files they bring make one run at its back."""
+    uid, _truth_bytes, listing = series_truth
+    cache = _cache(tmp_path / "c", client, listing, Connections(4, 6))
+    requests = OpenDownloads(client)
+
+    async def body() -> None:
+        await cache.start_series_fetch(LUNG, uid).wait()
+
+    await _with_cache(cache, body)
+    alone = set(requests.alone)
+    assert len(alone) >= 10, "too few singles came to tell where they were taken"
+    assert {listing[-1], listing[-2], listing[-3]} <= alone  # the workers' first picks
+    back = listing[min(listing.index(sop) for sop in alone):]
+    # Within that run, only the files the ZIP was writing or held to publish when the
+    # two met came another way.
+    assert len(set(back) - alone) <= 12
+    assert cache.series_complete(uid)
+
+
+async def test_singles_give_way_to_a_series_waiting_for_a_connection(
+        shaped: EmulatorProcess, client: NbiaSource, tmp_path: Path,
+        series_truth: tuple[str, dict[str, bytes], list[str]]) -> None:
+    """With the mount's cap held by one series' ZIP and its workers, another series'
+    ZIP gets a connection as soon as a worker's image is done, long before the first
+    series is whole."""
+    uid, _truth_bytes, listing = series_truth
+    other = next(r for r in _series(shaped.url) if r["SeriesInstanceUID"] != uid)
+    other_uid = other["SeriesInstanceUID"]
+    cache = _cache(tmp_path / "c", client, listing, Connections(3, 3))
+    missing_when_other_opened: list[int] = []
+    open_series = client.open_series
+
+    def counted(collection: str, series: str, **kwargs):  # type: ignore[no-untyped-def]
+        if series == other_uid:
+            missing_when_other_opened.append(
+                len(listing) - cache.contents.series_files[uid])
+        return open_series(collection, series, **kwargs)
+
+    client.open_series = counted  # type: ignore[method-assign]
+
+    async def body() -> None:
+        first = cache.start_series_fetch(LUNG, uid)
+        with trio.fail_after(60):
+            while (cache.prefetcher.singles.get(uid) is None
+                   or cache.prefetcher.singles[uid].workers < 2):
+                await trio.sleep(0.005)
+        second = cache.start_series_fetch(other["Collection"], other_uid)
+        await first.wait()
+        await second.wait()
+
+    await _with_cache(cache, body)
+    assert missing_when_other_opened, "the other series' ZIP never opened"
+    # Opened while most of the first series was still to come (a run without giving
+    # way opens it only when the workers stop, where the ZIP meets them).
+    assert missing_when_other_opened[0] > len(listing) // 4
+    assert cache.series_complete(uid) and cache.series_complete(other_uid)
+
+
 async def test_the_mount_cap_holds_across_series(
         shaped: EmulatorProcess, client: NbiaSource, tmp_path: Path) -> None:
     rows = _series(shaped.url)[:3]

@@ -2,10 +2,16 @@
 
 NBIA sends a series as one ZIP over one connection, and a connection is capped (TCIA users
 report per-connection limits; the emulator shapes each answer to 20 MB/s). While the ZIP
-streams, a few workers fetch single images in the order of the series' listing
-(`Singles`), each checked against its own MD5 (cache/fetch.py, `InstanceMd5`). The ZIP
-sends its files in the service's database order, which is not the listing's: workers that
-go the way readers go (`ls`, `cp -r`) keep ahead of them, and the ZIP fills in the rest.
+streams from its front, a few workers fetch single images from the back of the series'
+listing (`Singles`), each checked against its own MD5 (cache/fetch.py, `InstanceMd5`), so
+that the two meet: the series is whole when they do, not when the ZIP ends.
+
+Why the back of the listing is the back of the ZIP: neither getImage nor getSOPInstanceUIDs
+sorts its rows, so both come in the database's order (docs/nbia-wire.md), and the tree
+keeps a listing in the order it came (readdir order, the order `cp -r` reads). Should the
+two orders differ, the workers still take only files nothing has brought, and the series
+is whole no later than its ZIP's end, as with one stream.
+
 The ZIP skips writing what a single brought, and still runs to its end, whose MD5 list
 confirms every file, as before. A worker takes no file the ZIP is writing (or holds to
 publish with its batch), and the ZIP writes a file whose single is under way all the
@@ -36,9 +42,11 @@ from .model import CacheDiskError, CacheFull
 log = logging.getLogger("tciafs.cache")
 
 
-# The ZIP must have brought this many files before its rate is trusted.
+# The ZIP must have brought this many files before its rate is trusted ...
 MEASURE_AFTER = 3
-MEASURE_SECONDS = 0.5  # ... and run this long: a ZIP done sooner never lists its series
+# ... and run this long after its first file (the request's round trip is not its rate):
+# a ZIP done sooner never starts a worker.
+MEASURE_SECONDS = 0.05
 # Extra connections start only when the ZIP has at least this much left, at its rate:
 # below that, a single's round trip gains nothing worth another connection.
 WORTH_SECONDS = 1.0
@@ -56,6 +64,11 @@ class Connections:
         self.mount = trio.CapacityLimiter(self.per_mount)
         self.single_seconds: float | None = None  # a single's time, as measured lately
 
+    def zips_waiting(self) -> bool:
+        """Whether a series stream waits for the mount's cap: a connection carries
+        several times the files as a ZIP than as singles, so singles give way."""
+        return self.mount.statistics().tasks_waiting > 0
+
     def timed_single(self, seconds: float) -> None:
         """Keep a running average of how long one single image takes, start to end."""
         old = self.single_seconds
@@ -66,8 +79,8 @@ class Connections:
 class ZipProgress:
     """What a series' ZIP has done so far, as its reader counts it."""
 
-    started: float = field(default_factory=time.monotonic)
     files: int = 0
+    first_at: float | None = None  # when its first file had come
     # The SOP UIDs of the entry it writes and of those waiting in its batch to be
     # published (prefetch.ZipBatch): no single is fetched for them.
     writing: set[str] = field(default_factory=set)
@@ -76,6 +89,11 @@ class ZipProgress:
     # while singles run beside it (a header read costs about 0.3 ms of CPU per file).
     look: bool = False
     ended: trio.Event = field(default_factory=trio.Event)
+
+    def entry_done(self) -> None:
+        self.files += 1
+        if self.first_at is None:
+            self.first_at = time.monotonic()
 
     def finish(self) -> None:
         self.done = True
@@ -90,18 +108,19 @@ class ZipProgress:
     def long_enough(self) -> bool:
         """Whether the ZIP has ended, or has run long enough that its rate tells whether
         more connections would gain."""
-        return self.done or (self.files >= MEASURE_AFTER
-                             and time.monotonic() - self.started >= MEASURE_SECONDS)
+        return self.done or (self.first_at is not None and self.files >= MEASURE_AFTER
+                             and time.monotonic() - self.first_at >= MEASURE_SECONDS)
 
     def rate(self) -> float | None:
-        """Files a second since the ZIP began; None until it has brought enough to tell."""
-        if self.files < MEASURE_AFTER:
+        """Files a second since its first file came; None until it has brought enough
+        to tell."""
+        if self.first_at is None or self.files < MEASURE_AFTER:
             return None
-        return self.files / max(time.monotonic() - self.started, 1e-3)
+        return (self.files - 1) / max(time.monotonic() - self.first_at, 1e-3)
 
 
 class Singles:
-    """Single images in a series' listing order while its ZIP comes in its own order."""
+    """Single images from the back of a series' listing while its ZIP comes from the front."""
 
     def __init__(self, fetcher: Fetcher, contents: Contents, connections: Connections,
                  collection: str, series: str, listed: Sequence[str],
@@ -113,7 +132,7 @@ class Singles:
         self.series = series
         self.listed = listed
         self.zip = zip_progress
-        self._next = 0  # the first file of the listing not yet looked at
+        self._next = len(listed) - 1  # the back of the listing not yet looked at
         self.workers = 0  # running now
         self.peak = 0  # the most that ran at once
         self.fetched = 0
@@ -131,8 +150,12 @@ class Singles:
         try:
             async with trio.open_nursery() as nursery:
                 while not self.zip.done and self.stopped is None:
-                    token = self._take_connection() if self._wants_another() else None
-                    if token is not None:
+                    # As many as the link calls for at once: a worker started a look
+                    # later meets the ZIP that much further back.
+                    while self._wants_another():
+                        token = self._take_connection()
+                        if token is None:
+                            break
                         self.workers += 1
                         self.peak = max(self.peak, self.workers)
                         nursery.start_soon(self._worker, token)
@@ -155,6 +178,8 @@ class Singles:
     def _wants_another(self) -> bool:
         if self.workers >= self.connections.per_series - 1:  # the ZIP holds one
             return False
+        if self.connections.zips_waiting():
+            return False
         rate = self.zip.rate()
         if rate is None:
             return False
@@ -170,18 +195,18 @@ class Singles:
     def _worth_one_more(self) -> bool:
         """Whether a single started now would come before the ZIP and the other workers
         bring every file still missing."""
-        if self.zip.done or self.stopped is not None:
+        if self.zip.done or self.stopped is not None or self.connections.zips_waiting():
             return False
         rate = self.zip.rate() or 0.0
         others = self.workers - 1
         return self._missing() > rate * self._single_seconds() + others
 
     def _pick(self) -> str | None:
-        """The next listed file that nothing has and nothing is bringing. Checked and
+        """The last listed file that nothing has and nothing is bringing. Checked and
         taken with no await between (single flight: docs/design/cache.md)."""
-        while self._next < len(self.listed):
+        while self._next >= 0:
             sop = self.listed[self._next]
-            self._next += 1
+            self._next -= 1
             if (sop not in self.contents.files and sop not in self.fetcher.fetching
                     and sop not in self.zip.writing):
                 return sop

@@ -253,7 +253,7 @@ class Prefetcher:
                         progress[0] += len(block)
                     names[member.name] = known
                 progress[1] += 1
-                zip_progress.files += 1
+                zip_progress.entry_done()
             await batch.flush()
 
     async def _singles(self, collection: str, series: str, zip_progress: ZipProgress) -> None:
@@ -262,7 +262,7 @@ class Prefetcher:
         if source is None or not source.capabilities.instance_checksums:
             return  # a single could not be checked before a reader sees it
         while not zip_progress.long_enough():
-            await zip_progress.pause(LOOK_EVERY)
+            await zip_progress.pause(LOOK_EVERY / 10)
         listed = self.held_instances_of(series) if self.held_instances_of else None
         if not listed or zip_progress.done:
             return
