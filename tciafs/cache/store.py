@@ -257,24 +257,6 @@ def _write_all(fd: int | None, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _finish_file(fd: int | None, path: Path, root: Path) -> tuple[str, str]:
-    """fsync the file; return its SOP Instance UID and the MD5 of its bytes; make sure
-    the directory it goes to exists (the first file of each of the 256 creates it).
-
-    For a worker thread: what it waits for (the disk, the journal) and what it computes
-    (hashlib lets go of the GIL) would otherwise hold up the event loop. The bytes are
-    hashed as stored, not as they arrived.
-    """
-    assert fd is not None
-    os.fsync(fd)
-    with open(path, "rb") as stored:
-        md5 = hashlib.file_digest(stored, _MD5).hexdigest()
-        stored.seek(0)
-        sop = _instance_uids(stored, series_too=False)[0]
-    _make_parent(root, sop)
-    return sop, md5
-
-
 def _finish_files(jobs: Sequence[tuple[int | None, Path, str | None]], root: Path
                   ) -> list[str]:
     """fsync each file (fd, path, its SOP UID when already known); return their SOP
