@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "need --scale)")
     p.add_argument("--nodes", type=int, default=4, metavar="N",
                    help="nodes copying at once in figure 11 (default 4)")
+    p.add_argument("--tcia-utils", type=Path, default=None, metavar="DIR",
+                   help="figure 3's baseline: the real tcia_utils from DIR, a folder it was "
+                        "installed into with `pip install --target DIR tcia_utils` (put on "
+                        "that baseline's path alone); default: the bench's own Python")
     p.add_argument("--scale", action="store_true",
                    help="also figures 15-17: walks of 10^6 and 10^7 files and `ls -l` of "
                         "a 26,410-patient collection (long; never part of --quick)")
@@ -134,7 +138,8 @@ def run_all(args: argparse.Namespace, shaping: Shaping, results: Path, work: Pat
         with emulator(bench_cmd, shaping, results / "logs" / "emulator-bench.log") as emu:
             ctx = F.Context(emu, discover(emu), References(emu, work), F.Workspace(work),
                             results, args.repeat, args.quick, shaping,
-                            {f.key: f for f in chosen}, nodes=args.nodes)
+                            {f.key: f for f in chosen}, nodes=args.nodes,
+                            tcia_utils=args.tcia_utils)
             for numbers, runner in RUNNERS:
                 if numbers & args.only:
                     run_figure(ctx, numbers, runner)
@@ -180,7 +185,7 @@ def write_outputs(args: argparse.Namespace, results: Path, chosen: list[Figure],
         write_json(args.json, doc)
     mode = "quick" if args.quick else "full"
     meta = {"mode": mode, "wall_time_s": round(wall, 1), "repeat": args.repeat,
-            "nodes": args.nodes,
+            "nodes": args.nodes, "tcia_utils": str(args.tcia_utils or ""),
             "latency_ms": shaping.latency_ms, "bandwidth": shaping.bandwidth,
             "only": sorted(args.only), "host": platform.node(), "cpus": os.cpu_count(),
             "loadavg_at_end": os.getloadavg(), "python": sys.version,

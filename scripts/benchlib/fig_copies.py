@@ -6,6 +6,7 @@ daemon's peak memory while copying a small and a large series.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -76,9 +77,13 @@ def tcia_utils_like(ctx: Context, study: Sequence[Series], clients: set[str]) ->
     client used goes into `clients`."""
     dest = ctx.work.fresh("tcia-utils")
     try:
+        env = dict(os.environ)
+        if ctx.tcia_utils is not None:  # on this baseline's path only, not the mounts'
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(ctx.tcia_utils), env.get("PYTHONPATH")) if p)
         out = subprocess.run([sys.executable, str(HERE / "tcia_utils_like.py"), ctx.emu.url,
                               str(dest), *(s.uid for s in study)],
-                             capture_output=True, text=True, check=False)
+                             capture_output=True, text=True, check=False, env=env)
         if out.returncode != 0:
             raise BenchError(f"the tcia_utils baseline exited {out.returncode}: "
                              f"{out.stderr.strip()[-500:]}")

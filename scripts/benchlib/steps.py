@@ -66,6 +66,7 @@ class Context:
     figures: dict[str, Figure] = field(default_factory=dict)
     cache_size: str = "4G"
     nodes: int = 4  # figure 11's nodes copying at once
+    tcia_utils: Path | None = None  # a folder tcia_utils was installed into, for figure 3
 
     def fig(self, key: str) -> Figure:
         return self.figures[key]
