@@ -38,8 +38,10 @@ class ReadAhead:
         for sibling in fetched:
             self.cache.start_series_fetch(sibling.collection, sibling.ident)
         # Their readers will list them first: one request each, before they ask, and
-        # the listing lets singles run beside their ZIPs.
-        self.tree.list_soon(fetched)
+        # the listing lets singles run beside their ZIPs. Listings count against the
+        # cache's bound and are never evicted: only while they take little of it.
+        if self.cache.room_for_guesses():
+            self.tree.list_soon(fetched)
 
     def listed(self, directory: Node) -> None:
         """A directory is listed from its start: in a traversal, the next ones will be."""

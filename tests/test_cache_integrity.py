@@ -111,19 +111,24 @@ def test_verify_repairs_a_mounted_cache_through_its_mount(emulator, tmp_path: Pa
     assert set(_verified(cache_dir, uid).values()) == {1}
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("implicit", [False, True])
-def test_a_finished_file_is_named_by_its_dataset_and_hashed_as_stored(
-        tmp_path: Path, implicit: bool) -> None:
-    path = tmp_path / "download"
+@pytest.mark.parametrize("chunk", [1000, 40_000])  # the header across chunks, or in one
+async def test_a_finished_file_is_named_by_its_dataset_and_hashed_as_stored(
+        tmp_path: Path, implicit: bool, chunk: int) -> None:
     data = dicom_bytes("1.2.3.4", meta_sop="1.2.3.999", implicit=implicit, study_date="20240102")
-    path.write_bytes(data)
-    (tmp_path / "root" / "objects").mkdir(parents=True)
-    fd = os.open(path, os.O_RDONLY)
+    cache = Cache(tmp_path / "root", 1 << 30, None)
     try:
-        sop, md5 = cache_module._finish_file(fd, path, tmp_path / "root")
+        with cache.space.reservation("series", None) as room:
+            tmp = cache.store.tmpfile(room, hashed=True)
+            try:
+                for start in range(0, len(data), chunk):
+                    await tmp.write(data[start:start + chunk])
+                (sop, md5), = await cache.store.finish_all([tmp])
+                assert tmp.path.read_bytes() == data
+            finally:
+                tmp.discard()
     finally:
-        os.close(fd)
+        cache.close()
     assert (sop, md5) == ("1.2.3.4", hashlib.md5(data).hexdigest())  # the dataset's UID wins
     assert object_path(tmp_path / "root", sop).parent.is_dir()  # ready for the rename
 

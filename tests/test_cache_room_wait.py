@@ -111,3 +111,28 @@ async def test_a_download_with_room_to_spare_does_not_wait(tmp_path: Path, parts
     assert sorted(events) == ["a wrote", "b wrote", "c wrote"]
     assert trio.current_time() == 0
     cache.close()
+
+
+async def test_extra_downloads_start_only_while_the_cache_has_room_to_spare(
+        tmp_path: Path, autojump_clock) -> None:
+    """Singles beside a ZIP only speed it up: they are not started while downloads hold
+    a quarter of the bound, or while one waits for room."""
+    cache = _small_cache(tmp_path, 4_000_000)
+    space = cache.space
+    assert space.room_for_extras()
+    with space.reservation("series", None) as room:
+        room.take(space.max_bytes // 8)
+        assert space.room_for_extras()
+        room.take(space.max_bytes // 8)
+        assert not space.room_for_extras()  # a quarter of the bound held
+    assert space.room_for_extras()  # given back when the download ended
+    events: list[str] = []
+    go_on = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_download, cache, 3_000_000, 2, events, "first", go_on)
+        await trio.sleep(0.05)
+        nursery.start_soon(_download, cache, 3_000_000, 2, events, "second")
+        await trio.sleep(ROOM_IDLE / 4)  # the second waits for the first's room
+        assert space.wanted() and not space.room_for_extras()
+        go_on.set()
+    assert space.room_for_extras()

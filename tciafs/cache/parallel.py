@@ -178,7 +178,7 @@ class Singles:
     def _wants_another(self) -> bool:
         if self.workers >= self.connections.per_series - 1:  # the ZIP holds one
             return False
-        if self.connections.zips_waiting():
+        if self.connections.zips_waiting() or not self.fetcher.space.room_for_extras():
             return False
         rate = self.zip.rate()
         if rate is None:
@@ -195,7 +195,8 @@ class Singles:
     def _worth_one_more(self) -> bool:
         """Whether a single started now would come before the ZIP and the other workers
         bring every file still missing."""
-        if self.zip.done or self.stopped is not None or self.connections.zips_waiting():
+        if (self.zip.done or self.stopped is not None or self.connections.zips_waiting()
+                or not self.fetcher.space.room_for_extras()):
             return False
         rate = self.zip.rate() or 0.0
         others = self.workers - 1

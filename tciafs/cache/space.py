@@ -114,6 +114,14 @@ class Space:
             busy = busy or (other is not room and not (other.waiting or other.written))
         return busy
 
+    def room_for_extras(self) -> bool:
+        """Whether downloads that only speed others up (single images beside a series'
+        ZIP) may start: none waits for room, and those in progress hold under a quarter
+        of the bound. In a small cache, room is for what readers need."""
+        if self._waiters:
+            return False
+        return sum(room.reserved for room in self._reservations) < self.max_bytes // 4
+
     def wanted(self) -> bool:
         """Whether downloads are waiting for room."""
         return self._waiters > 0
