@@ -27,6 +27,7 @@ SCAN_BUDGET = 256  # stored entries looked at to find them
 # Two different directories of one level read within this many seconds make a
 # traversal; one series read alone (`ls` of it, then a file opened) fetches nothing ahead.
 TRAVERSAL_GAP = 5.0
+SOON_AFTER = 0.1  # seconds before listing what a guess names (`soon`)
 
 # What a traversal reading directories of one level lists ahead: no deeper level than
 # it reads (a glob down to the studies never reads the series' instances, which would
@@ -80,17 +81,20 @@ class ListAhead:
 
     def soon(self, directories: list[Node]) -> None:
         """List these directories in the background, when not listed yet: the mount
-        guessed that they will be read (the series of a study being fetched)."""
+        guessed that they will be read (the series of a study being fetched). After
+        SOON_AFTER: the downloads that the same guess started take their connections
+        first, and a reader gets to these directories later than that."""
         if self._nursery is None or self._limiter is None:
             return
         for node in directories:
             if node.ino not in self._ahead and not self.tree.fresh(node.listed):
                 self._ahead.add(node.ino)
-                self._nursery.start_soon(self._fetch, node.ino)
+                self._nursery.start_soon(self._fetch, node.ino, SOON_AFTER)
 
-    async def _fetch(self, ino: int) -> None:
+    async def _fetch(self, ino: int, after: float = 0.0) -> None:
         assert self._limiter is not None
         try:
+            await trio.sleep(after)
             async with self._limiter:
                 node = self.tree.node(ino)
                 if node is not None and not self.tree.servable(node):

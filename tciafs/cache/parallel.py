@@ -46,7 +46,7 @@ log = logging.getLogger("tciafs.cache")
 MEASURE_AFTER = 3
 # ... and run this long after its first file (the request's round trip is not its rate):
 # a ZIP done sooner never starts a worker.
-MEASURE_SECONDS = 0.05
+MEASURE_SECONDS = 0.15
 # Extra connections start only when the ZIP has at least this much left, at its rate:
 # below that, a single's round trip gains nothing worth another connection.
 WORTH_SECONDS = 1.0
