@@ -75,9 +75,7 @@ class ListAhead:
             return
         kinds = _AHEAD_OF.get(directory.kind, frozenset())
         for ino in self._unlisted_after(directory, LIST_AHEAD, kinds):
-            if ino not in self._ahead:
-                self._ahead.add(ino)
-                self._nursery.start_soon(self._fetch, ino)
+            self._start(ino, 0.0)
 
     def soon(self, directories: list[Node]) -> None:
         """List these directories in the background, when not listed yet: the mount
@@ -87,11 +85,17 @@ class ListAhead:
         if self._nursery is None or self._limiter is None:
             return
         for node in directories:
-            if node.ino not in self._ahead and not self.tree.fresh(node.listed):
-                self._ahead.add(node.ino)
-                self._nursery.start_soon(self._fetch, node.ino, SOON_AFTER)
+            if not self.tree.fresh(node.listed):
+                self._start(node.ino, SOON_AFTER)
 
-    async def _fetch(self, ino: int, after: float = 0.0) -> None:
+    def _start(self, ino: int, after: float) -> None:
+        """Fetch the listing of `ino` in `after` seconds, unless it is fetched ahead now."""
+        assert self._nursery is not None
+        if ino not in self._ahead:
+            self._ahead.add(ino)
+            self._nursery.start_soon(self._fetch, ino, after)
+
+    async def _fetch(self, ino: int, after: float) -> None:
         assert self._limiter is not None
         try:
             await trio.sleep(after)

@@ -77,9 +77,13 @@ def test_copy_outlives_many_tokens(auth_emulator, tmp_path: Path, creds_file: Pa
     started = time.monotonic()
     with mounted(auth_emulator, mnt, tmp_path / "cache", "--api", "v2",
                  "--credentials-file", str(creds_file)) as daemon:
-        series = _series_dirs(mnt)[:4]
-        assert series
+        series = _series_dirs(mnt)
+        assert len(series) > 4
         for i, s in enumerate(series):
+            # At least four series, and on until two token lifetimes have passed: how
+            # long a copy takes is the machine's, not what this test is about.
+            if i >= 4 and time.monotonic() - started > 2 * 3:
+                break
             shutil.copytree(s, tmp_path / f"copy{i}")
             truth, md5s = _series_zip(auth_emulator.url, s.name)
             got = {p.name.removesuffix(".dcm"): p.read_bytes()

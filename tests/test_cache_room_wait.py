@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from tciafs.cache import META_SLACK, Cache, CacheFull
 from tciafs.cache.space import ROOM_IDLE
@@ -126,6 +127,13 @@ async def test_extra_downloads_start_only_while_the_cache_has_room_to_spare(
         room.take(space.max_bytes // 8)
         assert not space.room_for_extras()  # a quarter of the bound held
     assert space.room_for_extras()  # given back when the download ended
+    # A download waiting for room, with nothing reserved: no extras either.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(space.room_freed, trio.current_time() + 10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not space.room_for_extras()
+        nursery.cancel_scope.cancel()
+    assert space.room_for_extras()
     events: list[str] = []
     go_on = trio.Event()
     async with trio.open_nursery() as nursery:

@@ -65,8 +65,8 @@ class Connections:
         self.single_seconds: float | None = None  # a single's time, as measured lately
 
     def zips_waiting(self) -> bool:
-        """Whether a series stream waits for the mount's cap: a connection carries
-        several times the files as a ZIP than as singles, so singles give way."""
+        """Whether a series stream waits for the mount's cap: a connection brings
+        several times more files as a ZIP than as singles, so singles give way."""
         return self.mount.statistics().tasks_waiting > 0
 
     def timed_single(self, seconds: float) -> None:
@@ -178,12 +178,17 @@ class Singles:
     def _wants_another(self) -> bool:
         if self.workers >= self.connections.per_series - 1:  # the ZIP holds one
             return False
-        if self.connections.zips_waiting() or not self.fetcher.space.room_for_extras():
+        if not self._room_for_singles():
             return False
         rate = self.zip.rate()
         if rate is None:
             return False
         return self._missing() / rate > max(WORTH_SECONDS, 2 * self._single_seconds())
+
+    def _room_for_singles(self) -> bool:
+        """No other series' ZIP waits for a connection, and the cache has room to spare."""
+        return (not self.connections.zips_waiting()
+                and self.fetcher.space.room_for_extras())
 
     def _single_seconds(self) -> float:
         measured = self.connections.single_seconds
@@ -195,8 +200,7 @@ class Singles:
     def _worth_one_more(self) -> bool:
         """Whether a single started now would come before the ZIP and the other workers
         bring every file still missing."""
-        if (self.zip.done or self.stopped is not None or self.connections.zips_waiting()
-                or not self.fetcher.space.room_for_extras()):
+        if self.zip.done or self.stopped is not None or not self._room_for_singles():
             return False
         rate = self.zip.rate() or 0.0
         others = self.workers - 1
